@@ -1,0 +1,172 @@
+"""torchvision ImageNet backbones, cut below their classifier to serve as feature extractors.
+
+One registry maps our backbone names to torchvision's model and weight enums, so that
+building, weight loading and preprocessing constants all come from one place.
+"""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+from crack_lightning.errors import ModelConfigError, WeightsError
+
+# a download that gets no answer for this long is treated as offline
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to cut one torchvision classifier into a feature extractor."""
+
+    name: str  # torchvision's model name, also ours
+    weights: str  # torchvision weight enum entry with the ImageNet weights
+    head: str  # dotted path of the module that maps pooled features to ImageNet logits
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("mobilenet_v2", "MobileNet_V2_Weights.IMAGENET1K_V1", "classifier"),
+        BackboneSpec(
+            "mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V1", "classifier"
+        ),
+        BackboneSpec(
+            "mobilenet_v3_small", "MobileNet_V3_Small_Weights.IMAGENET1K_V1", "classifier"
+        ),
+        BackboneSpec("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "fc"),
+        BackboneSpec("resnet50", "ResNet50_Weights.IMAGENET1K_V2", "fc"),
+        BackboneSpec("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", "classifier"),
+        BackboneSpec("convnext_tiny", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", "classifier.2"),
+    )
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """Look a backbone up by name, failing with the list of valid names."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        known = ", ".join(sorted(BACKBONES))
+        raise ModelConfigError(
+            f"Unknown backbone model.backbone={name!r}. Choose one of: {known} "
+            f"(or a config file from conf/model/, e.g. model=mobilenetv2)."
+        ) from None
+
+
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std the backbone's ImageNet weights were trained with."""
+    preset = models.get_weight(get_spec(name).weights).transforms()
+    return tuple(preset.mean), tuple(preset.std)
+
+
+def build_feature_extractor(
+    name: str, pretrained: bool, weights_path: str | Path | None
+) -> tuple[nn.Module, int]:
+    """Return the backbone without its ImageNet head, and the width of its pooled features.
+
+    Weights come from `weights_path` when given, else from torchvision's download when
+    `pretrained`, else the backbone keeps its random initialisation.
+    """
+    spec = get_spec(name)
+    model = models.get_model(spec.name, weights=None)
+    head = model.get_submodule(spec.head)
+    feature_dim = next(m.in_features for m in head.modules() if isinstance(m, nn.Linear))
+    model.set_submodule(spec.head, nn.Identity())
+    if weights_path is not None:
+        state = load_weights_file(weights_path)
+        load_backbone_state(model, state, spec, source=f"model.weights_path={weights_path}")
+    elif pretrained:
+        url = models.get_weight(spec.weights).url
+        state = download_state_dict(url)
+        load_backbone_state(model, state, spec, source=url)
+    return model, feature_dim
+
+
+def load_weights_file(path: str | Path) -> Mapping[str, torch.Tensor]:
+    """Read a state dict safely (tensors only, no pickled code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(
+            f"model.weights_path={path} does not exist. Point it at a torchvision state dict "
+            f"(full model or backbone only), or use model.pretrained=true with internet access."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or unsafe files
+        raise WeightsError(
+            f"model.weights_path={path} could not be read as a tensors-only state dict: {err}"
+        ) from None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise WeightsError(
+            f"model.weights_path={path} holds a {type(state).__name__}, not a state dict "
+            f"mapping parameter names to tensors."
+        )
+    return state
+
+
+def download_state_dict(url: str) -> Mapping[str, torch.Tensor]:
+    """Fetch weights through torch.hub (progress bar, cache under $TORCH_HOME/hub/checkpoints)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=True, weights_only=True
+        )
+    except (urllib.error.URLError, OSError) as err:
+        filename = url.rsplit("/", 1)[-1]
+        raise WeightsError(
+            f"Could not download pretrained weights from {url} ({err}). If this machine is "
+            f"offline, fetch {filename} on one with internet access and either pass "
+            f"model.weights_path=/path/to/{filename} or copy it into "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'}. "
+            f"model.pretrained=false trains on random features instead (far less accurate)."
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def load_backbone_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], spec: BackboneSpec, source: str
+) -> None:
+    """Load a full or backbone-only torchvision state dict, refusing any mismatch by name."""
+    head_prefix = spec.head + "."
+    state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
+    expected = model.state_dict()
+    # BatchNorm's batch counters are unused by a frozen backbone; some exporters drop them
+    missing = sorted(
+        k for k in expected.keys() - state.keys() if not k.endswith("num_batches_tracked")
+    )
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong_shape = sorted(
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in state.keys() & expected.keys()
+        if state[k].shape != expected[k].shape
+    )
+    problems = [
+        f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", wrong_shape),
+        )
+        if keys
+    ]
+    if problems:
+        raise WeightsError(
+            f"Weights from {source} do not fit backbone {spec.name!r}: "
+            + "; ".join(problems)
+            + ". Use weights saved from torchvision's "
+            f"models.{spec.name}() (full or without {head_prefix}*), or pick the matching "
+            f"model.backbone."
+        )
+    model.load_state_dict(state, strict=False)

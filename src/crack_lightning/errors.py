@@ -1,0 +1,17 @@
+"""Errors a user can fix: each message names the file or setting at fault and the fix."""
+
+
+class CrackLightningError(Exception):
+    """Base class; entry points print these without a traceback."""
+
+
+class DataError(CrackLightningError):
+    """The data set on disk is missing or not laid out as expected."""
+
+
+class ModelConfigError(CrackLightningError):
+    """A model setting (backbone name, scheduler, ...) is not valid."""
+
+
+class WeightsError(CrackLightningError):
+    """Pretrained weights cannot be downloaded, read or matched to the backbone."""

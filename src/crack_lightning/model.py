@@ -1,0 +1,167 @@
+"""LightningModule: a frozen torchvision backbone with a new dropout + linear head."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+)
+
+from crack_lightning.backbones import build_feature_extractor, normalization
+from crack_lightning.errors import ModelConfigError
+from crack_lightning.layout import CLASS_NAMES
+
+SCHEDULERS = {
+    "cosine": (torch.optim.lr_scheduler.CosineAnnealingLR, set()),
+    "step": (torch.optim.lr_scheduler.StepLR, {"step_size", "gamma"}),
+    "plateau": (torch.optim.lr_scheduler.ReduceLROnPlateau, {"patience", "factor"}),
+}
+
+
+def check_scheduler(config: Mapping | None) -> None:
+    """Fail at start-up, not after the first epoch, on a scheduler config we cannot build."""
+    if config is None:
+        return
+    name = config.get("name")
+    if name not in SCHEDULERS:
+        raise ModelConfigError(
+            f"model.scheduler.name={name!r} is not one of {sorted(SCHEDULERS)} "
+            f"(or set model.scheduler=null)."
+        )
+    allowed = SCHEDULERS[name][1]
+    extra = set(config) - allowed - {"name"}
+    if extra:
+        raise ModelConfigError(
+            f"model.scheduler for {name!r} accepts {sorted(allowed) or 'no settings'}; "
+            f"got unknown {sorted(extra)}."
+        )
+
+
+def stage_metrics(prefix: str) -> MetricCollection:
+    """Metrics on P(crack), the positive class being Positive (label 1)."""
+    return MetricCollection(
+        {
+            "acc": BinaryAccuracy(),
+            "precision": BinaryPrecision(),
+            "recall": BinaryRecall(),
+            "f1": BinaryF1Score(),
+            "auroc": BinaryAUROC(),
+        },
+        prefix=prefix,
+    )
+
+
+class CrackClassifier(L.LightningModule):
+    """Classifies uint8 RGB image batches as Negative (0) or Positive (1, crack)."""
+
+    def __init__(
+        self,
+        backbone: str,
+        pretrained: bool,
+        weights_path: str | None,
+        freeze_backbone: bool,
+        dropout: float,
+        lr: float,
+        weight_decay: float,
+        scheduler: Mapping | None,
+        image_size: int,
+    ) -> None:
+        super().__init__()
+        # plain values only, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(logger=False)
+        check_scheduler(scheduler)
+        if not 0 <= dropout < 1:
+            raise ModelConfigError(f"model.dropout={dropout} must lie in [0, 1).")
+        self.backbone, feature_dim = build_feature_extractor(backbone, pretrained, weights_path)
+        mean, std = normalization(backbone)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, len(CLASS_NAMES)))
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+        self.train_metrics = stage_metrics("train/")
+        self.val_metrics = stage_metrics("val/")
+        self.test_metrics = stage_metrics("test/")
+
+    def train(self, mode: bool = True) -> CrackClassifier:
+        """Keep a frozen backbone in eval mode, so its BatchNorm statistics never change."""
+        super().train(mode)
+        if self.hparams.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [0, 255] (or float [0, 1]) RGB -> the backbone's normalised input."""
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255)
+        return (images - self.mean) / self.std
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features; no autograd graph through a frozen backbone."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.freeze_backbone):
+            return self.backbone(self.normalize(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return {"trainable": trainable, "frozen": total - trainable}
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits.softmax(dim=-1)[:, 1], labels)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(labels),
+        )
+        self.log_dict(
+            metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=len(labels)
+        )
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(
+            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        config = self.hparams.scheduler
+        if config is None:
+            return {"optimizer": optimizer}
+        settings = {k: v for k, v in config.items() if k != "name"}
+        if config["name"] == "cosine":
+            settings["T_max"] = max(1, self.trainer.max_epochs or 1)
+        scheduler = SCHEDULERS[config["name"]][0](optimizer, **settings)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"},
+        }

@@ -1,0 +1,69 @@
+"""Seeded, stratified train/val/test splits and the manifest that records them."""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from crack_lightning.errors import DataError
+from crack_lightning.layout import CLASS_NAMES
+
+SPLITS = ("train", "val", "test")
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Refuse fractions that leave no training data or no validation data."""
+    if not 0 < val_fraction < 1:
+        raise DataError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1.")
+    if not 0 <= test_fraction < 1:
+        raise DataError(f"data.test_fraction={test_fraction} must lie in [0, 1).")
+    if val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves "
+            f"no images to train on; keep the sum below 1."
+        )
+
+
+def stratified_split(
+    labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[int]]:
+    """Split indices class by class, so every split keeps the data set's class ratio.
+
+    Within a class the split sizes are rounded, so each split's class ratio differs
+    from the whole set's by less than one image.
+    """
+    check_fractions(val_fraction, test_fraction)
+    rng = random.Random(seed)
+    result: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for label in sorted(set(labels)):
+        indices = [i for i, lab in enumerate(labels) if lab == label]
+        rng.shuffle(indices)
+        n_test = round(len(indices) * test_fraction)
+        n_val = round(len(indices) * val_fraction)
+        if n_val == 0 or n_val + n_test >= len(indices) or (test_fraction > 0 and n_test == 0):
+            raise DataError(
+                f"Class {CLASS_NAMES[label]} has only {len(indices)} images: too few for "
+                f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}."
+            )
+        result["test"] += indices[:n_test]
+        result["val"] += indices[n_test : n_test + n_val]
+        result["train"] += indices[n_test + n_val :]
+    return {name: sorted(idx) for name, idx in result.items()}
+
+
+def write_manifest(
+    path: Path, root: Path, samples: Sequence[tuple[str, int]], split: dict[str, list[int]]
+) -> None:
+    """CSV of every image (relative to root), its class and its split, sorted by path."""
+    rows = [
+        (Path(samples[i][0]).relative_to(root).as_posix(), CLASS_NAMES[samples[i][1]], name)
+        for name, indices in split.items()
+        for i in indices
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows(sorted(rows))

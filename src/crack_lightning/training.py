@@ -1,0 +1,144 @@
+"""Training from a composed Hydra config: the body of train.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from crack_lightning.data import CrackDataModule
+from crack_lightning.errors import CrackLightningError, ModelConfigError
+from crack_lightning.model import CrackClassifier
+from crack_lightning.runtime import quiet_logs, tune_malloc
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "split_manifest.csv"
+METRICS_NAME = "metrics.json"
+
+
+def instantiate_group(group: DictConfig | None) -> list:
+    """Instantiate each non-null entry of a callbacks/logger config group."""
+    return [instantiate(entry) for entry in (group or {}).values() if entry is not None]
+
+
+def log_hyperparameters(trainer: L.Trainer, model: CrackClassifier, cfg: DictConfig) -> None:
+    """Send the whole resolved config (and parameter counts) to every logger."""
+    hparams = {
+        key: OmegaConf.to_container(cfg[key], resolve=True)
+        for key in ("data", "model", "trainer", "callbacks")
+    }
+    hparams["seed"] = cfg.get("seed")
+    hparams["params"] = model.parameter_counts()
+    for logger in trainer.loggers:
+        logger.log_hyperparams(hparams)
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise ModelConfigError(
+            f"ckpt_path={ckpt_path} does not exist. To resume, pass a run's "
+            f"checkpoints/last.ckpt (or best.ckpt), or leave ckpt_path unset."
+        )
+
+
+def evaluate_best(
+    trainer: L.Trainer, model: CrackClassifier, datamodule: CrackDataModule, test: bool
+) -> dict[str, float | str | None]:
+    """Validate (and test) the best checkpoint; the last weights if none was saved.
+
+    A separate trainer without loggers does this, so TensorBoard's curves end at the
+    last training epoch instead of gaining a repeated point.
+    """
+    callback = trainer.checkpoint_callback
+    ckpt_path = (callback.best_model_path if callback else "") or None
+    evaluator = L.Trainer(
+        accelerator=trainer.accelerator,
+        devices=1,
+        precision=trainer.precision,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[TQDMProgressBar()] if trainer.progress_bar_callback else [],
+        enable_progress_bar=trainer.progress_bar_callback is not None,
+        enable_model_summary=False,
+    )
+    metrics: dict = dict(
+        evaluator.validate(
+            model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=True
+        )[0]
+    )
+    if test and datamodule.has_test_split:
+        metrics |= evaluator.test(
+            model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=True
+        )[0]
+    metrics = {k: float(v) for k, v in sorted(metrics.items())}
+    metrics["best_checkpoint"] = ckpt_path
+    return metrics
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the model the config describes; return the best checkpoint's metrics.
+
+    Cheap checks (data layout, checkpoint path, weights) come before anything slow, so
+    a bad setting stops the run at once.
+    """
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    check_ckpt_path(cfg.get("ckpt_path"))
+
+    datamodule: CrackDataModule = instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model: CrackClassifier = instantiate(cfg.model, _convert_="all")
+    counts = model.parameter_counts()
+    log.info(
+        "Backbone %s: %s frozen, %s trainable parameters; %d train / %d val / %d test images",
+        cfg.model.backbone,
+        f"{counts['frozen']:,}",
+        f"{counts['trainable']:,}",
+        *(len(datamodule.split[s]) for s in ("train", "val", "test")),
+    )
+
+    callbacks: list[Callback] = instantiate_group(cfg.get("callbacks"))
+    loggers: list[Logger] = instantiate_group(cfg.get("logger"))
+    if not loggers:  # nothing to record learning rates in (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if trainer.is_global_zero:
+        datamodule.write_manifest(output_dir / MANIFEST_NAME)
+    log_hyperparameters(trainer, model, cfg)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    metrics = evaluate_best(trainer, model, datamodule, test=cfg.get("test", True))
+    if trainer.is_global_zero:
+        (output_dir / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info("Best checkpoint's metrics: %s", json.dumps(metrics))
+    return metrics
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Hydra task: train, print user errors without a traceback, return optimized_metric."""
+    tune_malloc()
+    quiet_logs()
+    if HydraConfig.initialized():  # in a multirun each job has its own directory
+        with open_dict(cfg):
+            cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    try:
+        metrics = train(cfg)
+    except CrackLightningError as err:
+        log.error("%s", err)
+        print(f"\nerror: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    name = cfg.get("optimized_metric")
+    if name and name not in metrics:
+        log.warning("optimized_metric=%s is not among the metrics %s", name, sorted(metrics))
+    return metrics.get(name) if name else None
