@@ -153,7 +153,8 @@ def load_backbone_state(
         if state[k].shape != expected[k].shape
     )
     problems = [
-        f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+        f"{label} ({len(keys)}): {', '.join(keys[:5])}"
+        + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
         for label, keys in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),

@@ -6,9 +6,11 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import Logger
@@ -25,9 +27,19 @@ MANIFEST_NAME = "split_manifest.csv"
 METRICS_NAME = "metrics.json"
 
 
-def instantiate_group(group: DictConfig | None) -> list:
+def build(config: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, re-raising our own errors unwrapped so they print plainly."""
+    try:
+        return instantiate(config, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, CrackLightningError):
+            raise err.__cause__ from None
+        raise
+
+
+def build_group(group: DictConfig | None) -> list:
     """Instantiate each non-null entry of a callbacks/logger config group."""
-    return [instantiate(entry) for entry in (group or {}).values() if entry is not None]
+    return [build(entry) for entry in (group or {}).values() if entry is not None]
 
 
 def log_hyperparameters(trainer: L.Trainer, model: CrackClassifier, cfg: DictConfig) -> None:
@@ -95,10 +107,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     check_ckpt_path(cfg.get("ckpt_path"))
 
-    datamodule: CrackDataModule = instantiate(cfg.data, _convert_="all")
+    datamodule: CrackDataModule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model: CrackClassifier = instantiate(cfg.model, _convert_="all")
+    model: CrackClassifier = build(cfg.model)
     counts = model.parameter_counts()
     log.info(
         "Backbone %s: %s frozen, %s trainable parameters; %d train / %d val / %d test images",
@@ -108,11 +120,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         *(len(datamodule.split[s]) for s in ("train", "val", "test")),
     )
 
-    callbacks: list[Callback] = instantiate_group(cfg.get("callbacks"))
-    loggers: list[Logger] = instantiate_group(cfg.get("logger"))
+    callbacks: list[Callback] = build_group(cfg.get("callbacks"))
+    loggers: list[Logger] = build_group(cfg.get("logger"))
     if not loggers:  # nothing to record learning rates in (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
         datamodule.write_manifest(output_dir / MANIFEST_NAME)
     log_hyperparameters(trainer, model, cfg)

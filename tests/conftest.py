@@ -1,0 +1,93 @@
+"""Shared fixtures: configs composed through Hydra's compose API, real and synthetic data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from crack_lightning.runtime import quiet_logs, tune_malloc
+from crack_lightning.synthetic import generate_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+SHARED = ROOT.parent / "shared"
+SAMPLE_ROOT = SHARED / "data" / "concrete-crack-sample"
+BACKBONE_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_backbone.pth"
+MODEL_OPTIONS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem[0] != "_")
+
+# settings that keep a test run small: no worker processes, no progress bar
+QUIET = ["data.num_workers=0", "callbacks.progress_bar.refresh_rate=0"]
+
+tune_malloc()
+quiet_logs()
+
+
+def _shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(
+            f"{path} is missing: the tests need the read-only ../shared folder beside the repo"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_root() -> Path:
+    """The 481 real METU images (241 Positive, 240 Negative)."""
+    return _shared(SAMPLE_ROOT)
+
+
+@pytest.fixture(scope="session")
+def backbone_weights() -> Path:
+    """Real ImageNet MobileNetV2 feature weights, backbone keys only."""
+    return _shared(BACKBONE_WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic data set: 24 images per class at 64 px."""
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    return generate_dataset(root, images_per_class=24, image_size=64, seed=0)
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose conf/train.yaml with overrides; the run directory is a fresh temp dir."""
+
+    def _make(*overrides: str) -> DictConfig:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose(
+                "train",
+                overrides=[
+                    f"paths.output_dir={tmp_path / 'run'}",
+                    f"paths.cache_dir={tmp_path / 'cache'}",
+                    *QUIET,
+                    *overrides,
+                ],
+            )
+        return cfg
+
+    return _make
+
+
+@pytest.fixture
+def synthetic_cfg(
+    make_cfg: Callable[..., DictConfig], synthetic_root: Path
+) -> Callable[..., DictConfig]:
+    """A fast config: tiny synthetic data, small random-init backbone, one epoch."""
+
+    def _make(*overrides: str) -> DictConfig:
+        return make_cfg(
+            f"data.root={synthetic_root}",
+            "data.image_size=64",
+            "data.batch_size=8",
+            "model=mobilenetv3_small",
+            "model.pretrained=false",
+            "trainer.max_epochs=1",
+            *overrides,
+        )
+
+    return _make

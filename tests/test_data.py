@@ -1,0 +1,180 @@
+"""Data layout checks, stratified seeded splits, transforms and batches."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from crack_lightning.data import CrackDataModule
+from crack_lightning.errors import DataError
+from crack_lightning.layout import scan_samples
+from crack_lightning.splits import stratified_split
+from crack_lightning.training import build
+from crack_lightning.transforms import Augmentation, eval_transform, train_transform
+
+
+def make_images(folder: Path, count: int, colour: int = 128) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (40, 40), (colour, colour, colour)).save(folder / f"{i:03d}.png")
+
+
+def datamodule(cfg) -> CrackDataModule:
+    dm = build(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --- layout -----------------------------------------------------------------------------
+
+
+def test_missing_root_says_where_to_get_the_data(tmp_path):
+    with pytest.raises(DataError, match=r"data.root=.*nowhere does not exist.*doi:10.17632"):
+        scan_samples(tmp_path / "nowhere")
+
+
+def test_wrong_layout_names_the_path_and_what_was_found(tmp_path):
+    make_images(tmp_path / "cracked", 2)
+    make_images(tmp_path / "clean", 2)
+    with pytest.raises(DataError) as info:
+        scan_samples(tmp_path)
+    message = str(info.value)
+    assert f"data.root={tmp_path}" in message
+    assert "Negative/ and Positive/" in message and "found clean/, cracked/" in message
+
+
+def test_class_folders_one_level_down_suggest_the_right_root(tmp_path):
+    inner = tmp_path / "Concrete Crack Images for Classification"
+    make_images(inner / "Positive", 1)
+    make_images(inner / "Negative", 1)
+    with pytest.raises(DataError, match=f"set data.root={inner}"):
+        scan_samples(tmp_path)
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    make_images(tmp_path / "Negative", 3)
+    (tmp_path / "Positive").mkdir()
+    (tmp_path / "Positive" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match=f"Class folder {tmp_path / 'Positive'} holds no images"):
+        scan_samples(tmp_path)
+
+
+def test_class_folders_match_in_any_case_with_fixed_labels(tmp_path):
+    make_images(tmp_path / "POSITIVE", 2)
+    make_images(tmp_path / "negative", 3)
+    labels = Counter((Path(path).parent.name, label) for path, label in scan_samples(tmp_path))
+    assert labels == {("negative", 0): 3, ("POSITIVE", 1): 2}
+
+
+# --- splits -----------------------------------------------------------------------------
+
+
+def test_same_seed_gives_the_same_manifest_and_another_seed_a_different_one(
+    make_cfg, sample_root, tmp_path
+):
+    paths = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        dm = datamodule(make_cfg(f"data.root={sample_root}", f"data.seed={seed}"))
+        paths[name] = tmp_path / f"{name}.csv"
+        dm.write_manifest(paths[name])
+    assert paths["a"].read_bytes() == paths["b"].read_bytes()
+    assert paths["a"].read_bytes() != paths["c"].read_bytes()
+
+
+def test_split_is_stratified_disjoint_and_complete_on_the_real_sample(make_cfg, sample_root):
+    dm = datamodule(make_cfg(f"data.root={sample_root}"))
+    rows = {name: dm.split_samples(name) for name in ("train", "val", "test")}
+    files = [path for samples in rows.values() for path, _ in samples]
+    assert len(files) == len(set(files)) == 481  # every image once, none in two splits
+    assert rows["test"] == []
+    assert len(rows["val"]) == round(241 * 0.3) + round(240 * 0.3) == 144
+    for name in ("train", "val"):
+        positives = sum(label for _, label in rows[name])
+        # the whole sample's ratio, within one image
+        assert abs(positives - len(rows[name]) * 241 / 481) < 1, name
+
+
+def test_test_fraction_is_carved_from_the_same_pool(make_cfg, sample_root, tmp_path):
+    dm = datamodule(
+        make_cfg(f"data.root={sample_root}", "data.val_fraction=0.2", "data.test_fraction=0.1")
+    )
+    dm.write_manifest(tmp_path / "manifest.csv")
+    rows = read_manifest(tmp_path / "manifest.csv")
+    counts = Counter((row["split"], row["label"]) for row in rows)
+    assert counts == {
+        ("train", "Positive"): 169,
+        ("val", "Positive"): 48,
+        ("test", "Positive"): 24,
+        ("train", "Negative"): 168,
+        ("val", "Negative"): 48,
+        ("test", "Negative"): 24,
+    }
+    assert len({row["path"] for row in rows}) == 481
+    assert (
+        rows[0]["path"]
+        == "Negative/" + sorted(p.name for p in (sample_root / "Negative").iterdir())[0]
+    )
+
+
+@pytest.mark.parametrize(
+    ("val", "test", "message"),
+    [
+        (0.0, 0.0, "data.val_fraction=0.0 must lie strictly between 0 and 1"),
+        (0.6, 0.5, "leaves no images to train on"),
+        (0.3, -0.1, "data.test_fraction=-0.1 must lie in"),
+    ],
+)
+def test_impossible_fractions_are_refused(val, test, message):
+    with pytest.raises(DataError, match=message):
+        stratified_split([0, 1] * 50, val, test, seed=0)
+
+
+def test_too_few_images_for_a_split_is_a_clear_error():
+    with pytest.raises(DataError, match="Class Positive has only 1 images"):
+        stratified_split([0, 0, 0, 0, 1], 0.3, 0.0, seed=0)
+
+
+# --- transforms and batches ---------------------------------------------------------------
+
+
+def test_rotation_fills_corners_by_reflection_not_black():
+    flat = Image.new("RGB", (227, 227), (180, 170, 160))
+    rotate = train_transform(
+        96, Augmentation(horizontal_flip=False, vertical_flip=False, rotation_degrees=45)
+    )
+    torch.manual_seed(0)
+    for _ in range(5):
+        out = rotate(flat)
+        assert out.dtype == torch.uint8 and out.shape == (3, 96, 96)
+        assert out[0].min() >= 178  # black corners would be 0
+
+
+def test_no_augmentation_means_the_eval_transform(sample_root):
+    image = Image.open(next((sample_root / "Positive").iterdir())).convert("RGB")
+    plain = train_transform(64, Augmentation.from_config(None))
+    assert torch.equal(plain(image), eval_transform(64)(image))
+
+
+def test_unknown_augmentation_setting_is_refused():
+    with pytest.raises(DataError, match="data.augmentation must set exactly"):
+        Augmentation.from_config({"horizontal_flip": True, "vertical_flip": True, "zoom": 0.1})
+
+
+def test_batches_are_uint8_images_with_labels(make_cfg, sample_root):
+    dm = datamodule(make_cfg(f"data.root={sample_root}", "data.image_size=96", "data.batch_size=8"))
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (8, 3, 96, 96)
+    assert labels.dtype == torch.int64 and set(labels.tolist()) <= {0, 1}
+    val_images, _ = next(iter(dm.val_dataloader()))
+    assert val_images.shape == (8, 3, 96, 96)

@@ -1,0 +1,58 @@
+"""The LightningModule: frozen backbone semantics, preprocessing, optimiser settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crack_lightning.errors import ModelConfigError
+from crack_lightning.training import build
+
+
+@pytest.fixture
+def model(make_cfg, backbone_weights):
+    cfg = make_cfg(f"model.weights_path={backbone_weights}", "data.image_size=64")
+    return build(cfg.model)
+
+
+def test_a_training_step_changes_only_the_head(model):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    optimizer = model.configure_optimizers()["optimizer"]
+    images = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8)
+    loss = torch.nn.functional.cross_entropy(model(images), torch.tensor([0, 1] * 4))
+    loss.backward()
+    optimizer.step()
+
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head.1.weight", "head.1.bias"}  # BN running stats included in "same"
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 2
+
+
+def test_uint8_and_unit_float_inputs_are_normalised_alike(model):
+    model.eval()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert torch.allclose(model(images), model(images.float() / 255), atol=1e-5)
+
+
+def test_checkpoint_hparams_are_plain_values(model):
+    assert set(model.hparams) >= {"backbone", "lr", "image_size", "weights_path"}
+    assert all(
+        isinstance(v, (str, int, float, bool, type(None), dict)) for v in model.hparams.values()
+    )
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "message"),
+    [
+        ({"name": "linear"}, r"model.scheduler.name='linear' is not one of"),
+        ({"name": "step", "step": 3}, r"accepts \['gamma', 'step_size'\]; got unknown \['step'\]"),
+    ],
+)
+def test_bad_scheduler_settings_fail_before_training(make_cfg, scheduler, message):
+    cfg = make_cfg("model.pretrained=false", "model=mobilenetv3_small")
+    cfg.model.scheduler = scheduler
+    with pytest.raises(ModelConfigError, match=message):
+        build(cfg.model)
