@@ -147,7 +147,6 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except CrackLightningError as err:
-        log.error("%s", err)
         print(f"\nerror: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     name = cfg.get("optimized_metric")
