@@ -1,9 +1,25 @@
-"""Prediction on new photos: not yet implemented (tracked in the prediction issue)."""
+"""Classify new photos with a trained model.
 
-import sys
+python predict.py ckpt_path=RUN/checkpoints/best.ckpt inputs=[a.jpg,dir,"photos/*.png"] output=p.csv
+python predict.py ckpt_path=... inputs=[labelled_dir] mode=eval
+python predict.py ckpt_path=... inputs=[big_photo.jpg] mode=scan
+"""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    from crack_lightning.prediction import main as predict_main
+
+    predict_main(cfg)
+
 
 if __name__ == "__main__":
-    sys.exit(
-        "predict.py is not implemented yet: train with train.py; prediction, evaluation, "
-        "scanning and export arrive with the 'Predict, evaluate, scan whole photos, export' issue."
-    )
+    main()

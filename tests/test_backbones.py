@@ -42,12 +42,12 @@ def test_model_option_builds_frozen_and_classifies_a_batch(make_cfg, option):
     print(f"{option}: {counts['frozen']:,} frozen, {counts['trainable']:,} trainable")
 
     assert logits.shape == (2, 2)
-    head_params = sum(p.numel() for p in model.head.parameters())
-    feature_dim = model.head[1].in_features
+    head_params = sum(p.numel() for p in model.net.head.parameters())
+    feature_dim = model.net.head[1].in_features
     assert counts["trainable"] == head_params == (feature_dim + 1) * 2
-    assert counts["frozen"] == sum(p.numel() for p in model.backbone.parameters()) > 500_000
-    assert not model.backbone.training
-    assert model.head.training
+    assert counts["frozen"] == sum(p.numel() for p in model.net.backbone.parameters()) > 500_000
+    assert not model.net.backbone.training
+    assert model.net.head.training
 
 
 def test_unknown_backbone_names_the_choices(make_cfg):

@@ -26,8 +26,11 @@ def test_a_training_step_changes_only_the_head(model):
 
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {"head.1.weight", "head.1.bias"}  # BN running stats included in "same"
-    assert all(p.grad is None for p in model.backbone.parameters())
+    assert changed == {
+        "net.head.1.weight",
+        "net.head.1.bias",
+    }  # BN running stats included in "same"
+    assert all(p.grad is None for p in model.net.backbone.parameters())
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 2
 
 

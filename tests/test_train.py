@@ -62,7 +62,7 @@ def test_default_recipe_learns_the_real_sample_with_a_bit_identical_backbone(
         "data.test_fraction=0.1",
     )
     L.seed_everything(cfg.seed)
-    initial_head = {k: v.clone() for k, v in build(cfg.model).head.state_dict().items()}
+    initial_head = {k: v.clone() for k, v in build(cfg.model).net.head.state_dict().items()}
     metrics = train(cfg)
 
     run_dir = Path(cfg.paths.output_dir)
@@ -78,12 +78,14 @@ def test_default_recipe_learns_the_real_sample_with_a_bit_identical_backbone(
     for name in ("best.ckpt", "last.ckpt"):
         state = torch.load(run_dir / "checkpoints" / name, weights_only=True)["state_dict"]
         backbone = {
-            k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
+            k.removeprefix("net.backbone."): v
+            for k, v in state.items()
+            if k.startswith("net.backbone.")
         }
         # weights and BatchNorm running statistics, bit for bit
         assert backbone.keys() == original.keys()
         assert all(torch.equal(backbone[k], original[k]) for k in original), name
-        assert not torch.equal(state["head.1.weight"], initial_head["1.weight"])
+        assert not torch.equal(state["net.head.1.weight"], initial_head["1.weight"])
 
 
 def test_resume_from_last_checkpoint_continues_training(synthetic_cfg, tmp_path):

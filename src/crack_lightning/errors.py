@@ -15,3 +15,11 @@ class ModelConfigError(CrackLightningError):
 
 class WeightsError(CrackLightningError):
     """Pretrained weights cannot be downloaded, read or matched to the backbone."""
+
+
+class PredictionError(CrackLightningError):
+    """A checkpoint, exported model or set of inputs cannot be used for prediction."""
+
+
+class UnreadableImage(CrackLightningError):
+    """One input file is not an image we can decode; it is skipped, with this reason."""

@@ -62,6 +62,54 @@ def stage_metrics(prefix: str) -> MetricCollection:
     )
 
 
+class CrackNet(nn.Module):
+    """The deployable network: RGB images in, logits (Negative, Positive) out.
+
+    Scaling and the backbone's ImageNet normalisation are inside, so a checkpoint or an
+    exported file needs nothing but resized uint8 images.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        mean: tuple,
+        std: tuple,
+        dropout: float,
+        frozen: bool,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, len(CLASS_NAMES)))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.frozen = frozen
+        if frozen:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> CrackNet:
+        """Keep a frozen backbone in eval mode, so its BatchNorm statistics never change."""
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [0, 255] (or float [0, 1]) RGB -> the backbone's normalised input."""
+        if images.dtype == torch.uint8:
+            images = images.float().div(255)
+        return (images - self.mean) / self.std
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features; no autograd graph through a frozen backbone."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self.backbone(self.normalize(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
 class CrackClassifier(L.LightningModule):
     """Classifies uint8 RGB image batches as Negative (0) or Positive (1, crack)."""
 
@@ -83,50 +131,28 @@ class CrackClassifier(L.LightningModule):
         check_scheduler(scheduler)
         if not 0 <= dropout < 1:
             raise ModelConfigError(f"model.dropout={dropout} must lie in [0, 1).")
-        self.backbone, feature_dim = build_feature_extractor(backbone, pretrained, weights_path)
+        extractor, feature_dim = build_feature_extractor(backbone, pretrained, weights_path)
         mean, std = normalization(backbone)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, len(CLASS_NAMES)))
-        if freeze_backbone:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
+        self.net = CrackNet(extractor, feature_dim, mean, std, dropout, frozen=freeze_backbone)
         self.train_metrics = stage_metrics("train/")
         self.val_metrics = stage_metrics("val/")
         self.test_metrics = stage_metrics("test/")
 
-    def train(self, mode: bool = True) -> CrackClassifier:
-        """Keep a frozen backbone in eval mode, so its BatchNorm statistics never change."""
-        super().train(mode)
-        if self.hparams.freeze_backbone:
-            self.backbone.eval()
-        return self
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [0, 255] (or float [0, 1]) RGB -> the backbone's normalised input."""
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255)
-        return (images - self.mean) / self.std
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features; no autograd graph through a frozen backbone."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.freeze_backbone):
-            return self.backbone(self.normalize(images))
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
+        return self.net(images)
 
     def parameter_counts(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
         return {"trainable": trainable, "frozen": total - trainable}
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> dict:
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
+        probs = logits.softmax(dim=-1)[:, 1]
         metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(logits.softmax(dim=-1)[:, 1], labels)
+        metrics.update(probs, labels)
         self.log(
             f"{stage}/loss",
             loss,
@@ -138,16 +164,16 @@ class CrackClassifier(L.LightningModule):
         self.log_dict(
             metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=len(labels)
         )
-        return loss
+        return {"loss": loss, "probs": probs.detach()}
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> dict:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> dict:
+        return self._step(batch, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> dict:
+        return self._step(batch, "test")
 
     def configure_optimizers(self) -> dict:
         params = [p for p in self.parameters() if p.requires_grad]

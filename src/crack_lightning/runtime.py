@@ -55,3 +55,5 @@ def quiet_logs() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     if logging.getLogger().hasHandlers():  # Hydra's handlers print and write train.log
         logging.getLogger("lightning").handlers.clear()
+    for chatty in ("onnx_ir", "onnxscript"):  # ONNX export logs every graph rewrite
+        logging.getLogger(chatty).setLevel(logging.WARNING)

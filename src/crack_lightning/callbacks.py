@@ -1,0 +1,69 @@
+"""Callbacks that show what the model gets wrong while it trains."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from crack_lightning.evaluation import confusion_matrix
+from crack_lightning.layout import CLASS_NAMES
+from crack_lightning.plots import confusion_matrix_figure, image_grid_figure
+
+
+class ValidationFigures(L.Callback):
+    """After each validation epoch, log the confusion matrix and a grid of misclassified
+    validation images to TensorBoard (Images tab)."""
+
+    def __init__(self, max_images: int, threshold: float) -> None:
+        self.max_images = max_images
+        self.threshold = threshold
+        self.matrix = np.zeros((2, 2), dtype=np.int64)
+        self.mistakes: list[tuple[np.ndarray, int, float]] = []
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.matrix[:] = 0
+        self.mistakes = []
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        images, labels = batch
+        probs = outputs["probs"].float().cpu().numpy()
+        labels = labels.cpu().numpy()
+        self.matrix += confusion_matrix(labels, probs >= self.threshold)
+        for i in np.flatnonzero((probs >= self.threshold) != labels):
+            if len(self.mistakes) < self.max_images:
+                image = images[i].permute(1, 2, 0).cpu().numpy()
+                self.mistakes.append((image, int(labels[i]), float(probs[i])))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if trainer.sanity_checking or not loggers or not trainer.is_global_zero:
+            return
+        epoch = trainer.current_epoch
+        figures = {
+            "val/confusion_matrix": confusion_matrix_figure(
+                self.matrix, title=f"Validation, epoch {epoch}"
+            )
+        }
+        if self.mistakes:
+            figures["val/misclassified"] = image_grid_figure(
+                [image for image, _, _ in self.mistakes],
+                [
+                    f"true {CLASS_NAMES[label]}\nP(crack) {prob:.2f}"
+                    for _, label, prob in self.mistakes
+                ],
+                [False] * len(self.mistakes),
+            )
+        for tag, figure in figures.items():
+            for logger in loggers:
+                logger.experiment.add_figure(tag, figure, trainer.global_step, close=False)

@@ -1,0 +1,189 @@
+"""predict.py's body: classify files, evaluate on labelled folders, or scan whole photos."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from crack_lightning.errors import CrackLightningError, PredictionError, UnreadableImage
+from crack_lightning.evaluation import binary_metrics, format_report, write_evaluation
+from crack_lightning.images import collect_inputs, label_from_path, load_rgb
+from crack_lightning.inference import classify_files, load_classifier
+from crack_lightning.layout import CLASS_NAMES
+from crack_lightning.plots import image_grid_figure, save
+from crack_lightning.runtime import quiet_logs, tune_malloc
+from crack_lightning.scan import render_scan, scan_photo, write_scan_csv
+
+MODES = ("predict", "eval", "scan")
+
+
+def write_predictions(path: Path, rows: list[dict]) -> None:
+    """CSV or JSON (by extension) with path, label, prob_crack[, true_label]."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(rows, indent=1) + "\n")
+        return
+    if path.suffix.lower() != ".csv":
+        raise PredictionError(f"output={path} must end in .csv or .json.")
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_prediction_grid(rows: list[dict], path: Path, size: int, limit: int) -> None:
+    """The Keras projects' figure: inputs with predicted label and P(crack), green/red
+    titles when the true label (from the folder name) is known."""
+    wrong = [r for r in rows if r.get("true_label") and r["true_label"] != r["label"]]
+    rest = [r for r in rows if r not in wrong]
+    spread = np.linspace(0, len(rest) - 1, min(len(rest), max(0, limit - len(wrong)))).round()
+    shown = (wrong + [rest[int(i)] for i in spread])[:limit]  # mistakes first, then an even spread
+    images = [np.asarray(load_rgb(row["path"]).resize((size, size))) for row in shown]
+    titles, correct = [], []
+    for row in shown:
+        title = f"{row['label']} {float(row['prob_crack']):.2f}"
+        truth = row.get("true_label")
+        if truth:
+            title += f"\n(true {truth})"
+        titles.append(title)
+        correct.append(truth == row["label"] if truth else None)
+    save(image_grid_figure(images, titles, correct), path)
+
+
+def print_skipped(skipped: Sequence[tuple[object, str]]) -> None:
+    if skipped:
+        print(f"Skipped {len(skipped)} input(s):", file=sys.stderr)
+        for item, reason in skipped:
+            print(f"  {item}: {reason}", file=sys.stderr)
+
+
+def classify(cfg: DictConfig, classifier, files: list[Path]) -> dict:
+    """predict and eval modes; returns a summary."""
+    probs, skipped_files = classify_files(
+        classifier, files, cfg.batch_size, cfg.num_workers, progress=cfg.progress
+    )
+    ok = ~np.isnan(probs)
+    good = [f for f, keep in zip(files, ok, strict=True) if keep]
+    if not good:
+        raise PredictionError("No input could be classified (see the skipped files above).")
+    probs = probs[ok]
+    labels = [label_from_path(f) for f in good]
+    known = [lab is not None for lab in labels]
+    rows = []
+    for file, prob, label in zip(good, probs, labels, strict=True):
+        row = {
+            "path": str(file),
+            "label": CLASS_NAMES[int(prob >= cfg.threshold)],
+            "prob_crack": round(float(prob), 6),
+        }
+        if any(known):
+            row["true_label"] = CLASS_NAMES[label] if label is not None else ""
+        rows.append(row)
+    output = Path(cfg.output)
+    write_predictions(output, rows)
+    summary = {
+        "classified": len(rows),
+        "skipped": len(skipped_files),
+        "positive": int((probs >= cfg.threshold).sum()),
+        "output": str(output),
+    }
+    report_dir = Path(cfg.report_dir)
+    if cfg.visualize:
+        grid = report_dir / "predictions.png"
+        report_dir.mkdir(parents=True, exist_ok=True)
+        save_prediction_grid(rows, grid, classifier.image_size, cfg.max_visualize)
+        summary["grid"] = str(grid)
+    if cfg.mode == "eval":
+        if not all(known):
+            missing = next(f for f, k in zip(good, known, strict=True) if not k)
+            raise PredictionError(
+                f"mode=eval needs every image inside a Positive/ or Negative/ folder; {missing} "
+                f"is in neither. Use mode=predict for unlabelled images."
+            )
+        true = np.array(labels)
+        metrics = binary_metrics(true, probs, cfg.threshold)
+        written = write_evaluation(metrics, true, probs, report_dir)
+        print(format_report(metrics))
+        summary["report"] = [str(p) for p in written]
+    return summary
+
+
+def scan(cfg: DictConfig, classifier, files: list[Path]) -> dict:
+    """scan mode: per photo a heat-map PNG and a CSV of patches; returns a summary."""
+    report_dir = Path(cfg.report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    skipped, photos = [], []
+    for file in files:
+        try:
+            photo = load_rgb(file)
+        except UnreadableImage as err:
+            skipped.append((file, str(err)))
+            continue
+        result = scan_photo(
+            classifier,
+            photo,
+            file,
+            cfg.scan.patch_size,
+            cfg.scan.stride,
+            cfg.batch_size,
+            cfg.threshold,
+        )
+        stem = report_dir / f"{file.stem}_scan"
+        write_scan_csv(result, stem.with_suffix(".csv"))
+        render_scan(result, photo).save(stem.with_suffix(".png"))
+        share = result.cracked_area_share()
+        print(
+            f"{file}: {int(result.cracked.sum())}/{len(result.probs)} patches cracked, "
+            f"{share:.1%} of the area -> {stem}.png, {stem}.csv"
+        )
+        photos.append(
+            {
+                "path": str(file),
+                "patches": len(result.probs),
+                "cracked_patches": int(result.cracked.sum()),
+                "cracked_area_share": share,
+            }
+        )
+    print_skipped(skipped)
+    if not photos:
+        raise PredictionError("No photo could be scanned (see the skipped files above).")
+    return {"photos": photos, "skipped": len(skipped)}
+
+
+def run(cfg: DictConfig) -> dict:
+    if cfg.mode not in MODES:
+        raise PredictionError(f"mode={cfg.mode} must be one of {', '.join(MODES)}.")
+    if not 0 < cfg.threshold < 1:
+        raise PredictionError(f"threshold={cfg.threshold} must lie strictly between 0 and 1.")
+    classifier = load_classifier(cfg.ckpt_path, cfg.device)
+    inputs = [cfg.inputs] if isinstance(cfg.inputs, str) else list(cfg.inputs)
+    files, problems = collect_inputs(inputs)
+    print_skipped(problems)
+    if not files:
+        raise PredictionError(f"inputs={inputs} name no image files.")
+    if cfg.mode == "scan":
+        return scan(cfg, classifier, files)
+    summary = classify(cfg, classifier, files)
+    print(
+        f"Classified {summary['classified']} image(s): {summary['positive']} Positive (crack), "
+        f"{summary['classified'] - summary['positive']} Negative; skipped {summary['skipped']}. "
+        f"Predictions: {summary['output']}"
+    )
+    return summary
+
+
+def main(cfg: DictConfig) -> dict:
+    """Hydra task: user errors print without a traceback and exit non-zero."""
+    tune_malloc()
+    quiet_logs()
+    try:
+        return run(cfg)
+    except CrackLightningError as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
