@@ -23,7 +23,12 @@ MODEL_OPTIONS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.
 QUIET = ["data.num_workers=0", "callbacks.progress_bar.refresh_rate=0"]
 
 tune_malloc()
-quiet_logs()
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    """The entry points' warning filters (pytest resets filters for every test)."""
+    quiet_logs()
 
 
 def _shared(path: Path) -> Path:
@@ -58,17 +63,15 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """Compose conf/train.yaml with overrides; the run directory is a fresh temp dir."""
 
     def _make(*overrides: str) -> DictConfig:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose(
-                "train",
-                overrides=[
-                    f"paths.output_dir={tmp_path / 'run'}",
-                    f"paths.cache_dir={tmp_path / 'cache'}",
-                    *QUIET,
-                    *overrides,
-                ],
-            )
-        return cfg
+        return compose_config(
+            "train",
+            [
+                f"paths.output_dir={tmp_path / 'run'}",
+                f"paths.cache_dir={tmp_path / 'cache'}",
+                *QUIET,
+                *overrides,
+            ],
+        )
 
     return _make
 
@@ -88,6 +91,52 @@ def synthetic_cfg(
             "model.pretrained=false",
             "trainer.max_epochs=1",
             *overrides,
+        )
+
+    return _make
+
+
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, sample_root, backbone_weights) -> Path:
+    """A run directory trained briefly on the real sample with real ImageNet features
+    (3 epochs at 160 px): the model the prediction and export tests use."""
+    from crack_lightning.training import train
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    cfg = compose_config(
+        "train",
+        [
+            f"paths.output_dir={run_dir}",
+            f"data.root={sample_root}",
+            f"model.weights_path={backbone_weights}",
+            "data.image_size=160",
+            "trainer.max_epochs=3",
+            "callbacks.progress_bar.refresh_rate=0",
+        ],
+    )
+    train(cfg)
+    return run_dir
+
+
+@pytest.fixture
+def predict_cfg(tmp_path: Path, trained_run: Path) -> Callable[..., DictConfig]:
+    """Compose conf/predict.yaml for the trained checkpoint, writing into a temp dir."""
+
+    def _make(*overrides: str) -> DictConfig:
+        return compose_config(
+            "predict",
+            [
+                f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+                f"paths.output_dir={tmp_path / 'predict'}",
+                "num_workers=0",
+                "progress=false",
+                *overrides,
+            ],
         )
 
     return _make

@@ -184,3 +184,14 @@ def test_offline_pretrained_download_says_to_use_weights_path(synthetic_cfg, mon
         WeightsError, match=r"model.weights_path=/path/to/mobilenet_v2-b0353104.pth"
     ):
         train(cfg)
+
+
+def test_validation_figures_reach_tensorboard(synthetic_cfg):
+    """Random frozen features misclassify plenty: both figures are logged each epoch."""
+    cfg = synthetic_cfg("trainer.max_epochs=2")
+    train(cfg)
+    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["images"]
+    assert {"val/confusion_matrix", "val/misclassified"} <= set(tags)
+    assert len(events.Images("val/confusion_matrix")) == 2  # one per epoch, none for sanity check

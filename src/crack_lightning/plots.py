@@ -61,13 +61,15 @@ def image_grid_figure(
     columns: int = 8,
 ) -> Figure:
     """HWC uint8 images with a title each; green/red titles when right/wrong is known."""
+    if not len(images) == len(titles) == len(correct):
+        raise ValueError("images, titles and correct must have the same length")
     rows = max(1, -(-len(images) // columns))
     columns = min(columns, max(1, len(images)))
     figure = Figure(figsize=(2 * columns, 2.25 * rows), dpi=80)
     grid = figure.subplots(rows, columns, squeeze=False)
     for axes in grid.flat:
         axes.axis("off")
-    for axes, image, title, ok in zip(grid.flat, images, titles, correct, strict=True):
+    for axes, image, title, ok in zip(grid.flat, images, titles, correct, strict=False):
         axes.imshow(image)
         axes.set_title(title, fontsize=8, color="black" if ok is None else RIGHT if ok else WRONG)
     figure.tight_layout()

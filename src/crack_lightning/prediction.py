@@ -68,6 +68,7 @@ def classify(cfg: DictConfig, classifier, files: list[Path]) -> dict:
     probs, skipped_files = classify_files(
         classifier, files, cfg.batch_size, cfg.num_workers, progress=cfg.progress
     )
+    print_skipped(skipped_files)
     ok = ~np.isnan(probs)
     good = [f for f, keep in zip(files, ok, strict=True) if keep]
     if not good:
