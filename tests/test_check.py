@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,6 +112,17 @@ def test_cli_check_prints_the_report_and_fails(planted, capsys):
     assert "Exact duplicates within a class" in out
     assert "Files without an image extension (training ignores them): 1" in out
     assert out.rstrip().endswith("FAILED: 4 problems would corrupt training.")
+
+
+def test_python_m_crack_lightning_data_runs_the_cli(planted):
+    result = subprocess.run(
+        [sys.executable, "-m", "crack_lightning.data", "check", str(planted), "quick=true"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "FAILED: 4 problems would corrupt training." in result.stdout
 
 
 def test_cli_check_passes_on_the_real_sample(sample_root, capsys):

@@ -13,6 +13,7 @@ import json
 import shutil
 import threading
 import zipfile
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +27,7 @@ from crack_lightning.archives import extract_images, unpack_rar
 from crack_lightning.data_cli import main as cli
 from crack_lightning.download import MARKER_NAME, Source, ensure_dataset, fetch
 from crack_lightning.errors import DataError
+from crack_lightning.training import build
 from tests.rar4 import write_rar4
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rar"
@@ -371,3 +373,30 @@ def test_missing_rar_tools_are_named(tmp_path, monkeypatch):
         DataError, match=r"needs the `unar` or `bsdtar` program.*apt-get install unar"
     ):
         unpack_rar(FIXTURES / "seektest.rar", tmp_path / "out", progress=False)
+
+
+# --- through the data module (train.py data.download=true / data.archive=PATH) ----------------
+
+
+def test_data_download_true_fetches_before_training(serve, archive_bytes, make_cfg, monkeypatch):
+    server = serve(archive_bytes)
+    monkeypatch.setattr(download_module, "METU", server.source())
+    root = Path(make_cfg().paths.output_dir).parent / "concrete_crack"
+    dm = build(make_cfg(f"data.root={root}", "data.download=true").data)
+    dm.prepare_data()
+    dm.prepare_data()  # Lightning calls it again in fit: nothing more happens
+    dm.setup("fit")
+    assert server.requests == [None]
+    assert Counter(label for _, label in dm.samples) == {0: PER_CLASS, 1: PER_CLASS}
+
+
+def test_data_archive_unpacks_a_local_file_without_download(make_cfg, monkeypatch, tmp_path):
+    archive = write_rar4(tmp_path / "crack.rar", layout())
+    monkeypatch.setattr(download_module, "METU", Source("http://127.0.0.1:9/x", 1, None, 3))
+    dm = build(make_cfg(f"data.root={tmp_path / 'root'}", f"data.archive={archive}").data)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.samples) == 2 * PER_CLASS
+    dm = build(make_cfg(f"data.root={tmp_path / 'other'}").data)  # neither: nothing fetched
+    dm.prepare_data()
+    assert not (tmp_path / "other").exists()

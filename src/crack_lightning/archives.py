@@ -90,7 +90,7 @@ def rar_command(tool: str, exe: str, archive: Path, dest: Path) -> list[str]:
 
 
 def unpack_rar(archive: Path, dest: Path, tool: str | None = None, progress: bool = True) -> str:
-    """Unpack every member of a RAR archive into dest; return the name of the tool used.
+    """Unpack every member of a RAR archive into dest (emptied first); return the tool used.
 
     Neither tool reads every RAR variant (unar 1.10 fails on some RAR5 archives, bsdtar
     3.6 on solid RAR4 ones), so a tool that cannot parse the format hands the archive to
@@ -104,7 +104,8 @@ def unpack_rar(archive: Path, dest: Path, tool: str | None = None, progress: boo
         code, tail = _run_counting_lines(rar_command(name, exe, archive, dest), name, progress)
         if code == 0:
             return name
-        message = f"{name} exit code {code}: {' / '.join(tail) or 'no message'}"
+        said = " / ".join(line.rstrip(".") for line in tail) or "no message"
+        message = f"{name} exit code {code}: {said}"
         failures.append(message)
         if not any(marker in " ".join(tail) for marker in UNSUPPORTED_MARKERS):
             raise DataError(
@@ -112,7 +113,7 @@ def unpack_rar(archive: Path, dest: Path, tool: str | None = None, progress: boo
                 f"download it again."
             )
     raise DataError(
-        f"No RAR tool could read archive={archive}: {'; '.join(failures)}. Install the "
+        f"No RAR tool could read archive={archive} ({'; '.join(failures)}). Install the "
         f"other tool (unar or bsdtar) too, or unpack the archive with another program "
         f"(WinRAR, 7-Zip, unrar) and point data.root at the folder that holds Negative/ and "
         f"Positive/."

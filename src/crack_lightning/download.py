@@ -159,6 +159,11 @@ def _fetch_once(url: str, part: Path, size: int | None, timeout: float, progress
     with response:
         if offset and response.status != 206:  # the server ignored Range: start again
             offset = 0
+        elif offset and not response.headers.get("Content-Range", "").startswith(
+            f"bytes {offset}-"
+        ):
+            part.unlink()
+            raise _Retry("the server sent another part of the file than asked for")
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
         if size is not None and total is not None and total != size:
