@@ -2,10 +2,11 @@
 
 Python reads ZIP itself. RAR needs an external tool: `unar` (Debian/Ubuntu package
 unar, Homebrew unar) is tried first because it checks every file's checksum and reads
-all RAR versions, solid archives included; `bsdtar` (libarchive; package
-libarchive-tools, built into macOS and Windows 10+ as tar) is the fallback. Either
-tool unpacks into a scratch folder beside the root; only the class folders' images are
-then moved into place, so stray paths in an archive cannot write elsewhere.
+all RAR 4 archives, solid ones included; `bsdtar` (libarchive; package libarchive-tools,
+built into macOS and Windows 10+ as tar) takes the RAR 5 variants unar 1.10 cannot
+parse. Either tool unpacks into a scratch folder beside the root; only the class
+folders' regular image files are then moved into place, so stray paths or links in an
+archive cannot write or point elsewhere.
 """
 
 from __future__ import annotations
@@ -203,7 +204,9 @@ def extract_images(
         for name, folder in find_unpacked_classes(scratch).items():
             target = root / name
             target.mkdir(parents=True, exist_ok=True)
-            images = sorted(p for p in folder.iterdir() if p.is_file() and is_image(p))
+            images = sorted(
+                p for p in folder.iterdir() if p.is_file() and not p.is_symlink() and is_image(p)
+            )
             for path in images:
                 os.replace(path, target / path.name)
             counts[name] = len(images)
