@@ -4,15 +4,35 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train demo test lint format clean
+.PHONY: setup system-tools data train demo test lint format clean
 
-setup: $(STAMP)
+setup: system-tools $(STAMP)
+
+# RAR unpackers for the data set's archive (unar first, bsdtar from libarchive-tools as the
+# fallback, see README "Data"). Installed with apt-get when run as root; otherwise printed.
+system-tools:
+	@missing=""; \
+	command -v unar >/dev/null 2>&1 || missing="$$missing unar"; \
+	command -v bsdtar >/dev/null 2>&1 || missing="$$missing libarchive-tools"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "Installing$$missing (to unpack the data set's RAR archive)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
+	else \
+		echo "note: unpacking the data set's RAR archive needs unar or bsdtar; install$$missing" \
+			"(Debian/Ubuntu: sudo apt-get install$$missing; macOS: brew install unar)" >&2; \
+	fi
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+# download (resumable), verify and unpack the data set into data/concrete_crack/ (a no-op once
+# done); offline: make data ARGS="archive=/path/to/Concrete Crack Images for Classification.rar"
+data: setup
+	$(PY) -m crack_lightning.data download $(ARGS)
 
 # the main job: MobileNetV2 on the real data set in data/concrete_crack/ (see README)
 train: setup

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -10,11 +12,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import default_loader
 
+from crack_lightning.check import require_clean
+from crack_lightning.download import ensure_dataset
 from crack_lightning.errors import DataError
+from crack_lightning.grouping import check_distance, image_hashes, near_duplicate_groups
 from crack_lightning.layout import scan_samples
-from crack_lightning.splits import check_fractions, stratified_split, write_manifest
+from crack_lightning.splits import check_fractions, grouped_split, stratified_split, write_manifest
 from crack_lightning.synthetic import generate_dataset
 from crack_lightning.transforms import Augmentation, eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+SPLIT_KINDS = ("random", "grouped")
 
 
 class ImageList(Dataset):
@@ -51,6 +59,11 @@ class CrackDataModule(L.LightningDataModule):
         pin_memory: bool | None,
         augmentation: Mapping | None,
         synthetic: Mapping | None,
+        download: bool = False,
+        archive: str | None = None,
+        split: str = "random",
+        group_distance: int = 8,
+        check: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -62,6 +75,10 @@ class CrackDataModule(L.LightningDataModule):
         ):
             if int(value) != value or value < low:
                 raise DataError(f"data.{name}={value} must be an integer >= {low}.")
+        if split not in SPLIT_KINDS:
+            raise DataError(f"data.split={split} must be one of {', '.join(SPLIT_KINDS)}.")
+        if split == "grouped":
+            check_distance(group_distance)
         self.root = Path(root)
         self.augmentation = Augmentation.from_config(augmentation)
         self.samples: list[tuple[str, int]] = []
@@ -70,15 +87,44 @@ class CrackDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         if self.hparams.synthetic is not None:
             generate_dataset(self.root, **self.hparams.synthetic)
+        elif self.hparams.download or self.hparams.archive is not None:
+            ensure_dataset(self.root, archive=self.hparams.archive)
 
     def setup(self, stage: str | None = None) -> None:
         if self.split:  # splitting is deterministic; do it once per process
             return
         self.samples = scan_samples(self.root)
+        if self.hparams.check:
+            report = require_clean(self.root, self.samples)
+            if report.duplicates:
+                log.warning(
+                    "%d groups of identical images within a class (e.g. %s); data.split=grouped "
+                    "keeps each group on one side of the split",
+                    len(report.duplicates),
+                    " = ".join(report.duplicates[0]),
+                )
         labels = [label for _, label in self.samples]
-        self.split = stratified_split(
-            labels, self.hparams.val_fraction, self.hparams.test_fraction, self.hparams.seed
+        fractions = (self.hparams.val_fraction, self.hparams.test_fraction)
+        if self.hparams.split == "grouped":
+            self.split = grouped_split(labels, self.groups(), *fractions, self.hparams.seed)
+        else:
+            self.split = stratified_split(labels, *fractions, self.hparams.seed)
+
+    def groups(self) -> list[int]:
+        """Near-duplicate group of every sample (perceptual hash neighbours)."""
+        hashes = image_hashes([path for path, _ in self.samples])
+        groups = near_duplicate_groups(hashes, self.hparams.group_distance).tolist()
+        sizes = Counter(groups)
+        log.info(
+            "Grouped split: %d images in %d groups (largest %d; %d images share a group "
+            "with another) at data.group_distance=%d",
+            len(groups),
+            len(sizes),
+            max(sizes.values()),
+            sum(n for n in sizes.values() if n > 1),
+            self.hparams.group_distance,
         )
+        return groups
 
     def write_manifest(self, path: Path) -> None:
         """Record which file went to which split, so a run can be audited and repeated."""
@@ -114,3 +160,9 @@ class CrackDataModule(L.LightningDataModule):
         if not self.has_test_split:
             raise DataError("No test split: set data.test_fraction > 0 to hold one out.")
         return self._loader("test", eval_transform(self.hparams.image_size), shuffle=False)
+
+
+if __name__ == "__main__":
+    from crack_lightning.data_cli import main
+
+    raise SystemExit(main())

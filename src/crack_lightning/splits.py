@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import random
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,3 +68,70 @@ def write_manifest(
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "split"])
         writer.writerows(sorted(rows))
+
+
+def grouped_split(
+    labels: Sequence[int],
+    groups: Sequence[int],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> dict[str, list[int]]:
+    """Like stratified_split, but all images of a group land in the same split.
+
+    Groups are dealt out in a seeded random order, largest first; each goes to the split
+    it overfills least (per class), ties to the one with the most room left relative to
+    its target. With only one-image groups this meets the stratified sizes exactly;
+    large groups make the sizes drift by up to a group's size.
+    """
+    check_fractions(val_fraction, test_fraction)
+    if len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} groups for {len(labels)} labels")
+    members: dict[int, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    order = sorted(members)
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda g: -len(members[g]))  # stable: random order among equal sizes
+
+    totals = Counter(labels)
+    fractions = {"test": test_fraction, "val": val_fraction}
+    target = {
+        name: {c: round(n * fractions[name]) for c, n in totals.items()} for name in fractions
+    }
+    target["train"] = {c: n - target["val"][c] - target["test"][c] for c, n in totals.items()}
+    for label, n in totals.items():
+        if (
+            target["val"][label] == 0
+            or target["train"][label] <= 0
+            or (test_fraction > 0 and target["test"][label] == 0)
+        ):
+            raise DataError(
+                f"Class {CLASS_NAMES[label]} has only {n} images: too few for "
+                f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}."
+            )
+    candidates = SPLITS if test_fraction > 0 else ("train", "val")
+    filled = {name: Counter() for name in SPLITS}
+    result: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for group in order:
+        counts = Counter(labels[i] for i in members[group])
+
+        def cost(name: str, counts: Counter = counts) -> tuple[int, float]:
+            over = sum(max(0, filled[name][c] + n - target[name][c]) for c, n in counts.items())
+            room = sum(
+                (target[name][c] - filled[name][c]) / max(target[name][c], 1) for c in counts
+            )
+            return over, -room
+
+        best = min(candidates, key=cost)
+        filled[best].update(counts)
+        result[best] += members[group]
+    for name in candidates:
+        for label in totals:
+            if filled[name][label] == 0:
+                raise DataError(
+                    f"The grouped split left no {CLASS_NAMES[label]} image in {name}: the "
+                    f"near-duplicate groups are too large for these fractions. Lower "
+                    f"data.group_distance or use data.split=random."
+                )
+    return {name: sorted(indices) for name, indices in result.items()}

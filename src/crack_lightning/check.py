@@ -1,0 +1,217 @@
+"""What is wrong with a data set on disk: `python -m crack_lightning.data check ROOT`.
+
+Two depths. The quick check reads every file's bytes once (about 1.5 s for 40,000 METU
+images when they are in the page cache): the layout, counts, files that are empty, are
+no image at all or are cut short (JPEG without its end marker, PNG without IEND), and
+identical files, within a class (duplicates) or across classes (label conflicts). The
+full check also decodes every image with PIL (about 20 s more for 40,000) and reports
+sizes and colour modes. `train.py` runs the quick one (data.check=true).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from crack_lightning.errors import DataError
+from crack_lightning.layout import CLASS_NAMES, find_class_dirs, scan_samples
+
+# file signatures of the formats ImageFolder accepts (by extension)
+SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"P5": "PGM",
+    b"P6": "PPM",
+    b"RIFF": "WEBP",
+}
+SHOW = 10  # listed entries per kind of problem
+
+
+@dataclass
+class Report:
+    """Findings about one data root. `errors` would corrupt training; the rest inform."""
+
+    root: Path
+    counts: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # "path: what is wrong"
+    ignored: list[str] = field(default_factory=list)  # files training skips (no image name)
+    duplicates: list[list[str]] = field(default_factory=list)  # identical files, one class
+    conflicts: list[list[str]] = field(default_factory=list)  # identical files, both classes
+    sizes: Counter = field(default_factory=Counter)  # "WxH" -> images (full check)
+    modes: Counter = field(default_factory=Counter)  # PIL mode -> images (full check)
+    full: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.conflicts
+
+    def problems(self) -> list[str]:
+        """One line per problem that would corrupt training."""
+        lines = list(self.errors)
+        lines += [f"same image in both classes: {' = '.join(group)}" for group in self.conflicts]
+        return lines
+
+    def summary(self) -> str:
+        total = sum(self.counts.values())
+        counts = ", ".join(f"{n:,} {name}" for name, n in self.counts.items())
+        lines = [f"Data set {self.root}: {total:,} images ({counts})."]
+        if self.full:
+            lines.append(f"Sizes: {_top(self.sizes)}. Modes: {_top(self.modes)}.")
+        sections = (
+            ("Unreadable, truncated or not images (training would fail)", self.errors),
+            (
+                "Label conflicts: identical files in both classes (contradictory labels)",
+                [" = ".join(g) for g in self.conflicts],
+            ),
+            (
+                "Exact duplicates within a class (they can straddle train and val; "
+                "data.split=grouped keeps them together)",
+                [" = ".join(g) for g in self.duplicates],
+            ),
+            ("Files without an image extension (training ignores them)", self.ignored),
+        )
+        for title, items in sections:
+            if items:
+                lines.append(f"{title}: {len(items):,}")
+                lines += [f"  {item}" for item in items[:SHOW]]
+                if len(items) > SHOW:
+                    lines.append(f"  ... and {len(items) - SHOW:,} more")
+        problems = len(self.problems())
+        if problems:
+            lines.append(f"FAILED: {problems:,} problems would corrupt training.")
+        else:
+            lines.append(
+                "OK: nothing that would corrupt training."
+                + (
+                    ""
+                    if self.full
+                    else (" (quick check: images were not decoded; `check` does that)")
+                )
+            )
+        return "\n".join(lines)
+
+
+def _top(counter: Counter, n: int = 5) -> str:
+    items = [f"{key} x{count:,}" for key, count in counter.most_common(n)]
+    if len(counter) > n:
+        items.append(f"{len(counter) - n} more")
+    return ", ".join(items) or "none"
+
+
+def file_problem(data: bytes) -> str | None:
+    """Why these bytes are no usable image, judged without decoding; None if they look whole."""
+    if not data:
+        return "empty file"
+    kind = next((k for sig, k in SIGNATURES.items() if data.startswith(sig)), None)
+    if kind is None:
+        return f"not an image (starts with {data[:12]!r})"
+    if kind == "JPEG" and b"\xff\xd9" not in data[-1024:]:
+        return "truncated JPEG (no end-of-image marker)"
+    if kind == "PNG" and b"IEND" not in data[-32:]:
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
+def decode_problem(path: str) -> tuple[str | None, str | None, str | None]:
+    """(problem, "WxH", mode) after decoding the whole image with PIL."""
+    try:
+        with Image.open(path) as image:
+            size, mode = f"{image.width}x{image.height}", image.mode
+            image.load()
+    except Exception as err:  # PIL raises many types for bad files
+        return f"cannot be decoded ({type(err).__name__}: {err})", None, None
+    return None, size, mode
+
+
+def check_dataset(
+    root: str | Path,
+    full: bool = True,
+    progress: bool = True,
+    samples: Sequence[tuple[str, int]] | None = None,
+) -> Report:
+    """Inspect root's class folders file by file; layout errors raise DataError.
+
+    `samples` are root's (path, label) pairs when the caller has scanned them already.
+    """
+    root = Path(root)
+    if samples is None:
+        samples = scan_samples(root)  # the exact files training would read
+    report = Report(root=root, full=full)
+    dirs = find_class_dirs(root)
+    report.counts = {name: 0 for name in CLASS_NAMES}
+    for _, label in samples:
+        report.counts[CLASS_NAMES[label]] += 1
+    image_paths = {path for path, _ in samples}
+    for name in CLASS_NAMES:
+        for dirpath, _, filenames in os.walk(dirs[name], followlinks=True):
+            for filename in sorted(filenames):
+                path = os.path.join(dirpath, filename)
+                if not filename.startswith(".") and path not in image_paths:
+                    report.ignored.append(_rel(path, root))
+
+    by_hash: dict[bytes, list[tuple[str, int]]] = defaultdict(list)
+    desc = "Checking images" if full else "Checking files"
+    for path, label in tqdm(samples, desc=desc, unit="img", disable=not progress):
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as err:
+            report.errors.append(f"{_rel(path, root)}: cannot be read ({err.strerror})")
+            continue
+        problem = file_problem(data)
+        size = mode = None
+        if problem is None and full:
+            problem, size, mode = decode_problem(path)
+        if problem:
+            report.errors.append(f"{_rel(path, root)}: {problem}")
+            continue
+        if full:
+            report.sizes[size] += 1
+            report.modes[mode] += 1
+        by_hash[hashlib.sha256(data).digest()].append((path, label))
+
+    for group in by_hash.values():
+        if len(group) < 2:
+            continue
+        names = sorted(_rel(path, root) for path, _ in group)
+        if len({label for _, label in group}) > 1:
+            report.conflicts.append(names)
+        else:
+            report.duplicates.append(names)
+    report.conflicts.sort()
+    report.duplicates.sort()
+    return report
+
+
+def _rel(path: str, root: Path) -> str:
+    prefix = os.path.join(root, "")  # plain string work: pathlib costs seconds at 40,000
+    if path.startswith(prefix):
+        return path[len(prefix) :].replace(os.sep, "/")
+    return Path(path).relative_to(root).as_posix()
+
+
+def require_clean(root: str | Path, samples: Sequence[tuple[str, int]] | None = None) -> Report:
+    """The quick check, raising DataError on problems that would corrupt training."""
+    report = check_dataset(root, full=False, progress=False, samples=samples)
+    problems = report.problems()
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise DataError(
+            f"data.root={root} has {len(problems)} problem(s) that would corrupt training: "
+            f"{shown}. See the full report with `python -m crack_lightning.data check {root}`; "
+            f"delete or fix those files (for a label conflict, the copy in the wrong class), "
+            f"or set data.check=false to train anyway."
+        )
+    return report
