@@ -59,11 +59,11 @@ class CrackDataModule(L.LightningDataModule):
         pin_memory: bool | None,
         augmentation: Mapping | None,
         synthetic: Mapping | None,
-        download: bool = False,
-        archive: str | None = None,
-        split: str = "random",
-        group_distance: int = 8,
-        check: bool = True,
+        download: bool,
+        archive: str | None,
+        split: str,
+        group_distance: int,
+        check: bool,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
