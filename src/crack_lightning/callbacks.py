@@ -40,6 +40,8 @@ class ValidationFigures(L.Callback):
         probs = outputs["probs"].float().cpu().numpy()
         labels = labels.cpu().numpy()
         self.matrix += confusion_matrix(labels, probs >= self.threshold)
+        if images.ndim != 4:  # cached features: no pictures to show
+            return
         for i in np.flatnonzero((probs >= self.threshold) != labels):
             if len(self.mistakes) < self.max_images:
                 image = images[i].permute(1, 2, 0).cpu().numpy()

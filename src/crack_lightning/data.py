@@ -15,6 +15,7 @@ from torchvision.datasets.folder import default_loader
 from crack_lightning.check import require_clean
 from crack_lightning.download import ensure_dataset
 from crack_lightning.errors import DataError
+from crack_lightning.feature_cache import MAX_VIEWS, FeatureViews, cached_features
 from crack_lightning.grouping import check_distance, image_hashes, near_duplicate_groups
 from crack_lightning.layout import scan_samples
 from crack_lightning.splits import check_fractions, grouped_split, stratified_split, write_manifest
@@ -64,6 +65,9 @@ class CrackDataModule(L.LightningDataModule):
         split: str,
         group_distance: int,
         check: bool,
+        cache_features: bool,
+        cache_views: int,
+        cache_dir: str,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -75,6 +79,8 @@ class CrackDataModule(L.LightningDataModule):
         ):
             if int(value) != value or value < low:
                 raise DataError(f"data.{name}={value} must be an integer >= {low}.")
+        if not 1 <= cache_views <= MAX_VIEWS:
+            raise DataError(f"data.cache_views={cache_views} must lie in 1..{MAX_VIEWS}.")
         if split not in SPLIT_KINDS:
             raise DataError(f"data.split={split} must be one of {', '.join(SPLIT_KINDS)}.")
         if split == "grouped":
@@ -83,6 +89,7 @@ class CrackDataModule(L.LightningDataModule):
         self.augmentation = Augmentation.from_config(augmentation)
         self.samples: list[tuple[str, int]] = []
         self.split: dict[str, list[int]] = {}
+        self.features: torch.Tensor | None = None  # (views, images, dim) once cached
 
     def prepare_data(self) -> None:
         if self.hparams.synthetic is not None:
@@ -126,6 +133,24 @@ class CrackDataModule(L.LightningDataModule):
         )
         return groups
 
+    def use_feature_cache(self, net: torch.nn.Module, device: torch.device) -> None:
+        """Serve cached backbone features instead of images (the backbone must be frozen):
+        every dihedral view of training images when augmenting, the plain view otherwise."""
+        views = self.hparams.cache_views if self.augmentation.enabled else 1
+        cache = cached_features(
+            net,
+            [path for path, _ in self.samples],
+            self.split["train"],
+            self.split["val"] + self.split["test"],
+            views,
+            self.hparams.image_size,
+            Path(self.hparams.cache_dir),
+            self.hparams.batch_size,
+            self.hparams.num_workers,
+            device,
+        )
+        self.features = cache.features
+
     def write_manifest(self, path: Path) -> None:
         """Record which file went to which split, so a run can be audited and repeated."""
         write_manifest(path, self.root, self.samples, self.split)
@@ -138,6 +163,10 @@ class CrackDataModule(L.LightningDataModule):
         return [self.samples[i] for i in self.split[name]]
 
     def _loader(self, name: str, transform: Callable, shuffle: bool) -> DataLoader:
+        if self.features is not None:  # in memory already: no worker processes needed
+            samples = [(i, self.samples[i][1]) for i in self.split[name]]
+            dataset = FeatureViews(self.features, samples, random_view=name == "train")
+            return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle)
         workers = self.hparams.num_workers
         pin = self.hparams.pin_memory
         return DataLoader(

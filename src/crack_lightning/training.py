@@ -125,6 +125,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # nothing to record learning rates in (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if datamodule.hparams.cache_features:
+        if not model.hparams.freeze_backbone:
+            raise ModelConfigError(
+                "data.cache_features=true needs model.freeze_backbone=true: features of a "
+                "backbone that trains change every step."
+            )
+        datamodule.use_feature_cache(model.net, trainer.strategy.root_device)
     if trainer.is_global_zero:
         datamodule.write_manifest(output_dir / MANIFEST_NAME)
     log_hyperparameters(trainer, model, cfg)

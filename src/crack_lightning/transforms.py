@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 from torchvision.transforms import v2
 
@@ -38,8 +38,9 @@ class Augmentation:
             )
         return cls(**config)
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    @property
+    def enabled(self) -> bool:
+        return self.horizontal_flip or self.vertical_flip or self.rotation_degrees > 0
 
 
 def eval_transform(image_size: int) -> v2.Compose:

@@ -1,0 +1,175 @@
+"""Pooled features of a frozen backbone, computed once per image and view, kept on disk.
+
+With the backbone frozen, every epoch would push each image through the same network
+again; only the head learns. So the features are computed once and the head trains on
+them. Augmentation is kept by caching the dihedral views of each image (the flips and
+90-degree rotations, which suit cracks: they have no natural orientation) and drawing
+one view per image per epoch. Validation and test images use the plain view only.
+
+One cache file serves a data set, backbone weights, image size and number of views; it
+fills lazily, so another split, seed or learning rate reuses what is there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from crack_lightning.transforms import eval_transform
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+MAX_VIEWS = 8
+
+
+def apply_view(images: torch.Tensor, view: int) -> torch.Tensor:
+    """View 0 is the image itself; 1-3 rotate by 90/180/270 degrees; 4-7 mirror first."""
+    if view >= 4:
+        images = images.flip(-1)
+    return torch.rot90(images, view % 4, dims=(-2, -1))
+
+
+def cache_key(backbone: torch.nn.Module, files: Sequence[str], image_size: int, views: int) -> str:
+    """Changes whenever the weights, image size, view count or any file (path, size, mtime) do."""
+    digest = hashlib.sha256()
+    settings = {
+        "version": FORMAT_VERSION,
+        "image_size": image_size,
+        "views": views,
+        "backbone": type(backbone).__name__,
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for name, tensor in backbone.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for path in files:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+class _Images(Dataset):
+    def __init__(self, files: Sequence[str], indices: Sequence[int], image_size: int) -> None:
+        from torchvision.datasets.folder import default_loader
+
+        self.loader = default_loader
+        self.files, self.indices = files, indices
+        self.transform = eval_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        index = self.indices[i]
+        return self.transform(self.loader(self.files[index])), index
+
+
+class FeatureCache:
+    """features[view, image] for one data set; `done` marks what has been computed."""
+
+    def __init__(self, path: Path, count: int, views: int, feature_dim: int) -> None:
+        self.path = path
+        if path.is_file():
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            self.features, self.done = stored["features"], stored["done"]
+        else:
+            self.features = torch.zeros(views, count, feature_dim, dtype=torch.float16)
+            self.done = torch.zeros(views, count, dtype=torch.bool)
+
+    def fill(
+        self,
+        net: torch.nn.Module,
+        files: Sequence[str],
+        needed: torch.Tensor,
+        image_size: int,
+        batch_size: int,
+        num_workers: int,
+        device: torch.device,
+    ) -> None:
+        """Compute every (view, image) that `needed` asks for and is not done; save."""
+        missing = needed & ~self.done
+        todo = torch.nonzero(missing.any(dim=0)).flatten().tolist()
+        if not todo:
+            return
+        loader = DataLoader(
+            _Images(files, todo, image_size), batch_size=batch_size, num_workers=num_workers
+        )
+        net = net.to(device).eval()
+        passes = int(missing.sum())
+        with tqdm(total=passes, desc="Caching backbone features", unit="img") as bar:
+            for images, indices in loader:
+                images = images.to(device)
+                for view in range(self.features.shape[0]):
+                    rows = missing[view, indices]
+                    if rows.any():
+                        with torch.inference_mode():
+                            feats = net.features(apply_view(images[rows], view))
+                        self.features[view, indices[rows]] = feats.to("cpu", torch.float16)
+                        self.done[view, indices[rows]] = True
+                        bar.update(int(rows.sum()))
+        self.save()
+
+    def save(self) -> None:
+        """Write atomically: an interrupted run never leaves a half-written cache."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        torch.save({"features": self.features, "done": self.done}, partial)
+        partial.replace(self.path)
+
+
+class FeatureViews(Dataset):
+    """(features, label) of some images; with several views, a random one per draw, so
+    each epoch sees each image under one randomly chosen view."""
+
+    def __init__(
+        self, features: torch.Tensor, samples: Sequence[tuple[int, int]], random_view: bool
+    ) -> None:
+        self.features = features  # (views, all images, dim)
+        self.samples = samples  # (index into the cache, label)
+        self.random_view = random_view and features.shape[0] > 1
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        index, label = self.samples[i]
+        view = int(torch.randint(self.features.shape[0], ())) if self.random_view else 0
+        return self.features[view, index].float(), label
+
+
+def cached_features(
+    net: torch.nn.Module,
+    files: Sequence[str],
+    train_indices: Sequence[int],
+    eval_indices: Sequence[int],
+    views: int,
+    image_size: int,
+    cache_dir: Path,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+) -> FeatureCache:
+    """Load or complete the cache: every view of training images, the plain view of the rest."""
+    if not 1 <= views <= MAX_VIEWS:
+        raise ValueError(f"views must lie in 1..{MAX_VIEWS}")
+    key = cache_key(net.backbone, files, image_size, views)
+    path = cache_dir / f"features_{key}.pt"
+    feature_dim = net.head[-1].in_features
+    cache = FeatureCache(path, len(files), views, feature_dim)
+    needed = torch.zeros(views, len(files), dtype=torch.bool)
+    needed[:, list(train_indices)] = True
+    needed[0, list(eval_indices)] = True
+    reused = int((needed & cache.done).sum())
+    log.info(
+        "Feature cache %s: %d of %d image views already computed", path, reused, int(needed.sum())
+    )
+    cache.fill(net, files, needed, image_size, batch_size, num_workers, device)
+    return cache

@@ -1,0 +1,122 @@
+"""Feature caching: same validation figures as the image path, reused, invalidated, lazy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from crack_lightning.errors import ModelConfigError
+from crack_lightning.feature_cache import apply_view, cache_key
+from crack_lightning.training import build, train
+
+
+def cache_files(cfg) -> list[Path]:
+    return sorted(Path(cfg.data.cache_dir).glob("features_*.pt"))
+
+
+@pytest.fixture
+def cached_cfg(synthetic_cfg, backbone_weights):
+    """Real ImageNet MobileNetV2 features on tiny synthetic images."""
+
+    def _make(*overrides: str):
+        return synthetic_cfg(
+            "model=mobilenetv2",
+            f"model.weights_path={backbone_weights}",
+            "data.cache_features=true",
+            "data.cache_views=4",
+            *overrides,
+        )
+
+    return _make
+
+
+def test_views_are_the_distinct_flips_and_rotations():
+    image = torch.arange(2 * 3 * 3).reshape(1, 2, 3, 3)
+    views = [apply_view(image, v) for v in range(8)]
+    assert torch.equal(views[0], image)
+    assert torch.equal(views[2], image.flip(-1).flip(-2))  # 180 degrees
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+
+
+def test_cached_validation_matches_the_image_path(cached_cfg, synthetic_cfg, backbone_weights):
+    cached = cached_cfg("data/augmentation=none", "trainer.max_epochs=2")
+    metrics = train(cached)
+    # the same best checkpoint, validated on images instead of cached features
+    plain = synthetic_cfg("model=mobilenetv2", f"model.weights_path={backbone_weights}")
+    datamodule = build(plain.data)
+    datamodule.setup("fit")
+    model = build(plain.model)
+    state = torch.load(metrics["best_checkpoint"], weights_only=True)["state_dict"]
+    model.load_state_dict(state)
+    model.eval()
+    losses, correct, count = [], 0, 0
+    with torch.inference_mode():
+        for images, labels in datamodule.val_dataloader():
+            logits = model(images)
+            losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+            count += len(labels)
+    assert float(sum(losses) / count) == pytest.approx(metrics["val/loss"], abs=2e-3)
+    assert correct / count == pytest.approx(metrics["val/acc"])
+
+
+def test_a_learning_rate_sweep_reuses_the_cache(cached_cfg):
+    first = cached_cfg("model.lr=1e-3")
+    train(first)
+    [path] = cache_files(first)
+    stamp = path.stat().st_mtime_ns
+    stored = torch.load(path, weights_only=True)
+    second = cached_cfg(
+        "model.lr=1e-4", f"paths.output_dir={Path(first.paths.output_dir).parent / 'second'}"
+    )
+    train(second)
+    assert cache_files(second) == [path]
+    assert path.stat().st_mtime_ns == stamp  # nothing recomputed, nothing rewritten
+    assert stored["features"].shape[0] == 4  # four views
+    # training images have all four views, validation images only the plain one
+    done = stored["done"]
+    assert bool(done[0].all()) and 0 < int(done[1:].sum()) < 3 * done.shape[1]
+
+
+def test_another_split_completes_the_cache_lazily(cached_cfg):
+    train(cached_cfg("data.seed=1"))
+    [path] = cache_files(cached_cfg())
+    before = torch.load(path, weights_only=True)["done"]
+    train(cached_cfg("data.seed=2"))
+    after = torch.load(path, weights_only=True)["done"]
+    assert bool((after | ~before).all())  # nothing lost
+    assert int(after.sum()) > int(before.sum())  # new training images got their other views
+
+
+def test_changed_weights_image_size_views_or_files_give_a_new_key(synthetic_root, tmp_path):
+    from torchvision.models import mobilenet_v3_small
+
+    torch.manual_seed(0)
+    backbone = mobilenet_v3_small()
+    files = []
+    for source in sorted((synthetic_root / "Positive").iterdir())[:4]:
+        files.append(str(tmp_path / source.name))
+        shutil.copy(source, files[-1])
+    key = cache_key(backbone, files, 64, 8)
+    assert cache_key(backbone, files, 64, 8) == key
+    assert cache_key(backbone, files, 96, 8) != key
+    assert cache_key(backbone, files, 64, 1) != key
+    assert cache_key(backbone, files[:3], 64, 8) != key
+    with torch.no_grad():
+        backbone.features[0][0].weight.mul_(1.001)
+    changed = cache_key(backbone, files, 64, 8)
+    assert changed != key
+    stat = os.stat(files[0])
+    os.utime(files[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert cache_key(backbone, files, 64, 8) != changed
+
+
+def test_caching_a_backbone_that_trains_is_refused(cached_cfg):
+    with pytest.raises(
+        ModelConfigError, match="data.cache_features=true needs model.freeze_backbone=true"
+    ):
+        train(cached_cfg("model.freeze_backbone=false"))
