@@ -43,7 +43,7 @@ def export_model(model: CrackClassifier, fmt: str, output: Path) -> Path:
     if fmt not in FORMATS:
         raise PredictionError(f"format={fmt!r} is not one of {sorted(FORMATS)}.")
     size = int(model.hparams.image_size)
-    wrapper = ProbabilityModel(model.net).cpu()
+    wrapper = ProbabilityModel(model.net).cpu().eval()
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     output.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":

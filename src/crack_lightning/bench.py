@@ -1,0 +1,269 @@
+"""Benchmark: `python -m crack_lightning.bench [--images 3000] [--sizes 160 224]`.
+
+Measures, in one process, on a data set made by repeating the real sample:
+- training throughput (images/s, warm-up excluded) of the Lightning pipeline and of a
+  minimal hand-written PyTorch loop doing the same work, and their ratio;
+- validation and prediction throughput, PyTorch and ONNX Runtime;
+- wall time of a 10-epoch run uncached, and cached (cold and warm cache), next to the
+  time of one backbone pass over the data; peak RSS and page faults per second.
+Prints a table and one JSON line. Reference figures of the Keras pipeline this project
+replaces, measured on the same 2-core CPU, are printed beside ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from crack_lightning.export import export_model
+from crack_lightning.inference import OnnxClassifier, TorchClassifier, classify_files
+from crack_lightning.layout import CLASS_NAMES, scan_samples
+from crack_lightning.runtime import quiet_logs, tune_malloc
+from crack_lightning.training import build, train
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared"
+# the seed TensorFlow/Keras pipeline on this 2-core CPU, images/s (issue "Speed")
+KERAS = {"train": {160: 128.0, 224: 70.0}, "predict": {160: 170.0, 224: 87.0}}
+WARMUP_BATCHES = 5
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def peak_rss_mib() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024
+
+
+def repeat_sample(sample: Path, count: int, dest: Path) -> Path:
+    """count images, half per class, as links to the real sample's files."""
+    samples = scan_samples(sample)
+    for label, name in enumerate(CLASS_NAMES):
+        files = [path for path, lab in samples if lab == label]
+        (dest / name).mkdir(parents=True)
+        for i in range(count // 2):
+            source = Path(files[i % len(files)])
+            (dest / name / f"{i:05d}_{source.name}").symlink_to(source)
+    return dest
+
+
+class Stopwatch(L.Callback):
+    """Images/s and page faults/s over training batches after the warm-up."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.start = self.end = 0.0
+        self.faults = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == WARMUP_BATCHES:
+            self.start, self.faults = time.perf_counter(), minor_faults()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx >= WARMUP_BATCHES:
+            self.images += len(batch[1])
+            self.end = time.perf_counter()
+
+    def rate(self) -> float:
+        return self.images / (self.end - self.start)
+
+
+def lightning_throughput(cfg: DictConfig) -> tuple[float, float]:
+    """One epoch of the training pipeline as train.py builds it; no validation."""
+    datamodule, model = build(cfg.data), build(cfg.model)
+    datamodule.setup("fit")
+    watch = Stopwatch()
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        callbacks=[watch],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    seconds = watch.end - watch.start
+    return watch.rate(), (minor_faults() - watch.faults) / seconds
+
+
+def loop_throughput(cfg: DictConfig) -> float:
+    """The same work by hand: same loader and network, Adam on the head, cross-entropy."""
+    datamodule, model = build(cfg.data), build(cfg.model)
+    datamodule.setup("fit")
+    net = model.net.train()
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=cfg.model.lr)
+    images_seen, start = 0, 0.0
+    for step, (images, labels) in enumerate(datamodule.train_dataloader()):
+        if step == WARMUP_BATCHES:
+            start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(net(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step >= WARMUP_BATCHES:
+            images_seen += len(labels)
+    return images_seen / (time.perf_counter() - start)
+
+
+def timed(function: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def validation_throughput(cfg: DictConfig) -> float:
+    datamodule, model = build(cfg.data), build(cfg.model)
+    datamodule.setup("fit")
+    trainer = L.Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+    )
+    trainer.validate(model, datamodule=datamodule, verbose=False)  # warm-up
+    seconds = timed(lambda: trainer.validate(model, datamodule=datamodule, verbose=False))
+    return len(datamodule.split["val"]) / seconds
+
+
+def predict_throughput(classifier, files: list[Path], workers: int) -> float:
+    classify_files(classifier, files[:128], 64, workers, progress=False)  # warm-up
+    return len(files) / timed(
+        lambda: classify_files(classifier, files, 64, workers, progress=False)
+    )
+
+
+def ten_epochs(cfg: DictConfig) -> float:
+    return timed(lambda: train(cfg))
+
+
+def bench_size(args: argparse.Namespace, data: Path, size: int, work: Path) -> dict:
+    weights = [f"model.weights_path={args.weights}"] if args.weights else ["model.pretrained=false"]
+    base = [
+        f"data.root={data}",
+        f"data.image_size={size}",
+        f"data.num_workers={args.workers}",
+        f"data.batch_size={args.batch_size}",
+        "data.check=false",
+        "logger=none",
+        "callbacks=no_early_stopping",
+        "callbacks.progress_bar.refresh_rate=0",
+        f"trainer.max_epochs={args.epochs}",
+        f"paths.cache_dir={work / 'cache'}",
+        *weights,
+    ]
+
+    def config(*extra: str) -> DictConfig:
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            return compose("train", overrides=[*base, f"paths.output_dir={work / 'run'}", *extra])
+
+    result: dict = {"image_size": size}
+    result["train_lightning"], result["page_faults_per_s"] = lightning_throughput(config())
+    result["train_loop"] = loop_throughput(config())
+    result["lightning_vs_loop"] = result["train_lightning"] / result["train_loop"]
+    result["validate"] = validation_throughput(config())
+
+    model = build(config().model)
+    files = sorted(p for p in data.rglob("*.jpg"))
+    result["predict_torch"] = predict_throughput(
+        TorchClassifier(model, torch.device("cpu")), files, args.workers
+    )
+    onnx_path = export_model(model, "onnx", work / f"model_{size}.onnx")
+    result["predict_onnx"] = predict_throughput(OnnxClassifier(onnx_path), files, args.workers)
+    result["one_backbone_pass_s"] = len(files) / result["predict_torch"]
+
+    if args.epochs:
+        result["epochs"] = args.epochs
+        result["uncached_s"] = ten_epochs(config())
+        for views, aug in ((1, "none"), (8, "flip_rotate")):
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            cached = config(
+                "data.cache_features=true", f"data/augmentation={aug}", f"data.cache_views={views}"
+            )
+            result[f"cached_{views}view_cold_s"] = ten_epochs(cached)
+            result[f"cached_{views}view_warm_s"] = ten_epochs(cached)
+        result["cached_1view_cold_vs_one_pass"] = (
+            result["cached_1view_cold_s"] / result["one_backbone_pass_s"]
+        )
+    for kind in ("train", "predict"):
+        if size in KERAS[kind]:
+            ours = result["train_lightning" if kind == "train" else "predict_torch"]
+            result[f"{kind}_vs_keras"] = ours / KERAS[kind][size]
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    keys = [k for k in results[0] if k != "image_size"]
+    print(f"\n{'':34}" + "".join(f"{r['image_size']:>12} px" for r in results))
+    for key in keys:
+        cells = "".join(f"{r.get(key, float('nan')):>15.2f}" for r in results)
+        print(f"{key:34}{cells}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--images", type=int, default=3000, help="data set size (repeats the sample)"
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[160, 224])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=10, help="0 skips the wall-time runs")
+    parser.add_argument("--sample", type=Path, default=SHARED / "data" / "concrete-crack-sample")
+    parser.add_argument(
+        "--weights", type=Path, default=SHARED / "weights" / "mobilenet_v2_imagenet_backbone.pth"
+    )
+    args = parser.parse_args()
+    if args.images * 0.7 / args.batch_size < 2 * WARMUP_BATCHES:
+        parser.error(
+            f"--images {args.images} gives too few training batches of "
+            f"{args.batch_size} to time after {WARMUP_BATCHES} warm-up batches"
+        )
+    if args.weights and not args.weights.is_file():
+        args.weights = None  # random weights time the same
+    tune_malloc()
+    quiet_logs()
+    L.seed_everything(0)
+    with tempfile.TemporaryDirectory(prefix="crack-bench-") as tmp:
+        work = Path(tmp)
+        data = repeat_sample(args.sample, args.images, work / "data")
+        results = [bench_size(args, data, size, work) for size in args.sizes]
+    print_table(results)
+    tuned = os.environ.get("CRACK_LIGHTNING_MALLOC") != "default"
+    print(
+        f"peak RSS {peak_rss_mib():.0f} MiB; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.machine()}, "
+        f"allocator: {'glibc tuned (mallopt)' if tuned else 'glibc default'}"
+    )
+    report = {
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "allocator_tuned": tuned,
+        "peak_rss_mib": round(peak_rss_mib()),
+        "results": results,
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The benchmark runs end to end and reports every figure it promises (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+FIGURES = {
+    "train_lightning",
+    "train_loop",
+    "lightning_vs_loop",
+    "page_faults_per_s",
+    "validate",
+    "predict_torch",
+    "predict_onnx",
+    "one_backbone_pass_s",
+    "uncached_s",
+    "cached_1view_cold_s",
+    "cached_1view_warm_s",
+    "cached_8view_cold_s",
+    "cached_8view_warm_s",
+}
+
+
+@pytest.mark.slow
+def test_bench_prints_a_table_and_a_json_line_with_every_figure(sample_root, backbone_weights):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crack_lightning.bench",
+            "--images",
+            "160",
+            "--batch-size",
+            "8",
+            "--sizes",
+            "32",
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--sample",
+            str(sample_root),
+            "--weights",
+            str(backbone_weights),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    [figures] = report["results"]
+    assert report["images"] == 160 and report["allocator_tuned"] is True
+    assert set(figures) >= FIGURES
+    assert all(figures[name] > 0 for name in FIGURES)
+    assert "lightning_vs_loop" in result.stdout  # the table
