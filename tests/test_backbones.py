@@ -99,7 +99,7 @@ def test_missing_or_unreadable_weights_file_is_a_clear_error(tmp_path):
         load_weights_file(tmp_path / "nope.pth")
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
-    with pytest.raises(WeightsError, match="could not be read as a tensors-only state dict"):
+    with pytest.raises(WeightsError, match="could not be read as a tensors-only PyTorch file"):
         load_weights_file(text)
     listing = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], listing)

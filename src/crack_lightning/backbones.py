@@ -17,6 +17,7 @@ from torch import nn
 from torchvision import models
 
 from crack_lightning.errors import ModelConfigError, WeightsError
+from crack_lightning.serialization import load_safely
 
 # a download that gets no answer for this long is treated as offline
 DOWNLOAD_TIMEOUT_S = 60.0
@@ -92,18 +93,13 @@ def build_feature_extractor(
 
 def load_weights_file(path: str | Path) -> Mapping[str, torch.Tensor]:
     """Read a state dict safely (tensors only, no pickled code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(
-            f"model.weights_path={path} does not exist. Point it at a torchvision state dict "
-            f"(full model or backbone only), or use model.pretrained=true with internet access."
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt or unsafe files
-        raise WeightsError(
-            f"model.weights_path={path} could not be read as a tensors-only state dict: {err}"
-        ) from None
+    state = load_safely(
+        path,
+        "model.weights_path",
+        WeightsError,
+        "Point it at a torchvision state dict (full model or backbone only), or use "
+        "model.pretrained=true with internet access.",
+    )
     if not isinstance(state, Mapping) or not all(
         isinstance(v, torch.Tensor) for v in state.values()
     ):

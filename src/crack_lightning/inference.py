@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.images import load_rgb
 from crack_lightning.model import CrackClassifier
+from crack_lightning.serialization import load_safely
 from crack_lightning.transforms import eval_transform
 
 
@@ -22,18 +23,13 @@ def load_checkpoint_model(path: str | Path) -> CrackClassifier:
 
     The backbone is built without downloading anything: the checkpoint holds its weights.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise PredictionError(
-            f"ckpt_path={path} does not exist. Use a training run's checkpoints/best.ckpt "
-            f"(e.g. logs/train/runs/<date_time>/checkpoints/best.ckpt) or an exported .onnx file."
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt files and unsafe pickles raise many types
-        raise PredictionError(
-            f"ckpt_path={path} could not be read as a checkpoint: {err}"
-        ) from None
+    checkpoint = load_safely(
+        path,
+        "ckpt_path",
+        PredictionError,
+        "Use a training run's checkpoints/best.ckpt (e.g. "
+        "logs/train/runs/<date_time>/checkpoints/best.ckpt) or an exported .onnx file.",
+    )
     if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= set(
         checkpoint
     ):
