@@ -254,6 +254,13 @@ def test_http_error_and_unreachable_server_are_clear(serve, archive_bytes, tmp_p
         download(tmp_path / "b", closed, retries=1)
 
 
+def test_a_host_that_does_not_resolve_fails_at_once_without_retrying(tmp_path):
+    # .invalid never resolves (RFC 2606); a retry_wait this long would stall the test
+    offline = Source("http://archive.invalid/concrete.rar", 10, None, PER_CLASS)
+    with pytest.raises(DataError, match=r"does not resolve .*looks offline.*pass archive=PATH"):
+        ensure_dataset(tmp_path / "c", source=offline, progress=False, retries=3, retry_wait=600)
+
+
 def test_archive_with_too_few_images_is_refused(serve, archive_bytes, tmp_path):
     server = serve(archive_bytes)
     with pytest.raises(DataError, match=r"held \{'Negative': 3, 'Positive': 3\} images, not 4"):

@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import logging
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -155,6 +156,11 @@ def _fetch_once(url: str, part: Path, size: int | None, timeout: float, progress
         ) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
+        if isinstance(reason, socket.gaierror):  # no DNS: offline, retrying will not help
+            raise DataError(
+                f"Cannot download {url}: the host name does not resolve ({reason}); this "
+                f"machine looks offline. {OFFLINE_HINT}"
+            ) from None
         raise _Retry(f"cannot connect: {reason}") from None
     with response:
         if offset and response.status != 206:  # the server ignored Range: start again
