@@ -1,5 +1,5 @@
 """Sweeps that end in an answer: the summary, TensorBoard run names, job folders that never
-collide."""
+collide, and the Optuna search."""
 
 from __future__ import annotations
 
@@ -139,6 +139,41 @@ def test_summary_lists_failed_jobs_last_and_refuses_what_is_not_a_sweep(tmp_path
         write_summary(sweep, "val/loss")
     assert summarize_main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(synthetic_root, tmp_path):
+    sweep = tmp_path / "optuna"
+    result = run_train_py(
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=1",
+        "model=choice(mobilenetv3_small)",  # narrow the backbones, for speed
+        f"data.root={synthetic_root}",
+        "optimized_metric=val/loss",
+        "optimized_direction=minimize",
+        f"hydra.sweep.dir={sweep}",
+        *TINY,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml"))
+    assert len(jobs) == 2
+    trials = []
+    for job in jobs:
+        overrides = dict(
+            o.split("=", 1) for o in yaml.safe_load((job / ".hydra/overrides.yaml").read_text())
+        )
+        config = yaml.safe_load((job / ".hydra/config.yaml").read_text())
+        assert 1e-4 <= float(overrides["model.lr"]) <= 3e-3
+        assert 0.0 <= float(overrides["model.dropout"]) <= 0.5
+        assert overrides["data.batch_size"] in {"16", "32", "64"}
+        assert config["model"]["backbone"] == "mobilenet_v3_small"
+        assert config["model"]["lr"] == float(overrides["model.lr"])
+        trials.append(json.loads((job / "metrics.json").read_text())["val/loss"])
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(min(trials))
+    best_row = read_csv(sweep / "sweep_summary.csv")[0]
+    assert float(best_row["val/loss"]) == pytest.approx(min(trials))
+    assert f"model.lr={results['best_params']['model.lr']}" in best_row["overrides"]
 
 
 def test_job_dir_names_say_what_the_job_changed():
