@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,14 +12,17 @@ from typing import Any
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, TQDMProgressBar
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from crack_lightning.callbacks import ResumeHint
 from crack_lightning.data import CrackDataModule
-from crack_lightning.errors import CrackLightningError, ModelConfigError
+from crack_lightning.errors import CrackLightningError
 from crack_lightning.model import CrackClassifier
+from crack_lightning.resume import resolve_ckpt_path, resume_step
 from crack_lightning.runtime import quiet_logs, tune_malloc
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,24 @@ def build_group(group: DictConfig | None) -> list:
     return [build(entry) for entry in (group or {}).values() if entry is not None]
 
 
+def build_loggers(group: DictConfig | None, resume_from: str | None) -> list[Logger]:
+    """The logger group; on resume, TensorBoard drops the events the resumed run replaces.
+
+    An interrupted epoch has logged steps past the checkpoint's. SummaryWriter's
+    purge_step marks the restart, so TensorBoard shows each step once: the curve simply
+    continues from the checkpoint.
+    """
+    loggers = []
+    for entry in (group or {}).values():
+        if entry is None:
+            continue
+        extra = {}
+        if resume_from is not None and issubclass(get_class(entry._target_), TensorBoardLogger):
+            extra["purge_step"] = resume_step(resume_from)
+        loggers.append(build(entry, **extra))
+    return loggers
+
+
 def log_hyperparameters(trainer: L.Trainer, model: CrackClassifier, cfg: DictConfig) -> None:
     """Send the whole resolved config (and parameter counts) to every logger."""
     hparams = {
@@ -52,14 +74,6 @@ def log_hyperparameters(trainer: L.Trainer, model: CrackClassifier, cfg: DictCon
     hparams["params"] = model.parameter_counts()
     for logger in trainer.loggers:
         logger.log_hyperparams(hparams)
-
-
-def check_ckpt_path(ckpt_path: str | None) -> None:
-    if ckpt_path is not None and not Path(ckpt_path).is_file():
-        raise ModelConfigError(
-            f"ckpt_path={ckpt_path} does not exist. To resume, pass a run's "
-            f"checkpoints/last.ckpt (or best.ckpt), or leave ckpt_path unset."
-        )
 
 
 def evaluate_best(
@@ -105,7 +119,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    check_ckpt_path(cfg.get("ckpt_path"))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
 
     datamodule: CrackDataModule = build(cfg.data)
     datamodule.prepare_data()
@@ -121,7 +135,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
 
     callbacks: list[Callback] = build_group(cfg.get("callbacks"))
-    loggers: list[Logger] = build_group(cfg.get("logger"))
+    callbacks.append(ResumeHint(output_dir))
+    loggers: list[Logger] = build_loggers(cfg.get("logger"), resume_from=ckpt_path)
     if not loggers:  # nothing to record learning rates in (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -129,7 +144,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule.write_manifest(output_dir / MANIFEST_NAME)
     log_hyperparameters(trainer, model, cfg)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = evaluate_best(trainer, model, datamodule, test=cfg.get("test", True))
     if trainer.is_global_zero:
         (output_dir / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -149,6 +164,8 @@ def main(cfg: DictConfig) -> float | None:
     except CrackLightningError as err:
         print(f"\nerror: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:  # Lightning stopped after the current batch
+        raise SystemExit(128 + signal.SIGTERM) from None
     name = cfg.get("optimized_metric")
     if name and name not in metrics:
         log.warning("optimized_metric=%s is not among the metrics %s", name, sorted(metrics))
