@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from crack_lightning.callbacks import ResumeHint
 from crack_lightning.data import CrackDataModule
 from crack_lightning.errors import CrackLightningError
+from crack_lightning.finetuning import BackboneUnfreeze
 from crack_lightning.model import CrackClassifier
 from crack_lightning.resume import resolve_ckpt_path, resume_step
 from crack_lightning.runtime import quiet_logs, tune_malloc
@@ -62,6 +63,17 @@ def build_loggers(group: DictConfig | None, resume_from: str | None) -> list[Log
             extra["purge_step"] = resume_step(resume_from)
         loggers.append(build(entry, **extra))
     return loggers
+
+
+def build_model(model_cfg: DictConfig) -> tuple[CrackClassifier, BackboneUnfreeze | None]:
+    """The LightningModule, and the fine-tuning callback when model.finetune.epoch is set."""
+    model: CrackClassifier = build(model_cfg)
+    finetune = model.hparams.get("finetune")
+    if finetune is None or finetune.get("epoch") is None:
+        return model, None
+    schedule = BackboneUnfreeze.from_config(finetune)
+    schedule.check(model)
+    return model, schedule
 
 
 def log_hyperparameters(trainer: L.Trainer, model: CrackClassifier, cfg: DictConfig) -> None:
@@ -124,7 +136,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: CrackDataModule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model: CrackClassifier = build(cfg.model)
+    model, finetune = build_model(cfg.model)
     counts = model.parameter_counts()
     log.info(
         "Backbone %s: %s frozen, %s trainable parameters; %d train / %d val / %d test images",
@@ -135,7 +147,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
 
     callbacks: list[Callback] = build_group(cfg.get("callbacks"))
-    callbacks.append(ResumeHint(output_dir))
+    callbacks += [ResumeHint(output_dir)] + ([finetune] if finetune else [])
     loggers: list[Logger] = build_loggers(cfg.get("logger"), resume_from=ckpt_path)
     if not loggers:  # nothing to record learning rates in (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
