@@ -23,12 +23,13 @@ def main(cfg: DictConfig) -> float | None:
 
 def prepare_command_line() -> None:
     """What must happen before Hydra picks the run directory: complete `ckpt_path=last`
-    with the run to continue."""
+    with the run to continue, and refuse torchrun/srun launches that name no shared one."""
+    from crack_lightning.distributed import launch_argv
     from crack_lightning.errors import CrackLightningError
     from crack_lightning.resume import resume_argv
 
     try:
-        sys.argv = resume_argv(sys.argv, CONF_DIR)
+        sys.argv = resume_argv(launch_argv(sys.argv), CONF_DIR)
     except CrackLightningError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

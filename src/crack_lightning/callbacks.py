@@ -52,6 +52,11 @@ class ValidationFigures(L.Callback):
                 self.mistakes.append((image, int(labels[i]), float(probs[i])))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1 and not trainer.sanity_checking:
+            # under DDP each process saw its share of the images: add the matrices up (the
+            # grid of mistakes shows rank 0's share)
+            total = trainer.strategy.reduce(torch.as_tensor(self.matrix), reduce_op="sum")
+            self.matrix = total.cpu().numpy().astype(np.int64)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if trainer.sanity_checking or not loggers or not trainer.is_global_zero:
             return

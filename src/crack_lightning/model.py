@@ -166,6 +166,7 @@ class CrackClassifier(L.LightningModule):
             on_epoch=True,
             prog_bar=True,
             batch_size=len(labels),
+            sync_dist=True,  # under DDP: averaged over the processes (a no-op otherwise)
         )
         self.log_dict(
             metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=len(labels)

@@ -28,6 +28,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from crack_lightning.distributed import process_rank
 from crack_lightning.errors import CrackLightningError, RunDirError
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,8 @@ class SweepSummary(Callback):
     """Hydra callback: summarise the sweep once its last job has finished."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if process_rank() > 0:  # torchrun/srun: each process ran the sweep; one summarises
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             table = write_summary(

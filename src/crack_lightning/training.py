@@ -6,6 +6,8 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from crack_lightning.callbacks import ResumeHint
 from crack_lightning.data import CrackDataModule
+from crack_lightning.distributed import ddp_job
 from crack_lightning.errors import CrackLightningError
 from crack_lightning.finetuning import BackboneUnfreeze
 from crack_lightning.model import CrackClassifier
@@ -88,16 +91,33 @@ def log_hyperparameters(trainer: L.Trainer, model: CrackClassifier, cfg: DictCon
         logger.log_hyperparams(hparams)
 
 
+@contextmanager
+def without_loggers(trainer: L.Trainer) -> Iterator[L.Trainer]:
+    """The trainer with its loggers detached, so an evaluation adds no point to the curves."""
+    loggers = trainer.loggers
+    trainer.loggers = []
+    try:
+        yield trainer
+    finally:
+        trainer.loggers = loggers
+
+
 def evaluate_best(
     trainer: L.Trainer, model: CrackClassifier, datamodule: CrackDataModule, test: bool
 ) -> dict[str, float | str | None]:
     """Validate (and test) the best checkpoint; the last weights if none was saved.
 
     A separate trainer without loggers does this, so TensorBoard's curves end at the
-    last training epoch instead of gaining a repeated point.
+    last training epoch instead of gaining a repeated point. Under DDP every process
+    must take part (metrics are gathered across them), so the training's own trainer
+    does it there, with its loggers detached; Lightning's distributed sampler may then
+    repeat a few images to give every process the same number.
     """
     callback = trainer.checkpoint_callback
     ckpt_path = (callback.best_model_path if callback else "") or None
+    if trainer.world_size > 1:
+        with without_loggers(trainer):
+            return _evaluate(trainer, model, datamodule, ckpt_path, test)
     evaluator = L.Trainer(
         accelerator=trainer.accelerator,
         devices=1,
@@ -108,6 +128,16 @@ def evaluate_best(
         enable_progress_bar=trainer.progress_bar_callback is not None,
         enable_model_summary=False,
     )
+    return _evaluate(evaluator, model, datamodule, ckpt_path, test)
+
+
+def _evaluate(
+    evaluator: L.Trainer,
+    model: CrackClassifier,
+    datamodule: CrackDataModule,
+    ckpt_path: str | None,
+    test: bool,
+) -> dict[str, float | str | None]:
     metrics: dict = dict(
         evaluator.validate(
             model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=True
@@ -156,8 +186,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule.write_manifest(output_dir / MANIFEST_NAME)
     log_hyperparameters(trainer, model, cfg)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    metrics = evaluate_best(trainer, model, datamodule, test=cfg.get("test", True))
+    with ddp_job(trainer):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        metrics = evaluate_best(trainer, model, datamodule, test=cfg.get("test", True))
     if trainer.is_global_zero:
         (output_dir / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
         log.info("Best checkpoint's metrics: %s", json.dumps(metrics))
