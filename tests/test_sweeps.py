@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
@@ -152,6 +153,8 @@ def test_optuna_search_runs_trials_and_reports_the_best(synthetic_root, tmp_path
         "optimized_metric=val/loss",
         "optimized_direction=minimize",
         f"hydra.sweep.dir={sweep}",
+        # a study kept in a database (SQLAlchemy 1.4 under optuna 2.x)
+        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
         *TINY,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -171,6 +174,10 @@ def test_optuna_search_runs_trials_and_reports_the_best(synthetic_root, tmp_path
         trials.append(json.loads((job / "metrics.json").read_text())["val/loss"])
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(min(trials))
+    study = optuna.load_study(
+        study_name="crack_lightning", storage=f"sqlite:///{tmp_path / 'optuna.db'}"
+    )
+    assert sorted(t.value for t in study.trials) == pytest.approx(sorted(trials))
     best_row = read_csv(sweep / "sweep_summary.csv")[0]
     assert float(best_row["val/loss"]) == pytest.approx(min(trials))
     assert f"model.lr={results['best_params']['model.lr']}" in best_row["overrides"]
