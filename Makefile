@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-tools data train demo test lint format clean
+.PHONY: setup system-tools data train demo search test lint format clean
 
 setup: system-tools $(STAMP)
 
@@ -41,6 +41,10 @@ train: setup
 # offline demo on synthetic images, no download
 demo: setup
 	$(PY) train.py experiment=demo $(ARGS)
+
+# hyper-parameter search with Optuna, 20 trials (README "Hyper-parameter search")
+search: setup
+	$(PY) train.py hparams_search=optuna $(ARGS)
 
 test: setup
 	$(PY) -m pytest $(ARGS)

@@ -120,7 +120,7 @@ def test_multirun_gives_one_run_dir_per_job_with_events_and_metrics(synthetic_ro
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for job, lr in (("0", "0.001"), ("1", "0.0001")):
-        run_dir = sweep / job
+        (run_dir,) = sweep.glob(f"{job}_*model.lr={lr}*")  # folders named by overrides
         assert f"model.lr={lr}" in (run_dir / ".hydra" / "overrides.yaml").read_text().replace(
             "1e-3", "0.001"
         ).replace("1e-4", "0.0001")

@@ -1,16 +1,22 @@
-"""Callbacks that show what the model gets wrong while it trains."""
+"""Callbacks: what the model gets wrong while it trains; how to go on when a run stops."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from crack_lightning.evaluation import confusion_matrix
 from crack_lightning.layout import CLASS_NAMES
 from crack_lightning.plots import confusion_matrix_figure, image_grid_figure
+from crack_lightning.resume import LAST_CKPT
+
+log = logging.getLogger(__name__)
 
 
 class ValidationFigures(L.Callback):
@@ -48,6 +54,11 @@ class ValidationFigures(L.Callback):
                 self.mistakes.append((image, int(labels[i]), float(probs[i])))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1 and not trainer.sanity_checking:
+            # under DDP each process saw its share of the images: add the matrices up (the
+            # grid of mistakes shows rank 0's share)
+            total = trainer.strategy.reduce(torch.as_tensor(self.matrix), reduce_op="sum")
+            self.matrix = total.cpu().numpy().astype(np.int64)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if trainer.sanity_checking or not loggers or not trainer.is_global_zero:
             return
@@ -69,3 +80,37 @@ class ValidationFigures(L.Callback):
         for tag, figure in figures.items():
             for logger in loggers:
                 logger.experiment.add_figure(tag, figure, trainer.global_step, close=False)
+
+
+class ResumeHint(L.Callback):
+    """When training stops early (SIGTERM, Ctrl-C, an error), say how to continue.
+
+    Lightning finishes the current batch on SIGTERM and Ctrl-C and stops; the epoch it was
+    in is dropped, and last.ckpt (written after every completed epoch) is the resume point.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not trainer.is_global_zero:
+            return
+        reason = type(exception).__name__
+        last = self.run_dir / LAST_CKPT
+        if not last.is_file():
+            log.warning(
+                "Training stopped (%s) before any epoch finished: nothing to resume.", reason
+            )
+            return
+        epoch = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+        log.warning(
+            "Training stopped (%s) during epoch %d. %s holds epoch %d; continue with the same "
+            "settings plus: ckpt_path=last paths.output_dir=%s",
+            reason,
+            trainer.current_epoch,
+            last,
+            epoch,
+            self.run_dir,
+        )

@@ -23,3 +23,7 @@ class PredictionError(CrackLightningError):
 
 class UnreadableImage(CrackLightningError):
     """One input file is not an image we can decode; it is skipped, with this reason."""
+
+
+class RunDirError(CrackLightningError):
+    """A run or sweep directory (or its checkpoint) is missing or not what was expected."""

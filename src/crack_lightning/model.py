@@ -85,6 +85,9 @@ class CrackNet(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.frozen = frozen
+        # modules train() leaves in eval mode: the frozen backbone; fine-tuning
+        # (finetuning.py) narrows this to the blocks that stay frozen
+        self.keep_eval: list[nn.Module] = [self.backbone] if frozen else []
         if frozen:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -93,10 +96,10 @@ class CrackNet(nn.Module):
         self.to(memory_format=self.memory_format)
 
     def train(self, mode: bool = True) -> CrackNet:
-        """Keep a frozen backbone in eval mode, so its BatchNorm statistics never change."""
+        """Keep frozen modules in eval mode, so their BatchNorm statistics never change."""
         super().train(mode)
-        if self.frozen:
-            self.backbone.eval()
+        for module in self.keep_eval:
+            module.eval()
         return self
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -133,6 +136,9 @@ class CrackClassifier(L.LightningModule):
         weight_decay: float,
         scheduler: Mapping | None,
         image_size: int,
+        # model.finetune, applied by finetuning.BackboneUnfreeze; None in checkpoints
+        # saved before fine-tuning existed
+        finetune: Mapping | None = None,
     ) -> None:
         super().__init__()
         # plain values only, so checkpoints load with torch.load(weights_only=True)
@@ -178,6 +184,7 @@ class CrackClassifier(L.LightningModule):
             on_epoch=True,
             prog_bar=True,
             batch_size=len(labels),
+            sync_dist=True,  # under DDP: averaged over the processes (a no-op otherwise)
         )
         self.log_dict(
             metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=len(labels)

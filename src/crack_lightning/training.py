@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, TQDMProgressBar
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from crack_lightning.callbacks import ResumeHint
 from crack_lightning.data import CrackDataModule
+from crack_lightning.distributed import ddp_job
 from crack_lightning.errors import CrackLightningError, ModelConfigError
+from crack_lightning.finetuning import BackboneUnfreeze
 from crack_lightning.model import CrackClassifier
+from crack_lightning.resume import resolve_ckpt_path, resume_step
 from crack_lightning.runtime import quiet_logs, tune_malloc
 
 log = logging.getLogger(__name__)
@@ -42,6 +50,35 @@ def build_group(group: DictConfig | None) -> list:
     return [build(entry) for entry in (group or {}).values() if entry is not None]
 
 
+def build_loggers(group: DictConfig | None, resume_from: str | None) -> list[Logger]:
+    """The logger group; on resume, TensorBoard drops the events the resumed run replaces.
+
+    An interrupted epoch has logged steps past the checkpoint's. SummaryWriter's
+    purge_step marks the restart, so TensorBoard shows each step once: the curve simply
+    continues from the checkpoint.
+    """
+    loggers = []
+    for entry in (group or {}).values():
+        if entry is None:
+            continue
+        extra = {}
+        if resume_from is not None and issubclass(get_class(entry._target_), TensorBoardLogger):
+            extra["purge_step"] = resume_step(resume_from)
+        loggers.append(build(entry, **extra))
+    return loggers
+
+
+def build_model(model_cfg: DictConfig) -> tuple[CrackClassifier, BackboneUnfreeze | None]:
+    """The LightningModule, and the fine-tuning callback when model.finetune.epoch is set."""
+    model: CrackClassifier = build(model_cfg)
+    finetune = model.hparams.get("finetune")
+    if finetune is None or finetune.get("epoch") is None:
+        return model, None
+    schedule = BackboneUnfreeze.from_config(finetune)
+    schedule.check(model)
+    return model, schedule
+
+
 def log_hyperparameters(trainer: L.Trainer, model: CrackClassifier, cfg: DictConfig) -> None:
     """Send the whole resolved config (and parameter counts) to every logger."""
     hparams = {
@@ -54,12 +91,15 @@ def log_hyperparameters(trainer: L.Trainer, model: CrackClassifier, cfg: DictCon
         logger.log_hyperparams(hparams)
 
 
-def check_ckpt_path(ckpt_path: str | None) -> None:
-    if ckpt_path is not None and not Path(ckpt_path).is_file():
-        raise ModelConfigError(
-            f"ckpt_path={ckpt_path} does not exist. To resume, pass a run's "
-            f"checkpoints/last.ckpt (or best.ckpt), or leave ckpt_path unset."
-        )
+@contextmanager
+def without_loggers(trainer: L.Trainer) -> Iterator[L.Trainer]:
+    """The trainer with its loggers detached, so an evaluation adds no point to the curves."""
+    loggers = trainer.loggers
+    trainer.loggers = []
+    try:
+        yield trainer
+    finally:
+        trainer.loggers = loggers
 
 
 def evaluate_best(
@@ -68,10 +108,16 @@ def evaluate_best(
     """Validate (and test) the best checkpoint; the last weights if none was saved.
 
     A separate trainer without loggers does this, so TensorBoard's curves end at the
-    last training epoch instead of gaining a repeated point.
+    last training epoch instead of gaining a repeated point. Under DDP every process
+    must take part (metrics are gathered across them), so the training's own trainer
+    does it there, with its loggers detached; Lightning's distributed sampler may then
+    repeat a few images to give every process the same number.
     """
     callback = trainer.checkpoint_callback
     ckpt_path = (callback.best_model_path if callback else "") or None
+    if trainer.world_size > 1:
+        with without_loggers(trainer):
+            return _evaluate(trainer, model, datamodule, ckpt_path, test)
     evaluator = L.Trainer(
         accelerator=trainer.accelerator,
         devices=1,
@@ -82,6 +128,16 @@ def evaluate_best(
         enable_progress_bar=trainer.progress_bar_callback is not None,
         enable_model_summary=False,
     )
+    return _evaluate(evaluator, model, datamodule, ckpt_path, test)
+
+
+def _evaluate(
+    evaluator: L.Trainer,
+    model: CrackClassifier,
+    datamodule: CrackDataModule,
+    ckpt_path: str | None,
+    test: bool,
+) -> dict[str, float | str | None]:
     metrics: dict = dict(
         evaluator.validate(
             model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=True
@@ -105,12 +161,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    check_ckpt_path(cfg.get("ckpt_path"))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
 
     datamodule: CrackDataModule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model: CrackClassifier = build(cfg.model)
+    model, finetune = build_model(cfg.model)
     counts = model.parameter_counts()
     log.info(
         "Backbone %s: %s frozen, %s trainable parameters; %d train / %d val / %d test images",
@@ -121,14 +177,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
 
     callbacks: list[Callback] = build_group(cfg.get("callbacks"))
-    loggers: list[Logger] = build_group(cfg.get("logger"))
+    callbacks += [ResumeHint(output_dir)] + ([finetune] if finetune else [])
+    loggers: list[Logger] = build_loggers(cfg.get("logger"), resume_from=ckpt_path)
     if not loggers:  # nothing to record learning rates in (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if datamodule.hparams.cache_features:
-        if not model.hparams.freeze_backbone:
+        if not model.hparams.freeze_backbone or finetune:
             raise ModelConfigError(
-                "data.cache_features=true needs model.freeze_backbone=true: features of a "
+                "data.cache_features=true needs a backbone that stays frozen "
+                "(model.freeze_backbone=true, model.finetune.epoch=null): features of a "
                 "backbone that trains change every step."
             )
         datamodule.use_feature_cache(model.net, trainer.strategy.root_device)
@@ -136,8 +194,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule.write_manifest(output_dir / MANIFEST_NAME)
     log_hyperparameters(trainer, model, cfg)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    metrics = evaluate_best(trainer, model, datamodule, test=cfg.get("test", True))
+    with ddp_job(trainer):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        metrics = evaluate_best(trainer, model, datamodule, test=cfg.get("test", True))
     if trainer.is_global_zero:
         (output_dir / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
         log.info("Best checkpoint's metrics: %s", json.dumps(metrics))
@@ -156,6 +215,8 @@ def main(cfg: DictConfig) -> float | None:
     except CrackLightningError as err:
         print(f"\nerror: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:  # Lightning stopped after the current batch
+        raise SystemExit(128 + signal.SIGTERM) from None
     name = cfg.get("optimized_metric")
     if name and name not in metrics:
         log.warning("optimized_metric=%s is not among the metrics %s", name, sorted(metrics))

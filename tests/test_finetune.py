@@ -1,0 +1,193 @@
+"""Fine-tuning schedule: which blocks unfreeze and when, their learning rate, BatchNorm
+behaviour, schedulers, and resuming after the unfreeze epoch (Lightning issue #21901)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from crack_lightning.backbones import BACKBONES, build_feature_extractor
+from crack_lightning.errors import ModelConfigError
+from crack_lightning.finetuning import backbone_blocks
+from crack_lightning.training import train
+
+BLOCK_COUNTS = {
+    "mobilenet_v2": 19,
+    "mobilenet_v3_large": 17,
+    "mobilenet_v3_small": 13,
+    "resnet18": 5,
+    "resnet50": 5,
+    "efficientnet_b0": 9,
+    "convnext_tiny": 8,
+}
+# mobilenet_v3_small's last 2 of 13 blocks: features.11 and features.12
+TOP_BLOCKS = ("features.11.", "features.12.")
+# a convolution of each, which every step updates
+CONV_WEIGHTS = {"features.11.block.0.0.weight", "features.12.0.weight"}
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_blocks_cover_every_parameter_once(name):
+    backbone, _ = build_feature_extractor(name, pretrained=False, weights_path=None)
+    blocks = backbone_blocks(backbone)
+    assert len(blocks) == BLOCK_COUNTS[name]
+    in_blocks = [id(p) for block in blocks for m in block for p in m.parameters()]
+    assert sorted(in_blocks) == sorted(id(p) for p in backbone.parameters())
+
+
+@pytest.fixture(scope="module")
+def random_backbone(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A seeded random mobilenet_v3_small backbone as a weights file: known start weights."""
+    torch.manual_seed(0)
+    backbone, _ = build_feature_extractor("mobilenet_v3_small", False, None)
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    path = tmp_path_factory.mktemp("weights") / "backbone.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def backbone_state(ckpt: dict) -> dict[str, torch.Tensor]:
+    prefix = "net.backbone."
+    return {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+
+
+def is_top(key: str) -> bool:
+    return key.startswith(TOP_BLOCKS)
+
+
+def bn_keys(state: dict[str, torch.Tensor]) -> set[str]:
+    """Keys of BatchNorm layers (they are the ones with running statistics)."""
+    layers = {k.rsplit(".", 1)[0] for k in state if k.endswith("running_mean")}
+    return {k for k in state if k.rsplit(".", 1)[0] in layers}
+
+
+def adam_steps(ckpt: dict, group: int) -> list[int]:
+    optimizer = ckpt["optimizer_states"][0]
+    return [int(optimizer["state"][i]["step"]) for i in optimizer["param_groups"][group]["params"]]
+
+
+def finetune_cfg(synthetic_cfg, weights: Path, *overrides: str):
+    return synthetic_cfg(
+        f"model.weights_path={weights}",
+        "model.finetune.epoch=1",
+        "model.finetune.blocks=2",
+        "model.finetune.lr=5e-4",
+        *overrides,
+    )
+
+
+def test_unfreezes_the_top_blocks_at_the_epoch_and_resuming_after_keeps_them_learning(
+    synthetic_cfg, random_backbone, tmp_path
+):
+    """BatchNorm frozen (the default), with a plateau scheduler; then resumed for an epoch."""
+    weights, initial = random_backbone
+    first = finetune_cfg(
+        synthetic_cfg,
+        weights,
+        "trainer.max_epochs=2",
+        "model.scheduler={name: plateau, patience: 0, factor: 0.5}",
+        f"paths.output_dir={tmp_path / 'first'}",
+    )
+    train(first)
+    ckpt = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=True)
+    state = backbone_state(ckpt)
+    bn = bn_keys(state)
+    trainable = {k for k in state if is_top(k) and k not in bn}
+    changed = {k for k in state if not torch.equal(state[k], initial[k])}
+    # only the top 2 blocks' weights (not their BatchNorm scale, shift or statistics)
+    assert CONV_WEIGHTS <= changed <= trainable
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert [g.get("name") for g in groups] == [None, "backbone"]
+    assert len(groups[1]["params"]) == len(trainable)
+    assert groups[1]["initial_lr"] == 5e-4
+    # 5 steps per epoch: the head trained both epochs, the blocks from epoch 1 only
+    assert set(adam_steps(ckpt, 0)) == {10} and set(adam_steps(ckpt, 1)) == {5}
+    assert len(ckpt["lr_schedulers"][0]["min_lrs"]) == 2
+
+    second = finetune_cfg(
+        synthetic_cfg,
+        weights,
+        "trainer.max_epochs=3",
+        "model.scheduler={name: plateau, patience: 0, factor: 0.5}",
+        f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
+        f"paths.output_dir={tmp_path / 'second'}",
+    )
+    train(second)
+    resumed = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=True)
+    after = backbone_state(resumed)
+    # the unfrozen blocks kept learning in the resumed epoch; BatchNorm stayed put
+    assert CONV_WEIGHTS <= {k for k in after if not torch.equal(after[k], state[k])} <= trainable
+    assert set(adam_steps(resumed, 1)) == {10}
+    assert [g.get("name") for g in resumed["optimizer_states"][0]["param_groups"]] == [
+        None,
+        "backbone",
+    ]
+
+
+def test_train_bn_true_trains_the_unfrozen_blocks_batchnorm_with_a_cosine_schedule(
+    synthetic_cfg, random_backbone
+):
+    weights, initial = random_backbone
+    cfg = finetune_cfg(
+        synthetic_cfg,
+        weights,
+        "trainer.max_epochs=2",
+        "model.finetune.train_bn=true",
+        "model.scheduler={name: cosine}",
+    )
+    train(cfg)
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    state = backbone_state(ckpt)
+    changed = {k for k in state if not torch.equal(state[k], initial[k])}
+    top_bn = {k for k in bn_keys(state) if is_top(k)}
+    # running statistics, batch counters, scale and shift of the top blocks' BatchNorm
+    assert top_bn and top_bn <= changed
+    assert all(is_top(k) for k in changed)  # lower blocks: weights and statistics intact
+    assert len(ckpt["lr_schedulers"][0]["base_lrs"]) == 2
+    head_lr, block_lr = (g["lr"] for g in ckpt["optimizer_states"][0]["param_groups"])
+    # the blocks' group follows the cosine curve from where it joined (epoch 1 of 2)
+    assert block_lr < 5e-4 and head_lr < 1e-3
+
+
+def test_a_frozen_part_stays_in_eval_mode_after_unfreezing(random_backbone, make_cfg):
+    """CrackNet.train() forces only what is still frozen into eval mode."""
+    from crack_lightning.finetuning import BackboneUnfreeze
+    from crack_lightning.training import build
+
+    weights, _ = random_backbone
+    cfg = make_cfg("model=mobilenetv3_small", f"model.weights_path={weights}")
+    for train_bn in (False, True):
+        model = build(cfg.model)
+        schedule = BackboneUnfreeze(epoch=0, blocks=2, lr=1e-4, train_bn=train_bn)
+        schedule.freeze_before_training(model)
+        schedule.unfreeze(model)
+        model.train()
+        for name, module in model.net.backbone.named_modules():
+            if not name.startswith("features."):
+                continue
+            top = is_top(name + ".")
+            expected = top and (train_bn or not isinstance(module, nn.BatchNorm2d))
+            assert module.training == expected, (train_bn, name)
+        assert model.net.frozen is False
+        assert all(p.requires_grad for p in model.net.head.parameters())
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.finetune.blocks=0", r"model.finetune.blocks=0 must be a number of blocks >= 1"),
+        ("model.finetune.blocks=14", r"'mobilenet_v3_small' has 13 blocks; use at most 13"),
+        ("model.finetune.epoch=-1", r"model.finetune.epoch=-1 must be an epoch number >= 0"),
+        ("model.finetune.lr=0", r"model.finetune.lr=0 must be a learning rate > 0"),
+        ("model.freeze_backbone=false", r"model.freeze_backbone=false: the backbone already"),
+        ("+model.finetune.layers=2", r"model.finetune takes .*; unknown: \['layers'\]\."),
+    ],
+)
+def test_bad_finetune_settings_stop_before_training(synthetic_cfg, override, message):
+    cfg = synthetic_cfg("model.finetune.epoch=1", override)
+    with pytest.raises(ModelConfigError, match=message):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()

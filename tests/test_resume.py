@@ -1,0 +1,196 @@
+"""Nothing lost: SIGTERM or a crash mid-epoch keeps the last completed epoch's checkpoint,
+and `ckpt_path=last` continues in the same run directory without repeated steps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from crack_lightning.errors import ModelConfigError, RunDirError
+from crack_lightning.resume import latest_run, resume_argv
+from crack_lightning.training import train
+
+from .conftest import CONF_DIR, QUIET, ROOT
+
+FAST = [
+    "data.image_size=64",
+    "data.batch_size=8",
+    "model=mobilenetv3_small",
+    "model.pretrained=false",
+    "trainer.log_every_n_steps=1",
+    *QUIET,
+]
+
+
+def steps(run_dir: Path, tag: str) -> list[int]:
+    """Steps of a scalar as TensorBoard shows them (purged events left out)."""
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+def last_ckpt(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def assert_curves_continue(run_dir: Path, epochs: int, steps_per_epoch: int) -> None:
+    """Every training step once, in order; one validation point per epoch."""
+    assert steps(run_dir, "train/loss_step") == list(range(epochs * steps_per_epoch))
+    val = steps(run_dir, "val/loss")
+    assert len(val) == epochs and val == sorted(set(val))
+
+
+def test_sigterm_mid_epoch_then_ckpt_path_last_continues_in_the_same_run_dir(
+    synthetic_root, tmp_path
+):
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "paused"
+    common = [f"data.root={synthetic_root}", f"paths.output_dir={run_dir}", *FAST]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *common,
+            "trainer.max_epochs=3",
+            "+callbacks.pause._target_=tests.probes.PauseAt",
+            "+callbacks.pause.epoch=1",
+            "+callbacks.pause.batch=2",
+            f"+callbacks.pause.marker={marker}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), first.communicate()[0][-3000:]
+    first.send_signal(signal.SIGTERM)  # during epoch 1, after its third batch
+    output = first.communicate(timeout=120)[0]
+
+    assert first.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Training stopped (SIGTERMException) during epoch 1" in output
+    assert f"ckpt_path=last paths.output_dir={run_dir}" in output
+    interrupted = last_ckpt(run_dir)
+    steps_per_epoch = interrupted["global_step"]
+    assert interrupted["epoch"] == 0 and steps_per_epoch == 5  # 34 images, batches of 8
+    assert not (run_dir / "metrics.json").exists()
+    # the interrupted epoch logged steps 5..7 before it stopped
+    assert max(steps(run_dir, "train/loss_step")) == steps_per_epoch + 2
+
+    second = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *common, "trainer.max_epochs=3", "ckpt_path=last"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = last_ckpt(run_dir)
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * steps_per_epoch
+    assert (run_dir / "metrics.json").is_file()
+    assert_curves_continue(run_dir, epochs=3, steps_per_epoch=steps_per_epoch)
+    # one TensorBoard run: the second session appended to the same folder
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    # the first session's Hydra files stay; the resumed one's sit beside them
+    first_overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    assert "ckpt_path=last" not in first_overrides
+    (resume_dir,) = (run_dir / ".hydra").glob("resume_*")
+    assert "ckpt_path=last" in yaml.safe_load((resume_dir / "overrides.yaml").read_text())
+
+
+def test_a_crash_mid_epoch_keeps_the_last_completed_epoch(synthetic_cfg):
+    """last.ckpt follows every epoch, also those that do not improve the best checkpoint
+    (Lightning 2.6's save_last alone would not write them)."""
+    settings = [
+        "trainer.max_epochs=3",
+        "trainer.log_every_n_steps=1",
+        # epoch 0 stays the best: later epochs never replace best.ckpt
+        "callbacks.model_checkpoint.monitor=epoch",
+    ]
+    crashing = synthetic_cfg(
+        *settings,
+        "+callbacks.crash._target_=tests.probes.Crash",
+        "+callbacks.crash.epoch=2",
+        "+callbacks.crash.batch=1",
+    )
+    run_dir = Path(crashing.paths.output_dir)
+    with pytest.raises(RuntimeError, match="crash in the middle of an epoch"):
+        train(crashing)
+    assert last_ckpt(run_dir)["epoch"] == 1
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["epoch"] == 0
+    # epoch 2 logged its first batch (step 10); the crash came before the second was logged
+    assert max(steps(run_dir, "train/loss_step")) == 10
+
+    train(synthetic_cfg(*settings, "ckpt_path=last"))
+    assert last_ckpt(run_dir)["global_step"] == 15
+    assert_curves_continue(run_dir, epochs=3, steps_per_epoch=5)
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_what_to_do(synthetic_cfg):
+    with pytest.raises(ModelConfigError, match=r"ckpt_path=last: .*last.ckpt does not exist"):
+        train(synthetic_cfg("ckpt_path=last"))
+
+
+def make_run(runs_dir: Path, name: str, mtime: float | None) -> Path:
+    run = runs_dir / name
+    (run / "checkpoints").mkdir(parents=True)
+    if mtime is not None:
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+        os.utime(run / "checkpoints" / "last.ckpt", (mtime, mtime))
+    return run
+
+
+def test_ckpt_path_last_names_the_run_whose_last_checkpoint_is_newest(tmp_path):
+    runs = tmp_path / "logs" / "train" / "runs"
+    make_run(runs, "2026-01-01_10-00-00_000001", mtime=2000)
+    newest = make_run(runs, "2026-01-01_09-00-00_000001", mtime=3000)  # started first
+    make_run(runs, "2026-01-02_00-00-00_000001", mtime=None)  # no epoch finished
+    assert latest_run(runs) == newest
+
+    argv = resume_argv(
+        ["train.py", "ckpt_path=last", f"paths.log_dir={tmp_path / 'logs'}"], CONF_DIR
+    )
+    assert argv[:3] == ["train.py", "ckpt_path=last", f"paths.log_dir={tmp_path / 'logs'}"]
+    assert f"paths.output_dir={newest}" in argv
+    assert any(a.startswith("hydra.output_subdir=.hydra/resume_") for a in argv)
+
+
+def test_ckpt_path_last_keeps_a_named_run_dir_and_leaves_other_commands_alone(tmp_path):
+    named = resume_argv(["train.py", "ckpt_path=last", "paths.output_dir=/x/run"], CONF_DIR)
+    assert not any(a.startswith("paths.output_dir=") for a in named[3:])
+    assert resume_argv(["train.py", "model.lr=0.1"], CONF_DIR) == ["train.py", "model.lr=0.1"]
+    swept = resume_argv(["train.py", "-m", "ckpt_path=last", "hydra.sweep.dir=/s"], CONF_DIR)
+    assert not any(a.startswith("paths.output_dir=") for a in swept)  # each job's own dir
+    with pytest.raises(RunDirError, match=r"no run under .*runs has a checkpoints/last.ckpt"):
+        resume_argv(["train.py", "ckpt_path=last", f"paths.log_dir={tmp_path}"], CONF_DIR)
+
+
+def test_train_py_reports_ckpt_path_last_with_no_run_to_continue(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "ckpt_path=last", f"paths.log_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "error: ckpt_path=last: no run under" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob(".hydra"))  # stopped before Hydra made a run directory
