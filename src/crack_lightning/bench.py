@@ -247,7 +247,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="crack-bench-") as tmp:
         work = Path(tmp)
         data = repeat_sample(args.sample, args.images, work / "data")
-        results = [bench_size(args, data, size, work) for size in args.sizes]
+        results = []
+        for size in args.sizes:
+            results.append(bench_size(args, data, size, work))
+            print(f"{size} px done: {json.dumps(results[-1])}", flush=True)  # kept if stopped
     print_table(results)
     tuned = os.environ.get("CRACK_LIGHTNING_MALLOC") != "default"
     print(
