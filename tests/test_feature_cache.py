@@ -115,8 +115,7 @@ def test_changed_weights_image_size_views_or_files_give_a_new_key(synthetic_root
     assert cache_key(backbone, files, 64, 8) != changed
 
 
-def test_caching_a_backbone_that_trains_is_refused(cached_cfg):
-    with pytest.raises(
-        ModelConfigError, match="data.cache_features=true needs model.freeze_backbone=true"
-    ):
-        train(cached_cfg("model.freeze_backbone=false"))
+@pytest.mark.parametrize("override", ["model.freeze_backbone=false", "model.finetune.epoch=1"])
+def test_caching_a_backbone_that_trains_is_refused(cached_cfg, override):
+    with pytest.raises(ModelConfigError, match="needs a backbone that stays frozen"):
+        train(cached_cfg(override))
