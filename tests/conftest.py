@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +32,25 @@ tune_malloc()
 def _quiet() -> None:
     """The entry points' warning filters (pytest resets filters for every test)."""
     quiet_logs()
+
+
+def run_python(
+    *args: str, cwd: Path = ROOT, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run `python ARGS` as a user would, output captured; Hydra errors without a long trace."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def run_train_py(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return run_python(str(ROOT / "train.py"), *args, **kwargs)
 
 
 def _shared(path: Path) -> Path:

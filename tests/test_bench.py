@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import run_python
 
 FIGURES = {
     "train_lightning",
@@ -29,31 +27,24 @@ FIGURES = {
 
 @pytest.mark.slow
 def test_bench_prints_a_table_and_a_json_line_with_every_figure(sample_root, backbone_weights):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "crack_lightning.bench",
-            "--images",
-            "160",
-            "--batch-size",
-            "8",
-            "--sizes",
-            "32",
-            "--epochs",
-            "1",
-            "--workers",
-            "0",
-            "--sample",
-            str(sample_root),
-            "--weights",
-            str(backbone_weights),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    result = run_python(
+        "-m",
+        "crack_lightning.bench",
+        "--images",
+        "160",
+        "--batch-size",
+        "8",
+        "--sizes",
+        "32",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--sample",
+        str(sample_root),
+        "--weights",
+        str(backbone_weights),
         timeout=900,
-        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,8 @@ from crack_lightning.check import check_dataset, file_problem
 from crack_lightning.data_cli import main as cli
 from crack_lightning.errors import DataError
 from crack_lightning.training import build
+
+from .conftest import run_python
 
 
 def jpeg(seed: int, size: int = 32, mode: str = "RGB") -> bytes:
@@ -115,11 +115,8 @@ def test_cli_check_prints_the_report_and_fails(planted, capsys):
 
 
 def test_python_m_crack_lightning_data_runs_the_cli(planted):
-    result = subprocess.run(
-        [sys.executable, "-m", "crack_lightning.data", "check", str(planted), "quick=true"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_python(
+        "-m", "crack_lightning.data", "check", str(planted), "quick=true", timeout=120
     )
     assert result.returncode == 1, result.stderr
     assert "FAILED: 4 problems would corrupt training." in result.stdout

@@ -5,9 +5,6 @@ directory with one set of checkpoints and TensorBoard events."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import lightning as L
 import pytest
@@ -18,7 +15,7 @@ from crack_lightning.distributed import launch_argv
 from crack_lightning.errors import RunDirError
 from crack_lightning.training import build, build_model
 
-from .conftest import QUIET, ROOT, compose_config
+from .conftest import QUIET, compose_config, run_train_py
 
 SETTINGS = [
     "data.image_size=64",
@@ -38,25 +35,15 @@ LAST_BLOCK = "net.backbone.features.12."
 def test_two_process_ddp_run_through_train_py(synthetic_root, tmp_path):
     logs = tmp_path / "logs"
     digests = tmp_path / "digests"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            f"data.root={synthetic_root}",
-            f"paths.log_dir={logs}",
-            "+callbacks.digest._target_=tests.probes.ParamDigest",
-            f"+callbacks.digest.directory={digests}",
-            *SETTINGS,
-        ],
-        cwd=ROOT,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    result = run_train_py(
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"data.root={synthetic_root}",
+        f"paths.log_dir={logs}",
+        "+callbacks.digest._target_=tests.probes.ParamDigest",
+        f"+callbacks.digest.directory={digests}",
+        *SETTINGS,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
@@ -121,26 +108,16 @@ def test_a_ddp_sweep_runs_each_job_once_in_its_own_folder(synthetic_root, tmp_pa
     """Lightning would start the whole sweep again in each DDP process; instead each job's
     second process runs that job only, in the job's folder, and the next job starts anew."""
     logs = tmp_path / "logs"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "-m",
-            "model.lr=1e-3,3e-4",
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            f"data.root={synthetic_root}",
-            f"paths.log_dir={logs}",
-            *[s for s in SETTINGS if not s.startswith(("trainer.max_epochs", "model.finetune"))],
-            "trainer.max_epochs=1",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    result = run_train_py(
+        "-m",
+        "model.lr=1e-3,3e-4",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"data.root={synthetic_root}",
+        f"paths.log_dir={logs}",
+        *[s for s in SETTINGS if not s.startswith(("trainer.max_epochs", "model.finetune"))],
+        "trainer.max_epochs=1",
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert not (logs / "train" / "runs").exists()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from crack_lightning.errors import PredictionError
 from crack_lightning.images import load_rgb
 from crack_lightning.prediction import run
 
-from .conftest import ROOT
+from .conftest import ROOT, run_python
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -186,15 +184,7 @@ def test_globs_and_files_are_expanded_once(predict_cfg, sample_root, tmp_path):
 
 
 def run_predict_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "predict.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-        check=False,
-    )
+    return run_python(str(ROOT / "predict.py"), *args, timeout=300)
 
 
 def test_cli_exits_non_zero_when_nothing_can_be_classified(trained_run, tmp_path):

@@ -19,7 +19,7 @@ from crack_lightning.errors import ModelConfigError, RunDirError
 from crack_lightning.resume import latest_run, resume_argv
 from crack_lightning.training import train
 
-from .conftest import CONF_DIR, QUIET, ROOT
+from .conftest import CONF_DIR, QUIET, ROOT, run_train_py
 
 FAST = [
     "data.image_size=64",
@@ -90,15 +90,7 @@ def test_sigterm_mid_epoch_then_ckpt_path_last_continues_in_the_same_run_dir(
     # the interrupted epoch logged steps 5..7 before it stopped
     assert max(steps(run_dir, "train/loss_step")) == steps_per_epoch + 2
 
-    second = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *common, "trainer.max_epochs=3", "ckpt_path=last"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    second = run_train_py(*common, "trainer.max_epochs=3", "ckpt_path=last")
     assert second.returncode == 0, second.stderr[-3000:]
     resumed = last_ckpt(run_dir)
     assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * steps_per_epoch
@@ -182,14 +174,7 @@ def test_ckpt_path_last_keeps_a_named_run_dir_and_leaves_other_commands_alone(tm
 
 
 def test_train_py_reports_ckpt_path_last_with_no_run_to_continue(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "ckpt_path=last", f"paths.log_dir={tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_train_py("ckpt_path=last", f"paths.log_dir={tmp_path}", timeout=120)
     assert result.returncode == 2
     assert "error: ckpt_path=last: no run under" in result.stderr
     assert "Traceback" not in result.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from crack_lightning.naming import job_dir_name
 from crack_lightning.summarize import main as summarize_main
 from crack_lightning.summarize import write_summary
 
-from .conftest import ROOT
+from .conftest import ROOT, run_train_py
 
 TINY = [
     "data.image_size=64",
@@ -29,18 +28,6 @@ TINY = [
     "trainer.max_epochs=1",
     "callbacks.progress_bar.refresh_rate=0",
 ]
-
-
-def run_train_py(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=ROOT,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import urllib.error
 from pathlib import Path
 
@@ -17,20 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from crack_lightning.errors import DataError, ModelConfigError, WeightsError
 from crack_lightning.training import build, train
 
-from .conftest import ROOT
-
-
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+from .conftest import run_train_py
 
 
 def scalar_steps(run_dir: Path, tag: str) -> list[int]:
@@ -106,7 +90,7 @@ def test_resume_from_last_checkpoint_continues_training(synthetic_cfg, tmp_path)
 
 def test_multirun_gives_one_run_dir_per_job_with_events_and_metrics(synthetic_root, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_cli(
+    result = run_train_py(
         "-m",
         "model.lr=1e-3,1e-4",
         f"data.root={synthetic_root}",
@@ -134,7 +118,7 @@ def test_multirun_gives_one_run_dir_per_job_with_events_and_metrics(synthetic_ro
 
 
 def test_cli_reports_a_missing_data_set_without_a_traceback(tmp_path):
-    result = run_cli(
+    result = run_train_py(
         f"data.root={tmp_path / 'concrete_crack'}", f"paths.output_dir={tmp_path / 'run'}"
     )
     assert result.returncode == 2
