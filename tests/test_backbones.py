@@ -48,6 +48,9 @@ def test_model_option_builds_frozen_and_classifies_a_batch(make_cfg, option):
     assert counts["frozen"] == sum(p.numel() for p in model.net.backbone.parameters()) > 500_000
     assert not model.net.backbone.training
     assert model.net.head.training
+    # the frozen forward runs with every BatchNorm folded into its convolution
+    folded = model.net.folded_backbone()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
 
 
 def test_unknown_backbone_names_the_choices(make_cfg):

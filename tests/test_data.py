@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from crack_lightning.errors import DataError
 from crack_lightning.layout import scan_samples
 from crack_lightning.splits import stratified_split
 from crack_lightning.training import build
-from crack_lightning.transforms import Augmentation, eval_transform, train_transform
+from crack_lightning.transforms import Augmentation, augment_batch
 
 
 def make_images(folder: Path, count: int, colour: int = 128) -> None:
@@ -149,21 +150,59 @@ def test_too_few_images_for_a_split_is_a_clear_error():
 
 
 def test_rotation_fills_corners_by_reflection_not_black():
-    flat = Image.new("RGB", (227, 227), (180, 170, 160))
-    rotate = train_transform(
-        96, Augmentation(horizontal_flip=False, vertical_flip=False, rotation_degrees=45)
-    )
+    flat = torch.full((6, 3, 96, 96), 180, dtype=torch.uint8)
+    flat[:, 1] = 170
+    rotate = Augmentation(horizontal_flip=False, vertical_flip=False, rotation_degrees=45)
     torch.manual_seed(0)
-    for _ in range(5):
-        out = rotate(flat)
-        assert out.dtype == torch.uint8 and out.shape == (3, 96, 96)
-        assert out[0].min() >= 178  # black corners would be 0
+    out = augment_batch(flat, rotate)
+    assert out.dtype == torch.float32 and out.shape == (6, 3, 96, 96)
+    assert torch.allclose(out[:, 0], torch.tensor(180 / 255))  # black corners would be 0
+    assert torch.allclose(out[:, 1], torch.tensor(170 / 255))
 
 
-def test_no_augmentation_means_the_eval_transform(sample_root):
-    image = Image.open(next((sample_root / "Positive").iterdir())).convert("RGB")
-    plain = train_transform(64, Augmentation.from_config(None))
-    assert torch.equal(plain(image), eval_transform(64)(image))
+def test_rotation_turns_each_image_by_its_own_angle_within_the_limit():
+    """A vertical bar, rotated: its tilt varies per image and stays within the limit."""
+    bar = torch.zeros(64, 3, 65, 65, dtype=torch.uint8)
+    bar[:, :, :, 31:34] = 255
+    torch.manual_seed(0)
+    out = augment_batch(bar, Augmentation(False, False, rotation_degrees=20))
+    rows = torch.arange(65, dtype=torch.float32)
+    weights = out[:, 0]  # (N, H, W)
+    centre = (weights * torch.arange(65.0)).sum(-1) / weights.sum(-1)  # bar centre per row
+    slope = ((rows - 32) * (centre - centre.mean(-1, keepdim=True))).sum(-1) / (
+        (rows - 32) ** 2
+    ).sum()
+    angles = torch.rad2deg(torch.atan(slope)).abs()
+    assert angles.max() <= 20.5 and angles.max() > 15  # spread over the range
+    assert angles.min() < 5
+
+
+def test_flips_are_exact_mirror_images():
+    images = torch.randint(0, 256, (32, 3, 24, 24), dtype=torch.uint8)
+    torch.manual_seed(0)
+    out = (augment_batch(images, Augmentation(True, False, 0.0)) * 255).round().to(torch.uint8)
+    mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, images, strict=True)]
+    same = [torch.equal(o, i) for o, i in zip(out, images, strict=True)]
+    assert all(m != s for m, s in zip(mirrored, same, strict=True))  # one or the other
+    assert 8 <= sum(mirrored) <= 24  # about half
+
+
+def test_training_batches_alone_are_augmented_on_their_device(make_cfg, sample_root):
+    cfg = make_cfg(f"data.root={sample_root}", "data.image_size=64", "data.batch_size=8")
+    dm = datamodule(cfg)
+    images, labels = next(iter(dm.val_dataloader()))
+    trainer = SimpleNamespace(training=False)
+    dm.trainer = trainer
+    assert dm.on_after_batch_transfer((images, labels), 0)[0] is images  # validation
+    trainer.training = True
+    augmented, same_labels = dm.on_after_batch_transfer((images, labels), 0)
+    assert same_labels is labels and augmented.shape == images.shape
+    assert augmented.dtype == torch.float32 and not torch.allclose(augmented, images / 255)
+    features = torch.zeros(8, 1280)  # cached features pass through untouched
+    assert dm.on_after_batch_transfer((features, labels), 0)[0] is features
+    off = datamodule(make_cfg(f"data.root={sample_root}", "data/augmentation=none"))
+    off.trainer = trainer
+    assert off.on_after_batch_transfer((images, labels), 0)[0] is images
 
 
 def test_unknown_augmentation_setting_is_refused():

@@ -40,6 +40,30 @@ def test_uint8_and_unit_float_inputs_are_normalised_alike(model):
     assert torch.allclose(model(images), model(images.float() / 255), atol=1e-5)
 
 
+def test_frozen_backbone_runs_batchnorm_folded_with_the_same_features(model):
+    net = model.net
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        plain = net.backbone(net.normalize(images))
+    folded = net.features(images)
+    assert net._folded and torch.allclose(folded, plain, rtol=1e-4, atol=1e-4)
+
+    # new weights: the folded copy is rebuilt from them
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state["backbone.features.0.1.running_mean"] += 1.0
+    net.load_state_dict(state)
+    assert not net._folded
+    with torch.no_grad():
+        shifted = net.backbone(net.normalize(images))
+    assert torch.allclose(net.features(images), shifted, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(shifted, plain, atol=1e-3)
+
+    net.frozen = False  # fine-tuning: the real backbone runs, with gradients
+    assert not net._folded
+    net.backbone.requires_grad_(True)
+    assert net.features(images).requires_grad and not net._folded
+
+
 def test_checkpoint_hparams_are_plain_values(model):
     assert set(model.hparams) >= {"backbone", "lr", "image_size", "weights_path"}
     assert all(

@@ -33,6 +33,7 @@ from crack_lightning.inference import OnnxClassifier, TorchClassifier, classify_
 from crack_lightning.layout import CLASS_NAMES, scan_samples
 from crack_lightning.runtime import quiet_logs, tune_malloc
 from crack_lightning.training import build, train
+from crack_lightning.transforms import augment_batch
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
@@ -107,7 +108,8 @@ def lightning_throughput(cfg: DictConfig) -> tuple[float, float]:
 
 
 def loop_throughput(cfg: DictConfig) -> float:
-    """The same work by hand: same loader and network, Adam on the head, cross-entropy."""
+    """The same work by hand: same loader, augmentation and network, Adam on the head,
+    cross-entropy."""
     datamodule, model = build(cfg.data), build(cfg.model)
     datamodule.setup("fit")
     net = model.net.train()
@@ -116,6 +118,8 @@ def loop_throughput(cfg: DictConfig) -> float:
     for step, (images, labels) in enumerate(datamodule.train_dataloader()):
         if step == WARMUP_BATCHES:
             start = time.perf_counter()
+        if datamodule.augmentation.enabled:
+            images = augment_batch(images, datamodule.augmentation)
         loss = torch.nn.functional.cross_entropy(net(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -6,6 +6,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -20,7 +21,7 @@ from crack_lightning.grouping import check_distance, image_hashes, near_duplicat
 from crack_lightning.layout import scan_samples
 from crack_lightning.splits import check_fractions, grouped_split, stratified_split, write_manifest
 from crack_lightning.synthetic import generate_dataset
-from crack_lightning.transforms import Augmentation, eval_transform, train_transform
+from crack_lightning.transforms import Augmentation, augment_batch, eval_transform
 
 log = logging.getLogger(__name__)
 SPLIT_KINDS = ("random", "grouped")
@@ -45,7 +46,8 @@ class CrackDataModule(L.LightningDataModule):
     """Stratified, seeded train/val(/test) splits of ROOT/{Negative,Positive}/ images.
 
     Batches are uint8 image tensors (N, 3, image_size, image_size) and int labels;
-    the model does the float conversion and normalisation.
+    training batches are augmented on their device once there (float [0, 1] then). The
+    model does the float conversion and normalisation.
     """
 
     def __init__(
@@ -151,6 +153,16 @@ class CrackDataModule(L.LightningDataModule):
         )
         self.features = cache.features
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment training image batches on their device (cached features are not: their
+        dihedral views stand in)."""
+        images, labels = batch
+        trainer = self.trainer
+        augment = trainer is not None and trainer.training and self.augmentation.enabled
+        if augment and images.ndim == 4:
+            images = augment_batch(images, self.augmentation)
+        return images, labels
+
     def write_manifest(self, path: Path) -> None:
         """Record which file went to which split, so a run can be audited and repeated."""
         write_manifest(path, self.root, self.samples, self.split)
@@ -179,8 +191,7 @@ class CrackDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        size = self.hparams.image_size
-        return self._loader("train", train_transform(size, self.augmentation), shuffle=True)
+        return self._loader("train", eval_transform(self.hparams.image_size), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", eval_transform(self.hparams.image_size), shuffle=False)

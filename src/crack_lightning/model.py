@@ -18,7 +18,7 @@ from torchmetrics.classification import (
     BinaryRecall,
 )
 
-from crack_lightning.backbones import build_feature_extractor, normalization
+from crack_lightning.backbones import build_feature_extractor, fold_batchnorm, normalization
 from crack_lightning.errors import ModelConfigError
 from crack_lightning.layout import CLASS_NAMES
 
@@ -84,6 +84,10 @@ class CrackNet(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, len(CLASS_NAMES)))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # the frozen backbone with BatchNorm folded in (folded_backbone); a list, so that
+        # it is neither a submodule nor in the state dict
+        self._folded: list[nn.Module] = []
+        self.register_load_state_dict_post_hook(_forget_folded)
         self.frozen = frozen
         # modules train() leaves in eval mode: the frozen backbone; fine-tuning
         # (finetuning.py) narrows this to the blocks that stay frozen
@@ -94,6 +98,28 @@ class CrackNet(nn.Module):
         # NHWC is what oneDNN's CPU and cuDNN's tensor-core convolutions run fastest on
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the whole backbone is frozen (fine-tuning unfreezes part of it)."""
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        self._frozen = value
+        self._folded.clear()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CrackNet:
+        self._folded.clear()  # moved to another device or dtype: fold again on next use
+        return super()._apply(fn, recurse)
+
+    def folded_backbone(self) -> nn.Module:
+        """The frozen backbone with BatchNorm folded into its convolutions, built on first
+        use and again after new weights, a device or dtype change, or (un)freezing."""
+        if not self._folded:
+            folded = fold_batchnorm(self.backbone).to(memory_format=self.memory_format)
+            self._folded.append(folded.requires_grad_(False))
+        return self._folded[0]
 
     def train(self, mode: bool = True) -> CrackNet:
         """Keep frozen modules in eval mode, so their BatchNorm statistics never change."""
@@ -109,16 +135,26 @@ class CrackNet(nn.Module):
         return ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features; a frozen backbone runs in inference mode (no graph,
-        no saved activations), and only its small output is copied out for the head."""
+        """Pooled backbone features; a frozen backbone runs BatchNorm-folded in inference
+        mode (no graph, no saved activations), and only its small output is copied out
+        for the head."""
         if not self.frozen:
             return self.backbone(self.normalize(images))
+        # traced for export (TorchScript, ONNX) or compiled: the plain backbone, whose
+        # BatchNorm the runtime or compiler folds itself
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        backbone = self.backbone if tracing else self.folded_backbone()
         with torch.inference_mode():
-            features = self.backbone(self.normalize(images))
+            features = backbone(self.normalize(images))
         return features.clone() if torch.is_grad_enabled() else features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
+
+
+def _forget_folded(net: CrackNet, incompatible_keys: Any) -> None:
+    """load_state_dict hook: new weights, so the folded copy is stale."""
+    net._folded.clear()
 
 
 class CrackClassifier(L.LightningModule):
