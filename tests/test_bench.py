@@ -9,6 +9,7 @@ import pytest
 from .conftest import run_python
 
 FIGURES = {
+    "backbone_forward",
     "train_lightning",
     "train_loop",
     "lightning_vs_loop",

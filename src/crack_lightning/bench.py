@@ -1,6 +1,7 @@
 """Benchmark: `python -m crack_lightning.bench [--images 3000] [--sizes 160 224]`.
 
 Measures, in one process, on a data set made by repeating the real sample:
+- the frozen backbone's forward pass alone (images/s), the ceiling for all below;
 - training throughput (images/s, warm-up excluded) of the Lightning pipeline and of a
   minimal hand-written PyTorch loop doing the same work, and their ratio;
 - validation and prediction throughput, PyTorch and ONNX Runtime;
@@ -129,6 +130,19 @@ def loop_throughput(cfg: DictConfig) -> float:
     return images_seen / (time.perf_counter() - start)
 
 
+def forward_throughput(cfg: DictConfig, batches: int = 8) -> float:
+    """The frozen backbone alone on random images: the ceiling every pipeline below is
+    bound by, and a gauge of how fast the machine runs right now (shared CPUs vary)."""
+    net = build(cfg.model).net.eval()
+    size, batch = cfg.data.image_size, cfg.data.batch_size
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    with torch.inference_mode():
+        net.features(images)  # warm-up: folds BatchNorm, plans the convolutions
+        net.features(images)
+        seconds = timed(lambda: [net.features(images) for _ in range(batches)])
+    return batches * batch / seconds
+
+
 def timed(function: Callable[[], object]) -> float:
     start = time.perf_counter()
     function()
@@ -182,6 +196,7 @@ def bench_size(args: argparse.Namespace, data: Path, size: int, work: Path) -> d
             return compose("train", overrides=[*base, f"paths.output_dir={work / 'run'}", *extra])
 
     result: dict = {"image_size": size}
+    result["backbone_forward"] = forward_throughput(config())
     result["train_lightning"], result["page_faults_per_s"] = lightning_throughput(config())
     result["train_loop"] = loop_throughput(config())
     result["lightning_vs_loop"] = result["train_lightning"] / result["train_loop"]
