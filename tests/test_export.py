@@ -10,11 +10,12 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from crack_lightning.errors import PredictionError
-from crack_lightning.export import export_model
+from crack_lightning.export import check_quantize, export_int8, export_model
 from crack_lightning.images import load_rgb
-from crack_lightning.inference import load_checkpoint_model
+from crack_lightning.inference import OnnxClassifier, classify_files, load_checkpoint_model
 from crack_lightning.prediction import run
 from crack_lightning.transforms import eval_transform
 
@@ -81,3 +82,48 @@ def test_unknown_export_format_is_refused(trained_run, tmp_path):
     model = load_checkpoint_model(trained_run / "checkpoints" / "best.ckpt")
     with pytest.raises(PredictionError, match="format='tflite' is not one of"):
         export_model(model, "tflite", tmp_path / "m.tflite")
+
+
+def _int8_settings(**changes) -> DictConfig:
+    """conf/export.yaml's calibration settings with changes: the config stays the source."""
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "export.yaml")
+    return OmegaConf.merge(cfg.calibration, changes)
+
+
+def test_int8_export_keeps_accuracy_on_the_real_sample(
+    trained_run, exported, sample_root, tmp_path
+):
+    """Calibrated on 32 training-split images; scored on all 481 against the fp32 model."""
+    with (trained_run / "split_manifest.csv").open() as f:
+        train = [sample_root / r["path"] for r in csv.DictReader(f) if r["split"] == "train"]
+    model = load_checkpoint_model(trained_run / "checkpoints" / "best.ckpt")
+    settings = _int8_settings(inputs=[str(p) for p in train], images=32)
+    int8 = export_int8(model, tmp_path / "model.int8.onnx", settings, progress=False)
+
+    files = sorted(p for p in sample_root.rglob("*.jpg"))
+    truth = np.array([p.parent.name == "Positive" for p in files])
+    fp32_probs, _ = classify_files(OnnxClassifier(exported["onnx"]), files, 64, 0, progress=False)
+    int8_probs, _ = classify_files(OnnxClassifier(int8), files, 64, 0, progress=False)
+    fp32_wrong = int(((fp32_probs >= 0.5) != truth).sum())
+    int8_wrong = int(((int8_probs >= 0.5) != truth).sum())
+    assert 100 * (int8_wrong - fp32_wrong) / len(files) <= 0.5, (fp32_wrong, int8_wrong)
+    assert np.abs(int8_probs - fp32_probs).mean() < 0.02
+    assert int8.stat().st_size < exported["onnx"].stat().st_size / 2
+    metadata = {p.key: p.value for p in onnx.load(str(int8)).metadata_props}
+    assert metadata["image_size"] == "160" and metadata["quantization"].startswith("int8")
+
+
+def test_bad_int8_settings_are_refused(trained_run, sample_root, tmp_path):
+    with pytest.raises(PredictionError, match="quantize='int4' is not one of"):
+        check_quantize("int4", "onnx")
+    with pytest.raises(PredictionError, match="quantize=int8 needs format=onnx"):
+        check_quantize("int8", "torchscript")
+    model = load_checkpoint_model(trained_run / "checkpoints" / "best.ckpt")
+    for changes, message in (
+        ({}, "needs calibration.inputs"),
+        ({"inputs": [str(sample_root)], "images": 0}, "calibration.images=0"),
+        ({"inputs": [str(sample_root)], "float_convs": -1}, "calibration.float_convs=-1"),
+        ({"inputs": [str(tmp_path / "none")]}, "calibration.inputs holds no images"),
+    ):
+        with pytest.raises(PredictionError, match=message):
+            export_int8(model, tmp_path / "m.onnx", _int8_settings(**changes), progress=False)

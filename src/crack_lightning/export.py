@@ -5,26 +5,37 @@
 The exported model takes uint8 RGB images (N, 3, S, S), already resized to S = the
 training image size (stored as metadata), and returns class probabilities (N, 2):
 [P(Negative), P(crack)]. Scaling to [0, 1] and the backbone's normalisation are inside.
+
+`quantize=int8 calibration.inputs=[TRAINING_IMAGES]` writes an int8 ONNX model instead
+(static, per-channel, calibrated on training images): about 1.7x faster on CPU, 3.5x
+smaller, same predictions on the real sample (README "Export").
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from tqdm.auto import tqdm
 
-from crack_lightning.errors import CrackLightningError, PredictionError
+from crack_lightning.errors import CrackLightningError, PredictionError, UnreadableImage
+from crack_lightning.images import collect_inputs, load_rgb
 from crack_lightning.inference import load_checkpoint_model
 from crack_lightning.layout import CLASS_NAMES
 from crack_lightning.model import CrackClassifier
 from crack_lightning.runtime import quiet_logs
+from crack_lightning.transforms import eval_transform
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+QUANTIZE = (None, "int8")
 
 
 class ProbabilityModel(nn.Module):
@@ -78,26 +89,201 @@ def _export_onnx(
         "input": "uint8 RGB, shape (N, 3, image_size, image_size), resized with antialiasing",
         "output": "probabilities (N, 2): P(Negative), P(Positive = crack)",
     }
+    _add_metadata(proto, metadata)
+    onnx.save(proto, str(output))
+
+
+def _add_metadata(proto, metadata: dict[str, str]) -> None:
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
+
+
+def calibration_files(inputs: Sequence[str] | None, count: int) -> list[Path]:
+    """`count` image files spread evenly over the sorted inputs (files, folders, globs).
+
+    Evenly spaced rather than the first ones, so that both class folders (and every part
+    of a large set) are represented; deterministic, so an export can be repeated.
+    """
+    if not inputs:
+        raise PredictionError(
+            "quantize=int8 needs calibration.inputs: training images (a folder with "
+            "Positive/ and Negative/, files or glob patterns), e.g. "
+            "calibration.inputs=[data/concrete_crack]. Use images the model was trained on, "
+            "not those you evaluate it on."
+        )
+    if int(count) < 1:
+        raise PredictionError(f"calibration.images={count} must be at least 1.")
+    files, problems = collect_inputs([str(item) for item in inputs])
+    if not files:
+        reasons = "; ".join(f"{item}: {reason}" for item, reason in problems)
+        raise PredictionError(f"calibration.inputs holds no images ({reasons}).")
+    picks = np.linspace(0, len(files) - 1, num=min(int(count), len(files))).round()
+    return [files[int(i)] for i in dict.fromkeys(picks)]
+
+
+class CalibrationImages:
+    """Feeds calibration batches to onnxruntime's calibrator, decoded and resized exactly
+    as predict.py does (so the ranges are those seen at prediction), with a progress bar.
+    Unreadable files are skipped and counted."""
+
+    def __init__(
+        self, files: Sequence[Path], image_size: int, batch_size: int, progress: bool
+    ) -> None:
+        if int(batch_size) < 1:
+            raise PredictionError(f"calibration.batch_size={batch_size} must be at least 1.")
+        self.files, self.batch_size = list(files), int(batch_size)
+        self.transform = eval_transform(image_size)
+        self.skipped: list[Path] = []
+        self.position = 0
+        self.progress = progress
+        self.bar: tqdm | None = None  # opened at the first batch, not during the export
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.bar is None:
+            self.bar = tqdm(
+                total=len(self.files), desc="Calibrating", unit="img", disable=not self.progress
+            )
+        images = []
+        while not images and self.position < len(self.files):
+            for path in self.files[self.position : self.position + self.batch_size]:
+                try:
+                    images.append(self.transform(load_rgb(path)).numpy())
+                except UnreadableImage:
+                    self.skipped.append(path)
+            self.bar.update(min(self.batch_size, len(self.files) - self.position))
+            self.position += self.batch_size
+        if not images:
+            self.bar.close()
+            return None
+        return {"images": np.stack(images)}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def leading_nodes(model, count: int) -> list[str]:
+    """The first `count` Conv nodes and the activations (Clip, Relu) right after them.
+
+    They stay in float32: in MobileNetV2's first blocks, per-channel activation ranges
+    differ by orders of magnitude, and the one int8 range per tensor that onnxruntime uses
+    for activations wipes out the small channels. Quantised, they alone moved P(crack) by
+    0.04 on average and flipped 3-4 of the 481 sample images; kept in float, 0.007 and none,
+    for about a tenth of the int8 speed-up.
+    """
+    if int(count) < 0:
+        raise PredictionError(f"calibration.float_convs={count} must be 0 or more.")
+    convs = [node for node in model.graph.node if node.op_type == "Conv"][: int(count)]
+    outputs = {node.output[0] for node in convs}
+    activations = [
+        node.name
+        for node in model.graph.node
+        if node.op_type in ("Clip", "Relu") and node.input[0] in outputs
+    ]
+    return [node.name for node in convs] + activations
+
+
+def quantize_onnx(
+    fp32_path: Path,
+    output: Path,
+    calibration: CalibrationImages,
+    float_convs: int,
+) -> Path:
+    """Static int8 quantisation of an exported ONNX model for CPUs (QDQ format).
+
+    The settings are those that kept accuracy on the real sample (README "Export"): the
+    graph pre-processed (shape inference, constant folding) first; weights int8 per output
+    channel, activations uint8 (the u8 x s8 products of VNNI/AVX2 kernels) with MinMax
+    ranges; the leading `float_convs` convolutions left in float32. Percentile and Entropy
+    calibration were no more accurate and 5-8x slower to calibrate.
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(output),
+            calibration,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=False,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=leading_nodes(onnx.load(str(prepared)), float_convs),
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    if len(calibration.skipped) == len(calibration.files):
+        raise PredictionError("calibration.inputs: none of the calibration images could be read.")
+    source = {p.key: p.value for p in onnx.load(str(fp32_path)).metadata_props}
+    proto = onnx.load(str(output))
+    proto.ClearField("metadata_props")
+    _add_metadata(
+        proto,
+        {
+            **source,
+            "quantization": f"int8 static QDQ, per-channel, MinMax on "
+            f"{len(calibration.files) - len(calibration.skipped)} images, "
+            f"first {float_convs} convolutions in float32",
+        },
+    )
     onnx.save(proto, str(output))
+    return output
+
+
+def export_int8(
+    model: CrackClassifier, output: Path, calibration: DictConfig, progress: bool
+) -> Path:
+    """Export to ONNX, then quantise to int8 with images named in `calibration`."""
+    if int(calibration.float_convs) < 0:  # checked here too: before the slow steps
+        raise PredictionError(
+            f"calibration.float_convs={calibration.float_convs} must be 0 or more."
+        )
+    files = calibration_files(calibration.inputs, calibration.images)
+    size = int(model.hparams.image_size)
+    images = CalibrationImages(files, size, calibration.batch_size, progress)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_model(model, "onnx", Path(tmp) / "fp32.onnx")
+        return quantize_onnx(fp32, output, images, calibration.float_convs)
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     quiet_logs()
     try:
+        check_quantize(cfg.quantize, cfg.format)
         model = load_checkpoint_model(cfg.ckpt_path)
-        output = Path(cfg.output or Path(cfg.ckpt_path).with_suffix(FORMATS.get(cfg.format, "")))
-        path = export_model(model, cfg.format, output)
+        suffix = (".int8" if cfg.quantize else "") + FORMATS.get(cfg.format, "")
+        output = Path(cfg.output or Path(cfg.ckpt_path).with_suffix(suffix))
+        if cfg.quantize:
+            path = export_int8(model, output, cfg.calibration, cfg.progress)
+        else:
+            path = export_model(model, cfg.format, output)
     except CrackLightningError as err:
         print(f"\nerror: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    kind = f"{cfg.format}, {cfg.quantize}" if cfg.quantize else cfg.format
     print(
-        f"Exported {cfg.ckpt_path} as {cfg.format} to {path} "
+        f"Exported {cfg.ckpt_path} as {kind} to {path} "
         f"(input uint8 RGB {model.hparams.image_size}x{model.hparams.image_size})"
     )
+
+
+def check_quantize(quantize: str | None, fmt: str) -> None:
+    """Refuse quantisation settings that cannot work, before any slow step."""
+    if quantize not in QUANTIZE:
+        raise PredictionError(f"quantize={quantize!r} is not one of null, int8.")
+    if quantize and fmt != "onnx":
+        raise PredictionError(f"quantize={quantize} needs format=onnx (got format={fmt}).")
 
 
 if __name__ == "__main__":
