@@ -17,6 +17,7 @@ FIGURES = {
     "validate",
     "predict_torch",
     "predict_onnx",
+    "predict_onnx_int8",
     "one_backbone_pass_s",
     "uncached_s",
     "cached_1view_cold_s",

@@ -4,7 +4,7 @@ Measures, in one process, on a data set made by repeating the real sample:
 - the frozen backbone's forward pass alone (images/s), the ceiling for all below;
 - training throughput (images/s, warm-up excluded) of the Lightning pipeline and of a
   minimal hand-written PyTorch loop doing the same work, and their ratio;
-- validation and prediction throughput, PyTorch and ONNX Runtime;
+- validation and prediction throughput: PyTorch, ONNX Runtime, and its int8 model;
 - wall time of a 10-epoch run uncached, and cached (cold and warm cache), next to the
   time of one backbone pass over the data; peak RSS and page faults per second.
 Prints a table and one JSON line. Reference figures of the Keras pipeline this project
@@ -29,7 +29,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from crack_lightning.export import export_model
+from crack_lightning.export import export_int8, export_model
 from crack_lightning.inference import OnnxClassifier, TorchClassifier, classify_files
 from crack_lightning.layout import CLASS_NAMES, scan_samples
 from crack_lightning.runtime import quiet_logs, tune_malloc
@@ -175,6 +175,14 @@ def ten_epochs(cfg: DictConfig) -> float:
     return timed(lambda: train(cfg))
 
 
+def calibration(data: Path) -> DictConfig:
+    """conf/export.yaml's int8 calibration settings, on 64 of the benchmark's images."""
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("export", overrides=["ckpt_path=unused", f"calibration.inputs=[{data}]"])
+    cfg.calibration.images = min(64, cfg.calibration.images)
+    return cfg.calibration
+
+
 def bench_size(args: argparse.Namespace, data: Path, size: int, work: Path) -> dict:
     weights = [f"model.weights_path={args.weights}"] if args.weights else ["model.pretrained=false"]
     base = [
@@ -209,6 +217,8 @@ def bench_size(args: argparse.Namespace, data: Path, size: int, work: Path) -> d
     )
     onnx_path = export_model(model, "onnx", work / f"model_{size}.onnx")
     result["predict_onnx"] = predict_throughput(OnnxClassifier(onnx_path), files, args.workers)
+    int8_path = export_int8(model, work / f"model_{size}.int8.onnx", calibration(data), False)
+    result["predict_onnx_int8"] = predict_throughput(OnnxClassifier(int8_path), files, args.workers)
     result["one_backbone_pass_s"] = len(files) / result["predict_torch"]
 
     if args.epochs:
@@ -224,10 +234,14 @@ def bench_size(args: argparse.Namespace, data: Path, size: int, work: Path) -> d
         result["cached_1view_cold_vs_one_pass"] = (
             result["cached_1view_cold_s"] / result["one_backbone_pass_s"]
         )
-    for kind in ("train", "predict"):
+    for name, kind in (
+        ("train_lightning", "train"),
+        ("predict_torch", "predict"),
+        ("predict_onnx", "predict"),
+        ("predict_onnx_int8", "predict"),
+    ):
         if size in KERAS[kind]:
-            ours = result["train_lightning" if kind == "train" else "predict_torch"]
-            result[f"{kind}_vs_keras"] = ours / KERAS[kind][size]
+            result[f"{name}_vs_keras"] = result[name] / KERAS[kind][size]
     return result
 
 
