@@ -228,7 +228,8 @@ class CrackClassifier(L.LightningModule):
         costs Lightning a walk over AUROC's stored predictions per call: quadratic in
         the epoch's length, and most of the time of training on cached features."""
         metrics = getattr(self, f"{stage}_metrics")
-        self.log_dict(metrics.compute(), prog_bar=stage == "val")  # synced under DDP
+        if not self.trainer.sanity_checking:  # a couple of batches, often of one class
+            self.log_dict(metrics.compute(), prog_bar=stage == "val")  # synced under DDP
         metrics.reset()
 
     def on_train_epoch_end(self) -> None:
