@@ -118,12 +118,18 @@ def test_bad_int8_settings_are_refused(trained_run, sample_root, tmp_path):
         check_quantize("int4", "onnx")
     with pytest.raises(PredictionError, match="quantize=int8 needs format=onnx"):
         check_quantize("int8", "torchscript")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (broken / name).write_text("not a JPEG")
     model = load_checkpoint_model(trained_run / "checkpoints" / "best.ckpt")
     for changes, message in (
         ({}, "needs calibration.inputs"),
         ({"inputs": [str(sample_root)], "images": 0}, "calibration.images=0"),
         ({"inputs": [str(sample_root)], "float_convs": -1}, "calibration.float_convs=-1"),
+        ({"inputs": [str(sample_root)], "batch_size": 0}, "calibration.batch_size=0"),
         ({"inputs": [str(tmp_path / "none")]}, "calibration.inputs holds no images"),
+        ({"inputs": [str(broken)]}, "none of the 2 calibration images could be read"),
     ):
         with pytest.raises(PredictionError, match=message):
             export_int8(model, tmp_path / "m.onnx", _int8_settings(**changes), progress=False)
