@@ -34,7 +34,6 @@ from crack_lightning.inference import OnnxClassifier, TorchClassifier, classify_
 from crack_lightning.layout import CLASS_NAMES, scan_samples
 from crack_lightning.runtime import quiet_logs, tune_malloc
 from crack_lightning.training import build, train
-from crack_lightning.transforms import augment_batch
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
@@ -119,8 +118,7 @@ def loop_throughput(cfg: DictConfig) -> float:
     for step, (images, labels) in enumerate(datamodule.train_dataloader()):
         if step == WARMUP_BATCHES:
             start = time.perf_counter()
-        if datamodule.augmentation.enabled:
-            images = augment_batch(images, datamodule.augmentation)
+        images = datamodule.augment(images)
         loss = torch.nn.functional.cross_entropy(net(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

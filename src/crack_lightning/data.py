@@ -153,15 +153,19 @@ class CrackDataModule(L.LightningDataModule):
         )
         self.features = cache.features
 
+    def augment(self, inputs: torch.Tensor) -> torch.Tensor:
+        """A training batch augmented on its device; cached features (N, dim) pass
+        unchanged: their dihedral views stand in."""
+        if self.augmentation.enabled and inputs.ndim == 4:
+            return augment_batch(inputs, self.augmentation)
+        return inputs
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Augment training image batches on their device (cached features are not: their
-        dihedral views stand in)."""
-        images, labels = batch
-        trainer = self.trainer
-        augment = trainer is not None and trainer.training and self.augmentation.enabled
-        if augment and images.ndim == 4:
-            images = augment_batch(images, self.augmentation)
-        return images, labels
+        """Augment training batches once they are on their device."""
+        inputs, labels = batch
+        if self.trainer is not None and self.trainer.training:
+            inputs = self.augment(inputs)
+        return inputs, labels
 
     def write_manifest(self, path: Path) -> None:
         """Record which file went to which split, so a run can be audited and repeated."""

@@ -21,6 +21,7 @@ from torchmetrics.classification import (
 from crack_lightning.backbones import build_feature_extractor, fold_batchnorm, normalization
 from crack_lightning.errors import ModelConfigError
 from crack_lightning.layout import CLASS_NAMES
+from crack_lightning.transforms import to_unit_float
 
 SCHEDULERS = {
     "cosine": (torch.optim.lr_scheduler.CosineAnnealingLR, set()),
@@ -130,9 +131,9 @@ class CrackNet(nn.Module):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [0, 255] (or float [0, 1]) RGB -> the backbone's normalised input."""
-        if images.dtype == torch.uint8:
-            images = images.float().div(255)
-        return ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        return ((to_unit_float(images) - self.mean) / self.std).contiguous(
+            memory_format=self.memory_format
+        )
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features; a frozen backbone runs BatchNorm-folded in inference

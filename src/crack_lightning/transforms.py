@@ -51,6 +51,11 @@ def eval_transform(image_size: int) -> v2.Compose:
     return v2.Compose([v2.PILToTensor(), v2.Resize((image_size, image_size), antialias=True)])
 
 
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] images as float [0, 1]; float images pass unchanged."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
 def augment_batch(images: torch.Tensor, augmentation: Augmentation) -> torch.Tensor:
     """Random flips and rotation of an image batch as one bilinear resampling per batch,
     corners filled by reflection (as Keras' fill_mode="reflect"); float [0, 1] out.
@@ -60,8 +65,7 @@ def augment_batch(images: torch.Tensor, augmentation: Augmentation) -> torch.Ten
     forward pass for the same cores, and on a GPU it costs nothing.
     """
     n, device = len(images), images.device
-    if images.dtype == torch.uint8:
-        images = images.float().div_(255)
+    images = to_unit_float(images)
 
     def signs(enabled: bool) -> torch.Tensor:
         if not enabled:
