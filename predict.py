@@ -16,7 +16,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    from crack_lightning.prediction import main as predict_main
+    from crack_lightning.inference.run import main as predict_main
 
     predict_main(cfg)
 

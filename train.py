@@ -7,7 +7,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from crack_lightning.naming import register_resolvers
+from crack_lightning.training.job_names import register_resolvers
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -16,7 +16,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from crack_lightning.training import main as train_main
+    from crack_lightning.training.run import main as train_main
 
     return train_main(cfg)
 
@@ -24,9 +24,9 @@ def main(cfg: DictConfig) -> float | None:
 def prepare_command_line() -> None:
     """What must happen before Hydra picks the run directory: complete `ckpt_path=last`
     with the run to continue, and refuse torchrun/srun launches that name no shared one."""
-    from crack_lightning.distributed import launch_argv
     from crack_lightning.errors import CrackLightningError
-    from crack_lightning.resume import resume_argv
+    from crack_lightning.training.distributed import launch_argv
+    from crack_lightning.training.resume import resume_argv
 
     try:
         sys.argv = resume_argv(launch_argv(sys.argv), CONF_DIR)

@@ -12,8 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from crack_lightning.data.synthetic import generate_dataset
 from crack_lightning.runtime import quiet_logs, tune_malloc
-from crack_lightning.synthetic import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -127,7 +127,7 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
 def trained_run(tmp_path_factory: pytest.TempPathFactory, sample_root, backbone_weights) -> Path:
     """A run directory trained briefly on the real sample with real ImageNet features
     (3 epochs at 160 px): the model the prediction and export tests use."""
-    from crack_lightning.training import train
+    from crack_lightning.training.run import train
 
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     cfg = compose_config(

@@ -8,15 +8,15 @@ import pytest
 import torch
 from torchvision import models
 
-from crack_lightning.backbones import (
+from crack_lightning.errors import ModelConfigError, WeightsError
+from crack_lightning.models.backbones import (
     BACKBONES,
     build_feature_extractor,
     download_state_dict,
     get_spec,
     load_weights_file,
 )
-from crack_lightning.errors import ModelConfigError, WeightsError
-from crack_lightning.training import build
+from crack_lightning.training.run import build
 
 from .conftest import CONF_DIR, MODEL_OPTIONS
 

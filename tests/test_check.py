@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from crack_lightning.check import check_dataset, file_problem
-from crack_lightning.data_cli import main as cli
+from crack_lightning.data.check import check_dataset, file_problem
+from crack_lightning.data.cli import main as cli
 from crack_lightning.errors import DataError
-from crack_lightning.training import build
+from crack_lightning.training.run import build
 
 from .conftest import run_python
 

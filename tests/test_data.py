@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from crack_lightning.data import CrackDataModule
+from crack_lightning.data.datamodule import CrackDataModule
+from crack_lightning.data.layout import scan_samples
+from crack_lightning.data.splits import stratified_split
+from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import DataError
-from crack_lightning.layout import scan_samples
-from crack_lightning.splits import stratified_split
-from crack_lightning.training import build
-from crack_lightning.transforms import Augmentation, augment_batch
+from crack_lightning.training.run import build
 
 
 def make_images(folder: Path, count: int, colour: int = 128) -> None:

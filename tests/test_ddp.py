@@ -11,9 +11,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from crack_lightning.distributed import launch_argv
 from crack_lightning.errors import RunDirError
-from crack_lightning.training import build, build_model
+from crack_lightning.training.distributed import launch_argv
+from crack_lightning.training.run import build, build_model
 
 from .conftest import QUIET, compose_config, run_train_py
 

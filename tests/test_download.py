@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from crack_lightning import archives
-from crack_lightning import download as download_module
-from crack_lightning.archives import extract_images, unpack_rar
-from crack_lightning.data_cli import main as cli
-from crack_lightning.download import MARKER_NAME, Source, ensure_dataset, fetch
+from crack_lightning.data import archives
+from crack_lightning.data import download as download_module
+from crack_lightning.data.archives import extract_images, unpack_rar
+from crack_lightning.data.cli import main as cli
+from crack_lightning.data.download import MARKER_NAME, Source, ensure_dataset, fetch
 from crack_lightning.errors import DataError
-from crack_lightning.training import build
+from crack_lightning.training.run import build
 from tests.rar4 import write_rar4
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rar"

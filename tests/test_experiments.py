@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crack_lightning.training import train
+from crack_lightning.training.run import train
 
 from .conftest import QUIET, compose_config
 

@@ -12,12 +12,16 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from crack_lightning.data.images import load_rgb
+from crack_lightning.data.transforms import eval_transform
 from crack_lightning.errors import PredictionError
-from crack_lightning.export import check_quantize, export_int8, export_model
-from crack_lightning.images import load_rgb
-from crack_lightning.inference import OnnxClassifier, classify_files, load_checkpoint_model
-from crack_lightning.prediction import run
-from crack_lightning.transforms import eval_transform
+from crack_lightning.inference.classifiers import (
+    OnnxClassifier,
+    classify_files,
+    load_checkpoint_model,
+)
+from crack_lightning.inference.export import check_quantize, export_int8, export_model
+from crack_lightning.inference.run import run
 
 
 @pytest.fixture(scope="module")

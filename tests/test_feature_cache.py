@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from crack_lightning.data.feature_cache import apply_view, cache_key
 from crack_lightning.errors import ModelConfigError
-from crack_lightning.feature_cache import apply_view, cache_key
-from crack_lightning.training import build, train
+from crack_lightning.training.run import build, train
 
 
 def cache_files(cfg) -> list[Path]:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from crack_lightning.backbones import BACKBONES, build_feature_extractor
 from crack_lightning.errors import ModelConfigError
-from crack_lightning.finetuning import backbone_blocks
-from crack_lightning.training import train
+from crack_lightning.models.backbones import BACKBONES, build_feature_extractor
+from crack_lightning.models.finetuning import backbone_blocks
+from crack_lightning.training.run import train
 
 BLOCK_COUNTS = {
     "mobilenet_v2": 19,
@@ -154,8 +154,8 @@ def test_train_bn_true_trains_the_unfrozen_blocks_batchnorm_with_a_cosine_schedu
 
 def test_a_frozen_part_stays_in_eval_mode_after_unfreezing(random_backbone, make_cfg):
     """CrackNet.train() forces only what is still frozen into eval mode."""
-    from crack_lightning.finetuning import BackboneUnfreeze
-    from crack_lightning.training import build
+    from crack_lightning.models.finetuning import BackboneUnfreeze
+    from crack_lightning.training.run import build
 
     weights, _ = random_backbone
     cfg = make_cfg("model=mobilenetv3_small", f"model.weights_path={weights}")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from crack_lightning.data.grouping import dhash, near_duplicate_groups, neighbour_pairs
+from crack_lightning.data.splits import grouped_split, stratified_split
 from crack_lightning.errors import DataError
-from crack_lightning.grouping import dhash, near_duplicate_groups, neighbour_pairs
-from crack_lightning.splits import grouped_split, stratified_split
-from crack_lightning.training import build
+from crack_lightning.training.run import build
 
 # crops of one crack in the real sample that overlap (found by eye after hashing)
 OVERLAPPING = [
@@ -162,7 +162,7 @@ def test_grouped_split_keeps_near_duplicates_together(make_cfg, sample_root, tmp
             (root / name).mkdir(parents=True, exist_ok=True)
             (root / name / path.name).write_bytes(path.read_bytes())
             shifted_copy(path, root / name / f"near_{path.name}")
-    caplog.set_level("INFO", logger="crack_lightning.data")
+    caplog.set_level("INFO", logger="crack_lightning.data.datamodule")
     dm = build(make_cfg(f"data.root={root}", "data.split=grouped").data)
     dm.setup("fit")
     side = {Path(dm.samples[i][0]).name: n for n, idx in dm.split.items() for i in idx}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crack_lightning.errors import ModelConfigError
-from crack_lightning.training import build
+from crack_lightning.training.run import build
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from crack_lightning.errors import ModelConfigError, RunDirError
-from crack_lightning.resume import latest_run, resume_argv
-from crack_lightning.training import train
+from crack_lightning.training.resume import latest_run, resume_argv
+from crack_lightning.training.run import train
 
 from .conftest import CONF_DIR, QUIET, ROOT, run_train_py
 

@@ -15,9 +15,9 @@ import yaml
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
 from crack_lightning.errors import RunDirError
-from crack_lightning.naming import job_dir_name
-from crack_lightning.summarize import main as summarize_main
-from crack_lightning.summarize import write_summary
+from crack_lightning.training.job_names import job_dir_name
+from crack_lightning.training.sweep_summary import main as summarize_main
+from crack_lightning.training.sweep_summary import write_summary
 
 from .conftest import ROOT, run_train_py
 

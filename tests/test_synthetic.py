@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from crack_lightning.layout import scan_samples
-from crack_lightning.synthetic import generate_dataset
+from crack_lightning.data.layout import scan_samples
+from crack_lightning.data.synthetic import generate_dataset
 
 
 def dark_line_share(path) -> float:

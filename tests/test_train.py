@@ -12,7 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from crack_lightning.errors import DataError, ModelConfigError, WeightsError
-from crack_lightning.training import build, train
+from crack_lightning.training.run import build, train
 
 from .conftest import run_train_py
 

@@ -29,11 +29,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from crack_lightning.export import export_int8, export_model
-from crack_lightning.inference import OnnxClassifier, TorchClassifier, classify_files
-from crack_lightning.layout import CLASS_NAMES, scan_samples
+from crack_lightning.data.layout import CLASS_NAMES, scan_samples
+from crack_lightning.inference.classifiers import OnnxClassifier, TorchClassifier, classify_files
+from crack_lightning.inference.export import export_int8, export_model
 from crack_lightning.runtime import quiet_logs, tune_malloc
-from crack_lightning.training import build, train
+from crack_lightning.training.run import build, train
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"

@@ -12,9 +12,9 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.errors import PredictionError
-from crack_lightning.inference import OnnxClassifier, TorchClassifier
-from crack_lightning.layout import CLASS_NAMES
+from crack_lightning.inference.classifiers import OnnxClassifier, TorchClassifier
 
 # the heat-map PNG is scaled down to this longest side; the CSV keeps full-size coordinates
 MAX_FIGURE_SIDE = 2048

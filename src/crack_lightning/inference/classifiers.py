@@ -11,11 +11,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from crack_lightning.data.images import load_rgb
+from crack_lightning.data.transforms import eval_transform
 from crack_lightning.errors import PredictionError, UnreadableImage
-from crack_lightning.images import load_rgb
-from crack_lightning.model import CrackClassifier
+from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.serialization import load_safely
-from crack_lightning.transforms import eval_transform
 
 
 def load_checkpoint_model(path: str | Path) -> CrackClassifier:

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from crack_lightning.data.images import collect_inputs, label_from_path, load_rgb
+from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.errors import CrackLightningError, PredictionError, UnreadableImage
-from crack_lightning.evaluation import binary_metrics, format_report, write_evaluation
-from crack_lightning.images import collect_inputs, label_from_path, load_rgb
-from crack_lightning.inference import classify_files, load_classifier
-from crack_lightning.layout import CLASS_NAMES
-from crack_lightning.plots import image_grid_figure, save
+from crack_lightning.evaluation.metrics import binary_metrics, format_report, write_evaluation
+from crack_lightning.evaluation.plots import image_grid_figure, save
+from crack_lightning.inference.classifiers import classify_files, load_classifier
+from crack_lightning.inference.scan import render_scan, scan_photo, write_scan_csv
 from crack_lightning.runtime import quiet_logs, tune_malloc
-from crack_lightning.scan import render_scan, scan_photo, write_scan_csv
 
 MODES = ("predict", "eval", "scan")
 

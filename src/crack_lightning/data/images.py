@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.errors import UnreadableImage
-from crack_lightning.layout import CLASS_NAMES
 
 _GLOB_CHARS = set("*?[")
 

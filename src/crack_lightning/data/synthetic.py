@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from crack_lightning.layout import CLASS_NAMES
+from crack_lightning.data.layout import CLASS_NAMES
 
 _MARKER = ".synthetic.json"
 

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from crack_lightning.evaluation import confusion_matrix
-from crack_lightning.layout import CLASS_NAMES
-from crack_lightning.plots import confusion_matrix_figure, image_grid_figure
-from crack_lightning.resume import LAST_CKPT
+from crack_lightning.data.layout import CLASS_NAMES
+from crack_lightning.evaluation.metrics import confusion_matrix
+from crack_lightning.evaluation.plots import confusion_matrix_figure, image_grid_figure
+from crack_lightning.training.resume import LAST_CKPT
 
 log = logging.getLogger(__name__)
 

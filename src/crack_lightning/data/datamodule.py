@@ -13,15 +13,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import default_loader
 
-from crack_lightning.check import require_clean
-from crack_lightning.download import ensure_dataset
+from crack_lightning.data.check import require_clean
+from crack_lightning.data.download import ensure_dataset
+from crack_lightning.data.feature_cache import MAX_VIEWS, FeatureViews, cached_features
+from crack_lightning.data.grouping import check_distance, image_hashes, near_duplicate_groups
+from crack_lightning.data.layout import scan_samples
+from crack_lightning.data.splits import (
+    check_fractions,
+    grouped_split,
+    stratified_split,
+    write_manifest,
+)
+from crack_lightning.data.synthetic import generate_dataset
+from crack_lightning.data.transforms import Augmentation, augment_batch, eval_transform
 from crack_lightning.errors import DataError
-from crack_lightning.feature_cache import MAX_VIEWS, FeatureViews, cached_features
-from crack_lightning.grouping import check_distance, image_hashes, near_duplicate_groups
-from crack_lightning.layout import scan_samples
-from crack_lightning.splits import check_fractions, grouped_split, stratified_split, write_manifest
-from crack_lightning.synthetic import generate_dataset
-from crack_lightning.transforms import Augmentation, augment_batch, eval_transform
 
 log = logging.getLogger(__name__)
 SPLIT_KINDS = ("random", "grouped")
@@ -204,9 +209,3 @@ class CrackDataModule(L.LightningDataModule):
         if not self.has_test_split:
             raise DataError("No test split: set data.test_fraction > 0 to hold one out.")
         return self._loader("test", eval_transform(self.hparams.image_size), shuffle=False)
-
-
-if __name__ == "__main__":
-    from crack_lightning.data_cli import main
-
-    raise SystemExit(main())

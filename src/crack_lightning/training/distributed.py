@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from crack_lightning.errors import RunDirError
-from crack_lightning.resume import MULTIRUN_FLAGS, override_value
+from crack_lightning.training.resume import MULTIRUN_FLAGS, override_value
 
 # variables torchrun (torch.distributed.run) sets in every process it starts; Lightning's
 # TorchElasticEnvironment looks for the same ones

@@ -20,14 +20,14 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from crack_lightning.callbacks import ResumeHint
-from crack_lightning.data import CrackDataModule
-from crack_lightning.distributed import ddp_job
+from crack_lightning.data.datamodule import CrackDataModule
 from crack_lightning.errors import CrackLightningError, ModelConfigError
-from crack_lightning.finetuning import BackboneUnfreeze
-from crack_lightning.model import CrackClassifier
-from crack_lightning.resume import resolve_ckpt_path, resume_step
+from crack_lightning.models.classifier import CrackClassifier
+from crack_lightning.models.finetuning import BackboneUnfreeze
 from crack_lightning.runtime import quiet_logs, tune_malloc
+from crack_lightning.training.callbacks import ResumeHint
+from crack_lightning.training.distributed import ddp_job
+from crack_lightning.training.resume import resolve_ckpt_path, resume_step
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.errors import DataError
-from crack_lightning.layout import CLASS_NAMES
 
 SPLITS = ("train", "val", "test")
 

@@ -16,8 +16,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from crack_lightning.check import check_dataset
-from crack_lightning.download import ensure_dataset
+from crack_lightning.data.check import check_dataset
+from crack_lightning.data.download import ensure_dataset
 from crack_lightning.errors import CrackLightningError, DataError
 
 DEFAULT_ROOT = "data/concrete_crack"

@@ -28,8 +28,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from crack_lightning.distributed import process_rank
 from crack_lightning.errors import CrackLightningError, RunDirError
+from crack_lightning.training.distributed import process_rank
 
 log = logging.getLogger(__name__)
 

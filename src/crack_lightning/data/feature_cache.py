@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from crack_lightning.transforms import eval_transform
+from crack_lightning.data.transforms import eval_transform
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1

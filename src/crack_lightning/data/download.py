@@ -20,9 +20,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from crack_lightning.archives import extract_images, is_image
+from crack_lightning.data.archives import extract_images, is_image
+from crack_lightning.data.layout import CLASS_NAMES, find_class_dirs
 from crack_lightning.errors import DataError
-from crack_lightning.layout import CLASS_NAMES, find_class_dirs
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from crack_lightning.data.layout import CLASS_NAMES, IMG_EXTENSIONS
 from crack_lightning.errors import DataError
-from crack_lightning.layout import CLASS_NAMES, IMG_EXTENSIONS
 
 RAR_MAGIC = b"Rar!\x1a\x07"
 ZIP_MAGIC = b"PK\x03\x04"

@@ -20,8 +20,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from crack_lightning.data.layout import CLASS_NAMES, find_class_dirs, scan_samples
 from crack_lightning.errors import DataError
-from crack_lightning.layout import CLASS_NAMES, find_class_dirs, scan_samples
 
 # file signatures of the formats ImageFolder accepts (by extension)
 SIGNATURES = {

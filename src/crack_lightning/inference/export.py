@@ -26,13 +26,13 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
+from crack_lightning.data.images import collect_inputs, load_rgb
+from crack_lightning.data.layout import CLASS_NAMES
+from crack_lightning.data.transforms import eval_transform
 from crack_lightning.errors import CrackLightningError, PredictionError, UnreadableImage
-from crack_lightning.images import collect_inputs, load_rgb
-from crack_lightning.inference import load_checkpoint_model
-from crack_lightning.layout import CLASS_NAMES
-from crack_lightning.model import CrackClassifier
+from crack_lightning.inference.classifiers import load_checkpoint_model
+from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.runtime import quiet_logs
-from crack_lightning.transforms import eval_transform
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 QUANTIZE = (None, "int8")
@@ -258,7 +258,7 @@ def export_int8(
         return quantize_onnx(fp32, output, images, calibration.float_convs)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="../../../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     quiet_logs()
     try:
@@ -289,5 +289,5 @@ def check_quantize(quantize: str | None, fmt: str) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[2]))
+    os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[3]))
     main()

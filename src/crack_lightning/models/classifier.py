@@ -18,10 +18,10 @@ from torchmetrics.classification import (
     BinaryRecall,
 )
 
-from crack_lightning.backbones import build_feature_extractor, fold_batchnorm, normalization
+from crack_lightning.data.layout import CLASS_NAMES
+from crack_lightning.data.transforms import to_unit_float
 from crack_lightning.errors import ModelConfigError
-from crack_lightning.layout import CLASS_NAMES
-from crack_lightning.transforms import to_unit_float
+from crack_lightning.models.backbones import build_feature_extractor, fold_batchnorm, normalization
 
 SCHEDULERS = {
     "cosine": (torch.optim.lr_scheduler.CosineAnnealingLR, set()),
