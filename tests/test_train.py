@@ -11,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from crack_lightning.errors import DataError, ModelConfigError, WeightsError
+from crack_lightning.errors import ConfigError, DataError, ModelConfigError, WeightsError
 from crack_lightning.training.run import build, train
 
 from .conftest import run_train_py
@@ -156,6 +156,26 @@ def test_bad_settings_stop_before_training(synthetic_cfg, tmp_path, override, er
     with pytest.raises(error, match=message):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "message"),
+    [
+        ("model.lr=abc", ModelConfigError, r"model.lr=abc must be a number\."),
+        ("model.lr=-1", ModelConfigError, r"model.lr=-1.0 must be a learning rate > 0"),
+        ("trainer.max_epochs=-1", ConfigError, r"trainer.max_epochs=-1 must be an integer >= 1"),
+        ("data.val_fraction=abc", DataError, r"data.val_fraction=abc must be a number\."),
+        ("data.batch_size=abc", DataError, r"data.batch_size=abc must be an integer\."),
+        ("data.batch_size=0", DataError, r"data.batch_size=0 must be an integer >= 1"),
+    ],
+)
+def test_wrong_setting_types_and_ranges_stop_before_any_data_is_read(
+    synthetic_cfg, tmp_path, override, error, message
+):
+    """Named at once, before the data root (missing here) is even looked at."""
+    cfg = synthetic_cfg(f"data.root={tmp_path / 'missing'}", override)
+    with pytest.raises(error, match=message):
+        train(cfg)
 
 
 def test_offline_pretrained_download_says_to_use_weights_path(synthetic_cfg, monkeypatch):

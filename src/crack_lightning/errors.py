@@ -5,6 +5,10 @@ class CrackLightningError(Exception):
     """Base class; entry points print these without a traceback."""
 
 
+class ConfigError(CrackLightningError):
+    """A setting has the wrong type or lies outside its range (the message says which)."""
+
+
 class DataError(CrackLightningError):
     """The data set on disk is missing or not laid out as expected."""
 

@@ -181,8 +181,6 @@ class CrackClassifier(L.LightningModule):
         # plain values only, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(logger=False)
         check_scheduler(scheduler)
-        if not 0 <= dropout < 1:
-            raise ModelConfigError(f"model.dropout={dropout} must lie in [0, 1).")
         extractor, feature_dim = build_feature_extractor(backbone, pretrained, weights_path)
         mean, std = normalization(backbone)
         self.net = CrackNet(

@@ -25,6 +25,7 @@ from crack_lightning.errors import CrackLightningError, ModelConfigError
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.models.finetuning import BackboneUnfreeze
 from crack_lightning.runtime import quiet_logs, tune_malloc
+from crack_lightning.settings import check_train_settings
 from crack_lightning.training.callbacks import ResumeHint
 from crack_lightning.training.distributed import ddp_job
 from crack_lightning.training.resume import resolve_ckpt_path, resume_step
@@ -158,6 +159,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Cheap checks (data layout, checkpoint path, weights) come before anything slow, so
     a bad setting stops the run at once.
     """
+    check_train_settings(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
