@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
 from hydra.utils import get_method
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from crack_lightning.data.feature_cache import MAX_VIEWS
@@ -125,14 +125,19 @@ def describe(annotation: Any) -> str:
     )
 
 
+def plain(value: Any) -> Any:
+    """A config value with its interpolations resolved, containers as dicts and lists."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
 def validate(values: Mapping | DictConfig, schema: type[S], section: str) -> S:
     """`values` (only the keys `schema` names) as a `schema` instance; a wrong type or
     range raises the schema's error naming `section.key`."""
-    if isinstance(values, DictConfig):
-        values = OmegaConf.to_container(values, resolve=True)
     names = {f.name: f for f in fields(schema)}
     types = typing.get_type_hints(schema)
-    subset = {k: v for k, v in values.items() if k in names}
+    subset = {k: plain(values[k]) for k in names if k in values}
     prefix = f"{section}." if section else ""
     if missing := [n for n in names if n not in subset]:
         raise schema.error(f"missing setting(s): {', '.join(prefix + n for n in missing)}.")

@@ -1,6 +1,6 @@
 """Self-contained model files for deployment: ONNX (for onnxruntime) or TorchScript.
 
-`python -m crack_lightning.export ckpt_path=RUN/checkpoints/best.ckpt format=onnx`
+`crack-export ckpt_path=RUN/checkpoints/best.ckpt format=onnx`
 
 The exported model takes uint8 RGB images (N, 3, S, S), already resized to S = the
 training image size (stored as metadata), and returns class probabilities (N, 2):
@@ -13,26 +13,23 @@ smaller, same predictions on the real sample (README "Export").
 
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
+from crack_lightning.cli import run_tool
 from crack_lightning.data.images import collect_inputs, load_rgb
 from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.data.transforms import eval_transform
-from crack_lightning.errors import CrackLightningError, PredictionError, UnreadableImage
+from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.inference.classifiers import load_checkpoint_model
 from crack_lightning.models.classifier import CrackClassifier
-from crack_lightning.runtime import quiet_logs
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 QUANTIZE = (None, "int8")
@@ -258,26 +255,26 @@ def export_int8(
         return quantize_onnx(fp32, output, images, calibration.float_convs)
 
 
-@hydra.main(version_base="1.3", config_path="../../../conf", config_name="export")
-def main(cfg: DictConfig) -> None:
-    quiet_logs()
-    try:
-        check_quantize(cfg.quantize, cfg.format)
-        model = load_checkpoint_model(cfg.ckpt_path)
-        suffix = (".int8" if cfg.quantize else "") + FORMATS.get(cfg.format, "")
-        output = Path(cfg.output or Path(cfg.ckpt_path).with_suffix(suffix))
-        if cfg.quantize:
-            path = export_int8(model, output, cfg.calibration, cfg.progress)
-        else:
-            path = export_model(model, cfg.format, output)
-    except CrackLightningError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+def export(cfg: DictConfig) -> None:
+    """The export command's body: conf/export.yaml's settings."""
+    check_quantize(cfg.quantize, cfg.format)
+    model = load_checkpoint_model(cfg.ckpt_path)
+    suffix = (".int8" if cfg.quantize else "") + FORMATS.get(cfg.format, "")
+    output = Path(cfg.output or Path(cfg.ckpt_path).with_suffix(suffix))
+    if cfg.quantize:
+        path = export_int8(model, output, cfg.calibration, cfg.progress)
+    else:
+        path = export_model(model, cfg.format, output)
     kind = f"{cfg.format}, {cfg.quantize}" if cfg.quantize else cfg.format
     print(
         f"Exported {cfg.ckpt_path} as {kind} to {path} "
         f"(input uint8 RGB {model.hparams.image_size}x{model.hparams.image_size})"
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`crack-export`: settings from conf/export.yaml."""
+    return run_tool("export", export, argv)
 
 
 def check_quantize(quantize: str | None, fmt: str) -> None:
@@ -289,5 +286,4 @@ def check_quantize(quantize: str | None, fmt: str) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[3]))
-    main()
+    raise SystemExit(main())

@@ -13,12 +13,11 @@ from omegaconf import DictConfig
 
 from crack_lightning.data.images import collect_inputs, label_from_path, load_rgb
 from crack_lightning.data.layout import CLASS_NAMES
-from crack_lightning.errors import CrackLightningError, PredictionError, UnreadableImage
+from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.evaluation.metrics import binary_metrics, format_report, write_evaluation
 from crack_lightning.evaluation.plots import image_grid_figure, save
 from crack_lightning.inference.classifiers import classify_files, load_classifier
 from crack_lightning.inference.scan import render_scan, scan_photo, write_scan_csv
-from crack_lightning.runtime import quiet_logs, tune_malloc
 
 MODES = ("predict", "eval", "scan")
 
@@ -158,6 +157,7 @@ def scan(cfg: DictConfig, classifier, files: list[Path]) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
+    """Hydra task of predict.py (crack_lightning.cli.predict): one of MODES; a summary."""
     if cfg.mode not in MODES:
         raise PredictionError(f"mode={cfg.mode} must be one of {', '.join(MODES)}.")
     if not 0 < cfg.threshold < 1:
@@ -177,14 +177,3 @@ def run(cfg: DictConfig) -> dict:
         f"Predictions: {summary['output']}"
     )
     return summary
-
-
-def main(cfg: DictConfig) -> dict:
-    """Hydra task: user errors print without a traceback and exit non-zero."""
-    tune_malloc()
-    quiet_logs()
-    try:
-        return run(cfg)
-    except CrackLightningError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        raise SystemExit(2) from None

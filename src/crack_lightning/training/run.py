@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,14 +15,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from crack_lightning.data.datamodule import CrackDataModule
 from crack_lightning.errors import CrackLightningError, ModelConfigError
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.models.finetuning import BackboneUnfreeze
-from crack_lightning.runtime import quiet_logs, tune_malloc
 from crack_lightning.settings import check_train_settings
 from crack_lightning.training.callbacks import ResumeHint
 from crack_lightning.training.distributed import ddp_job
@@ -206,19 +202,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Hydra task: train, print user errors without a traceback, return optimized_metric."""
-    tune_malloc()
-    quiet_logs()
+    """Hydra task (run by crack_lightning.cli.train): train, return optimized_metric."""
     if HydraConfig.initialized():  # in a multirun each job has its own directory
         with open_dict(cfg):
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    try:
-        metrics = train(cfg)
-    except CrackLightningError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except SIGTERMException:  # Lightning stopped after the current batch
-        raise SystemExit(128 + signal.SIGTERM) from None
+    metrics = train(cfg)
     name = cfg.get("optimized_metric")
     if name and name not in metrics:
         log.warning("optimized_metric=%s is not among the metrics %s", name, sorted(metrics))
