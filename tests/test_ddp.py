@@ -25,8 +25,9 @@ SETTINGS = [
     "trainer.max_epochs=2",
     # the last block joins at epoch 1, after DDP wrapped the model: its gradients are
     # averaged by the fine-tuning callback, not by DDP
-    "model.finetune.epoch=1",
-    "model.finetune.blocks=1",
+    "callbacks/finetune=unfreeze",
+    "callbacks.finetune.epoch=1",
+    "callbacks.finetune.blocks=1",
     *QUIET,
 ]
 LAST_BLOCK = "net.backbone.features.12."
@@ -116,7 +117,11 @@ def test_a_ddp_sweep_runs_each_job_once_in_its_own_folder(synthetic_root, tmp_pa
         "trainer.devices=2",
         f"data.root={synthetic_root}",
         f"paths.log_dir={logs}",
-        *[s for s in SETTINGS if not s.startswith(("trainer.max_epochs", "model.finetune"))],
+        *[
+            s
+            for s in SETTINGS
+            if not s.startswith(("trainer.max_epochs", "callbacks/finetune", "callbacks.finetune"))
+        ],
         "trainer.max_epochs=1",
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

@@ -178,6 +178,23 @@ def test_wrong_setting_types_and_ranges_stop_before_any_data_is_read(
         train(cfg)
 
 
+def test_sgd_with_momentum_trains_from_settings_alone(synthetic_cfg):
+    """model.optimizer is a config: another optimizer needs no code, and its state is in
+    the checkpoint, whose hyper-parameters still rebuild the model for prediction."""
+    from crack_lightning.inference.classifiers import load_checkpoint_model
+
+    cfg = synthetic_cfg("model.optimizer._target_=torch.optim.SGD", "+model.optimizer.momentum=0.9")
+    metrics = train(cfg)
+    ckpt = torch.load(metrics["best_checkpoint"], weights_only=True)
+    [group] = ckpt["optimizer_states"][0]["param_groups"]
+    assert group["momentum"] == 0.9 and group["lr"] == cfg.model.lr
+    assert all("momentum_buffer" in s for s in ckpt["optimizer_states"][0]["state"].values())
+    assert ckpt["hyper_parameters"]["optimizer"]["_target_"] == "torch.optim.SGD"
+    assert load_checkpoint_model(metrics["best_checkpoint"]).hparams.backbone == (
+        "mobilenet_v3_small"
+    )
+
+
 def test_offline_pretrained_download_says_to_use_weights_path(synthetic_cfg, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")

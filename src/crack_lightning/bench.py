@@ -35,6 +35,7 @@ from crack_lightning.data.layout import CLASS_NAMES, scan_samples
 from crack_lightning.errors import ConfigError
 from crack_lightning.inference.classifiers import OnnxClassifier, TorchClassifier, classify_files
 from crack_lightning.inference.export import export_int8, export_model
+from crack_lightning.models.optimizers import build_optimizer
 from crack_lightning.training.run import build, train
 
 WARMUP_BATCHES = 5
@@ -106,12 +107,14 @@ def lightning_throughput(cfg: DictConfig) -> tuple[float, float]:
 
 
 def loop_throughput(cfg: DictConfig) -> float:
-    """The same work by hand: same loader, augmentation and network, Adam on the head,
-    cross-entropy."""
+    """The same work by hand: same loader, augmentation and network, the model's
+    optimizer (model.optimizer) on the head, cross-entropy."""
     datamodule, model = build(cfg.data), build(cfg.model)
     datamodule.setup("fit")
     net = model.net.train()
-    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=cfg.model.lr)
+    optimizer = build_optimizer(
+        model.hparams.optimizer, [p for p in net.parameters() if p.requires_grad]
+    )
     images_seen, start = 0, 0.0
     for step, (images, labels) in enumerate(datamodule.train_dataloader()):
         if step == WARMUP_BATCHES:

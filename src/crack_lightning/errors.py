@@ -13,7 +13,7 @@ class DataError(CrackLightningError):
     """The data set on disk is missing or not laid out as expected."""
 
 
-class ModelConfigError(CrackLightningError):
+class ModelConfigError(ConfigError):
     """A model setting (backbone name, scheduler, ...) is not valid."""
 
 

@@ -152,10 +152,19 @@ def validate(values: Mapping | DictConfig, schema: type[S], section: str) -> S:
 
 
 def check_train_settings(cfg: DictConfig) -> None:
-    """Every data, model and trainer setting a schema covers, before anything slow."""
+    """Every data, model and trainer setting a schema covers, and the keywords of the
+    optimizer, scheduler and callbacks, before anything slow."""
+    from crack_lightning.models.optimizers import scheduler_factory
+
     validate(cfg.data, DataSettings, "data")
     validate(cfg.model, ModelSettings, "model")
     validate(cfg.trainer, TrainerSettings, "trainer")
+    check_target(plain(cfg.model.get("optimizer")), "model.optimizer", ModelConfigError)
+    scheduler = plain(cfg.model.get("scheduler"))
+    check_target(scheduler and scheduler_factory(scheduler), "model.scheduler", ModelConfigError)
+    for name, entry in (cfg.get("callbacks") or {}).items():
+        if entry is not None and "_target_" in entry:
+            check_target(plain(entry), f"callbacks.{name}")
 
 
 def check_target(
@@ -165,6 +174,8 @@ def check_target(
     if config is None:
         return
     target = config.get("_target_")
+    if target is None:
+        raise error(f"{setting} needs a _target_ (the class or function it builds).")
     try:
         function = get_method(target)
     except (OmegaConfBaseException, ImportError, ValueError, AttributeError, TypeError):

@@ -65,15 +65,12 @@ def build_loggers(group: DictConfig | None, resume_from: str | None) -> list[Log
     return loggers
 
 
-def build_model(model_cfg: DictConfig) -> tuple[CrackClassifier, BackboneUnfreeze | None]:
-    """The LightningModule, and the fine-tuning callback when model.finetune.epoch is set."""
-    model: CrackClassifier = build(model_cfg)
-    finetune = model.hparams.get("finetune")
-    if finetune is None or finetune.get("epoch") is None:
-        return model, None
-    schedule = BackboneUnfreeze.from_config(finetune)
-    schedule.check(model)
-    return model, schedule
+def fine_tuning(callbacks: list[Callback], model: CrackClassifier) -> BackboneUnfreeze | None:
+    """The callbacks.finetune schedule, checked against the model, if there is one."""
+    schedule = next((c for c in callbacks if isinstance(c, BackboneUnfreeze)), None)
+    if schedule is not None:
+        schedule.check(model)
+    return schedule
 
 
 def log_hyperparameters(trainer: L.Trainer, model: CrackClassifier, cfg: DictConfig) -> None:
@@ -164,7 +161,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: CrackDataModule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model, finetune = build_model(cfg.model)
+    model: CrackClassifier = build(cfg.model)
     counts = model.parameter_counts()
     log.info(
         "Backbone %s: %s frozen, %s trainable parameters; %d train / %d val / %d test images",
@@ -174,8 +171,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         *(len(datamodule.split[s]) for s in ("train", "val", "test")),
     )
 
-    callbacks: list[Callback] = build_group(cfg.get("callbacks"))
-    callbacks += [ResumeHint(output_dir)] + ([finetune] if finetune else [])
+    callbacks: list[Callback] = [*build_group(cfg.get("callbacks")), ResumeHint(output_dir)]
+    finetune = fine_tuning(callbacks, model)
     loggers: list[Logger] = build_loggers(cfg.get("logger"), resume_from=ckpt_path)
     if not loggers:  # nothing to record learning rates in (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -184,7 +181,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not model.hparams.freeze_backbone or finetune:
             raise ModelConfigError(
                 "data.cache_features=true needs a backbone that stays frozen "
-                "(model.freeze_backbone=true, model.finetune.epoch=null): features of a "
+                "(model.freeze_backbone=true, callbacks.finetune=null): features of a "
                 "backbone that trains change every step."
             )
         datamodule.use_feature_cache(model.net, trainer.strategy.root_device)
