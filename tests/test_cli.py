@@ -72,5 +72,6 @@ def test_data_root_defaults_to_conf_data(capsys):
 def test_train_py_help_lists_settings():
     result = run_python(str(ROOT / "train.py"), "--help", timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "lr: 0.001" in result.stdout
+    assert "model/scheduler: cosine, plateau, step" in result.stdout
+    assert "_target_: torch.optim.Adam" in result.stdout
     assert "max_epochs: 10" in result.stdout
