@@ -75,3 +75,16 @@ def test_train_py_help_lists_settings():
     assert "model/scheduler: cosine, plateau, step" in result.stdout
     assert "_target_: torch.optim.Adam" in result.stdout
     assert "max_epochs: 10" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("images=abc", "images=abc must be an integer."),
+        ("sizes=[32,abc]", "sizes=[32, 'abc'] must be a list, each item an integer."),
+        ("images=10", "images=10 gives too few training batches"),
+    ],
+)
+def test_bench_settings_are_checked_before_it_runs(setting, message, capsys):
+    assert entry_point("crack-bench")(["sample=/nowhere", setting]) == 2
+    assert f"error: {message}" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 from crack_lightning.cli import compose_command, run_tool
 from crack_lightning.data.layout import CLASS_NAMES, scan_samples
@@ -36,6 +36,7 @@ from crack_lightning.errors import ConfigError
 from crack_lightning.inference.classifiers import OnnxClassifier, TorchClassifier, classify_files
 from crack_lightning.inference.export import export_int8, export_model
 from crack_lightning.models.optimizers import build_optimizer
+from crack_lightning.settings import validate
 from crack_lightning.training.run import build, train
 
 WARMUP_BATCHES = 5
@@ -182,10 +183,25 @@ def calibration(data: Path) -> DictConfig:
 
 
 @dataclass
+class BenchSettings:
+    """conf/bench.yaml, type-checked (a wrong type is named before anything runs)."""
+
+    error = ConfigError
+    sample: str = MISSING
+    weights: str | None = MISSING
+    images: int = MISSING
+    sizes: list[int] = MISSING
+    batch_size: int = MISSING
+    workers: int = MISSING
+    epochs: int = MISSING
+    reference: str | None = MISSING
+
+
+@dataclass
 class Bench:
     """What every row needs: the settings, the data set, one image size, a work folder."""
 
-    settings: DictConfig
+    settings: BenchSettings
     data: Path
     size: int
     work: Path
@@ -332,7 +348,7 @@ def load_reference(path: str | None) -> dict | None:
     return yaml.safe_load(file.read_text())
 
 
-def check_settings(s: DictConfig) -> None:
+def check_settings(s: BenchSettings) -> None:
     """Refuse settings that cannot give a figure, before the slow steps."""
     if s.images * 0.7 / s.batch_size < 2 * WARMUP_BATCHES:
         raise ConfigError(
@@ -343,8 +359,9 @@ def check_settings(s: DictConfig) -> None:
         raise ConfigError(f"weights={s.weights} does not exist (or use weights=null).")
 
 
-def run(s: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
     """The benchmark command's body: conf/bench.yaml's settings."""
+    s = validate(cfg, BenchSettings, "")
     check_settings(s)
     reference = load_reference(s.reference)
     L.seed_everything(0)

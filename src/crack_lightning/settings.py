@@ -9,6 +9,7 @@ defaults stay in conf/: every field is required here (MISSING) and comes from th
 from __future__ import annotations
 
 import enum
+import re
 import inspect
 import typing
 from collections.abc import Mapping
@@ -116,6 +117,8 @@ class TrainerSettings:
 def describe(annotation: Any) -> str:
     """What a field's type allows, in a user's words."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is list:
+        return "a list, each item " + describe(args[0])
     if args:  # X | None
         return describe(args[0]) + " or null"
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
@@ -144,7 +147,7 @@ def validate(values: Mapping | DictConfig, schema: type[S], section: str) -> S:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), subset)
     except ValidationError as err:
-        key = str(err.full_key or err.key).split(".")[-1]
+        key = re.split(r"[.\[]", str(err.full_key or err.key))[0]  # the field, not its item
         raise schema.error(
             f"{prefix}{key}={subset.get(key)} must be {describe(types[key])}."
         ) from None
