@@ -9,8 +9,8 @@ defaults stay in conf/: every field is required here (MISSING) and comes from th
 from __future__ import annotations
 
 import enum
-import re
 import inspect
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields

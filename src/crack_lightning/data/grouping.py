@@ -29,7 +29,7 @@ def dhash(path: str) -> int:
     """64-bit difference hash of an image file.
 
     JPEGs are decoded at reduced scale (at least 32x32; 1/4 for 227 px crops), which is
-    3x faster than a full decode. Of the variants tried on the real sample (1/8 or 1/4
+    faster than a full decode. Of the variants tried on the real sample (1/8 or 1/4
     or full scale, box, bilinear or Lanczos filter) this one put the visibly overlapping
     crops closest together (4-8 bits) while unrelated crops stay about 31 bits apart.
     """

@@ -7,8 +7,8 @@ training image size (stored as metadata), and returns class probabilities (N, 2)
 [P(Negative), P(crack)]. Scaling to [0, 1] and the backbone's normalisation are inside.
 
 `quantize=int8 calibration.inputs=[TRAINING_IMAGES]` writes an int8 ONNX model instead
-(static, per-channel, calibrated on training images): about 1.7x faster on CPU, 3.5x
-smaller, same predictions on the real sample (README "Export").
+(static, per-channel, calibrated on training images): faster on CPU and smaller, with
+the same predictions on the real sample (figures: docs/prediction.md "Export").
 """
 
 from __future__ import annotations
@@ -195,11 +195,11 @@ def quantize_onnx(
 ) -> Path:
     """Static int8 quantisation of an exported ONNX model for CPUs (QDQ format).
 
-    The settings are those that kept accuracy on the real sample (README "Export"): the
+    The settings are those that kept accuracy on the real sample (docs/prediction.md): the
     graph pre-processed (shape inference, constant folding) first; weights int8 per output
     channel, activations uint8 (the u8 x s8 products of VNNI/AVX2 kernels) with MinMax
     ranges; the leading `float_convs` convolutions left in float32. Percentile and Entropy
-    calibration were no more accurate and 5-8x slower to calibrate.
+    calibration were no more accurate and much slower to calibrate.
     """
     import onnx
     from onnxruntime.quantization import (
