@@ -4,11 +4,12 @@ settings from its conf/ file, lists them with --help and reports our errors in o
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 import tomllib
 
-from crack_lightning.cli import conf_dir, project_root, run_tool
+from crack_lightning.cli import compose_command, conf_dir, project_root, run_tool
 from crack_lightning.errors import DataError
 
 from .conftest import ROOT, run_python
@@ -88,3 +89,20 @@ def test_train_py_help_lists_settings():
 def test_bench_settings_are_checked_before_it_runs(setting, message, capsys):
     assert entry_point("crack-bench")(["sample=/nowhere", setting]) == 2
     assert f"error: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("mode=classify", "mode=classify must be one of predict, eval, scan."),
+        ("threshold=1.5", "threshold=1.5 must be strictly between 0 and 1."),
+        ("batch_size=abc", "batch_size=abc must be an integer."),
+    ],
+)
+def test_predict_settings_are_checked_before_the_checkpoint_is_read(setting, message):
+    from crack_lightning.errors import PredictionError
+    from crack_lightning.inference.run import run
+
+    cfg = compose_command("predict", ["ckpt_path=/nowhere.ckpt", "inputs=[/nowhere]", setting])
+    with pytest.raises(PredictionError, match=re.escape(message)):
+        run(cfg)

@@ -22,7 +22,13 @@ from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from crack_lightning.data.feature_cache import MAX_VIEWS
 from crack_lightning.data.splits import check_fractions
-from crack_lightning.errors import ConfigError, CrackLightningError, DataError, ModelConfigError
+from crack_lightning.errors import (
+    ConfigError,
+    CrackLightningError,
+    DataError,
+    ModelConfigError,
+    PredictionError,
+)
 
 S = TypeVar("S")
 
@@ -112,6 +118,34 @@ class TrainerSettings:
             f"in 0..trainer.max_epochs ({self.max_epochs})",
             ConfigError,
         )
+
+
+class PredictMode(str, enum.Enum):
+    predict = "predict"
+    eval = "eval"
+    scan = "scan"
+
+
+@dataclass
+class PredictSettings:
+    """predict.py's settings with a type or range (conf/predict.yaml)."""
+
+    error: ClassVar[type[CrackLightningError]] = PredictionError
+    mode: PredictMode = MISSING
+    threshold: float = MISSING
+    batch_size: int = MISSING
+    num_workers: int = MISSING
+    visualize: bool = MISSING
+    max_visualize: int = MISSING
+    progress: bool = MISSING
+
+    def __post_init__(self) -> None:
+        err = PredictionError
+        require(
+            0 < self.threshold < 1, "threshold", self.threshold, "strictly between 0 and 1", err
+        )
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1", err)
+        require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0", err)
 
 
 def describe(annotation: Any) -> str:

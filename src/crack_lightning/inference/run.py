@@ -18,8 +18,7 @@ from crack_lightning.evaluation.metrics import binary_metrics, format_report, wr
 from crack_lightning.evaluation.plots import image_grid_figure, save
 from crack_lightning.inference.classifiers import classify_files, load_classifier
 from crack_lightning.inference.scan import render_scan, scan_photo, write_scan_csv
-
-MODES = ("predict", "eval", "scan")
+from crack_lightning.settings import PredictSettings, validate
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:
@@ -157,11 +156,8 @@ def scan(cfg: DictConfig, classifier, files: list[Path]) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Hydra task of predict.py (crack_lightning.cli.predict): one of MODES; a summary."""
-    if cfg.mode not in MODES:
-        raise PredictionError(f"mode={cfg.mode} must be one of {', '.join(MODES)}.")
-    if not 0 < cfg.threshold < 1:
-        raise PredictionError(f"threshold={cfg.threshold} must lie strictly between 0 and 1.")
+    """predict.py's task (crack_lightning.cli.predict): settings checked, then one mode."""
+    validate(cfg, PredictSettings, "")
     classifier = load_classifier(cfg.ckpt_path, cfg.device)
     inputs = [cfg.inputs] if isinstance(cfg.inputs, str) else list(cfg.inputs)
     files, problems = collect_inputs(inputs)
