@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from crack_lightning.errors import RunDirError
 from crack_lightning.training.distributed import launch_argv
-from crack_lightning.training.run import build, build_model
+from crack_lightning.training.run import build
 
 from .conftest import QUIET, compose_config, run_train_py
 
@@ -87,7 +87,7 @@ def test_two_process_ddp_run_through_train_py(synthetic_root, tmp_path):
     )
     datamodule = build(cfg.data)
     datamodule.setup("fit")
-    model, _ = build_model(cfg.model)
+    model = build(cfg.model)
     single = L.Trainer(
         accelerator="cpu",
         devices=1,
