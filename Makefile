@@ -31,6 +31,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # download (resumable), verify and unpack the data set into data/concrete_crack/ (a no-op once
 # done); offline: make data ARGS="archive=/path/to/Concrete Crack Images for Classification.rar"
+# (the same as .venv/bin/crack-data download)
 data: setup
 	$(PY) -m crack_lightning.data download $(ARGS)
 

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from crack_lightning.cli import compose_command
 from crack_lightning.data.synthetic import generate_dataset
 from crack_lightning.runtime import quiet_logs, tune_malloc
 
@@ -130,8 +130,8 @@ def synthetic_cfg(
 
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose(name, overrides=overrides)
+    """conf/<name>.yaml with overrides, composed as the commands compose it."""
+    return compose_command(name, overrides)
 
 
 @pytest.fixture(scope="session")

@@ -103,7 +103,7 @@ def test_file_problem_judges_bytes(data, problem):
 
 
 def test_cli_check_prints_the_report_and_fails(planted, capsys):
-    assert cli(["check", str(planted)]) == 1
+    assert cli(["check", f"root={planted}"]) == 1
     out = capsys.readouterr().out
     assert "14 images (7 Negative, 7 Positive)" in out
     assert "Sizes: 32x32 x10, 40x40 x1. Modes: RGB x10, L x1." in out
@@ -116,7 +116,7 @@ def test_cli_check_prints_the_report_and_fails(planted, capsys):
 
 def test_python_m_crack_lightning_data_runs_the_cli(planted):
     result = run_python(
-        "-m", "crack_lightning.data", "check", str(planted), "quick=true", timeout=120
+        "-m", "crack_lightning.data", "check", f"root={planted}", "quick=true", timeout=120
     )
     assert result.returncode == 1, result.stderr
     assert "FAILED: 4 problems would corrupt training." in result.stdout
@@ -131,12 +131,14 @@ def test_cli_check_passes_on_the_real_sample(sample_root, capsys):
 
 
 def test_cli_check_errors_are_one_line(tmp_path, capsys):
-    assert cli(["check"]) == 2
-    assert "`check` needs the data root" in capsys.readouterr().err
-    assert cli(["check", str(tmp_path / "nowhere")]) == 2
+    assert cli([]) == 2
+    assert "Missing setting(s): action=..." in capsys.readouterr().err
+    assert cli(["check", f"root={tmp_path / 'nowhere'}"]) == 2
     assert "nowhere does not exist" in capsys.readouterr().err
-    assert cli(["check", str(tmp_path), "quick=maybe"]) == 2
+    assert cli(["check", f"root={tmp_path}", "quick=maybe"]) == 2
     assert "quick=maybe must be true or false" in capsys.readouterr().err
+    assert cli(["check", str(tmp_path)]) == 2  # settings are key=value
+    assert "is not key=value" in capsys.readouterr().err
 
 
 def test_training_refuses_a_broken_data_set_unless_told(make_cfg, planted):

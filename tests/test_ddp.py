@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from crack_lightning.errors import RunDirError
 from crack_lightning.training.distributed import launch_argv
-from crack_lightning.training.run import build, build_model
+from crack_lightning.training.run import build
 
 from .conftest import QUIET, compose_config, run_train_py
 
@@ -25,8 +25,9 @@ SETTINGS = [
     "trainer.max_epochs=2",
     # the last block joins at epoch 1, after DDP wrapped the model: its gradients are
     # averaged by the fine-tuning callback, not by DDP
-    "model.finetune.epoch=1",
-    "model.finetune.blocks=1",
+    "callbacks/finetune=unfreeze",
+    "callbacks.finetune.epoch=1",
+    "callbacks.finetune.blocks=1",
     *QUIET,
 ]
 LAST_BLOCK = "net.backbone.features.12."
@@ -86,7 +87,7 @@ def test_two_process_ddp_run_through_train_py(synthetic_root, tmp_path):
     )
     datamodule = build(cfg.data)
     datamodule.setup("fit")
-    model, _ = build_model(cfg.model)
+    model = build(cfg.model)
     single = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -116,7 +117,11 @@ def test_a_ddp_sweep_runs_each_job_once_in_its_own_folder(synthetic_root, tmp_pa
         "trainer.devices=2",
         f"data.root={synthetic_root}",
         f"paths.log_dir={logs}",
-        *[s for s in SETTINGS if not s.startswith(("trainer.max_epochs", "model.finetune"))],
+        *[
+            s
+            for s in SETTINGS
+            if not s.startswith(("trainer.max_epochs", "callbacks/finetune", "callbacks.finetune"))
+        ],
         "trainer.max_epochs=1",
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

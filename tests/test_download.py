@@ -315,10 +315,10 @@ def test_cli_download_from_a_local_rar_checks_the_count_and_is_idempotent(
     assert cli(["download", f"root={root}", f"archive={archive}"]) == 0
     assert len(list((root / "Positive").iterdir())) == 2
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
-    assert cli(["download", str(root), f"archive={archive}"]) == 0
+    assert cli(["action=download", f"root={root}", f"archive={archive}"]) == 0
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
     assert cli(["download", f"root={root}", "colour=red"]) == 2
-    assert "Unknown setting 'colour' for `download`" in capsys.readouterr().err
+    assert "Unknown setting 'colour'; this command takes action=, root=" in capsys.readouterr().err
 
 
 def test_not_an_archive_is_named(tmp_path):

@@ -39,7 +39,9 @@ def test_deterministic_runs_on_cpu_give_identical_metrics_and_weights(synthetic_
             {
                 "model.backbone": "mobilenet_v2",
                 "model.freeze_backbone": True,
-                "model.finetune.epoch": None,
+                "callbacks.finetune": None,
+                "model.scheduler": None,
+                "model.optimizer._target_": "torch.optim.Adam",
                 "model.lr": 1e-3,
                 "model.dropout": 0.2,
                 "data.image_size": 160,
@@ -54,8 +56,9 @@ def test_deterministic_runs_on_cpu_give_identical_metrics_and_weights(synthetic_
             {
                 "model.backbone": "mobilenet_v2",
                 "model.freeze_backbone": True,
-                "model.finetune.epoch": 5,
-                "model.finetune.train_bn": False,
+                "callbacks.finetune.epoch": 5,
+                "callbacks.finetune.train_bn": False,
+                "model.scheduler._target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
                 "data.split": "grouped",
             },
         ),

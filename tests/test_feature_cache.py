@@ -115,7 +115,13 @@ def test_changed_weights_image_size_views_or_files_give_a_new_key(synthetic_root
     assert cache_key(backbone, files, 64, 8) != changed
 
 
-@pytest.mark.parametrize("override", ["model.freeze_backbone=false", "model.finetune.epoch=1"])
-def test_caching_a_backbone_that_trains_is_refused(cached_cfg, override):
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.freeze_backbone=false"],
+        ["callbacks/finetune=unfreeze", "callbacks.finetune.epoch=1"],
+    ],
+)
+def test_caching_a_backbone_that_trains_is_refused(cached_cfg, overrides):
     with pytest.raises(ModelConfigError, match="needs a backbone that stays frozen"):
-        train(cached_cfg(override))
+        train(cached_cfg(*overrides))

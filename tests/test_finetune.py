@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from crack_lightning.errors import ModelConfigError
+from crack_lightning.errors import ConfigError
 from crack_lightning.models.backbones import BACKBONES, build_feature_extractor
 from crack_lightning.models.finetuning import backbone_blocks
 from crack_lightning.training.run import train
@@ -72,9 +72,10 @@ def adam_steps(ckpt: dict, group: int) -> list[int]:
 def finetune_cfg(synthetic_cfg, weights: Path, *overrides: str):
     return synthetic_cfg(
         f"model.weights_path={weights}",
-        "model.finetune.epoch=1",
-        "model.finetune.blocks=2",
-        "model.finetune.lr=5e-4",
+        "callbacks/finetune=unfreeze",
+        "callbacks.finetune.epoch=1",
+        "callbacks.finetune.blocks=2",
+        "callbacks.finetune.lr=5e-4",
         *overrides,
     )
 
@@ -88,7 +89,9 @@ def test_unfreezes_the_top_blocks_at_the_epoch_and_resuming_after_keeps_them_lea
         synthetic_cfg,
         weights,
         "trainer.max_epochs=2",
-        "model.scheduler={name: plateau, patience: 0, factor: 0.5}",
+        "model/scheduler=plateau",
+        "model.scheduler.patience=0",
+        "model.scheduler.factor=0.5",
         f"paths.output_dir={tmp_path / 'first'}",
     )
     train(first)
@@ -111,7 +114,9 @@ def test_unfreezes_the_top_blocks_at_the_epoch_and_resuming_after_keeps_them_lea
         synthetic_cfg,
         weights,
         "trainer.max_epochs=3",
-        "model.scheduler={name: plateau, patience: 0, factor: 0.5}",
+        "model/scheduler=plateau",
+        "model.scheduler.patience=0",
+        "model.scheduler.factor=0.5",
         f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
         f"paths.output_dir={tmp_path / 'second'}",
     )
@@ -135,8 +140,8 @@ def test_train_bn_true_trains_the_unfrozen_blocks_batchnorm_with_a_cosine_schedu
         synthetic_cfg,
         weights,
         "trainer.max_epochs=2",
-        "model.finetune.train_bn=true",
-        "model.scheduler={name: cosine}",
+        "callbacks.finetune.train_bn=true",
+        "model/scheduler=cosine",
     )
     train(cfg)
     ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
@@ -178,16 +183,25 @@ def test_a_frozen_part_stays_in_eval_mode_after_unfreezing(random_backbone, make
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.finetune.blocks=0", r"model.finetune.blocks=0 must be a number of blocks >= 1"),
-        ("model.finetune.blocks=14", r"'mobilenet_v3_small' has 13 blocks; use at most 13"),
-        ("model.finetune.epoch=-1", r"model.finetune.epoch=-1 must be an epoch number >= 0"),
-        ("model.finetune.lr=0", r"model.finetune.lr=0 must be a learning rate > 0"),
+        (
+            "callbacks.finetune.blocks=0",
+            r"callbacks.finetune.blocks=0 must be a number of blocks >= 1",
+        ),
+        ("callbacks.finetune.blocks=14", r"'mobilenet_v3_small' has 13 blocks; use at most 13"),
+        (
+            "callbacks.finetune.epoch=-1",
+            r"callbacks.finetune.epoch=-1 must be an epoch number >= 0",
+        ),
+        ("callbacks.finetune.lr=0", r"callbacks.finetune.lr=0 must be a learning rate > 0"),
         ("model.freeze_backbone=false", r"model.freeze_backbone=false: the backbone already"),
-        ("+model.finetune.layers=2", r"model.finetune takes .*; unknown: \['layers'\]\."),
+        (
+            "+callbacks.finetune.layers=2",
+            r"callbacks.finetune: .*BackboneUnfreeze takes no setting 'layers'; it takes epoch",
+        ),
     ],
 )
 def test_bad_finetune_settings_stop_before_training(synthetic_cfg, override, message):
-    cfg = synthetic_cfg("model.finetune.epoch=1", override)
-    with pytest.raises(ModelConfigError, match=message):
+    cfg = synthetic_cfg("callbacks/finetune=unfreeze", "callbacks.finetune.epoch=1", override)
+    with pytest.raises(ConfigError, match=message):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()

@@ -14,6 +14,7 @@ from PIL import Image
 from crack_lightning.data.grouping import dhash, near_duplicate_groups, neighbour_pairs
 from crack_lightning.data.splits import grouped_split, stratified_split
 from crack_lightning.errors import DataError
+from crack_lightning.settings import check_train_settings
 from crack_lightning.training.run import build
 
 # crops of one crack in the real sample that overlap (found by eye after hashing)
@@ -200,6 +201,7 @@ def test_on_the_real_sample_grouping_stops_overlapping_crops_straddling(make_cfg
 def test_bad_split_settings_are_refused(make_cfg, sample_root, override, message):
     cfg = make_cfg(f"data.root={sample_root}", "data.split=grouped", override)
     with pytest.raises(DataError, match=message):
+        check_train_settings(cfg)
         build(cfg.data)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crack_lightning.errors import ModelConfigError
-from crack_lightning.training.run import build
+from crack_lightning.training.run import build, train
 
 
 @pytest.fixture
@@ -72,14 +72,53 @@ def test_checkpoint_hparams_are_plain_values(model):
 
 
 @pytest.mark.parametrize(
-    ("scheduler", "message"),
+    ("override", "message"),
     [
-        ({"name": "linear"}, r"model.scheduler.name='linear' is not one of"),
-        ({"name": "step", "step": 3}, r"accepts \['gamma', 'step_size'\]; got unknown \['step'\]"),
+        (
+            "model.scheduler._target_=torch.optim.lr_scheduler.Linear",
+            r"model.scheduler._target_=torch.optim.lr_scheduler.Linear cannot be imported",
+        ),
+        (
+            "+model.scheduler.step=3",
+            r"model.scheduler: torch.optim.lr_scheduler.StepLR takes no setting 'step'; "
+            r"it takes step_size, gamma",
+        ),
+        (
+            "+model.optimizer.momentum=0.9",
+            r"model.optimizer: torch.optim.Adam takes no setting 'momentum'",
+        ),
     ],
 )
-def test_bad_scheduler_settings_fail_before_training(make_cfg, scheduler, message):
-    cfg = make_cfg("model.pretrained=false", "model=mobilenetv3_small")
-    cfg.model.scheduler = scheduler
+def test_bad_optimizer_and_scheduler_settings_fail_before_training(
+    make_cfg, tmp_path, override, message
+):
+    cfg = make_cfg(f"data.root={tmp_path / 'missing'}", "model/scheduler=step", override)
     with pytest.raises(ModelConfigError, match=message):
-        build(cfg.model)
+        train(cfg)
+
+
+def test_sgd_with_momentum_and_a_schedule_need_no_code(make_cfg):
+    cfg = make_cfg(
+        "model.pretrained=false",
+        "model=mobilenetv3_small",
+        "model.optimizer._target_=torch.optim.SGD",
+        "+model.optimizer.momentum=0.9",
+        "model.lr=0.05",
+        "model/scheduler=step",
+        "model.scheduler.step_size=1",
+        "model.scheduler.gamma=0.5",
+    )
+    model = build(cfg.model)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["lr"] == 0.05
+    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR)
+    assert config["lr_scheduler"]["interval"] == "epoch"
+    assert model.hparams.optimizer == {
+        "_target_": "torch.optim.SGD",
+        "_partial_": True,
+        "lr": 0.05,
+        "weight_decay": 0.0,
+        "momentum": 0.9,
+    }

@@ -84,9 +84,9 @@ def test_a_sweep_ends_with_a_ranked_summary_and_readable_tensorboard_runs(synthe
     )
 
     # the command: same table, other metrics on request
-    assert summarize_main([str(sweep)]) == 0
+    assert summarize_main([f"sweep_dir={sweep}"]) == 0
     assert read_csv(sweep / "sweep_summary.csv") == rows
-    assert summarize_main([str(sweep), "--metric", "val/loss", "--direction", "maximize"]) == 0
+    assert summarize_main([f"sweep_dir={sweep}", "metric=val/loss", "direction=maximize"]) == 0
     assert [r["job"] for r in read_csv(sweep / "sweep_summary.csv")] == [r["job"] for r in rows][
         ::-1
     ]
@@ -123,9 +123,9 @@ def test_summary_lists_failed_jobs_last_and_refuses_what_is_not_a_sweep(tmp_path
         write_summary(sweep / "0_model.lr=0.1")
     with pytest.raises(RunDirError, match="No job has the metric 'val/f1'"):
         write_summary(sweep, "val/f1", "maximize")
-    with pytest.raises(RunDirError, match="also pass --direction"):
+    with pytest.raises(RunDirError, match="also pass direction="):
         write_summary(sweep, "val/loss")
-    assert summarize_main([str(tmp_path / "missing")]) == 2
+    assert summarize_main([f"sweep_dir={tmp_path / 'missing'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from crack_lightning.errors import DataError, ModelConfigError, WeightsError
+from crack_lightning.errors import ConfigError, DataError, ModelConfigError, WeightsError
 from crack_lightning.training.run import build, train
 
 from .conftest import run_train_py
@@ -156,6 +156,43 @@ def test_bad_settings_stop_before_training(synthetic_cfg, tmp_path, override, er
     with pytest.raises(error, match=message):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "message"),
+    [
+        ("model.lr=abc", ModelConfigError, r"model.lr=abc must be a number\."),
+        ("model.lr=-1", ModelConfigError, r"model.lr=-1.0 must be a learning rate > 0"),
+        ("trainer.max_epochs=-1", ConfigError, r"trainer.max_epochs=-1 must be an integer >= 1"),
+        ("data.val_fraction=abc", DataError, r"data.val_fraction=abc must be a number\."),
+        ("data.batch_size=abc", DataError, r"data.batch_size=abc must be an integer\."),
+        ("data.batch_size=0", DataError, r"data.batch_size=0 must be an integer >= 1"),
+    ],
+)
+def test_wrong_setting_types_and_ranges_stop_before_any_data_is_read(
+    synthetic_cfg, tmp_path, override, error, message
+):
+    """Named at once, before the data root (missing here) is even looked at."""
+    cfg = synthetic_cfg(f"data.root={tmp_path / 'missing'}", override)
+    with pytest.raises(error, match=message):
+        train(cfg)
+
+
+def test_sgd_with_momentum_trains_from_settings_alone(synthetic_cfg):
+    """model.optimizer is a config: another optimizer needs no code, and its state is in
+    the checkpoint, whose hyper-parameters still rebuild the model for prediction."""
+    from crack_lightning.inference.classifiers import load_checkpoint_model
+
+    cfg = synthetic_cfg("model.optimizer._target_=torch.optim.SGD", "+model.optimizer.momentum=0.9")
+    metrics = train(cfg)
+    ckpt = torch.load(metrics["best_checkpoint"], weights_only=True)
+    [group] = ckpt["optimizer_states"][0]["param_groups"]
+    assert group["momentum"] == 0.9 and group["lr"] == cfg.model.lr
+    assert all("momentum_buffer" in s for s in ckpt["optimizer_states"][0]["state"].values())
+    assert ckpt["hyper_parameters"]["optimizer"]["_target_"] == "torch.optim.SGD"
+    assert load_checkpoint_model(metrics["best_checkpoint"]).hparams.backbone == (
+        "mobilenet_v3_small"
+    )
 
 
 def test_offline_pretrained_download_says_to_use_weights_path(synthetic_cfg, monkeypatch):

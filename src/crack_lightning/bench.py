@@ -1,19 +1,19 @@
-"""Benchmark: `python -m crack_lightning.bench [--images 3000] [--sizes 160 224]`.
+"""Benchmark: `crack-bench sample=DIR [images=3000 sizes=[160,224] epochs=10]`.
 
-Measures, in one process, on a data set made by repeating the real sample:
+Measures, in one process, on a data set made by repeating the images of `sample`, one
+row (or a few) per function in ROWS:
 - the frozen backbone's forward pass alone (images/s), the ceiling for all below;
 - training throughput (images/s, warm-up excluded) of the Lightning pipeline and of a
   minimal hand-written PyTorch loop doing the same work, and their ratio;
 - validation and prediction throughput: PyTorch, ONNX Runtime, and its int8 model;
-- wall time of a 10-epoch run uncached, and cached (cold and warm cache), next to the
-  time of one backbone pass over the data; peak RSS and page faults per second.
-Prints a table and one JSON line. Reference figures of the Keras pipeline this project
-replaces, measured on the same 2-core CPU, are printed beside ours.
+- wall time of a run of `epochs` epochs uncached, and cached (cold and warm cache), next
+  to the time of one backbone pass over the data; peak RSS and page faults per second.
+Prints a table and one JSON line; with `reference=FILE`, ratios to another pipeline's
+figures too. Settings: conf/bench.yaml. Measured figures live in docs/speed.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -22,23 +22,23 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+import yaml
+from omegaconf import MISSING, DictConfig
 
+from crack_lightning.cli import compose_command, run_tool
 from crack_lightning.data.layout import CLASS_NAMES, scan_samples
+from crack_lightning.errors import ConfigError
 from crack_lightning.inference.classifiers import OnnxClassifier, TorchClassifier, classify_files
 from crack_lightning.inference.export import export_int8, export_model
-from crack_lightning.runtime import quiet_logs, tune_malloc
+from crack_lightning.models.optimizers import build_optimizer
+from crack_lightning.settings import validate
 from crack_lightning.training.run import build, train
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
-# the seed TensorFlow/Keras pipeline on this 2-core CPU, images/s (issue "Speed")
-KERAS = {"train": {160: 128.0, 224: 70.0}, "predict": {160: 170.0, 224: 87.0}}
 WARMUP_BATCHES = 5
 
 
@@ -108,12 +108,14 @@ def lightning_throughput(cfg: DictConfig) -> tuple[float, float]:
 
 
 def loop_throughput(cfg: DictConfig) -> float:
-    """The same work by hand: same loader, augmentation and network, Adam on the head,
-    cross-entropy."""
+    """The same work by hand: same loader, augmentation and network, the model's
+    optimizer (model.optimizer) on the head, cross-entropy."""
     datamodule, model = build(cfg.data), build(cfg.model)
     datamodule.setup("fit")
     net = model.net.train()
-    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=cfg.model.lr)
+    optimizer = build_optimizer(
+        model.hparams.optimizer, [p for p in net.parameters() if p.requires_grad]
+    )
     images_seen, start = 0, 0.0
     for step, (images, labels) in enumerate(datamodule.train_dataloader()):
         if step == WARMUP_BATCHES:
@@ -169,78 +171,164 @@ def predict_throughput(classifier, files: list[Path], workers: int) -> float:
     )
 
 
-def ten_epochs(cfg: DictConfig) -> float:
+def timed_run(cfg: DictConfig) -> float:
     return timed(lambda: train(cfg))
 
 
 def calibration(data: Path) -> DictConfig:
     """conf/export.yaml's int8 calibration settings, on 64 of the benchmark's images."""
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("export", overrides=["ckpt_path=unused", f"calibration.inputs=[{data}]"])
+    cfg = compose_command("export", ["ckpt_path=unused", f"calibration.inputs=[{data}]"])
     cfg.calibration.images = min(64, cfg.calibration.images)
     return cfg.calibration
 
 
-def bench_size(args: argparse.Namespace, data: Path, size: int, work: Path) -> dict:
-    weights = [f"model.weights_path={args.weights}"] if args.weights else ["model.pretrained=false"]
-    base = [
-        f"data.root={data}",
-        f"data.image_size={size}",
-        f"data.num_workers={args.workers}",
-        f"data.batch_size={args.batch_size}",
-        "data.check=false",
-        "logger=none",
-        "callbacks=no_early_stopping",
-        "callbacks.progress_bar.refresh_rate=0",
-        f"trainer.max_epochs={args.epochs}",
-        f"paths.cache_dir={work / 'cache'}",
-        *weights,
-    ]
+@dataclass
+class BenchSettings:
+    """conf/bench.yaml, type-checked (a wrong type is named before anything runs)."""
 
-    def config(*extra: str) -> DictConfig:
-        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-            return compose("train", overrides=[*base, f"paths.output_dir={work / 'run'}", *extra])
+    error = ConfigError
+    sample: str = MISSING
+    weights: str | None = MISSING
+    images: int = MISSING
+    sizes: list[int] = MISSING
+    batch_size: int = MISSING
+    workers: int = MISSING
+    epochs: int = MISSING
+    reference: str | None = MISSING
 
-    result: dict = {"image_size": size}
-    result["backbone_forward"] = forward_throughput(config())
-    result["train_lightning"], result["page_faults_per_s"] = lightning_throughput(config())
-    result["train_loop"] = loop_throughput(config())
-    result["lightning_vs_loop"] = result["train_lightning"] / result["train_loop"]
-    result["validate"] = validation_throughput(config())
 
-    model = build(config().model)
-    files = sorted(p for p in data.rglob("*.jpg"))
-    result["predict_torch"] = predict_throughput(
-        TorchClassifier(model, torch.device("cpu")), files, args.workers
-    )
-    onnx_path = export_model(model, "onnx", work / f"model_{size}.onnx")
-    result["predict_onnx"] = predict_throughput(OnnxClassifier(onnx_path), files, args.workers)
-    int8_path = export_int8(model, work / f"model_{size}.int8.onnx", calibration(data), False)
-    result["predict_onnx_int8"] = predict_throughput(OnnxClassifier(int8_path), files, args.workers)
-    result["one_backbone_pass_s"] = len(files) / result["predict_torch"]
+@dataclass
+class Bench:
+    """What every row needs: the settings, the data set, one image size, a work folder."""
 
-    if args.epochs:
-        result["epochs"] = args.epochs
-        result["uncached_s"] = ten_epochs(config())
-        for views, aug in ((1, "none"), (8, "flip_rotate")):
-            shutil.rmtree(work / "cache", ignore_errors=True)
-            cached = config(
-                "data.cache_features=true", f"data/augmentation={aug}", f"data.cache_views={views}"
-            )
-            result[f"cached_{views}view_cold_s"] = ten_epochs(cached)
-            result[f"cached_{views}view_warm_s"] = ten_epochs(cached)
-        result["cached_1view_cold_vs_one_pass"] = (
-            result["cached_1view_cold_s"] / result["one_backbone_pass_s"]
+    settings: BenchSettings
+    data: Path
+    size: int
+    work: Path
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(self.data.rglob("*.jpg"))
+
+    def config(self, *extra: str) -> DictConfig:
+        """conf/train.yaml for this size, fast and quiet, plus `extra` overrides."""
+        s = self.settings
+        weights = [f"model.weights_path={s.weights}"] if s.weights else ["model.pretrained=false"]
+        return compose_command(
+            "train",
+            [
+                f"data.root={self.data}",
+                f"data.image_size={self.size}",
+                f"data.num_workers={s.workers}",
+                f"data.batch_size={s.batch_size}",
+                "data.check=false",
+                "logger=none",
+                "callbacks=no_early_stopping",
+                "callbacks.progress_bar.refresh_rate=0",
+                f"trainer.max_epochs={max(1, s.epochs)}",
+                f"paths.cache_dir={self.work / 'cache'}",
+                f"paths.output_dir={self.work / 'run'}",
+                *weights,
+                *extra,
+            ],
         )
-    for name, kind in (
-        ("train_lightning", "train"),
-        ("predict_torch", "predict"),
-        ("predict_onnx", "predict"),
-        ("predict_onnx_int8", "predict"),
-    ):
-        if size in KERAS[kind]:
-            result[f"{name}_vs_keras"] = result[name] / KERAS[kind][size]
+
+
+def row_backbone_forward(bench: Bench) -> dict:
+    return {"backbone_forward": forward_throughput(bench.config())}
+
+
+def row_train(bench: Bench) -> dict:
+    rate, faults = lightning_throughput(bench.config())
+    loop = loop_throughput(bench.config())
+    return {
+        "train_lightning": rate,
+        "page_faults_per_s": faults,
+        "train_loop": loop,
+        "lightning_vs_loop": rate / loop,
+    }
+
+
+def row_validate(bench: Bench) -> dict:
+    return {"validate": validation_throughput(bench.config())}
+
+
+def row_predict(bench: Bench) -> dict:
+    """PyTorch, ONNX Runtime and int8 ONNX prediction over the whole data set."""
+    model, files, workers = build(bench.config().model), bench.files, bench.settings.workers
+    size, work = bench.size, bench.work
+    torch_rate = predict_throughput(TorchClassifier(model, torch.device("cpu")), files, workers)
+    onnx_path = export_model(model, "onnx", work / f"model_{size}.onnx")
+    int8_path = export_int8(model, work / f"model_{size}.int8.onnx", calibration(bench.data), False)
+    return {
+        "predict_torch": torch_rate,
+        "predict_onnx": predict_throughput(OnnxClassifier(onnx_path), files, workers),
+        "predict_onnx_int8": predict_throughput(OnnxClassifier(int8_path), files, workers),
+        "one_backbone_pass_s": len(files) / torch_rate,
+    }
+
+
+def row_epochs(bench: Bench) -> dict:
+    """Wall time of whole runs, uncached and on cached features (cold, then warm)."""
+    epochs = bench.settings.epochs
+    if not epochs:
+        return {}
+    result: dict = {"epochs": epochs, "uncached_s": timed_run(bench.config())}
+    for views, aug in ((1, "none"), (8, "flip_rotate")):
+        shutil.rmtree(bench.work / "cache", ignore_errors=True)
+        cached = bench.config(
+            "data.cache_features=true", f"data/augmentation={aug}", f"data.cache_views={views}"
+        )
+        result[f"cached_{views}view_cold_s"] = timed_run(cached)
+        result[f"cached_{views}view_warm_s"] = timed_run(cached)
     return result
+
+
+# the table's rows, in order: add a function here to add a row
+ROWS: list[Callable[[Bench], dict]] = [
+    row_backbone_forward,
+    row_train,
+    row_validate,
+    row_predict,
+    row_epochs,
+]
+# rows compared with the reference pipeline's figure of the same kind
+REFERENCE_KINDS = {
+    "train_lightning": "train",
+    "predict_torch": "predict",
+    "predict_onnx": "predict",
+    "predict_onnx_int8": "predict",
+}
+
+
+def reference_ratios(result: dict, size: int, reference: dict | None) -> dict:
+    """`<row>_vs_<name>`: our figure over the reference pipeline's, where it has one."""
+    if not reference:
+        return {}
+    name = reference.get("name", "reference")
+    ratios = {}
+    for row, kind in REFERENCE_KINDS.items():
+        theirs = (reference.get(kind) or {}).get(size)
+        if theirs and row in result:
+            ratios[f"{row}_vs_{name}"] = result[row] / theirs
+    return ratios
+
+
+def ratios(result: dict) -> dict:
+    """Figures that compare rows: a cold cache fill against one pass of the backbone."""
+    if "cached_1view_cold_s" not in result or "one_backbone_pass_s" not in result:
+        return {}
+    return {
+        "cached_1view_cold_vs_one_pass": result["cached_1view_cold_s"]
+        / result["one_backbone_pass_s"]
+    }
+
+
+def bench_size(bench: Bench, reference: dict | None) -> dict:
+    result: dict = {"image_size": bench.size}
+    for row in ROWS:
+        result |= row(bench)
+    return result | ratios(result) | reference_ratios(result, bench.size, reference)
 
 
 def print_table(results: list[dict]) -> None:
@@ -251,36 +339,38 @@ def print_table(results: list[dict]) -> None:
         print(f"{key:34}{cells}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--images", type=int, default=3000, help="data set size (repeats the sample)"
-    )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[160, 224])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=10, help="0 skips the wall-time runs")
-    parser.add_argument("--sample", type=Path, default=SHARED / "data" / "concrete-crack-sample")
-    parser.add_argument(
-        "--weights", type=Path, default=SHARED / "weights" / "mobilenet_v2_imagenet_backbone.pth"
-    )
-    args = parser.parse_args()
-    if args.images * 0.7 / args.batch_size < 2 * WARMUP_BATCHES:
-        parser.error(
-            f"--images {args.images} gives too few training batches of "
-            f"{args.batch_size} to time after {WARMUP_BATCHES} warm-up batches"
+def load_reference(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"reference={path} does not exist (a YAML file of figures).")
+    return yaml.safe_load(file.read_text())
+
+
+def check_settings(s: BenchSettings) -> None:
+    """Refuse settings that cannot give a figure, before the slow steps."""
+    if s.images * 0.7 / s.batch_size < 2 * WARMUP_BATCHES:
+        raise ConfigError(
+            f"images={s.images} gives too few training batches of batch_size={s.batch_size} "
+            f"to time after {WARMUP_BATCHES} warm-up batches; raise images."
         )
-    if args.weights and not args.weights.is_file():
-        args.weights = None  # random weights time the same
-    tune_malloc()
-    quiet_logs()
+    if s.weights and not Path(s.weights).is_file():
+        raise ConfigError(f"weights={s.weights} does not exist (or use weights=null).")
+
+
+def run(cfg: DictConfig) -> None:
+    """The benchmark command's body: conf/bench.yaml's settings."""
+    s = validate(cfg, BenchSettings, "")
+    check_settings(s)
+    reference = load_reference(s.reference)
     L.seed_everything(0)
     with tempfile.TemporaryDirectory(prefix="crack-bench-") as tmp:
         work = Path(tmp)
-        data = repeat_sample(args.sample, args.images, work / "data")
+        data = repeat_sample(Path(s.sample), s.images, work / "data")
         results = []
-        for size in args.sizes:
-            results.append(bench_size(args, data, size, work))
+        for size in s.sizes:
+            results.append(bench_size(Bench(s, data, size, work), reference))
             print(f"{size} px done: {json.dumps(results[-1])}", flush=True)  # kept if stopped
     print_table(results)
     tuned = os.environ.get("CRACK_LIGHTNING_MALLOC") != "default"
@@ -290,8 +380,8 @@ def main() -> None:
         f"allocator: {'glibc tuned (mallopt)' if tuned else 'glibc default'}"
     )
     report = {
-        "images": args.images,
-        "batch_size": args.batch_size,
+        "images": s.images,
+        "batch_size": s.batch_size,
         "allocator_tuned": tuned,
         "peak_rss_mib": round(peak_rss_mib()),
         "results": results,
@@ -299,5 +389,10 @@ def main() -> None:
     print(json.dumps(report))
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`crack-bench`: settings from conf/bench.yaml."""
+    return run_tool("bench", run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -5,11 +5,15 @@ class CrackLightningError(Exception):
     """Base class; entry points print these without a traceback."""
 
 
+class ConfigError(CrackLightningError):
+    """A setting has the wrong type or lies outside its range (the message says which)."""
+
+
 class DataError(CrackLightningError):
     """The data set on disk is missing or not laid out as expected."""
 
 
-class ModelConfigError(CrackLightningError):
+class ModelConfigError(ConfigError):
     """A model setting (backbone name, scheduler, ...) is not valid."""
 
 

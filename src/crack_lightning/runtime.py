@@ -19,7 +19,7 @@ def tune_malloc() -> bool:
     """Stop glibc from handing activation buffers back to the kernel after every step.
 
     By default glibc serves large blocks with mmap and unmaps them on free, so each
-    forward pass page-faults its activations back in: 2-3x slower on CPU. Keeping
+    forward pass page-faults its activations back in (docs/speed.md). Keeping
     freed memory in the heap avoids that. Called before DataLoader workers fork, so
     they inherit it. Returns whether the setting was applied (glibc only);
     CRACK_LIGHTNING_MALLOC=default leaves the allocator alone.

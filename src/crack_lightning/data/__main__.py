@@ -1,4 +1,4 @@
-"""`python -m crack_lightning.data download|check ...`."""
+"""`python -m crack_lightning.data download|check ...`: the same as `crack-data`."""
 
 from crack_lightning.data.cli import main
 

@@ -1,10 +1,10 @@
-"""What is wrong with a data set on disk: `python -m crack_lightning.data check ROOT`.
+"""What is wrong with a data set on disk: `crack-data check root=ROOT`.
 
-Two depths. The quick check reads every file's bytes once (about 1.5 s for 40,000 METU
-images when they are in the page cache): the layout, counts, files that are empty, are
+Two depths. The quick check reads every file's bytes once (seconds for the whole METU
+set; docs/data.md): the layout, counts, files that are empty, are
 no image at all or are cut short (JPEG without its end marker, PNG without IEND), and
 identical files, within a class (duplicates) or across classes (label conflicts). The
-full check also decodes every image with PIL (about 20 s more for 40,000) and reports
+full check also decodes every image with PIL and reports
 sizes and colour modes. `train.py` runs the quick one (data.check=true).
 """
 
@@ -210,7 +210,7 @@ def require_clean(root: str | Path, samples: Sequence[tuple[str, int]] | None = 
         )
         raise DataError(
             f"data.root={root} has {len(problems)} problem(s) that would corrupt training: "
-            f"{shown}. See the full report with `python -m crack_lightning.data check {root}`; "
+            f"{shown}. See the full report with `crack-data check root={root}`; "
             f"delete or fix those files (for a label conflict, the copy in the wrong class), "
             f"or set data.check=false to train anyway."
         )

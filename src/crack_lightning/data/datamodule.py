@@ -15,21 +15,15 @@ from torchvision.datasets.folder import default_loader
 
 from crack_lightning.data.check import require_clean
 from crack_lightning.data.download import ensure_dataset
-from crack_lightning.data.feature_cache import MAX_VIEWS, FeatureViews, cached_features
+from crack_lightning.data.feature_cache import FeatureViews, cached_features
 from crack_lightning.data.grouping import check_distance, image_hashes, near_duplicate_groups
 from crack_lightning.data.layout import scan_samples
-from crack_lightning.data.splits import (
-    check_fractions,
-    grouped_split,
-    stratified_split,
-    write_manifest,
-)
+from crack_lightning.data.splits import grouped_split, stratified_split, write_manifest
 from crack_lightning.data.synthetic import generate_dataset
 from crack_lightning.data.transforms import Augmentation, augment_batch, eval_transform
 from crack_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
-SPLIT_KINDS = ("random", "grouped")
 
 
 class ImageList(Dataset):
@@ -78,18 +72,7 @@ class CrackDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
-        check_fractions(val_fraction, test_fraction)
-        for name, value, low in (
-            ("image_size", image_size, 16),
-            ("batch_size", batch_size, 1),
-            ("num_workers", num_workers, 0),
-        ):
-            if int(value) != value or value < low:
-                raise DataError(f"data.{name}={value} must be an integer >= {low}.")
-        if not 1 <= cache_views <= MAX_VIEWS:
-            raise DataError(f"data.cache_views={cache_views} must lie in 1..{MAX_VIEWS}.")
-        if split not in SPLIT_KINDS:
-            raise DataError(f"data.split={split} must be one of {', '.join(SPLIT_KINDS)}.")
+        # types and ranges: crack_lightning.settings.DataSettings, checked by train()
         if split == "grouped":
             check_distance(group_distance)
         self.root = Path(root)

@@ -1,6 +1,6 @@
 """Getting the METU data set onto disk: download (resumable), verify, unpack, count.
 
-`ensure_dataset` is what `python -m crack_lightning.data download` and `data.download=true`
+`ensure_dataset` is what `crack-data download` and `data.download=true`
 run. It does nothing when the root already holds the full data set, so it is safe to
 call before every training run.
 """

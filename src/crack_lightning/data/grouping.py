@@ -29,7 +29,7 @@ def dhash(path: str) -> int:
     """64-bit difference hash of an image file.
 
     JPEGs are decoded at reduced scale (at least 32x32; 1/4 for 227 px crops), which is
-    3x faster than a full decode. Of the variants tried on the real sample (1/8 or 1/4
+    faster than a full decode. Of the variants tried on the real sample (1/8 or 1/4
     or full scale, box, bilinear or Lanczos filter) this one put the visibly overlapping
     crops closest together (4-8 bits) while unrelated crops stay about 31 bits apart.
     """
@@ -40,7 +40,7 @@ def dhash(path: str) -> int:
     except Exception as err:  # PIL raises many types for bad files
         raise DataError(
             f"{path} cannot be decoded ({type(err).__name__}: {err}); run "
-            f"`python -m crack_lightning.data check` on the data root."
+            f"`python -m crack_lightning.data check root=DATA_ROOT`."
         ) from None
     pixels = np.asarray(grey, dtype=np.int16)
     bits = (pixels[:, 1:] > pixels[:, :-1]).ravel()

@@ -1,38 +1,35 @@
 """Self-contained model files for deployment: ONNX (for onnxruntime) or TorchScript.
 
-`python -m crack_lightning.export ckpt_path=RUN/checkpoints/best.ckpt format=onnx`
+`crack-export ckpt_path=RUN/checkpoints/best.ckpt format=onnx`
 
 The exported model takes uint8 RGB images (N, 3, S, S), already resized to S = the
 training image size (stored as metadata), and returns class probabilities (N, 2):
 [P(Negative), P(crack)]. Scaling to [0, 1] and the backbone's normalisation are inside.
 
 `quantize=int8 calibration.inputs=[TRAINING_IMAGES]` writes an int8 ONNX model instead
-(static, per-channel, calibrated on training images): about 1.7x faster on CPU, 3.5x
-smaller, same predictions on the real sample (README "Export").
+(static, per-channel, calibrated on training images): faster on CPU and smaller, with
+the same predictions on the real sample (figures: docs/prediction.md "Export").
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
+from crack_lightning.cli import run_tool
 from crack_lightning.data.images import collect_inputs, load_rgb
 from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.data.transforms import eval_transform
-from crack_lightning.errors import CrackLightningError, PredictionError, UnreadableImage
+from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.inference.classifiers import load_checkpoint_model
 from crack_lightning.models.classifier import CrackClassifier
-from crack_lightning.runtime import quiet_logs
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 QUANTIZE = (None, "int8")
@@ -198,11 +195,11 @@ def quantize_onnx(
 ) -> Path:
     """Static int8 quantisation of an exported ONNX model for CPUs (QDQ format).
 
-    The settings are those that kept accuracy on the real sample (README "Export"): the
+    The settings are those that kept accuracy on the real sample (docs/prediction.md): the
     graph pre-processed (shape inference, constant folding) first; weights int8 per output
     channel, activations uint8 (the u8 x s8 products of VNNI/AVX2 kernels) with MinMax
     ranges; the leading `float_convs` convolutions left in float32. Percentile and Entropy
-    calibration were no more accurate and 5-8x slower to calibrate.
+    calibration were no more accurate and much slower to calibrate.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -258,26 +255,26 @@ def export_int8(
         return quantize_onnx(fp32, output, images, calibration.float_convs)
 
 
-@hydra.main(version_base="1.3", config_path="../../../conf", config_name="export")
-def main(cfg: DictConfig) -> None:
-    quiet_logs()
-    try:
-        check_quantize(cfg.quantize, cfg.format)
-        model = load_checkpoint_model(cfg.ckpt_path)
-        suffix = (".int8" if cfg.quantize else "") + FORMATS.get(cfg.format, "")
-        output = Path(cfg.output or Path(cfg.ckpt_path).with_suffix(suffix))
-        if cfg.quantize:
-            path = export_int8(model, output, cfg.calibration, cfg.progress)
-        else:
-            path = export_model(model, cfg.format, output)
-    except CrackLightningError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+def export(cfg: DictConfig) -> None:
+    """The export command's body: conf/export.yaml's settings."""
+    check_quantize(cfg.quantize, cfg.format)
+    model = load_checkpoint_model(cfg.ckpt_path)
+    suffix = (".int8" if cfg.quantize else "") + FORMATS.get(cfg.format, "")
+    output = Path(cfg.output or Path(cfg.ckpt_path).with_suffix(suffix))
+    if cfg.quantize:
+        path = export_int8(model, output, cfg.calibration, cfg.progress)
+    else:
+        path = export_model(model, cfg.format, output)
     kind = f"{cfg.format}, {cfg.quantize}" if cfg.quantize else cfg.format
     print(
         f"Exported {cfg.ckpt_path} as {kind} to {path} "
         f"(input uint8 RGB {model.hparams.image_size}x{model.hparams.image_size})"
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`crack-export`: settings from conf/export.yaml."""
+    return run_tool("export", export, argv)
 
 
 def check_quantize(quantize: str | None, fmt: str) -> None:
@@ -289,5 +286,4 @@ def check_quantize(quantize: str | None, fmt: str) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[3]))
-    main()
+    raise SystemExit(main())

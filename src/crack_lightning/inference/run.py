@@ -13,14 +13,12 @@ from omegaconf import DictConfig
 
 from crack_lightning.data.images import collect_inputs, label_from_path, load_rgb
 from crack_lightning.data.layout import CLASS_NAMES
-from crack_lightning.errors import CrackLightningError, PredictionError, UnreadableImage
+from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.evaluation.metrics import binary_metrics, format_report, write_evaluation
 from crack_lightning.evaluation.plots import image_grid_figure, save
 from crack_lightning.inference.classifiers import classify_files, load_classifier
 from crack_lightning.inference.scan import render_scan, scan_photo, write_scan_csv
-from crack_lightning.runtime import quiet_logs, tune_malloc
-
-MODES = ("predict", "eval", "scan")
+from crack_lightning.settings import PredictSettings, validate
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:
@@ -158,10 +156,8 @@ def scan(cfg: DictConfig, classifier, files: list[Path]) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
-    if cfg.mode not in MODES:
-        raise PredictionError(f"mode={cfg.mode} must be one of {', '.join(MODES)}.")
-    if not 0 < cfg.threshold < 1:
-        raise PredictionError(f"threshold={cfg.threshold} must lie strictly between 0 and 1.")
+    """predict.py's task (crack_lightning.cli.predict): settings checked, then one mode."""
+    validate(cfg, PredictSettings, "")
     classifier = load_classifier(cfg.ckpt_path, cfg.device)
     inputs = [cfg.inputs] if isinstance(cfg.inputs, str) else list(cfg.inputs)
     files, problems = collect_inputs(inputs)
@@ -177,14 +173,3 @@ def run(cfg: DictConfig) -> dict:
         f"Predictions: {summary['output']}"
     )
     return summary
-
-
-def main(cfg: DictConfig) -> dict:
-    """Hydra task: user errors print without a traceback and exit non-zero."""
-    tune_malloc()
-    quiet_logs()
-    try:
-        return run(cfg)
-    except CrackLightningError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -20,33 +20,8 @@ from torchmetrics.classification import (
 
 from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.data.transforms import to_unit_float
-from crack_lightning.errors import ModelConfigError
 from crack_lightning.models.backbones import build_feature_extractor, fold_batchnorm, normalization
-
-SCHEDULERS = {
-    "cosine": (torch.optim.lr_scheduler.CosineAnnealingLR, set()),
-    "step": (torch.optim.lr_scheduler.StepLR, {"step_size", "gamma"}),
-    "plateau": (torch.optim.lr_scheduler.ReduceLROnPlateau, {"patience", "factor"}),
-}
-
-
-def check_scheduler(config: Mapping | None) -> None:
-    """Fail at start-up, not after the first epoch, on a scheduler config we cannot build."""
-    if config is None:
-        return
-    name = config.get("name")
-    if name not in SCHEDULERS:
-        raise ModelConfigError(
-            f"model.scheduler.name={name!r} is not one of {sorted(SCHEDULERS)} "
-            f"(or set model.scheduler=null)."
-        )
-    allowed = SCHEDULERS[name][1]
-    extra = set(config) - allowed - {"name"}
-    if extra:
-        raise ModelConfigError(
-            f"model.scheduler for {name!r} accepts {sorted(allowed) or 'no settings'}; "
-            f"got unknown {sorted(extra)}."
-        )
+from crack_lightning.models.optimizers import build_optimizer, build_scheduler
 
 
 def stage_metrics(prefix: str) -> MetricCollection:
@@ -173,16 +148,15 @@ class CrackClassifier(L.LightningModule):
         weight_decay: float,
         scheduler: Mapping | None,
         image_size: int,
-        # model.finetune, applied by finetuning.BackboneUnfreeze; None in checkpoints
-        # saved before fine-tuning existed
+        # `_target_` + `_partial_` configs (models/optimizers.py); optimizer is None only in
+        # checkpoints saved before it was configurable (they predict, but do not train)
+        optimizer: Mapping | None = None,
+        # ignored: checkpoints saved when fine-tuning was set here (now callbacks.finetune)
         finetune: Mapping | None = None,
     ) -> None:
         super().__init__()
         # plain values only, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(logger=False)
-        check_scheduler(scheduler)
-        if not 0 <= dropout < 1:
-            raise ModelConfigError(f"model.dropout={dropout} must lie in [0, 1).")
         extractor, feature_dim = build_feature_extractor(backbone, pretrained, weights_path)
         mean, std = normalization(backbone)
         self.net = CrackNet(
@@ -252,18 +226,8 @@ class CrackClassifier(L.LightningModule):
         return self._step(batch, "test")
 
     def configure_optimizers(self) -> dict:
+        """model.optimizer over the trainable parameters, and model.scheduler if set."""
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(
-            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
-        config = self.hparams.scheduler
-        if config is None:
-            return {"optimizer": optimizer}
-        settings = {k: v for k, v in config.items() if k != "name"}
-        if config["name"] == "cosine":
-            settings["T_max"] = max(1, self.trainer.max_epochs or 1)
-        scheduler = SCHEDULERS[config["name"]][0](optimizer, **settings)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"},
-        }
+        optimizer = build_optimizer(self.hparams.optimizer or {}, params)
+        scheduler = build_scheduler(self.hparams.scheduler, optimizer)
+        return {"optimizer": optimizer} | ({"lr_scheduler": scheduler} if scheduler else {})

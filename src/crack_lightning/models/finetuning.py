@@ -1,7 +1,8 @@
 """Fine-tuning: a second phase that unfreezes the top of the backbone at a chosen epoch.
 
 The Keras recipes train a new head on a frozen base; some then unfreeze the upper layers
-and go on with a lower learning rate. `model.finetune` does that (conf/model/_base.yaml):
+and go on with a lower learning rate. `callbacks/finetune=unfreeze` does that
+(conf/callbacks/finetune/unfreeze.yaml, settings under `callbacks.finetune`):
 from epoch `epoch` (counted from 0) the last `blocks` blocks of the backbone (or `all`)
 train too, as a new optimizer parameter group with its own learning rate `lr`. A
 learning-rate scheduler scales that group along with the head's.
@@ -23,7 +24,6 @@ optimizer and any DDP wrapper are built.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -79,19 +79,21 @@ class BackboneUnfreeze(BaseFinetuning):
         super().__init__()
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ModelConfigError(
-                f"model.finetune.epoch={epoch!r} must be an epoch number >= 0 (counted from "
+                f"callbacks.finetune.epoch={epoch!r} must be an epoch number >= 0 (counted from "
                 f"0), or null to keep the backbone frozen."
             )
         if blocks != ALL and (
             not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1
         ):
             raise ModelConfigError(
-                f"model.finetune.blocks={blocks!r} must be a number of blocks >= 1 or 'all'."
+                f"callbacks.finetune.blocks={blocks!r} must be a number of blocks >= 1 or 'all'."
             )
         if not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0:
-            raise ModelConfigError(f"model.finetune.lr={lr!r} must be a learning rate > 0.")
+            raise ModelConfigError(f"callbacks.finetune.lr={lr!r} must be a learning rate > 0.")
         if not isinstance(train_bn, bool):
-            raise ModelConfigError(f"model.finetune.train_bn={train_bn!r} must be true or false.")
+            raise ModelConfigError(
+                f"callbacks.finetune.train_bn={train_bn!r} must be true or false."
+            )
         self.epoch = epoch
         self.blocks = blocks
         self.lr = float(lr)
@@ -102,37 +104,20 @@ class BackboneUnfreeze(BaseFinetuning):
         # gradients, so on_before_optimizer_step does
         self._sync_by_hand: list[nn.Parameter] = []
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> BackboneUnfreeze:
-        """Build from model.finetune, naming unknown or missing settings."""
-        names = {"epoch", "blocks", "lr", "train_bn"}
-        unknown, missing = sorted(set(config) - names), sorted(names - set(config))
-        if unknown or missing:
-            raise ModelConfigError(
-                f"model.finetune takes {sorted(names)}; "
-                + "; ".join(
-                    f"{label} {keys}"
-                    for label, keys in (("unknown:", unknown), ("missing:", missing))
-                    if keys
-                )
-                + "."
-            )
-        return cls(**config)
-
     # --- which modules ----------------------------------------------------------------
 
     def check(self, pl_module: L.LightningModule) -> None:
         """Fail at start-up on a model this schedule cannot apply to."""
         if not pl_module.net.frozen:
             raise ModelConfigError(
-                "model.finetune.epoch is set but model.freeze_backbone=false: the backbone "
+                "callbacks.finetune is set but model.freeze_backbone=false: the backbone "
                 "already trains whole. Set model.freeze_backbone=true for a frozen first "
-                "phase, or model.finetune.epoch=null."
+                "phase, or callbacks/finetune=null."
             )
         available = len(backbone_blocks(pl_module.net.backbone))
         if self.blocks != ALL and self.blocks > available:
             raise ModelConfigError(
-                f"model.finetune.blocks={self.blocks}, but backbone "
+                f"callbacks.finetune.blocks={self.blocks}, but backbone "
                 f"{pl_module.hparams.backbone!r} has {available} blocks; use at most "
                 f"{available}, or 'all'."
             )

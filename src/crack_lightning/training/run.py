@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,14 +15,13 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from crack_lightning.data.datamodule import CrackDataModule
 from crack_lightning.errors import CrackLightningError, ModelConfigError
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.models.finetuning import BackboneUnfreeze
-from crack_lightning.runtime import quiet_logs, tune_malloc
+from crack_lightning.settings import check_train_settings
 from crack_lightning.training.callbacks import ResumeHint
 from crack_lightning.training.distributed import ddp_job
 from crack_lightning.training.resume import resolve_ckpt_path, resume_step
@@ -68,15 +65,12 @@ def build_loggers(group: DictConfig | None, resume_from: str | None) -> list[Log
     return loggers
 
 
-def build_model(model_cfg: DictConfig) -> tuple[CrackClassifier, BackboneUnfreeze | None]:
-    """The LightningModule, and the fine-tuning callback when model.finetune.epoch is set."""
-    model: CrackClassifier = build(model_cfg)
-    finetune = model.hparams.get("finetune")
-    if finetune is None or finetune.get("epoch") is None:
-        return model, None
-    schedule = BackboneUnfreeze.from_config(finetune)
-    schedule.check(model)
-    return model, schedule
+def fine_tuning(callbacks: list[Callback], model: CrackClassifier) -> BackboneUnfreeze | None:
+    """The callbacks.finetune schedule, checked against the model, if there is one."""
+    schedule = next((c for c in callbacks if isinstance(c, BackboneUnfreeze)), None)
+    if schedule is not None:
+        schedule.check(model)
+    return schedule
 
 
 def log_hyperparameters(trainer: L.Trainer, model: CrackClassifier, cfg: DictConfig) -> None:
@@ -158,6 +152,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Cheap checks (data layout, checkpoint path, weights) come before anything slow, so
     a bad setting stops the run at once.
     """
+    check_train_settings(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -166,7 +161,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: CrackDataModule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model, finetune = build_model(cfg.model)
+    model: CrackClassifier = build(cfg.model)
     counts = model.parameter_counts()
     log.info(
         "Backbone %s: %s frozen, %s trainable parameters; %d train / %d val / %d test images",
@@ -176,8 +171,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         *(len(datamodule.split[s]) for s in ("train", "val", "test")),
     )
 
-    callbacks: list[Callback] = build_group(cfg.get("callbacks"))
-    callbacks += [ResumeHint(output_dir)] + ([finetune] if finetune else [])
+    callbacks: list[Callback] = [*build_group(cfg.get("callbacks")), ResumeHint(output_dir)]
+    finetune = fine_tuning(callbacks, model)
     loggers: list[Logger] = build_loggers(cfg.get("logger"), resume_from=ckpt_path)
     if not loggers:  # nothing to record learning rates in (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -186,7 +181,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not model.hparams.freeze_backbone or finetune:
             raise ModelConfigError(
                 "data.cache_features=true needs a backbone that stays frozen "
-                "(model.freeze_backbone=true, model.finetune.epoch=null): features of a "
+                "(model.freeze_backbone=true, callbacks.finetune=null): features of a "
                 "backbone that trains change every step."
             )
         datamodule.use_feature_cache(model.net, trainer.strategy.root_device)
@@ -204,19 +199,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Hydra task: train, print user errors without a traceback, return optimized_metric."""
-    tune_malloc()
-    quiet_logs()
+    """Hydra task (run by crack_lightning.cli.train): train, return optimized_metric."""
     if HydraConfig.initialized():  # in a multirun each job has its own directory
         with open_dict(cfg):
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    try:
-        metrics = train(cfg)
-    except CrackLightningError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except SIGTERMException:  # Lightning stopped after the current batch
-        raise SystemExit(128 + signal.SIGTERM) from None
+    metrics = train(cfg)
     name = cfg.get("optimized_metric")
     if name and name not in metrics:
         log.warning("optimized_metric=%s is not among the metrics %s", name, sorted(metrics))

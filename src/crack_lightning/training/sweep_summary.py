@@ -5,7 +5,7 @@ writing `sweep_summary.csv` and `sweep_summary.md` into its directory and printi
 Markdown table (SweepSummary, a Hydra callback set in conf/train.yaml). For a sweep still
 running, or one from elsewhere:
 
-    python -m crack_lightning.summarize SWEEP_DIR [--metric val/loss --direction minimize]
+    crack-summarize sweep_dir=SWEEP_DIR [metric=val/loss direction=minimize]
 
 Jobs are ranked by `optimized_metric` in its `optimized_direction` (from the jobs'
 config); jobs without metrics.json (failed or interrupted) are listed last.
@@ -13,7 +13,6 @@ config); jobs without metrics.json (failed or interrupted) are listed last.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -28,6 +27,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from crack_lightning.cli import run_tool
 from crack_lightning.errors import CrackLightningError, RunDirError
 from crack_lightning.training.distributed import process_rank
 
@@ -95,7 +95,7 @@ def sweep_objective(jobs: Sequence[Job]) -> tuple[str, str]:
             if config.get("optimized_metric"):
                 return config["optimized_metric"], config.get("optimized_direction", "maximize")
     raise RunDirError(
-        "The jobs' .hydra/config.yaml name no optimized_metric; pass --metric and --direction."
+        "The jobs' .hydra/config.yaml name no optimized_metric; pass metric= and direction=."
     )
 
 
@@ -204,8 +204,8 @@ def write_summary(
         default_metric, default_direction = sweep_objective(jobs)
         if direction is None and metric not in (None, default_metric):
             raise RunDirError(
-                f"--metric {metric} differs from the sweep's optimized_metric "
-                f"({default_metric}): also pass --direction maximize or minimize."
+                f"metric={metric} differs from the sweep's optimized_metric "
+                f"({default_metric}): also pass direction=maximize or direction=minimize."
             )
         metric = metric or default_metric
         direction = direction or default_direction
@@ -237,24 +237,13 @@ class SweepSummary(Callback):
         log.info("Sweep summary written to %s and %s", sweep_dir / CSV_NAME, MARKDOWN_NAME)
 
 
+def summarize(cfg: DictConfig) -> None:
+    print(write_summary(cfg.sweep_dir, cfg.metric, cfg.direction), end="")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m crack_lightning.summarize",
-        description="Rank a sweep's jobs by their best validation metric; writes "
-        f"{CSV_NAME} and {MARKDOWN_NAME} into the sweep directory and prints the table.",
-    )
-    parser.add_argument("sweep_dir", help="a sweep directory, e.g. logs/train/multiruns/<date>")
-    parser.add_argument("--metric", help="metric to rank by (default: the jobs' optimized_metric)")
-    parser.add_argument(
-        "--direction", choices=DIRECTIONS, help="default: the jobs' optimized_direction"
-    )
-    args = parser.parse_args(argv)
-    try:
-        print(write_summary(args.sweep_dir, args.metric, args.direction), end="")
-    except CrackLightningError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """`crack-summarize`: settings from conf/summarize.yaml."""
+    return run_tool("summarize", summarize, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,232 @@
+"""Settings checked at start-up, before any data is read or model built.
+
+Each schema below is a dataclass whose field types OmegaConf enforces when the composed
+config is merged into it; `__post_init__` adds the ranges. Only the settings a schema
+names are checked, so a config may carry more (its `_target_`, new options). The
+defaults stay in conf/: every field is required here (MISSING) and comes from there.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, TypeVar
+
+from hydra.utils import get_method
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+from crack_lightning.data.feature_cache import MAX_VIEWS
+from crack_lightning.data.splits import check_fractions
+from crack_lightning.errors import (
+    ConfigError,
+    CrackLightningError,
+    DataError,
+    ModelConfigError,
+    PredictionError,
+)
+
+S = TypeVar("S")
+
+
+def require(ok: bool, setting: str, value: Any, allowed: str, error: type[Exception]) -> None:
+    """Raise `error` naming the setting, its value and what is allowed unless `ok`."""
+    if not ok:
+        raise error(f"{setting}={value} must be {allowed}.")
+
+
+class SplitKind(str, enum.Enum):
+    random = "random"
+    grouped = "grouped"
+
+
+@dataclass
+class DataSettings:
+    """The data settings train.py checks before looking at any file."""
+
+    error: ClassVar[type[CrackLightningError]] = DataError
+    val_fraction: float = MISSING
+    test_fraction: float = MISSING
+    image_size: int = MISSING
+    batch_size: int = MISSING
+    num_workers: int = MISSING
+    cache_views: int = MISSING
+    split: SplitKind = MISSING
+    check: bool = MISSING
+    download: bool = MISSING
+    cache_features: bool = MISSING
+
+    def __post_init__(self) -> None:
+        check_fractions(self.val_fraction, self.test_fraction)
+        for name, low in (("image_size", 16), ("batch_size", 1), ("num_workers", 0)):
+            value = getattr(self, name)
+            require(value >= low, f"data.{name}", value, f"an integer >= {low}", DataError)
+        views = self.cache_views
+        require(
+            1 <= views <= MAX_VIEWS,
+            "data.cache_views",
+            views,
+            f"in 1..{MAX_VIEWS}",
+            DataError,
+        )
+
+
+@dataclass
+class ModelSettings:
+    """The model settings: learning rate and regularisation in their ranges."""
+
+    error: ClassVar[type[CrackLightningError]] = ModelConfigError
+    backbone: str = MISSING
+    pretrained: bool = MISSING
+    weights_path: str | None = MISSING
+    freeze_backbone: bool = MISSING
+    channels_last: bool = MISSING
+    dropout: float = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    image_size: int = MISSING
+
+    def __post_init__(self) -> None:
+        err = ModelConfigError
+        require(self.lr > 0, "model.lr", self.lr, "a learning rate > 0", err)
+        require(self.weight_decay >= 0, "model.weight_decay", self.weight_decay, ">= 0", err)
+        require(0 <= self.dropout < 1, "model.dropout", self.dropout, "in [0, 1)", err)
+
+
+@dataclass
+class TrainerSettings:
+    """Epoch counts: Lightning reads max_epochs=-1 as "forever", which no run here wants."""
+
+    error: ClassVar[type[CrackLightningError]] = ConfigError
+    min_epochs: int = MISSING
+    max_epochs: int = MISSING
+    check_val_every_n_epoch: int = MISSING
+    log_every_n_steps: int = MISSING
+
+    def __post_init__(self) -> None:
+        for name in ("max_epochs", "check_val_every_n_epoch", "log_every_n_steps"):
+            value = getattr(self, name)
+            require(value >= 1, f"trainer.{name}", value, "an integer >= 1", ConfigError)
+        require(
+            0 <= self.min_epochs <= self.max_epochs,
+            "trainer.min_epochs",
+            self.min_epochs,
+            f"in 0..trainer.max_epochs ({self.max_epochs})",
+            ConfigError,
+        )
+
+
+class PredictMode(str, enum.Enum):
+    predict = "predict"
+    eval = "eval"
+    scan = "scan"
+
+
+@dataclass
+class PredictSettings:
+    """predict.py's settings with a type or range (conf/predict.yaml)."""
+
+    error: ClassVar[type[CrackLightningError]] = PredictionError
+    mode: PredictMode = MISSING
+    threshold: float = MISSING
+    batch_size: int = MISSING
+    num_workers: int = MISSING
+    visualize: bool = MISSING
+    max_visualize: int = MISSING
+    progress: bool = MISSING
+
+    def __post_init__(self) -> None:
+        err = PredictionError
+        require(
+            0 < self.threshold < 1, "threshold", self.threshold, "strictly between 0 and 1", err
+        )
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1", err)
+        require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0", err)
+
+
+def describe(annotation: Any) -> str:
+    """What a field's type allows, in a user's words."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is list:
+        return "a list, each item " + describe(args[0])
+    if args:  # X | None
+        return describe(args[0]) + " or null"
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "one of " + ", ".join(m.value for m in annotation)
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(
+        annotation, str(annotation)
+    )
+
+
+def plain(value: Any) -> Any:
+    """A config value with its interpolations resolved, containers as dicts and lists."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def validate(values: Mapping | DictConfig, schema: type[S], section: str) -> S:
+    """`values` (only the keys `schema` names) as a `schema` instance; a wrong type or
+    range raises the schema's error naming `section.key`."""
+    names = {f.name: f for f in fields(schema)}
+    types = typing.get_type_hints(schema)
+    subset = {k: plain(values[k]) for k in names if k in values}
+    prefix = f"{section}." if section else ""
+    if missing := [n for n in names if n not in subset]:
+        raise schema.error(f"missing setting(s): {', '.join(prefix + n for n in missing)}.")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), subset)
+    except ValidationError as err:
+        key = re.split(r"[.\[]", str(err.full_key or err.key))[0]  # the field, not its item
+        raise schema.error(
+            f"{prefix}{key}={subset.get(key)} must be {describe(types[key])}."
+        ) from None
+    return OmegaConf.to_object(merged)
+
+
+def check_train_settings(cfg: DictConfig) -> None:
+    """Every data, model and trainer setting a schema covers, and the keywords of the
+    optimizer, scheduler and callbacks, before anything slow."""
+    from crack_lightning.models.optimizers import scheduler_factory
+
+    validate(cfg.data, DataSettings, "data")
+    validate(cfg.model, ModelSettings, "model")
+    validate(cfg.trainer, TrainerSettings, "trainer")
+    check_target(plain(cfg.model.get("optimizer")), "model.optimizer", ModelConfigError)
+    scheduler = plain(cfg.model.get("scheduler"))
+    check_target(scheduler and scheduler_factory(scheduler), "model.scheduler", ModelConfigError)
+    for name, entry in (cfg.get("callbacks") or {}).items():
+        if entry is not None and "_target_" in entry:
+            check_target(plain(entry), f"callbacks.{name}")
+
+
+def check_target(
+    config: Mapping | None, setting: str, error: type[CrackLightningError] = ConfigError
+) -> None:
+    """A `_target_` config names something importable that takes its keywords."""
+    if config is None:
+        return
+    target = config.get("_target_")
+    if target is None:
+        raise error(f"{setting} needs a _target_ (the class or function it builds).")
+    try:
+        function = get_method(target)
+    except (OmegaConfBaseException, ImportError, ValueError, AttributeError, TypeError):
+        raise error(f"{setting}._target_={target} cannot be imported.") from None
+    keywords = {k: v for k, v in config.items() if not (k.startswith("_") and k.endswith("_"))}
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(keywords) - set(parameters))
+    if unknown:
+        raise error(
+            f"{setting}: {target} takes no setting {', '.join(map(repr, unknown))}; it takes "
+            f"{', '.join(n for n in parameters if n not in ('self', 'params', 'optimizer'))}."
+        )
