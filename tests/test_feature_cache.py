@@ -155,7 +155,7 @@ def small_cache(synthetic_root, tmp_path):
 
 
 def test_two_runs_saving_the_cache_at_once_both_succeed(small_cache, monkeypatch):
-    make, fill, _, path = small_cache
+    make, _, _, path = small_cache
     first, second = make(), make()
     first.done[:, :8] = True
     second.done[:, 8:] = True
