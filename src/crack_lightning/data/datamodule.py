@@ -72,7 +72,7 @@ class CrackDataModule(L.LightningDataModule):
         split: str,
         group_distance: int,
         check: bool,
-        cache_features: bool,
+        cache_features: bool | str,
         cache_views: int,
         cache_dir: str,
     ) -> None:
@@ -86,6 +86,8 @@ class CrackDataModule(L.LightningDataModule):
         ):
             if int(value) != value or value < low:
                 raise DataError(f"data.{name}={value} must be an integer >= {low}.")
+        if cache_features not in (True, False, "auto"):
+            raise DataError(f"data.cache_features={cache_features} must be auto, true or false.")
         if not 1 <= cache_views <= MAX_VIEWS:
             raise DataError(f"data.cache_views={cache_views} must lie in 1..{MAX_VIEWS}.")
         if split not in SPLIT_KINDS:

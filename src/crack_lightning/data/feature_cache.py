@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from crack_lightning.data.transforms import eval_transform
+from crack_lightning.errors import ModelConfigError
 from crack_lightning.progress import progress
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,20 @@ FORMAT_VERSION = 1
 MAX_VIEWS = 8
 # seconds between saves of a running fill: what a killed fill loses at most
 SAVE_EVERY_S = 60.0
+
+
+def cache_wanted(setting: bool | str, frozen: bool, finetuning: bool) -> bool:
+    """data.cache_features: `auto` caches whenever the backbone stays frozen (most of the
+    time of a run is otherwise the same forward passes again each epoch); true insists."""
+    stays_frozen = frozen and not finetuning
+    if setting is True and not stays_frozen:
+        raise ModelConfigError(
+            "data.cache_features=true needs a backbone that stays frozen "
+            "(model.freeze_backbone=true, model.finetune.epoch=null): features of a "
+            "backbone that trains change every step. data.cache_features=auto caches only "
+            "when it can."
+        )
+    return stays_frozen if setting == "auto" else bool(setting)
 
 
 def apply_view(images: torch.Tensor, view: int) -> torch.Tensor:

@@ -1,0 +1,50 @@
+"""Fast by default: no repeated validation at the end, progress fit for log files, the
+GPU settings resolved at start-up, device JPEG decoding checked on the CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from crack_lightning.models.classifier import CrackClassifier
+from crack_lightning.training.run import build, train
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_the_final_report_reuses_the_best_epochs_validation(synthetic_cfg, monkeypatch, cache):
+    steps = []
+    original = CrackClassifier.validation_step
+    monkeypatch.setattr(
+        CrackClassifier,
+        "validation_step",
+        lambda self, batch, i: steps.append(len(batch[1])) or original(self, batch, i),
+    )
+    cfg = synthetic_cfg("trainer.max_epochs=3", f"data.cache_features={cache}")
+    metrics = train(cfg)
+    datamodule = build(cfg.data)
+    datamodule.setup("fit")
+    batches = math.ceil(len(datamodule.split["val"]) / cfg.data.batch_size)
+    sanity = min(2, batches)
+    assert len(steps) == sanity + 3 * batches  # the old code: one more pass, `batches` more
+    # metrics.json holds the best checkpoint's figures: validate it again by hand
+    model = build(cfg.model)
+    state = torch.load(metrics["best_checkpoint"], weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    model.eval()
+    logits, labels = [], []
+    with torch.inference_mode():
+        for images, label in datamodule.val_dataloader():
+            logits.append(model(images))
+            labels.append(label)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    accuracy = float((logits.argmax(-1) == labels).float().mean())
+    assert metrics["val/loss"] == pytest.approx(loss, abs=2e-3)
+    assert metrics["val/acc"] == pytest.approx(accuracy)
+    assert {"val/auroc", "val/f1", "val/precision", "val/recall"} <= set(metrics)
+    stored = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert stored == metrics
