@@ -48,3 +48,27 @@ def test_the_final_report_reuses_the_best_epochs_validation(synthetic_cfg, monke
     assert {"val/auroc", "val/f1", "val/precision", "val/recall"} <= set(metrics)
     stored = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert stored == metrics
+
+
+def test_a_log_file_gets_a_few_progress_lines_not_one_per_batch(synthetic_root, tmp_path):
+    from .conftest import run_train_py
+
+    result = run_train_py(  # output captured: not a terminal
+        f"data.root={synthetic_root}",
+        "data.image_size=32",
+        "data.batch_size=1",
+        "data.num_workers=0",
+        "model=mobilenetv3_small",
+        "model.pretrained=false",
+        "trainer.max_epochs=3",
+        "logger=none",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    lines = [line for line in output.replace("\r", "\n").splitlines() if line.strip()]
+    batches = 3 * (34 + 14)  # 3 epochs of 34 training and 14 validation images, 1 a batch
+    assert len(lines) < batches / 4, output[-3000:]  # the old code: a line per batch and more
+    assert "Caching backbone features: 48/48 img" in output  # the fill's one line
+    assert output.count("epoch 2: val/acc=") == 1  # one line per epoch with its metrics
