@@ -72,3 +72,52 @@ def test_a_log_file_gets_a_few_progress_lines_not_one_per_batch(synthetic_root, 
     assert len(lines) < batches / 4, output[-3000:]  # the old code: a line per batch and more
     assert "Caching backbone features: 48/48 img" in output  # the fill's one line
     assert output.count("epoch 2: val/acc=") == 1  # one line per epoch with its metrics
+
+
+@pytest.mark.parametrize(
+    ("cuda", "bf16", "expected"),
+    [(True, True, "bf16-mixed"), (True, False, "16-mixed"), (False, False, "32-true")],
+)
+def test_auto_mixed_precision_is_resolved_for_the_gpu_at_hand(monkeypatch, cuda, bf16, expected):
+    from crack_lightning.training.precision import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "a GPU")
+    assert resolve_precision("auto-mixed") == expected
+    assert resolve_precision("16-mixed") == "16-mixed"  # an explicit choice stays
+
+
+def test_gpu_trainer_config_asks_for_auto_mixed_precision():
+    from .conftest import compose_config
+
+    cfg = compose_config("train", ["trainer=gpu"])
+    assert cfg.trainer.precision == "auto-mixed"
+
+
+def test_batched_device_decoding_matches_the_worker_path(sample_root, tmp_path):
+    from PIL import Image
+
+    from crack_lightning.data.device_decode import EncodedImages, collate_encoded, decode_batch
+    from crack_lightning.data.images import load_rgb
+    from crack_lightning.data.transforms import eval_transform
+
+    files = sorted((sample_root / "Positive").glob("*.jpg"))[:3]
+    png = tmp_path / "image.png"
+    Image.open(files[0]).save(png)  # not a JPEG: decoded on the CPU
+    samples = [(str(path), 1) for path in [*files, png]]
+    encoded, labels = collate_encoded([EncodedImages(samples)[i] for i in range(4)])
+    images = decode_batch(encoded, 64, "cpu")
+    assert images.shape == (4, 3, 64, 64) and images.dtype == torch.uint8
+    assert labels.tolist() == [1, 1, 1, 1]
+    expected = torch.stack([eval_transform(64)(load_rgb(path)) for path, _ in samples])
+    assert (images.float() - expected.float()).abs().mean() < 1.0  # same pixels within rounding
+
+
+def test_training_with_decoding_on_the_device_runs_on_cpu(synthetic_cfg):
+    metrics = train(
+        synthetic_cfg(
+            "data.decode_on_device=true", "data.cache_features=false", "+trainer.fast_dev_run=true"
+        )
+    )
+    assert 0 <= metrics["val/acc"] <= 1

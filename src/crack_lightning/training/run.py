@@ -33,6 +33,7 @@ from crack_lightning.training.callbacks import (
     stored_val_metrics,
 )
 from crack_lightning.training.distributed import ddp_job
+from crack_lightning.training.precision import resolve_precision
 from crack_lightning.training.resume import resolve_ckpt_path, resume_step
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers: list[Logger] = build_loggers(cfg.get("logger"), resume_from=ckpt_path)
     if not loggers:  # nothing to record learning rates in (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    precision = resolve_precision(cfg.trainer.precision)
+    trainer: L.Trainer = build(
+        cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False
+    )
     frozen = model.hparams.freeze_backbone
     if cache_wanted(datamodule.hparams.cache_features, frozen, finetune is not None):
         datamodule.use_feature_cache(model.net, trainer.strategy.root_device)
