@@ -121,3 +121,29 @@ def test_training_with_decoding_on_the_device_runs_on_cpu(synthetic_cfg):
         )
     )
     assert 0 <= metrics["val/acc"] <= 1
+
+
+def test_device_throughput_reports_every_figure_on_cpu(synthetic_cfg):
+    from crack_lightning.bench import device_throughput
+
+    cfg = synthetic_cfg("data.image_size=32")
+    figures = device_throughput(cfg, torch.device("cpu"), [2, 4], batches=1)
+    names = {
+        f"{kind}_bs{b}" for kind in ("train_uncached", "train_cached", "predict") for b in (2, 4)
+    }
+    assert set(figures) == names and all(value > 0 for value in figures.values())
+
+
+def test_default_command_row_reports_time_to_accuracy_beside_keras(synthetic_root, tmp_path):
+    from crack_lightning.bench import default_command_row
+
+    row = default_command_row(synthetic_root, None, tmp_path, 1, {"train": 70.0, "predict": 87.0})
+    assert row["images"] == 48 and row["epochs"] == 1
+    assert 0 <= row["default_command_val_acc"] <= 1
+    assert row["default_command_vs_one_pass"] == pytest.approx(
+        row["default_command_s"] / row["one_backbone_pass_s"]
+    )
+    keras = 1 * (48 * 0.7 / 70.0 + 48 * 0.3 / 87.0)
+    assert row["keras_estimated_s"] == pytest.approx(keras)
+    assert row["speedup_vs_keras"] == pytest.approx(keras / row["default_command_s"])
+    assert list((tmp_path / "default_command_cache").rglob("features_*.pt"))  # cached by default
