@@ -225,3 +225,27 @@ def test_a_killed_fill_resumes_from_its_last_save(small_cache, monkeypatch):
     fill(make())
     assert sum(calls) == 2 * 8  # only the other 8 images computed
     assert bool(torch.load(path, weights_only=True)["done"].all())
+
+
+@pytest.mark.parametrize(
+    ("setting", "frozen", "finetuning", "quick", "expected"),
+    [
+        ("auto", True, False, False, True),  # the default command caches
+        ("auto", False, False, False, False),  # a backbone that trains: images
+        ("auto", True, True, False, False),  # fine-tuning later: images
+        ("auto", True, False, True, False),  # fast_dev_run: no whole-pass fill
+        (False, True, False, False, False),  # the old behaviour on request
+        (True, True, False, True, True),
+    ],
+)
+def test_auto_caches_whenever_the_backbone_stays_frozen(
+    setting, frozen, finetuning, quick, expected
+):
+    from crack_lightning.data.feature_cache import cache_wanted
+
+    assert cache_wanted(setting, frozen, finetuning, quick) is expected
+
+
+def test_the_default_config_caches_one_view(cached_cfg, make_cfg):
+    cfg = make_cfg()
+    assert cfg.data.cache_features == "auto" and cfg.data.cache_views == 1

@@ -35,9 +35,11 @@ MAX_VIEWS = 8
 SAVE_EVERY_S = 60.0
 
 
-def cache_wanted(setting: bool | str, frozen: bool, finetuning: bool) -> bool:
+def cache_wanted(setting: bool | str, frozen: bool, finetuning: bool, quick: bool) -> bool:
     """data.cache_features: `auto` caches whenever the backbone stays frozen (most of the
-    time of a run is otherwise the same forward passes again each epoch); true insists."""
+    time of a run is otherwise the same forward passes again each epoch), except in a
+    quick check run (fast_dev_run: a few batches, where a fill would cost a whole pass);
+    true insists."""
     stays_frozen = frozen and not finetuning
     if setting is True and not stays_frozen:
         raise ModelConfigError(
@@ -46,7 +48,7 @@ def cache_wanted(setting: bool | str, frozen: bool, finetuning: bool) -> bool:
             "backbone that trains change every step. data.cache_features=auto caches only "
             "when it can."
         )
-    return stays_frozen if setting == "auto" else bool(setting)
+    return stays_frozen and not quick if setting == "auto" else bool(setting)
 
 
 def apply_view(images: torch.Tensor, view: int) -> torch.Tensor:

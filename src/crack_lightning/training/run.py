@@ -206,7 +206,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False
     )
     frozen = model.hparams.freeze_backbone
-    if cache_wanted(datamodule.hparams.cache_features, frozen, finetune is not None):
+    quick = bool(trainer.fast_dev_run)
+    if cache_wanted(datamodule.hparams.cache_features, frozen, finetune is not None, quick):
         datamodule.use_feature_cache(model.net, trainer.strategy.root_device)
     if trainer.is_global_zero:
         datamodule.write_manifest(output_dir / MANIFEST_NAME)
