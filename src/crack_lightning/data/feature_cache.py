@@ -152,7 +152,12 @@ class FeatureCache:
         )
         net = net.to(device).eval()
         last_save = time.monotonic()
-        with progress(int(missing.sum()), "Caching backbone features") as bar:
+        # the loader draws from the global RNG: keep a run's randomness (shuffling, dropout)
+        # the same whether or not the cache had to be filled
+        with (
+            torch.random.fork_rng(devices=[]),
+            progress(int(missing.sum()), "Caching backbone features") as bar,
+        ):
             for images, indices in loader:
                 images = images.to(device)
                 for view in range(self.features.shape[0]):
