@@ -147,3 +147,20 @@ def test_default_command_row_reports_time_to_accuracy_beside_keras(synthetic_roo
     assert row["keras_estimated_s"] == pytest.approx(keras)
     assert row["speedup_vs_keras"] == pytest.approx(keras / row["default_command_s"])
     assert list((tmp_path / "default_command_cache").rglob("features_*.pt"))  # cached by default
+
+
+@pytest.mark.parametrize(
+    ("stdout", "stderr", "expected"), [(1, 1, "tqdm"), (0, 1, "lines"), (1, 0, "lines")]
+)
+def test_bars_only_when_both_outputs_are_terminals(monkeypatch, stdout, stderr, expected):
+    import sys
+
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from crack_lightning.training.progress import LogProgress, progress_bar
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: bool(stdout), raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: bool(stderr), raising=False)
+    bar = progress_bar(refresh_rate=1, line_every_s=30)
+    assert isinstance(bar, TQDMProgressBar if expected == "tqdm" else LogProgress)
+    assert not progress_bar(refresh_rate=0, line_every_s=30).is_enabled

@@ -16,8 +16,9 @@ LINE_EVERY_S = 30.0
 
 
 def interactive() -> bool:
-    """Whether progress goes to a terminal (tqdm writes its bars to stderr)."""
-    return sys.stderr.isatty()
+    """Whether output goes to a terminal: Lightning's bars write to stdout, tqdm's to
+    stderr, so both must be (`train.py | tee log` pipes stdout only)."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
 
 
 class LineProgress:
