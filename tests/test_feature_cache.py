@@ -218,6 +218,7 @@ def test_a_killed_fill_resumes_from_its_last_save(small_cache, monkeypatch):
         fill(make())
     saved = torch.load(path, weights_only=True)["done"]  # the old code: no file at all
     assert int(saved.sum()) == 2 * 8  # two batches of 4 images, two views each
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
     calls.clear()
     monkeypatch.setattr(
         net, "features", lambda images: calls.append(len(images)) or original(images)
@@ -249,3 +250,20 @@ def test_auto_caches_whenever_the_backbone_stays_frozen(
 def test_the_default_config_caches_one_view(cached_cfg, make_cfg):
     cfg = make_cfg()
     assert cfg.data.cache_features == "auto" and cfg.data.cache_views == 1
+
+
+def test_ctrl_c_during_a_fill_keeps_what_was_computed(small_cache, monkeypatch):
+    make, fill, net, path = small_cache
+    calls = []
+    original = net.features
+
+    def interrupted_in_the_second_batch(images):
+        calls.append(len(images))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(images)
+
+    monkeypatch.setattr(net, "features", interrupted_in_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        fill(make())  # SAVE_EVERY_S (60 s) has not passed: saved on the way out
+    assert int(torch.load(path, weights_only=True)["done"].sum()) == 2 * 4

@@ -18,7 +18,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -157,6 +158,7 @@ class FeatureCache:
         with (
             torch.random.fork_rng(devices=[]),
             progress(int(missing.sum()), "Caching backbone features") as bar,
+            _saved_on_interrupt(self),
         ):
             for images, indices in loader:
                 images = images.to(device)
@@ -192,6 +194,16 @@ class FeatureCache:
             partial.replace(self.path)
         finally:
             partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def _saved_on_interrupt(cache: FeatureCache) -> Iterator[None]:
+    """Ctrl-C during a fill keeps what was computed (SIGKILL loses at most SAVE_EVERY_S)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        cache.save()
+        raise
 
 
 class FeatureViews(Dataset):
