@@ -125,3 +125,151 @@ def test_changed_weights_image_size_views_or_files_give_a_new_key(synthetic_root
 def test_caching_a_backbone_that_trains_is_refused(cached_cfg, overrides):
     with pytest.raises(ModelConfigError, match="needs a backbone that stays frozen"):
         train(cached_cfg(*overrides))
+
+
+@pytest.fixture
+def small_cache(synthetic_root, tmp_path):
+    """A 2-view cache of 16 synthetic images and what fill needs, random-init backbone."""
+    from crack_lightning.data.feature_cache import FeatureCache
+    from crack_lightning.models.classifier import CrackClassifier
+
+    torch.manual_seed(0)
+    model = CrackClassifier(
+        backbone="mobilenet_v3_small",
+        pretrained=False,
+        weights_path=None,
+        freeze_backbone=True,
+        channels_last=False,
+        dropout=0.0,
+        lr=1e-3,
+        weight_decay=0.0,
+        scheduler=None,
+        image_size=32,
+    )
+    files = [str(p) for p in sorted(synthetic_root.rglob("*.jpg"))[:16]]
+    path = tmp_path / "features_test.pt"
+    dim = model.net.head[-1].in_features
+
+    def make() -> FeatureCache:
+        return FeatureCache(path, len(files), 2, dim)
+
+    def fill(cache: FeatureCache) -> None:
+        needed = torch.ones(2, len(files), dtype=torch.bool)
+        cache.fill(model.net, files, needed, 32, 4, 0, torch.device("cpu"))
+
+    return make, fill, model.net, path
+
+
+def test_two_runs_saving_the_cache_at_once_both_succeed(small_cache, monkeypatch):
+    make, _, _, path = small_cache
+    first, second = make(), make()
+    first.done[:, :8] = True
+    second.done[:, 8:] = True
+    second.features[:, 8:] = 1.0
+    original = torch.save
+    overlapped = []
+
+    def save_while_the_other_saves(obj, target, *args, **kwargs):
+        original(obj, target, *args, **kwargs)
+        if not overlapped:  # the second run saves completely in the middle of the first's save
+            overlapped.append(True)
+            second.save()
+
+    monkeypatch.setattr(torch, "save", save_while_the_other_saves)
+    first.save()  # the old code: FileNotFoundError (the shared temp name was renamed away)
+    assert overlapped
+    assert not list(path.parent.glob("*.partial"))
+    assert bool(make().done[:, :8].all())  # a whole file: the last writer's
+    second.save()  # its next save merges what the other run saved meanwhile
+    merged = make()
+    assert bool(merged.done.all())
+    assert bool((merged.features[:, 8:] == 1.0).all())
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_a_damaged_cache_file_is_named_and_computed_again(small_cache, caplog, damage):
+    make, fill, _, path = small_cache
+    fill(make())
+    good = torch.load(path, weights_only=True)["features"]
+    data = path.read_bytes()
+    path.write_bytes(
+        {"empty": b"", "truncated": data[: len(data) // 2], "garbage": b"x" * 1000}[damage]
+    )
+    with caplog.at_level("WARNING"):
+        cache = make()  # the old code: RuntimeError from PytorchStreamReader
+    assert str(path) in caplog.text and "damaged" in caplog.text
+    assert not bool(cache.done.any())
+    fill(cache)
+    again = torch.load(path, weights_only=True)
+    assert bool(again["done"].all())
+    assert torch.allclose(again["features"].float(), good.float(), atol=1e-2)
+
+
+def test_a_killed_fill_resumes_from_its_last_save(small_cache, monkeypatch):
+    import crack_lightning.data.feature_cache as feature_cache
+
+    make, fill, net, path = small_cache
+    monkeypatch.setattr(feature_cache, "SAVE_EVERY_S", 0.0)  # save after every batch
+    calls = []
+    original = net.features
+
+    def dies_in_the_third_batch(images):
+        calls.append(len(images))
+        if len(calls) == 5:  # two views per batch: the 3rd batch's first view
+            raise KeyboardInterrupt
+        return original(images)
+
+    monkeypatch.setattr(net, "features", dies_in_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        fill(make())
+    saved = torch.load(path, weights_only=True)["done"]  # the old code: no file at all
+    assert int(saved.sum()) == 2 * 8  # two batches of 4 images, two views each
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+    calls.clear()
+    monkeypatch.setattr(
+        net, "features", lambda images: calls.append(len(images)) or original(images)
+    )
+    fill(make())
+    assert sum(calls) == 2 * 8  # only the other 8 images computed
+    assert bool(torch.load(path, weights_only=True)["done"].all())
+
+
+@pytest.mark.parametrize(
+    ("setting", "frozen", "finetuning", "quick", "expected"),
+    [
+        ("auto", True, False, False, True),  # the default command caches
+        ("auto", False, False, False, False),  # a backbone that trains: images
+        ("auto", True, True, False, False),  # fine-tuning later: images
+        ("auto", True, False, True, False),  # fast_dev_run: no whole-pass fill
+        (False, True, False, False, False),  # the old behaviour on request
+        (True, True, False, True, True),
+    ],
+)
+def test_auto_caches_whenever_the_backbone_stays_frozen(
+    setting, frozen, finetuning, quick, expected
+):
+    from crack_lightning.data.feature_cache import cache_wanted
+
+    assert cache_wanted(setting, frozen, finetuning, quick) is expected
+
+
+def test_the_default_config_caches_one_view(cached_cfg, make_cfg):
+    cfg = make_cfg()
+    assert cfg.data.cache_features == "auto" and cfg.data.cache_views == 1
+
+
+def test_ctrl_c_during_a_fill_keeps_what_was_computed(small_cache, monkeypatch):
+    make, fill, net, path = small_cache
+    calls = []
+    original = net.features
+
+    def interrupted_in_the_second_batch(images):
+        calls.append(len(images))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(images)
+
+    monkeypatch.setattr(net, "features", interrupted_in_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        fill(make())  # SAVE_EVERY_S (60 s) has not passed: saved on the way out
+    assert int(torch.load(path, weights_only=True)["done"].sum()) == 2 * 4

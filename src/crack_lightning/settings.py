@@ -58,7 +58,8 @@ class DataSettings:
     split: SplitKind = MISSING
     check: bool = MISSING
     download: bool = MISSING
-    cache_features: bool = MISSING
+    cache_features: Any = MISSING  # auto, true or false
+    decode_on_device: bool = MISSING
 
     def __post_init__(self) -> None:
         check_fractions(self.val_fraction, self.test_fraction)
@@ -71,6 +72,14 @@ class DataSettings:
             "data.cache_views",
             views,
             f"in 1..{MAX_VIEWS}",
+            DataError,
+        )
+        cache = self.cache_features
+        require(
+            cache in (True, False, "auto"),
+            "data.cache_features",
+            cache,
+            "auto, true or false",
             DataError,
         )
 

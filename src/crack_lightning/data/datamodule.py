@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import default_loader
 
 from crack_lightning.data.check import require_clean
+from crack_lightning.data.device_decode import EncodedImages, collate_encoded, decode_batch
 from crack_lightning.data.download import ensure_dataset
 from crack_lightning.data.feature_cache import FeatureViews, cached_features
 from crack_lightning.data.grouping import check_distance, image_hashes, near_duplicate_groups
@@ -66,9 +67,10 @@ class CrackDataModule(L.LightningDataModule):
         split: str,
         group_distance: int,
         check: bool,
-        cache_features: bool,
+        cache_features: bool | str,
         cache_views: int,
         cache_dir: str,
+        decode_on_device: bool,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -148,6 +150,14 @@ class CrackDataModule(L.LightningDataModule):
             return augment_batch(inputs, self.augmentation)
         return inputs
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With data.decode_on_device, decode the batch's files where the model runs."""
+        inputs, labels = batch
+        if isinstance(inputs, list):
+            device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+            inputs = decode_batch(inputs, self.hparams.image_size, device)
+        return inputs, labels
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Augment training batches once they are on their device."""
         inputs, labels = batch
@@ -173,10 +183,15 @@ class CrackDataModule(L.LightningDataModule):
             return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle)
         workers = self.hparams.num_workers
         pin = self.hparams.pin_memory
+        if self.hparams.decode_on_device:  # workers read bytes; on_before_batch_transfer decodes
+            dataset, collate = EncodedImages(self.split_samples(name)), collate_encoded
+        else:
+            dataset, collate = ImageList(self.split_samples(name), transform), None
         return DataLoader(
-            ImageList(self.split_samples(name), transform),
+            dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
+            collate_fn=collate,
             num_workers=workers,
             pin_memory=torch.cuda.is_available() if pin is None else pin,
             persistent_workers=workers > 0,

@@ -16,18 +16,40 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from crack_lightning.data.transforms import eval_transform
+from crack_lightning.errors import ModelConfigError
+from crack_lightning.progress import progress
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MAX_VIEWS = 8
+# seconds between saves of a running fill: what a killed fill loses at most
+SAVE_EVERY_S = 60.0
+
+
+def cache_wanted(setting: bool | str, frozen: bool, finetuning: bool, quick: bool) -> bool:
+    """data.cache_features: `auto` caches whenever the backbone stays frozen (most of the
+    time of a run is otherwise the same forward passes again each epoch), except in a
+    quick check run (fast_dev_run: a few batches, where a fill would cost a whole pass);
+    true insists."""
+    stays_frozen = frozen and not finetuning
+    if setting is True and not stays_frozen:
+        raise ModelConfigError(
+            "data.cache_features=true needs a backbone that stays frozen "
+            "(model.freeze_backbone=true, callbacks.finetune=null): features of a "
+            "backbone that trains change every step. data.cache_features=auto caches only "
+            "when it can."
+        )
+    return stays_frozen and not quick if setting == "auto" else bool(setting)
 
 
 def apply_view(images: torch.Tensor, view: int) -> torch.Tensor:
@@ -73,16 +95,42 @@ class _Images(Dataset):
 
 
 class FeatureCache:
-    """features[view, image] for one data set; `done` marks what has been computed."""
+    """features[view, image] for one data set; `done` marks what has been computed.
+
+    The file is written to a temporary name unique to the writer and renamed over the
+    cache, so concurrent runs never trip over each other's files and a reader sees a whole
+    file or none. The fill saves every SAVE_EVERY_S seconds, so a killed fill resumes
+    where it was. A damaged file (truncated, empty, of another shape) is reported by its
+    path and computed again.
+    """
 
     def __init__(self, path: Path, count: int, views: int, feature_dim: int) -> None:
         self.path = path
-        if path.is_file():
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            self.features, self.done = stored["features"], stored["done"]
-        else:
-            self.features = torch.zeros(views, count, feature_dim, dtype=torch.float16)
-            self.done = torch.zeros(views, count, dtype=torch.bool)
+        self.features = torch.zeros(views, count, feature_dim, dtype=torch.float16)
+        self.done = torch.zeros(views, count, dtype=torch.bool)
+        stored = self._read()
+        if stored is not None:
+            self.features, self.done = stored
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stored (features, done), or None when there is no usable file."""
+        if not self.path.is_file():
+            return None
+        try:
+            stored = torch.load(self.path, map_location="cpu", weights_only=True)
+            features, done = stored["features"], stored["done"]
+        except Exception as err:  # torch raises many types for truncated or foreign files
+            log.warning("Feature cache %s is damaged (%s); computing it again", self.path, err)
+            return None
+        if features.shape != self.features.shape or done.shape != self.done.shape:
+            log.warning(
+                "Feature cache %s holds %s features where %s were expected; computing it again",
+                self.path,
+                tuple(features.shape),
+                tuple(self.features.shape),
+            )
+            return None
+        return features, done.bool()
 
     def fill(
         self,
@@ -94,7 +142,8 @@ class FeatureCache:
         num_workers: int,
         device: torch.device,
     ) -> None:
-        """Compute every (view, image) that `needed` asks for and is not done; save."""
+        """Compute every (view, image) that `needed` asks for and is not done; save as
+        it goes and at the end."""
         missing = needed & ~self.done
         todo = torch.nonzero(missing.any(dim=0)).flatten().tolist()
         if not todo:
@@ -103,8 +152,14 @@ class FeatureCache:
             _Images(files, todo, image_size), batch_size=batch_size, num_workers=num_workers
         )
         net = net.to(device).eval()
-        passes = int(missing.sum())
-        with tqdm(total=passes, desc="Caching backbone features", unit="img") as bar:
+        last_save = time.monotonic()
+        # the loader draws from the global RNG: keep a run's randomness (shuffling, dropout)
+        # the same whether or not the cache had to be filled
+        with (
+            torch.random.fork_rng(devices=[]),
+            progress(int(missing.sum()), "Caching backbone features") as bar,
+            _saved_on_interrupt(self),
+        ):
             for images, indices in loader:
                 images = images.to(device)
                 for view in range(self.features.shape[0]):
@@ -115,14 +170,40 @@ class FeatureCache:
                         self.features[view, indices[rows]] = feats.to("cpu", torch.float16)
                         self.done[view, indices[rows]] = True
                         bar.update(int(rows.sum()))
+                if time.monotonic() - last_save >= SAVE_EVERY_S:
+                    self.save()
+                    last_save = time.monotonic()
         self.save()
 
     def save(self) -> None:
-        """Write atomically: an interrupted run never leaves a half-written cache."""
+        """Merge in what another run saved meanwhile, write to a temporary file of our own
+        next to the cache, and rename it over the cache (atomic on one filesystem)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        torch.save({"features": self.features, "done": self.done}, partial)
-        partial.replace(self.path)
+        stored = self._read()
+        if stored is not None:
+            theirs = stored[1] & ~self.done
+            self.features[theirs] = stored[0][theirs]
+            self.done |= theirs
+        handle, name = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent
+        )
+        os.close(handle)
+        partial = Path(name)
+        try:
+            torch.save({"features": self.features, "done": self.done}, partial)
+            partial.replace(self.path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def _saved_on_interrupt(cache: FeatureCache) -> Iterator[None]:
+    """Ctrl-C during a fill keeps what was computed (SIGKILL loses at most SAVE_EVERY_S)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        cache.save()
+        raise
 
 
 class FeatureViews(Dataset):

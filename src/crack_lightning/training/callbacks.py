@@ -11,9 +11,13 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from crack_lightning.data.images import load_rgb
 from crack_lightning.data.layout import CLASS_NAMES
+from crack_lightning.data.transforms import eval_transform
+from crack_lightning.errors import RunDirError
 from crack_lightning.evaluation.metrics import confusion_matrix
 from crack_lightning.evaluation.plots import confusion_matrix_figure, image_grid_figure
+from crack_lightning.serialization import load_safely
 from crack_lightning.training.resume import LAST_CKPT
 
 log = logging.getLogger(__name__)
@@ -46,12 +50,14 @@ class ValidationFigures(L.Callback):
         probs = outputs["probs"].float().cpu().numpy()
         labels = labels.cpu().numpy()
         self.matrix += confusion_matrix(labels, probs >= self.threshold)
-        if images.ndim != 4:  # cached features: no pictures to show
-            return
         for i in np.flatnonzero((probs >= self.threshold) != labels):
             if len(self.mistakes) < self.max_images:
-                image = images[i].permute(1, 2, 0).cpu().numpy()
-                self.mistakes.append((image, int(labels[i]), float(probs[i])))
+                if images.ndim == 4:
+                    image = images[i].permute(1, 2, 0).cpu().numpy()
+                else:  # cached features: the picture comes from its file
+                    image = _cached_image(trainer, batch_idx, int(i))
+                if image is not None:
+                    self.mistakes.append((image, int(labels[i]), float(probs[i])))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size > 1 and not trainer.sanity_checking:
@@ -80,6 +86,60 @@ class ValidationFigures(L.Callback):
         for tag, figure in figures.items():
             for logger in loggers:
                 logger.experiment.add_figure(tag, figure, trainer.global_step, close=False)
+
+
+def _cached_image(trainer: L.Trainer, batch_idx: int, row: int) -> np.ndarray | None:
+    """The validation image behind row `row` of batch `batch_idx` when the batches hold
+    cached features (the loader keeps the split's order); None under DDP, where a
+    sampler shares the images out."""
+    datamodule = trainer.datamodule
+    if trainer.world_size > 1 or not hasattr(datamodule, "split_samples"):
+        return None
+    position = batch_idx * trainer.val_dataloaders.batch_size + row
+    path = datamodule.split_samples("val")[position][0]
+    transform = eval_transform(datamodule.hparams.image_size)
+    return transform(load_rgb(path)).permute(1, 2, 0).numpy()
+
+
+class ValidationMetricsInCheckpoints(L.Callback):
+    """Store each epoch's validation metrics in the checkpoints saved after it, so the
+    final report reads the best checkpoint's figures instead of validating it again.
+
+    Lightning runs checkpoint callbacks last, so on_validation_end here sees the epoch's
+    metrics before best.ckpt and last.ckpt are written.
+    """
+
+    KEY = "val_metrics"
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self.metrics: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.epoch = trainer.current_epoch
+        self.metrics = {
+            name: float(value)
+            for name, value in trainer.callback_metrics.items()
+            if name.startswith("val/")
+        }
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.epoch == trainer.current_epoch and self.metrics:  # not a stale epoch's
+            checkpoint[self.KEY] = dict(self.metrics)
+
+
+def stored_val_metrics(ckpt_path: str | None) -> dict[str, float] | None:
+    """The validation metrics a checkpoint was saved with; None if it holds none."""
+    if ckpt_path is None:
+        return None
+    checkpoint = load_safely(
+        ckpt_path, "checkpoint", RunDirError, "It was written by this run; was it moved?"
+    )
+    return checkpoint.get(ValidationMetricsInCheckpoints.KEY) or None
 
 
 class ResumeHint(L.Callback):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Iterator
@@ -13,17 +14,23 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from crack_lightning.data.datamodule import CrackDataModule
-from crack_lightning.errors import CrackLightningError, ModelConfigError
+from crack_lightning.data.feature_cache import cache_wanted
+from crack_lightning.errors import CrackLightningError
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.models.finetuning import BackboneUnfreeze
 from crack_lightning.settings import check_train_settings
-from crack_lightning.training.callbacks import ResumeHint
+from crack_lightning.training.callbacks import (
+    ResumeHint,
+    ValidationMetricsInCheckpoints,
+    stored_val_metrics,
+)
 from crack_lightning.training.distributed import ddp_job
+from crack_lightning.training.precision import resolve_precision
 from crack_lightning.training.resume import resolve_ckpt_path, resume_step
 
 log = logging.getLogger(__name__)
@@ -99,9 +106,11 @@ def without_loggers(trainer: L.Trainer) -> Iterator[L.Trainer]:
 def evaluate_best(
     trainer: L.Trainer, model: CrackClassifier, datamodule: CrackDataModule, test: bool
 ) -> dict[str, float | str | None]:
-    """Validate (and test) the best checkpoint; the last weights if none was saved.
+    """The best checkpoint's metrics (the last weights' if none was saved): its validation
+    metrics as stored with it (ValidationMetricsInCheckpoints), its test metrics by a test
+    pass; the validation pass runs again only for a checkpoint without stored metrics.
 
-    A separate trainer without loggers does this, so TensorBoard's curves end at the
+    A separate trainer without loggers evaluates, so TensorBoard's curves end at the
     last training epoch instead of gaining a repeated point. Under DDP every process
     must take part (metrics are gathered across them), so the training's own trainer
     does it there, with its loggers detached; Lightning's distributed sampler may then
@@ -109,20 +118,25 @@ def evaluate_best(
     """
     callback = trainer.checkpoint_callback
     ckpt_path = (callback.best_model_path if callback else "") or None
+    stored = stored_val_metrics(ckpt_path)
+    if stored is not None and not (test and datamodule.has_test_split):
+        return _report(stored, ckpt_path)
     if trainer.world_size > 1:
         with without_loggers(trainer):
-            return _evaluate(trainer, model, datamodule, ckpt_path, test)
+            return _evaluate(trainer, model, datamodule, ckpt_path, test, stored)
     evaluator = L.Trainer(
         accelerator=trainer.accelerator,
         devices=1,
         precision=trainer.precision,
         logger=False,
         enable_checkpointing=False,
-        callbacks=[TQDMProgressBar()] if trainer.progress_bar_callback else [],
+        callbacks=[copy.copy(trainer.progress_bar_callback)]
+        if trainer.progress_bar_callback
+        else [],
         enable_progress_bar=trainer.progress_bar_callback is not None,
         enable_model_summary=False,
     )
-    return _evaluate(evaluator, model, datamodule, ckpt_path, test)
+    return _evaluate(evaluator, model, datamodule, ckpt_path, test, stored)
 
 
 def _evaluate(
@@ -131,19 +145,24 @@ def _evaluate(
     datamodule: CrackDataModule,
     ckpt_path: str | None,
     test: bool,
+    val_metrics: dict[str, float] | None,
 ) -> dict[str, float | str | None]:
-    metrics: dict = dict(
-        evaluator.validate(
+    metrics: dict = dict(val_metrics or {})
+    if val_metrics is None:
+        metrics |= evaluator.validate(
             model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=True
         )[0]
-    )
     if test and datamodule.has_test_split:
         metrics |= evaluator.test(
             model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=True
         )[0]
-    metrics = {k: float(v) for k, v in sorted(metrics.items())}
-    metrics["best_checkpoint"] = ckpt_path
-    return metrics
+    return _report(metrics, ckpt_path)
+
+
+def _report(metrics: dict, ckpt_path: str | None) -> dict[str, float | str | None]:
+    report: dict = {k: float(v) for k, v in sorted(metrics.items())}
+    report["best_checkpoint"] = ckpt_path
+    return report
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -172,18 +191,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
 
     callbacks: list[Callback] = [*build_group(cfg.get("callbacks")), ResumeHint(output_dir)]
+    callbacks.append(ValidationMetricsInCheckpoints())
     finetune = fine_tuning(callbacks, model)
     loggers: list[Logger] = build_loggers(cfg.get("logger"), resume_from=ckpt_path)
     if not loggers:  # nothing to record learning rates in (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    if datamodule.hparams.cache_features:
-        if not model.hparams.freeze_backbone or finetune:
-            raise ModelConfigError(
-                "data.cache_features=true needs a backbone that stays frozen "
-                "(model.freeze_backbone=true, callbacks.finetune=null): features of a "
-                "backbone that trains change every step."
-            )
+    precision = resolve_precision(cfg.trainer.precision)
+    trainer: L.Trainer = build(
+        cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False
+    )
+    frozen = model.hparams.freeze_backbone
+    quick = bool(trainer.fast_dev_run)
+    if cache_wanted(datamodule.hparams.cache_features, frozen, finetune is not None, quick):
         datamodule.use_feature_cache(model.net, trainer.strategy.root_device)
     if trainer.is_global_zero:
         datamodule.write_manifest(output_dir / MANIFEST_NAME)
