@@ -28,6 +28,7 @@ from crack_lightning.runtime import quiet_logs, tune_malloc
 from crack_lightning.training.callbacks import ResumeHint
 from crack_lightning.training.distributed import ddp_job
 from crack_lightning.training.resume import resolve_ckpt_path, resume_step
+from crack_lightning.training.source_metrics import SourceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,8 @@ def evaluate_best(
         precision=trainer.precision,
         logger=False,
         enable_checkpointing=False,
-        callbacks=[TQDMProgressBar()] if trainer.progress_bar_callback else [],
+        callbacks=([TQDMProgressBar()] if trainer.progress_bar_callback else [])
+        + [c for c in trainer.callbacks if isinstance(c, SourceMetrics)],
         enable_progress_bar=trainer.progress_bar_callback is not None,
         enable_model_summary=False,
     )
