@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from crack_lightning.data.images import load_rgb
 from crack_lightning.data.transforms import eval_transform
 from crack_lightning.errors import PredictionError, UnreadableImage
+from crack_lightning.inference.threshold import METADATA_KEY, stored_threshold
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.serialization import load_safely
 
@@ -45,6 +46,8 @@ def load_checkpoint_model(path: str | Path) -> CrackClassifier:
         raise PredictionError(
             f"ckpt_path={path} does not match this version's model: {err}"
         ) from None
+    # chosen on validation by training's SourceMetrics callback; None if not stored
+    model.decision_threshold = stored_threshold(checkpoint)
     return model.eval()
 
 
@@ -58,6 +61,11 @@ class TorchClassifier:
     @property
     def image_size(self) -> int:
         return int(self.model.hparams.image_size)
+
+    @property
+    def threshold(self) -> float | None:
+        """The decision threshold stored in the checkpoint, if any."""
+        return getattr(self.model, "decision_threshold", None)
 
     def __post_init__(self) -> None:
         self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
@@ -91,6 +99,8 @@ class OnnxClassifier:
                 f"ckpt_path={path}: expected a fixed input size, got {self.input.shape}"
             )
         self.image_size = size
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.threshold = float(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
         probs = self.session.run(None, {self.input.name: images.numpy()})[0]
