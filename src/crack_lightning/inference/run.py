@@ -141,6 +141,7 @@ def scan(cfg: DictConfig, classifier, files: list[Path]) -> dict:
             cfg.scan.stride,
             cfg.batch_size,
             cfg.threshold,
+            cfg.scan.unfamiliar_limit,
         )
         stem = report_dir / f"{file.stem}_scan"
         write_scan_csv(result, stem.with_suffix(".csv"))

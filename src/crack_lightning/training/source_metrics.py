@@ -76,6 +76,9 @@ class SourceMetrics(L.Callback):
             pl_module.log("val/mean_source/bal_acc_at_threshold", tuned["mean_source/bal_acc"])
         scores = per_source_scores(labels, probs, sources, names, 0.5)
         pl_module.log_dict({f"{stage}/{k}": v for k, v in scores.items()})
+        if stage == "test" and self.threshold is not None:  # what predict.py will decide
+            tuned = per_source_scores(labels, probs, sources, names, self.threshold)
+            pl_module.log_dict({f"test_at_threshold/{k}": v for k, v in tuned.items()})
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start()
