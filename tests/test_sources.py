@@ -179,3 +179,28 @@ def test_per_source_metrics_match_a_hand_computed_case():
     best = choose_threshold(labels, probs, sources, "balanced_accuracy", 1.0)
     tuned = per_source_scores(labels, probs, sources, ["a", "b"], best)
     assert tuned["mean_source/bal_acc"] >= scores["mean_source/bal_acc"]
+
+
+def test_a_held_out_source_is_tested_whole_and_an_unknown_one_is_refused(tmp_path):
+    decks = sdnet_like(tmp_path / "sdnet", photos=10)
+    bricks = tmp_path / "bricks"
+    write_images(bricks / "Positive", [f"{i}.jpg" for i in range(20)])
+    write_images(bricks / "Negative", [f"{i}.jpg" for i in range(20)], shade=100)
+    config = {"decks": source(decks), "bricks": source(bricks, "bricks", "folder")}
+    result = load_sources(config, 0.25, 0.0, 0, check=False, holdout="bricks")
+    tested = {result.source[i] for i in result.split["test"]}
+    trained = {result.source[i] for i in result.split["train"] + result.split["val"]}
+    assert tested == {1} and trained == {0}
+    assert len(result.split["test"]) == 40
+    with pytest.raises(DataError, match="data.holdout_source=brick is not one of the sources"):
+        load_sources(config, 0.25, 0.0, 0, check=False, holdout="brick")
+
+
+def test_experiment_configs_compose_with_three_roots(tmp_path):
+    roots = [f"data.sources.{n}.root={tmp_path / n}" for n in ("metu", "sdnet2018", "brickwork")]
+    cfg = compose_config("train", ["experiment=generalize", *roots])
+    assert list(cfg.data.sources) == ["metu", "sdnet2018", "brickwork"]
+    assert cfg.data.sources.brickwork.root == str(tmp_path / "brickwork")
+    assert cfg.callbacks.model_checkpoint.monitor == "val/mean_source/bal_acc"
+    loso = compose_config("train", ["experiment=leave_one_source_out", *roots])
+    assert loso.data.balanced_sampling and loso.data.holdout_source is None

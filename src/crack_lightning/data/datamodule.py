@@ -79,6 +79,7 @@ class CrackDataModule(L.LightningDataModule):
         cache_dir: str,
         sources: Mapping | None = None,
         balanced_sampling: bool = False,
+        holdout_source: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -118,7 +119,11 @@ class CrackDataModule(L.LightningDataModule):
         fractions = (self.hparams.val_fraction, self.hparams.test_fraction)
         if self.hparams.sources is not None:
             self.sources = load_sources(
-                self.hparams.sources, *fractions, self.hparams.seed, self.hparams.check
+                self.hparams.sources,
+                *fractions,
+                self.hparams.seed,
+                self.hparams.check,
+                self.hparams.holdout_source,
             )
             self.samples, self.split = self.sources.samples, self.sources.split
             return

@@ -251,17 +251,36 @@ def _plain_layout(spec: SourceSpec) -> bool:
 
 
 def load_sources(
-    config: Mapping, val_fraction: float, test_fraction: float, seed: int, check: bool
+    config: Mapping,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    check: bool,
+    holdout: str | None = None,
 ) -> SourceSamples:
-    """Scan, check and split every source; the split's indices refer to the concatenation."""
+    """Scan, check and split every source; the split's indices refer to the concatenation.
+
+    A `holdout` source goes to the test split whole: trained on the others, tested on it
+    (leave-one-source-out).
+    """
     specs = parse_sources(config)
+    names = [s.name for s in specs]
+    if holdout is not None and holdout not in names:
+        raise DataError(
+            f"data.holdout_source={holdout} is not one of the sources ({', '.join(names)})."
+        )
+    if holdout is not None and len(names) < 2:
+        raise DataError("data.holdout_source needs at least two sources: one to train on.")
     result = SourceSamples([s.name for s in specs], [s.root for s in specs], [], [], {})
     result.split = {name: [] for name in SPLITS}
     for index, spec in enumerate(specs):
         samples = scan_source(spec)
         if check and _plain_layout(spec):
             require_clean(spec.root, samples)
-        split = split_source(spec, samples, val_fraction, test_fraction, seed)
+        if spec.name == holdout:
+            split = {"train": [], "val": [], "test": list(range(len(samples)))}
+        else:
+            split = split_source(spec, samples, val_fraction, test_fraction, seed)
         offset = len(result.samples)
         for name in SPLITS:
             result.split[name] += [offset + i for i in split[name]]
