@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
@@ -144,31 +144,45 @@ def write_scan_csv(result: ScanResult, path: Path) -> None:
             writer.writerow([x, y, result.patch_size, result.patch_size, f"{prob:.6f}", odd, label])
 
 
+def _share_map(result: ScanResult, flags: np.ndarray) -> np.ndarray:
+    """(height, width) share of the windows covering each pixel that are flagged."""
+    return ScanResult(
+        result.path,
+        result.width,
+        result.height,
+        result.patch_size,
+        result.boxes,
+        flags.astype(np.float32),
+        0.5,
+    ).probability_map()
+
+
+def _outline(mask: np.ndarray, width: int) -> np.ndarray:
+    """Pixels of mask within `width` pixels of its border."""
+    inner = mask.copy()
+    for _ in range(width):
+        shrunk = inner.copy()
+        shrunk[1:, :] &= inner[:-1, :]
+        shrunk[:-1, :] &= inner[1:, :]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        inner = shrunk
+    return mask & ~inner
+
+
 def render_scan(result: ScanResult, photo: Image.Image) -> Image.Image:
-    """The photo with a red heat map of mean P(crack), cracked patches outlined in
-    yellow and unfamiliar ones in blue."""
-    heat = result.probability_map()
+    """The photo with a red heat map of mean P(crack); where most covering windows are
+    cracked, a yellow outline; where most are unfamiliar, a blue tint and outline."""
     scale = min(1.0, MAX_FIGURE_SIDE / max(result.width, result.height))
     size = (max(1, round(result.width * scale)), max(1, round(result.height * scale)))
-    base = photo.convert("RGB").resize(size)
-    alpha = Image.fromarray((heat**2 * 150).astype(np.uint8)).resize(size)  # faint below ~0.5
-    red = Image.new("RGB", size, (230, 20, 20))
-    overlay = Image.composite(red, base, alpha)
-    draw = ImageDraw.Draw(overlay)
-    for x, y in result.boxes[result.cracked]:
-        box = [
-            x * scale,
-            y * scale,
-            (x + result.patch_size) * scale - 1,
-            (y + result.patch_size) * scale - 1,
-        ]
-        draw.rectangle(box, outline=(255, 235, 0), width=max(1, round(3 * scale)))
-    for x, y in result.boxes[result.is_unfamiliar]:
-        box = [
-            x * scale + 2,
-            y * scale + 2,
-            (x + result.patch_size) * scale - 3,
-            (y + result.patch_size) * scale - 3,
-        ]
-        draw.rectangle(box, outline=(40, 120, 255), width=max(1, round(2 * scale)))
-    return overlay
+    heat = np.asarray(Image.fromarray(result.probability_map()).resize(size))
+    cracked = np.asarray(Image.fromarray(_share_map(result, result.cracked)).resize(size)) >= 0.5
+    odd = np.asarray(Image.fromarray(_share_map(result, result.is_unfamiliar)).resize(size)) >= 0.5
+    pixels = np.asarray(photo.convert("RGB").resize(size)).astype(np.float32)
+    alpha = (heat**2 * 0.6)[..., None]  # faint below ~0.5
+    pixels = pixels * (1 - alpha) + np.array([230, 20, 20]) * alpha
+    pixels[odd] = pixels[odd] * 0.5 + np.array([40, 120, 255]) * 0.5
+    line = max(1, round(3 * scale))
+    pixels[_outline(cracked, line)] = (255, 235, 0)
+    pixels[_outline(odd, line)] = (40, 120, 255)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
