@@ -68,3 +68,26 @@ def test_overlapping_windows_average_and_unfamiliar_patches_are_not_cracks():
     assert np.allclose(result.probability_map()[0], [0.9, 0.6, 0.55, 0.8])
     assert result.labels() == ["Positive", "Negative", "Unfamiliar"]
     assert result.cracked.tolist() == [True, False, False]
+
+
+def test_patch_truth_and_scores_against_a_mask():
+    from crack_lightning.evaluation.scan_masks import patch_scores, patch_truth
+
+    mask = np.zeros((2, 6), dtype=bool)
+    mask[:, 0] = True  # a crack in the first patch only
+    result = ScanResult(
+        path=Path("p.png"),
+        width=6,
+        height=2,
+        patch_size=2,
+        boxes=np.array([(0, 0), (2, 0), (4, 0)]),
+        probs=np.array([0.9, 0.8, 0.1]),
+        threshold=0.5,
+        unfamiliar=np.array([0.5, 3.0, 0.5]),
+        unfamiliar_limit=1.5,
+    )
+    truth = patch_truth(result, mask, min_share=0.25)
+    assert truth.tolist() == [True, False, False]
+    scores = patch_scores(result, truth)
+    assert scores["precision"] == scores["recall"] == 1.0  # the unfamiliar false alarm is gone
+    assert scores["classifier_precision"] == 0.5 and scores["unfamiliar_patches"] == 1

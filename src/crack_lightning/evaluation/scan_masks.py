@@ -44,26 +44,42 @@ def patch_truth(result: ScanResult, mask: np.ndarray, min_share: float) -> np.nd
 
 
 def patch_scores(result: ScanResult, truth: np.ndarray) -> dict[str, float]:
-    """Precision, recall etc. of the scan's cracked patches (unfamiliar ones count as not
-    cracked) and ROC-AUC of P(crack)."""
-    scores = binary_scores(truth.astype(int), result.probs, result.threshold)
-    predicted = result.cracked
-    tp = int((predicted & truth).sum())
-    scores["precision"] = tp / predicted.sum() if predicted.sum() else float("nan")
-    scores["recall"] = tp / truth.sum() if truth.sum() else float("nan")
-    scores["patches"], scores["cracked_patches"] = len(truth), int(truth.sum())
-    scores["unfamiliar_patches"] = int(result.is_unfamiliar.sum())
-    return scores
+    """Precision, recall and F1 of the scan's cracked patches (unfamiliar ones count as
+    not cracked), the same for P(crack) alone, and ROC-AUC of P(crack)."""
+    alone = binary_scores(truth.astype(int), result.probs, result.threshold)
+    final = binary_scores(truth.astype(int), result.cracked.astype(float), 0.5)
+    return {
+        "patches": len(truth),
+        "cracked_patches": int(truth.sum()),
+        "unfamiliar_patches": int(result.is_unfamiliar.sum()),
+        "threshold": result.threshold,
+        "precision": final["precision"],
+        "recall": final["recall"],
+        "f1": final["f1"],
+        "classifier_precision": alone["precision"],
+        "classifier_recall": alone["recall"],
+        "auroc": alone["auroc"],
+    }
+
+
+def scan_defaults() -> dict:
+    """predict.yaml's scan settings, so this tool and predict.py agree."""
+    conf = Path(__file__).resolve().parents[3] / "conf" / "predict.yaml"
+    return OmegaConf.to_container(OmegaConf.load(conf).scan)
 
 
 def main(argv: list[str]) -> None:
-    cfg = OmegaConf.from_dotlist(argv)
+    cfg = OmegaConf.merge(
+        {"min_share": 0.01, "threshold": None, "device": "auto"},
+        {k: v for k, v in scan_defaults().items() if k != "stride"},
+        OmegaConf.from_dotlist(argv),
+    )
     try:
-        classifier = load_classifier(cfg.ckpt_path, cfg.get("device", "auto"))
-        threshold = decision_threshold(cfg.get("threshold"), classifier.threshold)
+        classifier = load_classifier(cfg.ckpt_path, cfg.device)
+        threshold = decision_threshold(cfg.threshold, classifier.threshold)
         out = Path(cfg.get("out", "scan_eval"))
         out.mkdir(parents=True, exist_ok=True)
-        patch, stride = int(cfg.get("patch_size", 227)), int(cfg.get("stride", 76))
+        patch, stride = int(cfg.patch_size), int(cfg.get("stride", cfg.patch_size))
         report = {}
         for photo_path in map(Path, cfg.photos):
             photo = load_rgb(photo_path)
@@ -75,10 +91,10 @@ def main(argv: list[str]) -> None:
                 stride,
                 32,
                 threshold,
-                cfg.get("unfamiliar_limit", 1.0),
+                cfg.unfamiliar_limit,
             )
             mask = load_mask(photo_path.with_name(photo_path.stem + "_mask.png"), photo.size)
-            truth = patch_truth(result, mask, float(cfg.get("min_share", 0.01)))
+            truth = patch_truth(result, mask, float(cfg.min_share))
             report[photo_path.name] = patch_scores(result, truth)
             render_scan(result, photo).save(out / f"{photo_path.stem}_scan.png")
     except CrackLightningError as err:
