@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,38 @@ def test_eval_over_several_folders_writes_one_row_each(
     markdown = (report / "summary.md").read_text()
     assert markdown.count("\n|") == 4  # header, rule, two folders
     assert any((report / "tensorboard").iterdir())
+
+
+def test_training_on_two_sources_logs_each_and_their_mean(synthetic_root, tmp_path):
+    """Through the Lightning loop: per-source figures in metrics.json, the mean equal to
+    the average of the sources, and a manifest naming each image's source."""
+    second = tmp_path / "second"
+    shutil.copytree(synthetic_root / "Positive", second / "cracked")
+    shutil.copytree(synthetic_root / "Negative", second / "sound")
+    cfg = compose_config(
+        "train",
+        [
+            f"paths.output_dir={tmp_path / 'run'}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            "+data/sources@data.sources.first=folder",
+            f"data.sources.first.root={synthetic_root}",
+            "+data/sources@data.sources.second=folder",
+            f"data.sources.second.root={second}",
+            "data.image_size=64",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "data.sources.second.classes.Positive=[cracked]",
+            "data.sources.second.classes.Negative=[sound]",
+            "data.balanced_sampling=true",
+            "model=mobilenetv3_small",
+            "model.pretrained=false",
+            "trainer.max_epochs=1",
+            "callbacks.progress_bar.refresh_rate=0",
+        ],
+    )
+    metrics = train(cfg)
+    assert {"val/first/auroc", "val/second/f1", "val/bal_acc"} <= set(metrics)
+    mean = (metrics["val/first/bal_acc"] + metrics["val/second/bal_acc"]) / 2
+    assert metrics["val/mean_source/bal_acc"] == pytest.approx(mean)
+    rows = read_rows(tmp_path / "run" / "split_manifest.csv")
+    assert {r["source"] for r in rows} == {"first", "second"}

@@ -245,8 +245,10 @@ def _plain_layout(spec: SourceSpec) -> bool:
     """Whether the source is laid out as ROOT/Negative, ROOT/Positive (what the file
     check of data/check.py reads); other layouts are not checked before training."""
     return all(
-        len(folders) == 1 and folders[0].parent == spec.root
-        for folders in class_folders(spec).values()
+        len(folders) == 1
+        and folders[0].parent == spec.root
+        and folders[0].name.lower() == CLASS_NAMES[label].lower()
+        for label, folders in class_folders(spec).items()
     )
 
 
