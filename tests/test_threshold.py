@@ -150,3 +150,12 @@ def test_training_on_two_sources_logs_each_and_their_mean(synthetic_root, tmp_pa
     assert metrics["val/mean_source/bal_acc"] == pytest.approx(mean)
     rows = read_rows(tmp_path / "run" / "split_manifest.csv")
     assert {r["source"] for r in rows} == {"first", "second"}
+
+
+def test_exported_onnx_model_carries_the_threshold(tuned_run, tmp_path):
+    from crack_lightning.inference.classifiers import OnnxClassifier, load_checkpoint_model
+    from crack_lightning.inference.export import export_model
+
+    model = load_checkpoint_model(tuned_run / "checkpoints" / "best.ckpt")
+    path = export_model(model, "onnx", tmp_path / "model.onnx")
+    assert OnnxClassifier(path).threshold == pytest.approx(model.decision_threshold)

@@ -54,13 +54,13 @@ def binary_scores(labels: np.ndarray, probs: np.ndarray, threshold: float) -> di
     fp = int((preds & (labels == 0)).sum())
     fn = int((~preds & (labels == 1)).sum())
     recall, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
-    precision = _ratio(tp, tp + fp)
     return {
         "acc": _ratio(tp + tn, len(labels)),
         "bal_acc": float(np.nanmean([recall, specificity])),
-        "recall": recall,
-        "precision": precision,
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        # 0 where nothing is cracked or nothing was called cracked, as torchmetrics does
+        "recall": float(np.nan_to_num(recall)),
+        "precision": float(np.nan_to_num(_ratio(tp, tp + fp))),
+        "f1": float(np.nan_to_num(_ratio(2 * tp, 2 * tp + fp + fn))),
         "auroc": auroc(labels, np.asarray(probs)),
     }
 
@@ -72,12 +72,14 @@ def per_source_scores(
     names: Sequence[str],
     threshold: float,
 ) -> dict[str, float]:
-    """`name/metric` for every source, `mean_source/metric` (sources equally weighted,
-    NaN-free) and the pooled `bal_acc`. With no names: one source, mean = pooled."""
+    """`name/metric` for every source, `mean_source/metric` (sources equally weighted)
+    and the pooled `bal_acc`. With no names: one source, mean = pooled. ROC-AUC of a
+    source with one class only is left out (undefined), so nothing logged is NaN."""
     pooled = binary_scores(labels, probs, threshold)
     result = {"bal_acc": pooled["bal_acc"]}
     if not names:
-        return result | {f"{MEAN}/{m}": pooled[m] for m in METRICS}
+        result |= {f"{MEAN}/{m}": pooled[m] for m in METRICS}
+        return {k: v for k, v in result.items() if not np.isnan(v)}
     per_source = []
     for index, name in enumerate(names):
         keep = sources == index
@@ -88,8 +90,9 @@ def per_source_scores(
         result |= {f"{name}/{m}": v for m, v in scores.items()}
     for metric in METRICS:
         values = [s[metric] for s in per_source if not np.isnan(s[metric])]
-        result[f"{MEAN}/{metric}"] = float(np.mean(values)) if values else float("nan")
-    return result
+        if values:
+            result[f"{MEAN}/{metric}"] = float(np.mean(values))
+    return {k: v for k, v in result.items() if not np.isnan(v)}
 
 
 def choose_threshold(
