@@ -240,7 +240,8 @@ def test_scan_finds_the_cracked_tiles_of_an_assembled_photo(predict_cfg, sample_
     )
     rows = read_csv(tmp_path / "scan" / "wall_scan.csv")
     assert len(rows) == 20
-    assert set(rows[0]) == {"x", "y", "width", "height", "prob_crack", "label"}
+    assert set(rows[0]) == {"x", "y", "width", "height", "prob_crack", "unfamiliar", "label"}
+    assert all(r["unfamiliar"] == "" for r in rows)  # this checkpoint has no feature statistics
     probs = {(int(r["x"]) // 227, int(r["y"]) // 227): float(r["prob_crack"]) for r in rows}
     cracked = [probs[t] for t in CRACKED_TILES]
     clean = [p for t, p in probs.items() if t not in CRACKED_TILES]

@@ -141,7 +141,7 @@ class PredictSettings:
 
     error: ClassVar[type[CrackLightningError]] = PredictionError
     mode: PredictMode = MISSING
-    threshold: float = MISSING
+    threshold: float | None = MISSING  # null: the checkpoint's stored threshold
     batch_size: int = MISSING
     num_workers: int = MISSING
     visualize: bool = MISSING
@@ -150,9 +150,10 @@ class PredictSettings:
 
     def __post_init__(self) -> None:
         err = PredictionError
-        require(
-            0 < self.threshold < 1, "threshold", self.threshold, "strictly between 0 and 1", err
-        )
+        if self.threshold is not None:
+            require(
+                0 < self.threshold < 1, "threshold", self.threshold, "strictly between 0 and 1", err
+            )
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1", err)
         require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0", err)
 

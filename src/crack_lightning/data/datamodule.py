@@ -19,6 +19,8 @@ from crack_lightning.data.download import ensure_dataset
 from crack_lightning.data.feature_cache import FeatureViews, cached_features
 from crack_lightning.data.grouping import check_distance, image_hashes, near_duplicate_groups
 from crack_lightning.data.layout import scan_samples
+from crack_lightning.data.sources import SourceSamples, balanced_sampler, load_sources
+from crack_lightning.data.sources_download import ensure_sources
 from crack_lightning.data.splits import grouped_split, stratified_split, write_manifest
 from crack_lightning.data.synthetic import generate_dataset
 from crack_lightning.data.transforms import Augmentation, augment_batch, eval_transform
@@ -71,6 +73,9 @@ class CrackDataModule(L.LightningDataModule):
         cache_views: int,
         cache_dir: str,
         decode_on_device: bool,
+        sources: Mapping | None = None,
+        balanced_sampling: bool = False,
+        holdout_source: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -82,15 +87,30 @@ class CrackDataModule(L.LightningDataModule):
         self.samples: list[tuple[str, int]] = []
         self.split: dict[str, list[int]] = {}
         self.features: torch.Tensor | None = None  # (views, images, dim) once cached
+        # with data.sources: every sample's source (index into source_names)
+        self.sources: SourceSamples | None = None
 
     def prepare_data(self) -> None:
-        if self.hparams.synthetic is not None:
+        if self.hparams.sources is not None:
+            ensure_sources(self.hparams.sources)
+        elif self.hparams.synthetic is not None:
             generate_dataset(self.root, **self.hparams.synthetic)
         elif self.hparams.download or self.hparams.archive is not None:
             ensure_dataset(self.root, archive=self.hparams.archive)
 
     def setup(self, stage: str | None = None) -> None:
         if self.split:  # splitting is deterministic; do it once per process
+            return
+        fractions = (self.hparams.val_fraction, self.hparams.test_fraction)
+        if self.hparams.sources is not None:
+            self.sources = load_sources(
+                self.hparams.sources,
+                *fractions,
+                self.hparams.seed,
+                self.hparams.check,
+                self.hparams.holdout_source,
+            )
+            self.samples, self.split = self.sources.samples, self.sources.split
             return
         self.samples = scan_samples(self.root)
         if self.hparams.check:
@@ -103,7 +123,6 @@ class CrackDataModule(L.LightningDataModule):
                     " = ".join(report.duplicates[0]),
                 )
         labels = [label for _, label in self.samples]
-        fractions = (self.hparams.val_fraction, self.hparams.test_fraction)
         if self.hparams.split == "grouped":
             self.split = grouped_split(labels, self.groups(), *fractions, self.hparams.seed)
         else:
@@ -167,7 +186,10 @@ class CrackDataModule(L.LightningDataModule):
 
     def write_manifest(self, path: Path) -> None:
         """Record which file went to which split, so a run can be audited and repeated."""
-        write_manifest(path, self.root, self.samples, self.split)
+        if self.sources is not None:
+            self.sources.write_manifest(path)
+        else:
+            write_manifest(path, self.root, self.samples, self.split)
 
     @property
     def has_test_split(self) -> bool:
@@ -176,21 +198,42 @@ class CrackDataModule(L.LightningDataModule):
     def split_samples(self, name: str) -> list[tuple[str, int]]:
         return [self.samples[i] for i in self.split[name]]
 
+    def split_sources(self, name: str) -> tuple[list[str], list[int]]:
+        """Source names and each sample's source in split `name`, in loader order."""
+        if self.sources is None:
+            return [], [0] * len(self.split[name])
+        return self.sources.names, [self.sources.source[i] for i in self.split[name]]
+
+    def _train_sampler(self) -> torch.utils.data.Sampler | None:
+        if not self.hparams.balanced_sampling:
+            return None
+        _, sources = self.split_sources("train")
+        labels = [label for _, label in self.split_samples("train")]
+        return balanced_sampler(labels, sources, self.hparams.seed)
+
     def _loader(self, name: str, transform: Callable, shuffle: bool) -> DataLoader:
         if self.features is not None:  # in memory already: no worker processes needed
             samples = [(i, self.samples[i][1]) for i in self.split[name]]
             dataset = FeatureViews(self.features, samples, random_view=name == "train")
-            return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle)
+            sampler = self._train_sampler() if name == "train" else None
+            return DataLoader(
+                dataset,
+                batch_size=self.hparams.batch_size,
+                shuffle=shuffle and sampler is None,
+                sampler=sampler,
+            )
         workers = self.hparams.num_workers
         pin = self.hparams.pin_memory
         if self.hparams.decode_on_device:  # workers read bytes; on_before_batch_transfer decodes
             dataset, collate = EncodedImages(self.split_samples(name)), collate_encoded
         else:
             dataset, collate = ImageList(self.split_samples(name), transform), None
+        sampler = self._train_sampler() if name == "train" else None
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             collate_fn=collate,
             num_workers=workers,
             pin_memory=torch.cuda.is_available() if pin is None else pin,

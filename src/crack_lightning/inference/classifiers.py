@@ -14,6 +14,9 @@ from tqdm.auto import tqdm
 from crack_lightning.data.images import load_rgb
 from crack_lightning.data.transforms import eval_transform
 from crack_lightning.errors import PredictionError, UnreadableImage
+from crack_lightning.inference.threshold import METADATA_KEY, stored_threshold
+from crack_lightning.inference.unfamiliar import CHECKPOINT_KEY as FEATURE_STATS_KEY
+from crack_lightning.inference.unfamiliar import unfamiliar_score
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.serialization import load_safely
 
@@ -45,6 +48,10 @@ def load_checkpoint_model(path: str | Path) -> CrackClassifier:
         raise PredictionError(
             f"ckpt_path={path} does not match this version's model: {err}"
         ) from None
+    # chosen on validation by training's SourceMetrics callback; None if not stored
+    model.decision_threshold = stored_threshold(checkpoint)
+    # training features' statistics for the unfamiliar score (inference/unfamiliar.py)
+    model.feature_stats = checkpoint.get(FEATURE_STATS_KEY)
     return model.eval()
 
 
@@ -59,6 +66,11 @@ class TorchClassifier:
     def image_size(self) -> int:
         return int(self.model.hparams.image_size)
 
+    @property
+    def threshold(self) -> float | None:
+        """The decision threshold stored in the checkpoint, if any."""
+        return getattr(self.model, "decision_threshold", None)
+
     def __post_init__(self) -> None:
         self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
 
@@ -66,6 +78,19 @@ class TorchClassifier:
     def predict(self, images: torch.Tensor) -> np.ndarray:
         images = images.to(self.device, memory_format=torch.channels_last, non_blocking=True)
         return self.model(images).softmax(dim=-1)[:, 1].float().cpu().numpy()
+
+    @property
+    def feature_stats(self) -> dict | None:
+        return getattr(self.model, "feature_stats", None)
+
+    @torch.inference_mode()
+    def predict_unfamiliar(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """P(crack) and the unfamiliar score (needs feature_stats) of each image."""
+        images = images.to(self.device, memory_format=torch.channels_last, non_blocking=True)
+        features = self.model.net.features(images)
+        probs = self.model.net.head(features).softmax(dim=-1)[:, 1]
+        scores = unfamiliar_score(features, self.feature_stats)
+        return probs.float().cpu().numpy(), scores.float().cpu().numpy()
 
 
 class OnnxClassifier:
@@ -91,6 +116,8 @@ class OnnxClassifier:
                 f"ckpt_path={path}: expected a fixed input size, got {self.input.shape}"
             )
         self.image_size = size
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.threshold = float(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
         probs = self.session.run(None, {self.input.name: images.numpy()})[0]

@@ -86,6 +86,8 @@ def _export_onnx(
         "input": "uint8 RGB, shape (N, 3, image_size, image_size), resized with antialiasing",
         "output": "probabilities (N, 2): P(Negative), P(Positive = crack)",
     }
+    if getattr(model, "decision_threshold", None) is not None:  # chosen on validation
+        metadata["decision_threshold"] = str(model.decision_threshold)
     _add_metadata(proto, metadata)
     onnx.save(proto, str(output))
 

@@ -9,15 +9,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from crack_lightning.data.images import collect_inputs, label_from_path, load_rgb
 from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.errors import PredictionError, UnreadableImage
+from crack_lightning.evaluation.folders import evaluate_inputs, markdown_table
 from crack_lightning.evaluation.metrics import binary_metrics, format_report, write_evaluation
 from crack_lightning.evaluation.plots import image_grid_figure, save
 from crack_lightning.inference.classifiers import classify_files, load_classifier
 from crack_lightning.inference.scan import render_scan, scan_photo, write_scan_csv
+from crack_lightning.inference.threshold import decision_threshold
 from crack_lightning.settings import PredictSettings, validate
 
 
@@ -110,6 +112,11 @@ def classify(cfg: DictConfig, classifier, files: list[Path]) -> dict:
         written = write_evaluation(metrics, true, probs, report_dir)
         print(format_report(metrics))
         summary["report"] = [str(p) for p in written]
+        inputs = [cfg.inputs] if isinstance(cfg.inputs, str) else list(cfg.inputs)
+        if len(inputs) > 1:  # cross-dataset: each input on its own, and a table
+            table = evaluate_inputs(inputs, good, true, probs, cfg.threshold, report_dir)
+            print(markdown_table(table))
+            summary["per_input"] = table
     return summary
 
 
@@ -132,6 +139,7 @@ def scan(cfg: DictConfig, classifier, files: list[Path]) -> dict:
             cfg.scan.stride,
             cfg.batch_size,
             cfg.threshold,
+            cfg.scan.unfamiliar_limit,
         )
         stem = report_dir / f"{file.stem}_scan"
         write_scan_csv(result, stem.with_suffix(".csv"))
@@ -159,6 +167,8 @@ def run(cfg: DictConfig) -> dict:
     """predict.py's task (crack_lightning.cli.predict): settings checked, then one mode."""
     validate(cfg, PredictSettings, "")
     classifier = load_classifier(cfg.ckpt_path, cfg.device)
+    with open_dict(cfg):
+        cfg.threshold = decision_threshold(cfg.threshold, classifier.threshold)
     inputs = [cfg.inputs] if isinstance(cfg.inputs, str) else list(cfg.inputs)
     files, problems = collect_inputs(inputs)
     print_skipped(problems)

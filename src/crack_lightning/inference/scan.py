@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
@@ -29,10 +29,36 @@ class ScanResult:
     boxes: np.ndarray  # (N, 2) top-left x, y of each patch
     probs: np.ndarray  # (N,) P(crack) of each patch
     threshold: float
+    # (N,) distance from the training features (>1: unlike 99% of them), if the model has
+    # feature statistics; such patches are labelled Unfamiliar, not cracked
+    unfamiliar: np.ndarray | None = None
+    unfamiliar_limit: float | None = None
+
+    @property
+    def is_unfamiliar(self) -> np.ndarray:
+        if self.unfamiliar is None or self.unfamiliar_limit is None:
+            return np.zeros(len(self.probs), dtype=bool)
+        return self.unfamiliar > self.unfamiliar_limit
 
     @property
     def cracked(self) -> np.ndarray:
-        return self.probs >= self.threshold
+        return (self.probs >= self.threshold) & ~self.is_unfamiliar
+
+    def labels(self) -> list[str]:
+        return [
+            "Unfamiliar" if odd else CLASS_NAMES[int(crack)]
+            for odd, crack in zip(self.is_unfamiliar, self.cracked, strict=True)
+        ]
+
+    def probability_map(self) -> np.ndarray:
+        """(height, width) mean P(crack) of the windows covering each pixel: with a
+        stride below the patch size, overlapping windows smooth the map."""
+        total = np.zeros((self.height, self.width), dtype=np.float32)
+        count = np.zeros((self.height, self.width), dtype=np.float32)
+        for (x, y), prob in zip(self.boxes, self.probs, strict=True):
+            total[y : y + self.patch_size, x : x + self.patch_size] += prob
+            count[y : y + self.patch_size, x : x + self.patch_size] += 1
+        return total / np.maximum(count, 1)
 
     def cracked_area_share(self) -> float:
         """Share of the photo's pixels inside at least one patch classified as cracked."""
@@ -58,8 +84,10 @@ def scan_photo(
     stride: int,
     batch_size: int,
     threshold: float,
+    unfamiliar_limit: float | None = None,
 ) -> ScanResult:
-    """Classify every patch; each is resized exactly as training crops were."""
+    """Classify every patch; each is resized exactly as training crops were. With the
+    checkpoint's feature statistics, also score how unfamiliar each patch is."""
     width, height = photo.size
     if width < patch_size or height < patch_size:
         raise PredictionError(
@@ -77,52 +105,84 @@ def scan_photo(
         ]
     )
     resize = v2.Resize((classifier.image_size, classifier.image_size), antialias=True)
-    probs = []
+    familiar = getattr(classifier, "feature_stats", None) is not None
+    probs, scores = [], []
     for start in tqdm(range(0, len(boxes), batch_size), desc=f"Scanning {path.name}", unit="batch"):
         crops = [
             pixels[:, y : y + patch_size, x : x + patch_size]
             for x, y in boxes[start : start + batch_size]
         ]
-        probs.append(classifier.predict(torch.stack([resize(c) for c in crops])))
-    return ScanResult(path, width, height, patch_size, boxes, np.concatenate(probs), threshold)
+        batch = torch.stack([resize(c) for c in crops])
+        if familiar:
+            batch_probs, batch_scores = classifier.predict_unfamiliar(batch)
+            scores.append(batch_scores)
+        else:
+            batch_probs = classifier.predict(batch)
+        probs.append(batch_probs)
+    return ScanResult(
+        path,
+        width,
+        height,
+        patch_size,
+        boxes,
+        np.concatenate(probs),
+        threshold,
+        np.concatenate(scores) if familiar else None,
+        unfamiliar_limit,
+    )
 
 
 def write_scan_csv(result: ScanResult, path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["x", "y", "width", "height", "prob_crack", "label"])
-        for (x, y), prob, cracked in zip(result.boxes, result.probs, result.cracked, strict=True):
-            writer.writerow(
-                [
-                    x,
-                    y,
-                    result.patch_size,
-                    result.patch_size,
-                    f"{prob:.6f}",
-                    CLASS_NAMES[int(cracked)],
-                ]
-            )
+        writer.writerow(["x", "y", "width", "height", "prob_crack", "unfamiliar", "label"])
+        scores = result.unfamiliar if result.unfamiliar is not None else [None] * len(result.probs)
+        for (x, y), prob, score, label in zip(
+            result.boxes, result.probs, scores, result.labels(), strict=True
+        ):
+            odd = "" if score is None else f"{score:.3f}"
+            writer.writerow([x, y, result.patch_size, result.patch_size, f"{prob:.6f}", odd, label])
+
+
+def _share_map(result: ScanResult, flags: np.ndarray) -> np.ndarray:
+    """(height, width) share of the windows covering each pixel that are flagged."""
+    return ScanResult(
+        result.path,
+        result.width,
+        result.height,
+        result.patch_size,
+        result.boxes,
+        flags.astype(np.float32),
+        0.5,
+    ).probability_map()
+
+
+def _outline(mask: np.ndarray, width: int) -> np.ndarray:
+    """Pixels of mask within `width` pixels of its border."""
+    inner = mask.copy()
+    for _ in range(width):
+        shrunk = inner.copy()
+        shrunk[1:, :] &= inner[:-1, :]
+        shrunk[:-1, :] &= inner[1:, :]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        inner = shrunk
+    return mask & ~inner
 
 
 def render_scan(result: ScanResult, photo: Image.Image) -> Image.Image:
-    """The photo with a red heat map of P(crack) and cracked patches outlined."""
-    heat = np.zeros((result.height, result.width), dtype=np.float32)
-    for (x, y), prob in zip(result.boxes, result.probs, strict=True):
-        window = heat[y : y + result.patch_size, x : x + result.patch_size]
-        np.maximum(window, prob, out=window)
+    """The photo with a red heat map of mean P(crack); where most covering windows are
+    cracked, a yellow outline; where most are unfamiliar, a blue tint and outline."""
     scale = min(1.0, MAX_FIGURE_SIDE / max(result.width, result.height))
     size = (max(1, round(result.width * scale)), max(1, round(result.height * scale)))
-    base = photo.convert("RGB").resize(size)
-    alpha = Image.fromarray((heat**2 * 150).astype(np.uint8)).resize(size)  # faint below ~0.5
-    red = Image.new("RGB", size, (230, 20, 20))
-    overlay = Image.composite(red, base, alpha)
-    draw = ImageDraw.Draw(overlay)
-    for x, y in result.boxes[result.cracked]:
-        box = [
-            x * scale,
-            y * scale,
-            (x + result.patch_size) * scale - 1,
-            (y + result.patch_size) * scale - 1,
-        ]
-        draw.rectangle(box, outline=(255, 235, 0), width=max(1, round(3 * scale)))
-    return overlay
+    heat = np.asarray(Image.fromarray(result.probability_map()).resize(size))
+    cracked = np.asarray(Image.fromarray(_share_map(result, result.cracked)).resize(size)) >= 0.5
+    odd = np.asarray(Image.fromarray(_share_map(result, result.is_unfamiliar)).resize(size)) >= 0.5
+    pixels = np.asarray(photo.convert("RGB").resize(size)).astype(np.float32)
+    alpha = (heat**2 * 0.6)[..., None]  # faint below ~0.5
+    pixels = pixels * (1 - alpha) + np.array([230, 20, 20]) * alpha
+    pixels[odd] = pixels[odd] * 0.5 + np.array([40, 120, 255]) * 0.5
+    line = max(1, round(3 * scale))
+    pixels[_outline(cracked, line)] = (255, 235, 0)
+    pixels[_outline(odd, line)] = (40, 120, 255)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))

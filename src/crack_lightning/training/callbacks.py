@@ -132,13 +132,17 @@ class ValidationMetricsInCheckpoints(L.Callback):
             checkpoint[self.KEY] = dict(self.metrics)
 
 
-def stored_val_metrics(ckpt_path: str | None) -> dict[str, float] | None:
-    """The validation metrics a checkpoint was saved with; None if it holds none."""
+def saved_checkpoint(ckpt_path: str | None) -> dict[str, Any]:
+    """A checkpoint this run wrote, read safely; {} when there is none."""
     if ckpt_path is None:
-        return None
-    checkpoint = load_safely(
+        return {}
+    return load_safely(
         ckpt_path, "checkpoint", RunDirError, "It was written by this run; was it moved?"
     )
+
+
+def stored_val_metrics(checkpoint: dict[str, Any]) -> dict[str, float] | None:
+    """The validation metrics a checkpoint was saved with; None if it holds none."""
     return checkpoint.get(ValidationMetricsInCheckpoints.KEY) or None
 
 

@@ -27,11 +27,13 @@ from crack_lightning.settings import check_train_settings
 from crack_lightning.training.callbacks import (
     ResumeHint,
     ValidationMetricsInCheckpoints,
+    saved_checkpoint,
     stored_val_metrics,
 )
 from crack_lightning.training.distributed import ddp_job
 from crack_lightning.training.precision import resolve_precision
 from crack_lightning.training.resume import resolve_ckpt_path, resume_step
+from crack_lightning.training.source_metrics import SourceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,11 @@ def evaluate_best(
     """
     callback = trainer.checkpoint_callback
     ckpt_path = (callback.best_model_path if callback else "") or None
-    stored = stored_val_metrics(ckpt_path)
+    checkpoint = saved_checkpoint(ckpt_path)
+    stored = stored_val_metrics(checkpoint)
+    for source_metrics in trainer.callbacks:
+        if isinstance(source_metrics, SourceMetrics):  # test metrics at the best's threshold
+            source_metrics.restore_threshold(checkpoint)
     if stored is not None and not (test and datamodule.has_test_split):
         return _report(stored, ckpt_path)
     if trainer.world_size > 1:
@@ -130,9 +136,10 @@ def evaluate_best(
         precision=trainer.precision,
         logger=False,
         enable_checkpointing=False,
-        callbacks=[copy.copy(trainer.progress_bar_callback)]
-        if trainer.progress_bar_callback
-        else [],
+        callbacks=(
+            [copy.copy(trainer.progress_bar_callback)] if trainer.progress_bar_callback else []
+        )
+        + [c for c in trainer.callbacks if isinstance(c, SourceMetrics)],
         enable_progress_bar=trainer.progress_bar_callback is not None,
         enable_model_summary=False,
     )

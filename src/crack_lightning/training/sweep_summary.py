@@ -174,6 +174,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], metric: str, direction: str) 
         for c in rows[0]
         if c in ("rank", "job", "swept", metric)
         or (c.startswith(("val/", "test/")) and c.split("/", 1)[1] in TABLE_METRICS)
+        # with data.sources: every source's balanced accuracy, and their mean
+        or (c.startswith(("val/", "test/")) and c.endswith("/bal_acc"))
     ]
     header = [c if c != "swept" else "overrides" for c in columns]
     lines = [

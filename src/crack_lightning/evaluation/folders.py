@@ -1,0 +1,93 @@
+"""Cross-dataset evaluation: each labelled input folder scored on its own, plus a table.
+
+`predict.py mode=eval inputs=[metu_dir,sdnet_dir,brick_dir]` writes, besides the pooled
+report, REPORT_DIR/<folder>/ (metrics.json, report.txt, figures) for every input,
+and summary.csv, summary.md and TensorBoard scalars/text (REPORT_DIR/tensorboard).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from crack_lightning.data.images import collect_inputs
+from crack_lightning.evaluation.metrics import binary_metrics, write_evaluation
+from crack_lightning.evaluation.per_source import METRICS, binary_scores
+
+SUMMARY_COLUMNS = ("input", "images", "cracked", *METRICS)
+
+
+def input_names(inputs: Sequence[str]) -> list[str]:
+    """A short, unique folder name per input (its last path part, numbered on clashes)."""
+    names: list[str] = []
+    for item in inputs:
+        base = Path(str(item).rstrip("/*")).name or "input"
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}_{n}"
+        names.append(name)
+    return names
+
+
+def evaluate_inputs(
+    inputs: Sequence[str],
+    files: Sequence[Path],
+    labels: np.ndarray,
+    probs: np.ndarray,
+    threshold: float,
+    report_dir: Path,
+) -> list[dict]:
+    """One row of SUMMARY_COLUMNS per input (files from several inputs count in each)."""
+    index = {Path(f): i for i, f in enumerate(files)}
+    rows = []
+    for name, item in zip(input_names(inputs), inputs, strict=True):
+        found, _ = collect_inputs([str(item)])
+        members = [index[f] for f in found if f in index]
+        if not members:
+            continue
+        true, scores = labels[members], probs[members]
+        write_evaluation(binary_metrics(true, scores, threshold), true, scores, report_dir / name)
+        rows.append(
+            {"input": name, "images": len(members), "cracked": int(true.sum())}
+            | binary_scores(true, scores, threshold)
+        )
+    write_summary(rows, report_dir, threshold)
+    return rows
+
+
+def _cell(value: float | int | str) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    lines = [
+        "| " + " | ".join(SUMMARY_COLUMNS) + " |",
+        "|" + "---|" * len(SUMMARY_COLUMNS),
+    ]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in SUMMARY_COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_summary(rows: Sequence[dict], report_dir: Path, threshold: float) -> None:
+    """summary.csv, summary.md and TensorBoard (one scalar per input and metric)."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    with (report_dir / "summary.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(SUMMARY_COLUMNS))
+        writer.writeheader()
+        writer.writerows({c: row[c] for c in SUMMARY_COLUMNS} for row in rows)
+    table = markdown_table(rows)
+    (report_dir / "summary.md").write_text(f"threshold {threshold}\n\n{table}\n")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(report_dir / "tensorboard")) as writer:
+        for row in rows:
+            for metric in METRICS:
+                writer.add_scalar(f"eval/{row['input']}/{metric}", row[metric], 0)
+        writer.add_text("eval/summary", f"threshold {threshold}\n\n{table}", 0)

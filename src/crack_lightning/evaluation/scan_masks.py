@@ -1,0 +1,108 @@
+"""Patch-level crack precision and recall of a scan against a photo's crack mask.
+
+A patch counts as truly cracked when at least `min_share` of its pixels are crack in the
+mask (masks may be smaller than the photo, e.g. 256x256 for a 768x768 photo: they are
+scaled up with nearest-neighbour sampling).
+
+python -m crack_lightning.evaluation.scan_masks ckpt_path=RUN/checkpoints/best.ckpt \
+    photos=[../shared/data/photos/crackconcrete_004.png] stride=76 out=scan_eval
+(each photo's mask is PHOTO_mask.png beside it)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+from PIL import Image
+
+from crack_lightning.data.images import load_rgb
+from crack_lightning.errors import CrackLightningError, PredictionError
+from crack_lightning.evaluation.per_source import binary_scores
+from crack_lightning.inference.classifiers import load_classifier
+from crack_lightning.inference.scan import ScanResult, render_scan, scan_photo
+from crack_lightning.inference.threshold import decision_threshold
+
+
+def load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """Boolean (height, width) crack mask at the photo's size."""
+    if not path.is_file():
+        raise PredictionError(f"No crack mask {path} for the photo beside it.")
+    with Image.open(path) as mask:
+        grey = mask.convert("L").resize(size, Image.Resampling.NEAREST)
+    return np.asarray(grey) > 127
+
+
+def patch_truth(result: ScanResult, mask: np.ndarray, min_share: float) -> np.ndarray:
+    """Whether each scanned patch is cracked according to the mask."""
+    size = result.patch_size
+    shares = [mask[y : y + size, x : x + size].mean() for x, y in result.boxes]
+    return np.array(shares) >= min_share
+
+
+def patch_scores(result: ScanResult, truth: np.ndarray) -> dict[str, float]:
+    """Precision, recall and F1 of the scan's cracked patches (unfamiliar ones count as
+    not cracked), the same for P(crack) alone, and ROC-AUC of P(crack)."""
+    alone = binary_scores(truth.astype(int), result.probs, result.threshold)
+    final = binary_scores(truth.astype(int), result.cracked.astype(float), 0.5)
+    return {
+        "patches": len(truth),
+        "cracked_patches": int(truth.sum()),
+        "unfamiliar_patches": int(result.is_unfamiliar.sum()),
+        "threshold": result.threshold,
+        "precision": final["precision"],
+        "recall": final["recall"],
+        "f1": final["f1"],
+        "classifier_precision": alone["precision"],
+        "classifier_recall": alone["recall"],
+        "auroc": alone["auroc"],
+    }
+
+
+def scan_defaults() -> dict:
+    """predict.yaml's scan settings, so this tool and predict.py agree."""
+    conf = Path(__file__).resolve().parents[3] / "conf" / "predict.yaml"
+    return OmegaConf.to_container(OmegaConf.load(conf).scan)
+
+
+def main(argv: list[str]) -> None:
+    cfg = OmegaConf.merge(
+        {"min_share": 0.01, "threshold": None, "device": "auto"},
+        {k: v for k, v in scan_defaults().items() if k != "stride"},
+        OmegaConf.from_dotlist(argv),
+    )
+    try:
+        classifier = load_classifier(cfg.ckpt_path, cfg.device)
+        threshold = decision_threshold(cfg.threshold, classifier.threshold)
+        out = Path(cfg.get("out", "scan_eval"))
+        out.mkdir(parents=True, exist_ok=True)
+        patch, stride = int(cfg.patch_size), int(cfg.get("stride", cfg.patch_size))
+        report = {}
+        for photo_path in map(Path, cfg.photos):
+            photo = load_rgb(photo_path)
+            result = scan_photo(
+                classifier,
+                photo,
+                photo_path,
+                patch,
+                stride,
+                32,
+                threshold,
+                cfg.unfamiliar_limit,
+            )
+            mask = load_mask(photo_path.with_name(photo_path.stem + "_mask.png"), photo.size)
+            truth = patch_truth(result, mask, float(cfg.min_share))
+            report[photo_path.name] = patch_scores(result, truth)
+            render_scan(result, photo).save(out / f"{photo_path.stem}_scan.png")
+    except CrackLightningError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    (out / "scan_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

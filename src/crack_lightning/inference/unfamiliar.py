@@ -1,0 +1,110 @@
+"""How unlike the training images a patch is: Mahalanobis distance of its pooled backbone
+features to the training features' mean and (shrunk) covariance.
+
+The training callback `FeatureStatistics` stores the statistics in the checkpoint
+(checkpoint["feature_stats"]); scan scores a patch as its distance divided by the 99th
+percentile of unseen training-like images' distances (cross-fitted), so a score above 1
+means "further from the training data than 99% of such images": vegetation, sky,
+asphalt or text, which the crack classifier would otherwise call something.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from crack_lightning.data.transforms import eval_transform
+
+log = logging.getLogger(__name__)
+CHECKPOINT_KEY = "feature_stats"
+# covariance shrinkage towards its mean variance: keeps the inverse stable with few images
+SHRINKAGE = 0.1
+REFERENCE_QUANTILE = 0.99
+
+
+def _moments(features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean and inverse shrunk covariance of (N, D) features."""
+    features = features.double()
+    mean = features.mean(0)
+    centred = features - mean
+    cov = centred.T @ centred / max(1, len(features) - 1)
+    scale = torch.diagonal(cov).mean()
+    cov = (1 - SHRINKAGE) * cov + SHRINKAGE * scale * torch.eye(len(mean), dtype=cov.dtype)
+    return {"mean": mean.float(), "precision": torch.linalg.inv(cov).float()}
+
+
+def fit_statistics(features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean, inverse shrunk covariance and the reference distance of (N, D) features.
+
+    The reference is cross-fitted (statistics of one half, distances of the other), so
+    it is what an unseen image of the training kind scores, not the smaller distance of
+    an image the statistics were fitted on.
+    """
+    features = features.float()
+    first, second = features[::2], features[1::2]
+    held_out = torch.cat(
+        [mahalanobis(second, _moments(first)), mahalanobis(first, _moments(second))]
+    )
+    reference = torch.quantile(held_out, REFERENCE_QUANTILE)
+    return _moments(features) | {"reference": reference.reshape(1)}
+
+
+def mahalanobis(features: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    centred = features.float() - stats["mean"].to(features.device)
+    precision = stats["precision"].to(features.device)
+    return ((centred @ precision) * centred).sum(-1).clamp_min(0).sqrt()
+
+
+def unfamiliar_score(features: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Distance in units of the training data's 99th-percentile distance (>1: unfamiliar)."""
+    return mahalanobis(features, stats) / stats["reference"].to(features.device)
+
+
+class FeatureStatistics(L.Callback):
+    """Stores the training images' feature statistics in every checkpoint.
+
+    With cached features they are read from the cache; otherwise up to `max_images`
+    training images (evenly spread) go through the backbone once. Computed once while
+    the backbone is frozen, again at each save while it trains.
+    """
+
+    def __init__(self, max_images: int) -> None:
+        self.max_images = max_images
+        self.stats: dict[str, torch.Tensor] | None = None
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict
+    ) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "split"):
+            return
+        if self.stats is None or not pl_module.net.frozen:
+            self.stats = fit_statistics(self._features(datamodule, pl_module))
+        checkpoint[CHECKPOINT_KEY] = self.stats
+
+    def _features(self, datamodule, pl_module) -> torch.Tensor:
+        train = datamodule.split["train"]
+        step = max(1, len(train) // self.max_images)
+        chosen = train[::step][: self.max_images]
+        if datamodule.features is not None:
+            return datamodule.features[0, chosen].float()
+        samples = [datamodule.samples[i] for i in chosen]
+        from crack_lightning.data.datamodule import ImageList
+
+        loader = DataLoader(
+            ImageList(samples, eval_transform(datamodule.hparams.image_size)),
+            batch_size=datamodule.hparams.batch_size,
+        )
+        net = pl_module.net
+        was_training = net.training
+        net.eval()
+        outputs = []
+        with torch.inference_mode():
+            for images, _ in loader:
+                outputs.append(net.features(images.to(pl_module.device)).float().cpu())
+        net.train(was_training)
+        return torch.cat(outputs)

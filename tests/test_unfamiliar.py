@@ -1,0 +1,93 @@
+"""The unfamiliar score: far from the training features on other surfaces, near on concrete;
+scans label such patches Unfamiliar and average overlapping windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crack_lightning.data.images import load_rgb
+from crack_lightning.data.transforms import eval_transform
+from crack_lightning.inference.scan import ScanResult
+from crack_lightning.inference.unfamiliar import fit_statistics, unfamiliar_score
+from crack_lightning.training.run import build
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def features_of(backbone_weights):
+    from .conftest import compose_config
+
+    cfg = compose_config(
+        "train", [f"model.weights_path={backbone_weights}", f"data.image_size={SIZE}"]
+    )
+    net = build(cfg.model).net.eval()
+    transform = eval_transform(SIZE)
+
+    def _features(paths: list[Path]) -> torch.Tensor:
+        images = torch.stack([transform(load_rgb(p)) for p in paths])
+        with torch.inference_mode():
+            return net.features(images).float()
+
+    return _features
+
+
+def spread(folder: Path, count: int, offset: int = 0) -> list[Path]:
+    files = sorted(folder.rglob("*.jpg"))
+    return files[offset :: max(1, len(files) // count)][:count]
+
+
+def test_other_surfaces_score_as_more_unfamiliar_than_concrete(features_of, sample_root):
+    brickwork = sample_root.parent / "brickwork-sample"
+    concrete = spread(sample_root, 160)
+    train, held_out = concrete[::2], concrete[1::2]
+    stats = fit_statistics(features_of(train))
+    familiar = unfamiliar_score(features_of(held_out), stats).numpy()
+    bricks = unfamiliar_score(features_of(spread(brickwork, 40)), stats).numpy()
+    print(f"median score: concrete {np.median(familiar):.2f}, brickwork {np.median(bricks):.2f}")
+    assert np.median(bricks) > 2 * np.median(familiar)
+    assert (familiar > 1).mean() <= 0.05 and (bricks > 1).mean() > 0.3
+
+
+def test_overlapping_windows_average_and_unfamiliar_patches_are_not_cracks():
+    result = ScanResult(
+        path=Path("p.png"),
+        width=4,
+        height=2,
+        patch_size=2,
+        boxes=np.array([(0, 0), (1, 0), (2, 0)]),
+        probs=np.array([0.9, 0.3, 0.8]),
+        threshold=0.5,
+        unfamiliar=np.array([0.5, 0.5, 3.0]),
+        unfamiliar_limit=1.5,
+    )
+    assert np.allclose(result.probability_map()[0], [0.9, 0.6, 0.55, 0.8])
+    assert result.labels() == ["Positive", "Negative", "Unfamiliar"]
+    assert result.cracked.tolist() == [True, False, False]
+
+
+def test_patch_truth_and_scores_against_a_mask():
+    from crack_lightning.evaluation.scan_masks import patch_scores, patch_truth
+
+    mask = np.zeros((2, 6), dtype=bool)
+    mask[:, 0] = True  # a crack in the first patch only
+    result = ScanResult(
+        path=Path("p.png"),
+        width=6,
+        height=2,
+        patch_size=2,
+        boxes=np.array([(0, 0), (2, 0), (4, 0)]),
+        probs=np.array([0.9, 0.8, 0.1]),
+        threshold=0.5,
+        unfamiliar=np.array([0.5, 3.0, 0.5]),
+        unfamiliar_limit=1.5,
+    )
+    truth = patch_truth(result, mask, min_share=0.25)
+    assert truth.tolist() == [True, False, False]
+    scores = patch_scores(result, truth)
+    assert scores["precision"] == scores["recall"] == 1.0  # the unfamiliar false alarm is gone
+    assert scores["classifier_precision"] == 0.5 and scores["unfamiliar_patches"] == 1
