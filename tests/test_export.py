@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from crack_lightning.data.images import load_rgb
+from crack_lightning.data.decode import load_rgb
 from crack_lightning.data.transforms import eval_transform
 from crack_lightning.errors import PredictionError
 from crack_lightning.inference.classifiers import (

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import default_loader
+from torch.utils.data import DataLoader
 
 from crack_lightning.data.check import require_clean
+from crack_lightning.data.decode import ON_BAD_IMAGE, DecodedImages
 from crack_lightning.data.download import ensure_dataset
 from crack_lightning.data.feature_cache import MAX_VIEWS, FeatureViews, cached_features
 from crack_lightning.data.grouping import check_distance, image_hashes, near_duplicate_groups
@@ -25,26 +25,11 @@ from crack_lightning.data.splits import (
     write_manifest,
 )
 from crack_lightning.data.synthetic import generate_dataset
-from crack_lightning.data.transforms import Augmentation, augment_batch, eval_transform
+from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 SPLIT_KINDS = ("random", "grouped")
-
-
-class ImageList(Dataset):
-    """(path, label) pairs read with PIL and passed through one transform."""
-
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable) -> None:
-        self.samples = samples
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        return self.transform(default_loader(path)), label
 
 
 class CrackDataModule(L.LightningDataModule):
@@ -75,6 +60,7 @@ class CrackDataModule(L.LightningDataModule):
         cache_features: bool,
         cache_views: int,
         cache_dir: str,
+        on_bad_image: str,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -90,6 +76,10 @@ class CrackDataModule(L.LightningDataModule):
             raise DataError(f"data.cache_views={cache_views} must lie in 1..{MAX_VIEWS}.")
         if split not in SPLIT_KINDS:
             raise DataError(f"data.split={split} must be one of {', '.join(SPLIT_KINDS)}.")
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise DataError(
+                f"data.on_bad_image={on_bad_image} must be one of {', '.join(ON_BAD_IMAGE)}."
+            )
         if split == "grouped":
             check_distance(group_distance)
         self.root = Path(root)
@@ -97,6 +87,8 @@ class CrackDataModule(L.LightningDataModule):
         self.samples: list[tuple[str, int]] = []
         self.split: dict[str, list[int]] = {}
         self.features: torch.Tensor | None = None  # (views, images, dim) once cached
+        self.datasets: list[DecodedImages] = []  # every loader's, to list skipped files
+        self.reported: set[str] = set()
 
     def prepare_data(self) -> None:
         if self.hparams.synthetic is not None:
@@ -183,15 +175,31 @@ class CrackDataModule(L.LightningDataModule):
     def split_samples(self, name: str) -> list[tuple[str, int]]:
         return [self.samples[i] for i in self.split[name]]
 
-    def _loader(self, name: str, transform: Callable, shuffle: bool) -> DataLoader:
+    def teardown(self, stage: str) -> None:
+        """List the damaged images skipped (data.on_bad_image=skip) at the end of a run."""
+        skipped = sorted({path for data in self.datasets for path in data.skipped()})
+        new = [path for path in skipped if path not in self.reported]
+        if new:
+            log.warning(
+                "%d damaged image(s) skipped (data.on_bad_image=skip): %s",
+                len(new),
+                ", ".join(new),
+            )
+            self.reported.update(new)
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if self.features is not None:  # in memory already: no worker processes needed
             samples = [(i, self.samples[i][1]) for i in self.split[name]]
             dataset = FeatureViews(self.features, samples, random_view=name == "train")
             return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle)
         workers = self.hparams.num_workers
         pin = self.hparams.pin_memory
+        samples = self.split_samples(name)
+        paths, labels = [path for path, _ in samples], [label for _, label in samples]
+        images = DecodedImages(paths, labels, self.hparams.image_size, self.hparams.on_bad_image)
+        self.datasets.append(images)
         return DataLoader(
-            ImageList(self.split_samples(name), transform),
+            images,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
             num_workers=workers,
@@ -200,12 +208,12 @@ class CrackDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", eval_transform(self.hparams.image_size), shuffle=True)
+        return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", eval_transform(self.hparams.image_size), shuffle=False)
+        return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         if not self.has_test_split:
             raise DataError("No test split: set data.test_fraction > 0 to hold one out.")
-        return self._loader("test", eval_transform(self.hparams.image_size), shuffle=False)
+        return self._loader("test", shuffle=False)

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from crack_lightning.data.transforms import eval_transform
+from crack_lightning.data.decode import DECODE_VERSION, DecodedImages
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -42,6 +42,7 @@ def cache_key(backbone: torch.nn.Module, files: Sequence[str], image_size: int, 
     digest = hashlib.sha256()
     settings = {
         "version": FORMAT_VERSION,
+        "decode": DECODE_VERSION,
         "image_size": image_size,
         "views": views,
         "backbone": type(backbone).__name__,
@@ -54,22 +55,6 @@ def cache_key(backbone: torch.nn.Module, files: Sequence[str], image_size: int, 
         stat = os.stat(path)
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:24]
-
-
-class _Images(Dataset):
-    def __init__(self, files: Sequence[str], indices: Sequence[int], image_size: int) -> None:
-        from torchvision.datasets.folder import default_loader
-
-        self.loader = default_loader
-        self.files, self.indices = files, indices
-        self.transform = eval_transform(image_size)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        index = self.indices[i]
-        return self.transform(self.loader(self.files[index])), index
 
 
 class FeatureCache:
@@ -100,7 +85,9 @@ class FeatureCache:
         if not todo:
             return
         loader = DataLoader(
-            _Images(files, todo, image_size), batch_size=batch_size, num_workers=num_workers
+            DecodedImages([files[i] for i in todo], todo, image_size, on_bad="stop"),
+            batch_size=batch_size,
+            num_workers=num_workers,
         )
         net = net.to(device).eval()
         passes = int(missing.sum())
