@@ -23,13 +23,16 @@ def main(cfg: DictConfig) -> float | None:
 
 def prepare_command_line() -> None:
     """What must happen before Hydra picks the run directory: complete `ckpt_path=last`
-    with the run to continue, and refuse torchrun/srun launches that name no shared one."""
+    with the run to continue, refuse torchrun/srun launches that name no shared one, and
+    refuse a run directory another live run holds (before Hydra writes into it)."""
     from crack_lightning.errors import CrackLightningError
     from crack_lightning.training.distributed import launch_argv
     from crack_lightning.training.resume import resume_argv
+    from crack_lightning.training.run_lock import refuse_busy_run_dir
 
     try:
         sys.argv = resume_argv(launch_argv(sys.argv), CONF_DIR)
+        refuse_busy_run_dir(sys.argv)
     except CrackLightningError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -28,6 +28,7 @@ from crack_lightning.runtime import quiet_logs, tune_malloc
 from crack_lightning.training.callbacks import ResumeHint
 from crack_lightning.training.distributed import ddp_job
 from crack_lightning.training.resume import resolve_ckpt_path, resume_step
+from crack_lightning.training.run_lock import run_dir_lock
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,8 @@ def main(cfg: DictConfig) -> float | None:
         with open_dict(cfg):
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     try:
-        metrics = train(cfg)
+        with run_dir_lock(Path(cfg.paths.output_dir)):
+            metrics = train(cfg)
     except CrackLightningError as err:
         print(f"\nerror: {err}", file=sys.stderr)
         raise SystemExit(2) from None
