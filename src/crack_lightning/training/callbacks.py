@@ -12,9 +12,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from crack_lightning.data.layout import CLASS_NAMES
+from crack_lightning.errors import CrackLightningError
 from crack_lightning.evaluation.metrics import confusion_matrix
 from crack_lightning.evaluation.plots import confusion_matrix_figure, image_grid_figure
-from crack_lightning.training.resume import LAST_CKPT
+from crack_lightning.training.resume import LAST_CKPT, read_training_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,11 @@ class ResumeHint(L.Callback):
                 "Training stopped (%s) before any epoch finished: nothing to resume.", reason
             )
             return
-        epoch = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+        try:
+            epoch = read_training_checkpoint(last)["epoch"]
+        except CrackLightningError as err:
+            log.warning("Training stopped (%s); %s cannot be resumed from: %s", reason, last, err)
+            return
         log.warning(
             "Training stopped (%s) during epoch %d. %s holds epoch %d; continue with the same "
             "settings plus: ckpt_path=last paths.output_dir=%s",
