@@ -8,7 +8,8 @@ too). The run is killed `kills` times, each after a random delay, and continued 
 time with `ckpt_path=last` (or started again when no epoch had finished). Then the last
 session must finish: exit 0, last.ckpt and best.ckpt load (tensors only) and last.ckpt
 holds the final epoch, metrics.json exists, no temp file or run lock is left over.
-Prints kills survived / tried. Slow (minutes), so not part of the test suite.
+Prints kills survived / tried, and how long an uninterrupted final session took.
+Slow (minutes), so not part of the test suite.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class Settings:
     kills: int = 2
     epochs: int = 4
     seed: int = 0
-    max_delay_s: float = 25.0  # kills land uniformly in [2 s, max_delay_s] after a start
+    min_delay_s: float = 5.0  # kills land uniformly in [min_delay_s, max_delay_s] after a
+    max_delay_s: float = 45.0  # session starts (start-up alone takes ~15 s on 2 busy cores)
     workdir: str = str(ROOT / "logs" / "faults")
 
     @classmethod
@@ -68,12 +70,16 @@ def command(settings: Settings, data: Path, run_dir: Path, cache: bool) -> list[
 
 def phase(run_dir: Path, cache: bool) -> str:
     """What a kill most likely interrupted, judged from what is on disk afterwards."""
+    import torch
+
     features = run_dir.parent / (run_dir.name + "_features")
     if cache and not any(features.glob("features_*.pt")):
         return "start-up or cache fill"
-    if not (run_dir / "checkpoints" / "last.ckpt").exists():
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.exists():
         return "start-up or epoch 0"
-    return "training"
+    epoch = torch.load(last, weights_only=True)["epoch"]
+    return f"start-up or epoch {epoch + 1}; last.ckpt holds epoch {epoch}"
 
 
 def problems(run_dir: Path, epochs: int) -> list[str]:
@@ -113,7 +119,7 @@ def one_run(settings: Settings, data: Path, index: int, rng: random.Random) -> t
         process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         attempt += 1
         if kills < settings.kills:
-            delay = rng.uniform(2.0, settings.max_delay_s)
+            delay = rng.uniform(settings.min_delay_s, settings.max_delay_s)
             try:
                 process.wait(timeout=delay)
             except subprocess.TimeoutExpired:
@@ -128,7 +134,9 @@ def one_run(settings: Settings, data: Path, index: int, rng: random.Random) -> t
                 )
                 continue
         else:
+            started = time.monotonic()
             process.wait()
+            print(f"  run {index}: final session took {time.monotonic() - started:.0f} s")
         log.close()
         if process.returncode != 0:
             print(f"  run {index}: session exited {process.returncode}, see {log.name}")
@@ -153,7 +161,7 @@ def main(args: list[str]) -> int:
         import shutil
 
         shutil.rmtree(workdir)
-    data = generate_dataset(workdir / "data", images_per_class=40, image_size=64, seed=0)
+    data = generate_dataset(workdir / "data", images_per_class=80, image_size=64, seed=0)
     rng = random.Random(settings.seed)
     tried = survived = failed_runs = 0
     start = time.monotonic()

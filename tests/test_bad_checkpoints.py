@@ -4,8 +4,8 @@ loader, and never with torch's advice to load it with weights_only=False."""
 from __future__ import annotations
 
 import logging
-import re
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,7 +64,9 @@ def test_a_bad_checkpoint_is_refused_in_one_line_naming_it(kind, tmp_path):
 
 def test_ckpt_path_last_with_a_damaged_last_ckpt_is_refused(tmp_path):
     write_bad(tmp_path / LAST_CKPT, "empty")
-    with pytest.raises(ModelConfigError, match=re.escape(f"ckpt_path={tmp_path / LAST_CKPT} is empty")):
+    with pytest.raises(
+        ModelConfigError, match=re.escape(f"ckpt_path={tmp_path / LAST_CKPT} is empty")
+    ):
         resolve_ckpt_path("last", tmp_path)
 
 

@@ -108,7 +108,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def decode(path: str | Path, image_size: int) -> torch.Tensor:
     """The model input for a file: uint8 (3, image_size, image_size); UnreadableImage if none."""
-    return eval_transform(image_size)(load_rgb(path))
+    return resize(load_rgb(path), image_size)
+
+
+def resize(image: Image.Image | torch.Tensor, image_size: int) -> torch.Tensor:
+    """A decoded RGB image (or a uint8 CHW crop of one, as scan cuts) as a model input."""
+    return eval_transform(image_size)(image)
 
 
 class DecodedImages(Dataset):

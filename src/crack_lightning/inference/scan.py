@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from crack_lightning.data.decode import resize
 from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.errors import PredictionError
 from crack_lightning.inference.classifiers import OnnxClassifier, TorchClassifier
@@ -59,7 +60,7 @@ def scan_photo(
     batch_size: int,
     threshold: float,
 ) -> ScanResult:
-    """Classify every patch; each is resized exactly as training crops were."""
+    """Classify every patch; each is resized exactly as training images are (data.decode)."""
     width, height = photo.size
     if width < patch_size or height < patch_size:
         raise PredictionError(
@@ -76,14 +77,15 @@ def scan_photo(
             for x in window_starts(width, patch_size, stride)
         ]
     )
-    resize = v2.Resize((classifier.image_size, classifier.image_size), antialias=True)
     probs = []
     for start in tqdm(range(0, len(boxes), batch_size), desc=f"Scanning {path.name}", unit="batch"):
         crops = [
             pixels[:, y : y + patch_size, x : x + patch_size]
             for x, y in boxes[start : start + batch_size]
         ]
-        probs.append(classifier.predict(torch.stack([resize(c) for c in crops])))
+        probs.append(
+            classifier.predict(torch.stack([resize(c, classifier.image_size) for c in crops]))
+        )
     return ScanResult(path, width, height, patch_size, boxes, np.concatenate(probs), threshold)
 
 
