@@ -32,8 +32,10 @@ class Settings:
     kills: int = 2
     epochs: int = 4
     seed: int = 0
-    min_delay_s: float = 5.0  # kills land uniformly in [min_delay_s, max_delay_s] after a
-    max_delay_s: float = 45.0  # session starts (start-up alone takes ~15 s on 2 busy cores)
+    # a kill lands uniformly in [min_delay_s, T] after a session starts, T being how long
+    # the rest of the run takes uninterrupted (from a measured reference run); so kills
+    # hit start-up, cache fills, epochs and checkpoint saves alike, however busy the machine
+    min_delay_s: float = 3.0
     workdir: str = str(ROOT / "logs" / "faults")
 
     @classmethod
@@ -105,7 +107,34 @@ def problems(run_dir: Path, epochs: int) -> list[str]:
     return found
 
 
-def one_run(settings: Settings, data: Path, index: int, rng: random.Random) -> tuple[int, bool]:
+def epochs_done(run_dir: Path) -> int:
+    """Completed epochs according to last.ckpt (0 when there is none)."""
+    import torch
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return torch.load(last, weights_only=True)["epoch"] + 1 if last.exists() else 0
+
+
+def reference_seconds(settings: Settings, data: Path) -> float:
+    """How long one uninterrupted run takes here (with the feature cache: every other run
+    has it, and its fill is most of its time)."""
+    run_dir = Path(settings.workdir) / "reference"
+    start = time.monotonic()
+    result = subprocess.run(
+        command(settings, data, run_dir, cache=True),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0 or problems(run_dir, settings.epochs):
+        raise SystemExit(f"the uninterrupted reference run failed:\n{result.stderr[-2000:]}")
+    return time.monotonic() - start
+
+
+def one_run(
+    settings: Settings, data: Path, index: int, rng: random.Random, full_s: float
+) -> tuple[int, bool]:
     """Kill, resume, finish, verify one run; (kills sent, whether it survived them)."""
     run_dir = Path(settings.workdir) / f"run{index}"
     cache = index % 2 == 1
@@ -119,7 +148,8 @@ def one_run(settings: Settings, data: Path, index: int, rng: random.Random) -> t
         process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         attempt += 1
         if kills < settings.kills:
-            delay = rng.uniform(settings.min_delay_s, settings.max_delay_s)
+            left = (settings.epochs - epochs_done(run_dir) + 1) / (settings.epochs + 1)
+            delay = rng.uniform(settings.min_delay_s, max(settings.min_delay_s, full_s * left))
             try:
                 process.wait(timeout=delay)
             except subprocess.TimeoutExpired:
@@ -165,8 +195,10 @@ def main(args: list[str]) -> int:
     rng = random.Random(settings.seed)
     tried = survived = failed_runs = 0
     start = time.monotonic()
+    full_s = reference_seconds(settings, data)
+    print(f"uninterrupted reference run: {full_s:.0f} s", flush=True)
     for index in range(settings.runs):
-        kills, ok = one_run(settings, data, index, rng)
+        kills, ok = one_run(settings, data, index, rng, full_s)
         tried += kills
         survived += kills if ok else 0
         failed_runs += not ok
