@@ -19,6 +19,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,6 +38,9 @@ class Settings:
     # hit start-up, cache fills, epochs and checkpoint saves alike, however busy the machine
     min_delay_s: float = 3.0
     workdir: str = str(ROOT / "logs" / "faults")
+    # $TMPDIR of the killed runs: a tmpfs where there is one, as on many clusters, so a
+    # save that went through $TMPDIR would be a cross-filesystem copy a kill can cut short
+    tmpdir: str = "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()
 
     @classmethod
     def from_args(cls, args: list[str]) -> Settings:
@@ -139,7 +143,7 @@ def one_run(
     run_dir = Path(settings.workdir) / f"run{index}"
     cache = index % 2 == 1
     base = command(settings, data, run_dir, cache)
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "TMPDIR": settings.tmpdir}
     kills, attempt = 0, 0
     while True:
         resume = (run_dir / "checkpoints" / "last.ckpt").exists()
