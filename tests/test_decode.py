@@ -170,5 +170,5 @@ def test_a_damaged_image_in_a_worker_process_gives_one_line(damaged):
     assert str(caught.value) == (
         f"{damaged['flipped_idat']}: corrupt or truncated image (broken data stream when "
         f"reading image file). Delete or replace the file, or set data.on_bad_image=skip "
-        f"to train without it."
+        f"to train without it (not with the feature cache)."
     )
