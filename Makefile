@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-tools data train demo search test lint format clean
+.PHONY: setup system-tools data train demo search test faults lint format clean
 
 setup: system-tools $(STAMP)
 
@@ -49,6 +49,11 @@ search: setup
 
 test: setup
 	$(PY) -m pytest $(ARGS)
+
+# fault injection (slow, not part of `make test`): SIGKILL training at random moments, resume
+# with ckpt_path=last, check every run ends at the same epoch with loadable checkpoints
+faults: setup
+	$(PY) -m tests.faults $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff format --check .

@@ -18,9 +18,12 @@ from .conftest import run_python
 
 
 def jpeg(seed: int, size: int = 32, mode: str = "RGB") -> bytes:
+    """A small textured JPEG (noise around a colour the seed picks): flat images would be
+    flagged as suspiciously uniform by the full check."""
     buffer = io.BytesIO()
     colour = (seed * 37 % 256, seed * 11 % 256, 120) if mode == "RGB" else seed * 37 % 256
-    Image.new(mode, (size, size), colour).save(buffer, "JPEG")
+    noise = Image.effect_noise((size, size), 40).convert(mode)
+    Image.blend(Image.new(mode, (size, size), colour), noise, 0.3).save(buffer, "JPEG")
     return buffer.getvalue()
 
 

@@ -12,8 +12,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from crack_lightning.data.images import load_rgb
-from crack_lightning.data.transforms import eval_transform
+from crack_lightning.data.decode import decode
 from crack_lightning.errors import PredictionError
 from crack_lightning.inference.classifiers import (
     OnnxClassifier,
@@ -39,7 +38,7 @@ def real_batch(sample_root) -> torch.Tensor:
     files = [
         p for cls in ("Positive", "Negative") for p in sorted((sample_root / cls).iterdir())[:16]
     ]
-    return torch.stack([eval_transform(160)(load_rgb(p)) for p in files])
+    return torch.stack([decode(p, 160) for p in files])
 
 
 def test_onnx_probabilities_match_pytorch(trained_run, exported, real_batch):

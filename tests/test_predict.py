@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crack_lightning.data.images import load_rgb
+from crack_lightning.data.decode import load_rgb
 from crack_lightning.errors import PredictionError
 from crack_lightning.inference.run import run
 

@@ -98,9 +98,8 @@ def test_gpu_trainer_config_asks_for_auto_mixed_precision():
 def test_batched_device_decoding_matches_the_worker_path(sample_root, tmp_path):
     from PIL import Image
 
+    from crack_lightning.data.decode import decode
     from crack_lightning.data.device_decode import EncodedImages, collate_encoded, decode_batch
-    from crack_lightning.data.images import load_rgb
-    from crack_lightning.data.transforms import eval_transform
 
     files = sorted((sample_root / "Positive").glob("*.jpg"))[:3]
     png = tmp_path / "image.png"
@@ -110,7 +109,7 @@ def test_batched_device_decoding_matches_the_worker_path(sample_root, tmp_path):
     images = decode_batch(encoded, 64, "cpu")
     assert images.shape == (4, 3, 64, 64) and images.dtype == torch.uint8
     assert labels.tolist() == [1, 1, 1, 1]
-    expected = torch.stack([eval_transform(64)(load_rgb(path)) for path, _ in samples])
+    expected = torch.stack([decode(path, 64) for path, _ in samples])
     assert (images.float() - expected.float()).abs().mean() < 1.0  # same pixels within rounding
 
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from crack_lightning.data.images import load_rgb
-from crack_lightning.data.transforms import eval_transform
+from crack_lightning.data.decode import decode
 from crack_lightning.inference.scan import ScanResult
 from crack_lightning.inference.unfamiliar import fit_statistics, unfamiliar_score
 from crack_lightning.training.run import build
@@ -26,10 +25,9 @@ def features_of(backbone_weights):
         "train", [f"model.weights_path={backbone_weights}", f"data.image_size={SIZE}"]
     )
     net = build(cfg.model).net.eval()
-    transform = eval_transform(SIZE)
 
     def _features(paths: list[Path]) -> torch.Tensor:
-        images = torch.stack([transform(load_rgb(p)) for p in paths])
+        images = torch.stack([decode(p, SIZE) for p in paths])
         with torch.inference_mode():
             return net.features(images).float()
 

@@ -161,13 +161,15 @@ def run_tool(
 
 def train() -> Any:
     """`crack-train` / `python train.py`: complete the command line (resume, torchrun),
-    then run the Hydra application."""
+    refuse a run directory another live run holds, then run the Hydra application."""
     from crack_lightning.training.distributed import launch_argv
     from crack_lightning.training.resume import resume_argv
+    from crack_lightning.training.run_lock import refuse_busy_run_dir
 
     prepare_process()
     with user_errors():
         sys.argv = resume_argv(launch_argv(sys.argv), conf_dir())
+        refuse_busy_run_dir(sys.argv)  # before Hydra writes into another live run's folder
     return hydra_app("train", _train_task)()
 
 

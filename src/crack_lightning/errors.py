@@ -31,3 +31,15 @@ class UnreadableImage(CrackLightningError):
 
 class RunDirError(CrackLightningError):
     """A run or sweep directory (or its checkpoint) is missing or not what was expected."""
+
+
+class DamagedImage(DataError):
+    """A training image cannot be decoded and data.on_bad_image=stop."""
+
+    def __str__(self) -> str:
+        # re-raised from a DataLoader worker, the message carries that worker's traceback;
+        # keep our one line
+        text = super().__str__()
+        if "Original Traceback" in text:
+            return text.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1]
+        return text

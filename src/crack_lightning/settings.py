@@ -44,6 +44,11 @@ class SplitKind(str, enum.Enum):
     grouped = "grouped"
 
 
+class OnBadImage(str, enum.Enum):
+    skip = "skip"
+    stop = "stop"
+
+
 @dataclass
 class DataSettings:
     """The data settings train.py checks before looking at any file."""
@@ -60,6 +65,7 @@ class DataSettings:
     download: bool = MISSING
     cache_features: Any = MISSING  # auto, true or false
     decode_on_device: bool = MISSING
+    on_bad_image: OnBadImage = MISSING
 
     def __post_init__(self) -> None:
         check_fractions(self.val_fraction, self.test_fraction)

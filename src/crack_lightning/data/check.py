@@ -17,9 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from crack_lightning.data.decode import load_rgb
 from crack_lightning.data.layout import CLASS_NAMES, find_class_dirs, scan_samples
 from crack_lightning.errors import DataError
 
@@ -35,6 +37,8 @@ SIGNATURES = {
     b"RIFF": "WEBP",
 }
 SHOW = 10  # listed entries per kind of problem
+# below this (grey levels), an image is too uniform to be a photo: flat, or damaged
+MIN_BLOCK_CONTRAST = 0.5
 
 
 @dataclass
@@ -123,14 +127,35 @@ def file_problem(data: bytes) -> str | None:
 
 
 def decode_problem(path: str) -> tuple[str | None, str | None, str | None]:
-    """(problem, "WxH", mode) after decoding the whole image with PIL."""
+    """(problem, "WxH", mode) after decoding the whole image as training does."""
     try:
         with Image.open(path) as image:
             size, mode = f"{image.width}x{image.height}", image.mode
-            image.load()
+        rgb = load_rgb(path)
     except Exception as err:  # PIL raises many types for bad files
-        return f"cannot be decoded ({type(err).__name__}: {err})", None, None
+        return f"cannot be decoded ({err})", None, None
+    contrast = block_contrast(rgb)
+    if contrast < MIN_BLOCK_CONTRAST:
+        return (
+            (
+                f"suspiciously uniform (8x8 block means vary by {contrast:.2f} grey levels; "
+                f"e.g. a JPEG whose image data was zeroed decodes to flat grey)"
+            ),
+            size,
+            mode,
+        )
     return None, size, mode
+
+
+def block_contrast(image: Image.Image) -> float:
+    """Standard deviation of the image's 8x8 block means (grey levels): near zero for a
+    flat image, or one whose JPEG blocks all decode alike, whatever the texture inside."""
+    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    h, w = grey.shape[0] // 8 * 8, grey.shape[1] // 8 * 8
+    if not h or not w:
+        return float(grey.std())
+    blocks = grey[:h, :w].reshape(h // 8, 8, w // 8, 8).mean(axis=(1, 3))
+    return float(blocks.std())
 
 
 def check_dataset(

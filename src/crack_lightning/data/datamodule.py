@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import default_loader
+from torch.utils.data import DataLoader
 
 from crack_lightning.data.check import require_clean
+from crack_lightning.data.decode import DecodedImages
 from crack_lightning.data.device_decode import EncodedImages, collate_encoded, decode_batch
 from crack_lightning.data.download import ensure_dataset
 from crack_lightning.data.feature_cache import FeatureViews, cached_features
@@ -23,25 +23,10 @@ from crack_lightning.data.sources import SourceSamples, balanced_sampler, load_s
 from crack_lightning.data.sources_download import ensure_sources
 from crack_lightning.data.splits import grouped_split, stratified_split, write_manifest
 from crack_lightning.data.synthetic import generate_dataset
-from crack_lightning.data.transforms import Augmentation, augment_batch, eval_transform
+from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-class ImageList(Dataset):
-    """(path, label) pairs read with PIL and passed through one transform."""
-
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable) -> None:
-        self.samples = samples
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        return self.transform(default_loader(path)), label
 
 
 class CrackDataModule(L.LightningDataModule):
@@ -73,6 +58,7 @@ class CrackDataModule(L.LightningDataModule):
         cache_views: int,
         cache_dir: str,
         decode_on_device: bool,
+        on_bad_image: str,
         sources: Mapping | None = None,
         balanced_sampling: bool = False,
         holdout_source: str | None = None,
@@ -89,6 +75,8 @@ class CrackDataModule(L.LightningDataModule):
         self.features: torch.Tensor | None = None  # (views, images, dim) once cached
         # with data.sources: every sample's source (index into source_names)
         self.sources: SourceSamples | None = None
+        self.datasets: list[DecodedImages] = []  # every loader's, to list skipped files
+        self.reported: set[str] = set()
 
     def prepare_data(self) -> None:
         if self.hparams.sources is not None:
@@ -211,7 +199,19 @@ class CrackDataModule(L.LightningDataModule):
         labels = [label for _, label in self.split_samples("train")]
         return balanced_sampler(labels, sources, self.hparams.seed)
 
-    def _loader(self, name: str, transform: Callable, shuffle: bool) -> DataLoader:
+    def teardown(self, stage: str) -> None:
+        """List the damaged images skipped (data.on_bad_image=skip) at the end of a run."""
+        skipped = sorted({path for data in self.datasets for path in data.skipped()})
+        new = [path for path in skipped if path not in self.reported]
+        if new:
+            log.warning(
+                "%d damaged image(s) skipped (data.on_bad_image=skip): %s",
+                len(new),
+                ", ".join(new),
+            )
+            self.reported.update(new)
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if self.features is not None:  # in memory already: no worker processes needed
             samples = [(i, self.samples[i][1]) for i in self.split[name]]
             dataset = FeatureViews(self.features, samples, random_view=name == "train")
@@ -224,10 +224,15 @@ class CrackDataModule(L.LightningDataModule):
             )
         workers = self.hparams.num_workers
         pin = self.hparams.pin_memory
+        samples = self.split_samples(name)
         if self.hparams.decode_on_device:  # workers read bytes; on_before_batch_transfer decodes
-            dataset, collate = EncodedImages(self.split_samples(name)), collate_encoded
+            dataset, collate = EncodedImages(samples), collate_encoded
         else:
-            dataset, collate = ImageList(self.split_samples(name), transform), None
+            paths, labels = [path for path, _ in samples], [label for _, label in samples]
+            on_bad = self.hparams.on_bad_image
+            dataset = DecodedImages(paths, labels, self.hparams.image_size, on_bad)
+            self.datasets.append(dataset)
+            collate = None
         sampler = self._train_sampler() if name == "train" else None
         return DataLoader(
             dataset,
@@ -241,12 +246,12 @@ class CrackDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", eval_transform(self.hparams.image_size), shuffle=True)
+        return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", eval_transform(self.hparams.image_size), shuffle=False)
+        return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         if not self.has_test_split:
             raise DataError("No test split: set data.test_fraction > 0 to hold one out.")
-        return self._loader("test", eval_transform(self.hparams.image_size), shuffle=False)
+        return self._loader("test", shuffle=False)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from crack_lightning.data.transforms import eval_transform
+from crack_lightning.data.decode import DECODE_VERSION, DecodedImages
 from crack_lightning.errors import ModelConfigError
 from crack_lightning.progress import progress
 
@@ -64,6 +64,7 @@ def cache_key(backbone: torch.nn.Module, files: Sequence[str], image_size: int, 
     digest = hashlib.sha256()
     settings = {
         "version": FORMAT_VERSION,
+        "decode": DECODE_VERSION,
         "image_size": image_size,
         "views": views,
         "backbone": type(backbone).__name__,
@@ -76,22 +77,6 @@ def cache_key(backbone: torch.nn.Module, files: Sequence[str], image_size: int, 
         stat = os.stat(path)
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:24]
-
-
-class _Images(Dataset):
-    def __init__(self, files: Sequence[str], indices: Sequence[int], image_size: int) -> None:
-        from torchvision.datasets.folder import default_loader
-
-        self.loader = default_loader
-        self.files, self.indices = files, indices
-        self.transform = eval_transform(image_size)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        index = self.indices[i]
-        return self.transform(self.loader(self.files[index])), index
 
 
 class FeatureCache:
@@ -149,7 +134,9 @@ class FeatureCache:
         if not todo:
             return
         loader = DataLoader(
-            _Images(files, todo, image_size), batch_size=batch_size, num_workers=num_workers
+            DecodedImages([files[i] for i in todo], todo, image_size, on_bad="stop"),
+            batch_size=batch_size,
+            num_workers=num_workers,
         )
         net = net.to(device).eval()
         last_save = time.monotonic()

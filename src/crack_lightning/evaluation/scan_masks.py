@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from PIL import Image
 
-from crack_lightning.data.images import load_rgb
+from crack_lightning.data.decode import load_rgb
 from crack_lightning.errors import CrackLightningError, PredictionError
 from crack_lightning.evaluation.per_source import binary_scores
 from crack_lightning.inference.classifiers import load_classifier

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from crack_lightning.data.images import load_rgb
-from crack_lightning.data.transforms import eval_transform
-from crack_lightning.errors import PredictionError, UnreadableImage
+from crack_lightning.data.decode import DecodedImages
+from crack_lightning.errors import PredictionError
 from crack_lightning.inference.threshold import METADATA_KEY, stored_threshold
 from crack_lightning.inference.unfamiliar import CHECKPOINT_KEY as FEATURE_STATS_KEY
 from crack_lightning.inference.unfamiliar import unfamiliar_score
@@ -136,25 +135,19 @@ def load_classifier(path: str | Path, device: str = "auto") -> TorchClassifier |
     return TorchClassifier(load_checkpoint_model(path), torch.device(device))
 
 
-class ImageFiles(Dataset):
-    """Files decoded and resized exactly as validation images were during training.
+class ImageFiles(DecodedImages):
+    """Files decoded and resized exactly as images are during training (data.decode).
 
     A file that cannot be read yields its reason instead of an image, so one bad file
     never stops a batch.
     """
 
     def __init__(self, paths: Sequence[Path], image_size: int) -> None:
-        self.paths = paths
-        self.transform = eval_transform(image_size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
+        super().__init__(paths, range(len(paths)), image_size, on_bad="skip")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str]:
-        try:
-            return self.transform(load_rgb(self.paths[index])), index, ""
-        except UnreadableImage as err:
-            return None, index, str(err)
+        image, reason = self.read(index)
+        return image, index, reason
 
 
 def _collate(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:

@@ -24,9 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from crack_lightning.cli import run_tool
-from crack_lightning.data.images import collect_inputs, load_rgb
+from crack_lightning.data.decode import decode
+from crack_lightning.data.inputs import collect_inputs
 from crack_lightning.data.layout import CLASS_NAMES
-from crack_lightning.data.transforms import eval_transform
 from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.inference.classifiers import load_checkpoint_model
 from crack_lightning.models.classifier import CrackClassifier
@@ -136,7 +136,7 @@ class CalibrationImages:
         self, files: Sequence[Path], image_size: int, batch_size: int, progress: bool
     ) -> None:
         self.files, self.batch_size = list(files), int(batch_size)
-        self.transform = eval_transform(image_size)
+        self.image_size = image_size
         self.skipped: list[Path] = []
         self.position = 0
         self.progress = progress
@@ -151,7 +151,7 @@ class CalibrationImages:
         while not images and self.position < len(self.files):
             for path in self.files[self.position : self.position + self.batch_size]:
                 try:
-                    images.append(self.transform(load_rgb(path)).numpy())
+                    images.append(decode(path, self.image_size).numpy())
                 except UnreadableImage:
                     self.skipped.append(path)
             self.bar.update(min(self.batch_size, len(self.files) - self.position))

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, open_dict
 
-from crack_lightning.data.images import collect_inputs, label_from_path, load_rgb
+from crack_lightning.data.decode import load_rgb
+from crack_lightning.data.inputs import collect_inputs, label_from_path
 from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.evaluation.folders import evaluate_inputs, markdown_table

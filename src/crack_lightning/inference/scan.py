@@ -12,6 +12,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from crack_lightning.data.decode import resize
 from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.errors import PredictionError
 from crack_lightning.inference.classifiers import OnnxClassifier, TorchClassifier
@@ -86,7 +87,7 @@ def scan_photo(
     threshold: float,
     unfamiliar_limit: float | None = None,
 ) -> ScanResult:
-    """Classify every patch; each is resized exactly as training crops were. With the
+    """Classify every patch; each is resized exactly as training images are (data.decode). With the
     checkpoint's feature statistics, also score how unfamiliar each patch is."""
     width, height = photo.size
     if width < patch_size or height < patch_size:
@@ -104,7 +105,6 @@ def scan_photo(
             for x in window_starts(width, patch_size, stride)
         ]
     )
-    resize = v2.Resize((classifier.image_size, classifier.image_size), antialias=True)
     familiar = getattr(classifier, "feature_stats", None) is not None
     probs, scores = [], []
     for start in tqdm(range(0, len(boxes), batch_size), desc=f"Scanning {path.name}", unit="batch"):
@@ -112,7 +112,7 @@ def scan_photo(
             pixels[:, y : y + patch_size, x : x + patch_size]
             for x, y in boxes[start : start + batch_size]
         ]
-        batch = torch.stack([resize(c) for c in crops])
+        batch = torch.stack([resize(c, classifier.image_size) for c in crops])
         if familiar:
             batch_probs, batch_scores = classifier.predict_unfamiliar(batch)
             scores.append(batch_scores)

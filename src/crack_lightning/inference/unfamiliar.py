@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from crack_lightning.data.transforms import eval_transform
+from crack_lightning.data.decode import DecodedImages
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "feature_stats"
@@ -92,11 +92,10 @@ class FeatureStatistics(L.Callback):
         chosen = train[::step][: self.max_images]
         if datamodule.features is not None:
             return datamodule.features[0, chosen].float()
-        samples = [datamodule.samples[i] for i in chosen]
-        from crack_lightning.data.datamodule import ImageList
-
+        paths = [datamodule.samples[i][0] for i in chosen]
+        labels = [datamodule.samples[i][1] for i in chosen]
         loader = DataLoader(
-            ImageList(samples, eval_transform(datamodule.hparams.image_size)),
+            DecodedImages(paths, labels, datamodule.hparams.image_size, on_bad="skip"),
             batch_size=datamodule.hparams.batch_size,
         )
         net = pl_module.net

@@ -11,14 +11,13 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from crack_lightning.data.images import load_rgb
+from crack_lightning.data.decode import decode
 from crack_lightning.data.layout import CLASS_NAMES
-from crack_lightning.data.transforms import eval_transform
-from crack_lightning.errors import RunDirError
+from crack_lightning.errors import CrackLightningError, RunDirError
 from crack_lightning.evaluation.metrics import confusion_matrix
 from crack_lightning.evaluation.plots import confusion_matrix_figure, image_grid_figure
 from crack_lightning.serialization import load_safely
-from crack_lightning.training.resume import LAST_CKPT
+from crack_lightning.training.resume import LAST_CKPT, read_training_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +96,7 @@ def _cached_image(trainer: L.Trainer, batch_idx: int, row: int) -> np.ndarray | 
         return None
     position = batch_idx * trainer.val_dataloaders.batch_size + row
     path = datamodule.split_samples("val")[position][0]
-    transform = eval_transform(datamodule.hparams.image_size)
-    return transform(load_rgb(path)).permute(1, 2, 0).numpy()
+    return decode(path, datamodule.hparams.image_size).permute(1, 2, 0).numpy()
 
 
 class ValidationMetricsInCheckpoints(L.Callback):
@@ -168,7 +166,11 @@ class ResumeHint(L.Callback):
                 "Training stopped (%s) before any epoch finished: nothing to resume.", reason
             )
             return
-        epoch = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+        try:
+            epoch = read_training_checkpoint(last)["epoch"]
+        except CrackLightningError as err:
+            log.warning("Training stopped (%s); %s cannot be resumed from: %s", reason, last, err)
+            return
         log.warning(
             "Training stopped (%s) during epoch %d. %s holds epoch %d; continue with the same "
             "settings plus: ckpt_path=last paths.output_dir=%s",

@@ -23,9 +23,14 @@ from datetime import datetime
 from pathlib import Path
 
 from crack_lightning.errors import ModelConfigError, RunDirError
+from crack_lightning.serialization import load_safely
 
 log = logging.getLogger(__name__)
 
+RESUME_HINT = (
+    "To resume, pass a run's checkpoints/last.ckpt (or best.ckpt) written by train.py, "
+    "or ckpt_path=last."
+)
 LAST = "last"
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -106,20 +111,30 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
                 f"finished). Name the run to continue with paths.output_dir=RUN_DIR (in a "
                 f"sweep: hydra.sweep.dir=SWEEP_DIR), or pass a checkpoint file as ckpt_path."
             )
-        return str(path)
-    if not Path(ckpt_path).is_file():
+        ckpt_path = str(path)
+    elif not Path(ckpt_path).is_file():
         raise ModelConfigError(
             f"ckpt_path={ckpt_path} does not exist. To resume, pass a run's "
             f"checkpoints/last.ckpt (or best.ckpt), ckpt_path=last, or leave ckpt_path unset."
         )
+    read_training_checkpoint(ckpt_path)  # a bad file stops here, named, before any slow step
     return ckpt_path
+
+
+def read_training_checkpoint(ckpt_path: str | Path) -> dict:
+    """A training checkpoint loaded safely (tensors only), or a one-line error naming it."""
+    checkpoint = load_safely(ckpt_path, "ckpt_path", ModelConfigError, RESUME_HINT)
+    if not isinstance(checkpoint, dict) or not {"state_dict", "epoch"} <= set(checkpoint):
+        raise ModelConfigError(
+            f"ckpt_path={ckpt_path} is not a training checkpoint of this framework (it lacks "
+            f"state_dict and epoch). {RESUME_HINT}"
+        )
+    return checkpoint
 
 
 def resume_step(ckpt_path: str) -> int:
     """The logging step the resumed run starts at (events from there on are replaced)."""
-    import torch
-
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = read_training_checkpoint(ckpt_path)
     try:
         return int(
             checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]

@@ -33,6 +33,7 @@ from crack_lightning.training.callbacks import (
 from crack_lightning.training.distributed import ddp_job
 from crack_lightning.training.precision import resolve_precision
 from crack_lightning.training.resume import resolve_ckpt_path, resume_step
+from crack_lightning.training.run_lock import run_dir_lock
 from crack_lightning.training.source_metrics import SourceMetrics
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,8 @@ def main(cfg: DictConfig) -> float | None:
     if HydraConfig.initialized():  # in a multirun each job has its own directory
         with open_dict(cfg):
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    metrics = train(cfg)
+    with run_dir_lock(Path(cfg.paths.output_dir)):
+        metrics = train(cfg)
     name = cfg.get("optimized_metric")
     if name and name not in metrics:
         log.warning("optimized_metric=%s is not among the metrics %s", name, sorted(metrics))
