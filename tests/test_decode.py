@@ -142,10 +142,19 @@ def damaged_cfg(synthetic_cfg, synthetic_root, damaged, tmp_path, *overrides: st
     return synthetic_cfg(f"data.root={root}", "logger=none", *overrides)
 
 
+@pytest.mark.parametrize("cached", ["true", "false"])  # the feature cache and the image path
 def test_training_skips_damaged_images_and_lists_them(
-    synthetic_cfg, synthetic_root, damaged, tmp_path, caplog
+    synthetic_cfg, synthetic_root, damaged, tmp_path, caplog, cached
 ):
-    cfg = damaged_cfg(synthetic_cfg, synthetic_root, damaged, tmp_path, "data.on_bad_image=skip")
+    cfg = damaged_cfg(
+        synthetic_cfg,
+        synthetic_root,
+        damaged,
+        tmp_path,
+        "data.on_bad_image=skip",
+        f"data.cache_features={cached}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
     with caplog.at_level(logging.WARNING):
         metrics = train(cfg)
     assert 0 <= metrics["val/acc"] <= 1
@@ -170,5 +179,5 @@ def test_a_damaged_image_in_a_worker_process_gives_one_line(damaged):
     assert str(caught.value) == (
         f"{damaged['flipped_idat']}: corrupt or truncated image (broken data stream when "
         f"reading image file). Delete or replace the file, or set data.on_bad_image=skip "
-        f"to train without it (not with the feature cache)."
+        f"to train without it."
     )

@@ -155,7 +155,7 @@ def small_cache(synthetic_root, tmp_path):
 
     def fill(cache: FeatureCache) -> None:
         needed = torch.ones(2, len(files), dtype=torch.bool)
-        cache.fill(model.net, files, needed, 32, 4, 0, torch.device("cpu"))
+        cache.fill(model.net, files, needed, 32, 4, 0, torch.device("cpu"), "stop")
 
     return make, fill, model.net, path
 

@@ -77,6 +77,7 @@ class CrackDataModule(L.LightningDataModule):
         self.sources: SourceSamples | None = None
         self.datasets: list[DecodedImages] = []  # every loader's, to list skipped files
         self.reported: set[str] = set()
+        self.cache_skipped: set[str] = set()  # damaged files the feature cache left out
 
     def prepare_data(self) -> None:
         if self.hparams.sources is not None:
@@ -147,8 +148,17 @@ class CrackDataModule(L.LightningDataModule):
             self.hparams.batch_size,
             self.hparams.num_workers,
             device,
+            self.hparams.on_bad_image,
         )
         self.features = cache.features
+        self._drop_uncached(cache.done[0])
+
+    def _drop_uncached(self, done: torch.Tensor) -> None:
+        """Leave out of every split the images the cache could not compute: damaged files
+        skipped under data.on_bad_image=skip (listed at the end of the run)."""
+        for name, indices in self.split.items():
+            self.cache_skipped.update(self.samples[i][0] for i in indices if not done[i])
+            self.split[name] = [i for i in indices if done[i]]
 
     def augment(self, inputs: torch.Tensor) -> torch.Tensor:
         """A training batch augmented on its device; cached features (N, dim) pass
@@ -202,6 +212,7 @@ class CrackDataModule(L.LightningDataModule):
     def teardown(self, stage: str) -> None:
         """List the damaged images skipped (data.on_bad_image=skip) at the end of a run."""
         skipped = sorted({path for data in self.datasets for path in data.skipped()})
+        skipped = sorted({*skipped, *self.cache_skipped})
         new = [path for path in skipped if path not in self.reported]
         if new:
             log.warning(

@@ -157,7 +157,7 @@ class DecodedImages(Dataset):
             if self.on_bad == "stop":
                 raise DamagedImage(
                     f"{path}: {reason}. Delete or replace the file, or set "
-                    f"data.on_bad_image=skip to train without it (not with the feature cache)."
+                    f"data.on_bad_image=skip to train without it."
                 )
             log.warning("Skipping damaged image %s: %s", path, reason)
         raise DamagedImage(f"none of the {len(self)} images can be read (e.g. {self.paths[0]}).")

@@ -126,15 +126,17 @@ class FeatureCache:
         batch_size: int,
         num_workers: int,
         device: torch.device,
+        on_bad: str,
     ) -> None:
         """Compute every (view, image) that `needed` asks for and is not done; save as
-        it goes and at the end."""
+        it goes and at the end. A damaged image stops the fill (on_bad=stop) or stays
+        not done (skip), for the data module to leave out."""
         missing = needed & ~self.done
         todo = torch.nonzero(missing.any(dim=0)).flatten().tolist()
         if not todo:
             return
         loader = DataLoader(
-            DecodedImages([files[i] for i in todo], todo, image_size, on_bad="stop"),
+            DecodedImages([files[i] for i in todo], todo, image_size, on_bad),
             batch_size=batch_size,
             num_workers=num_workers,
         )
@@ -224,6 +226,7 @@ def cached_features(
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    on_bad: str = "stop",
 ) -> FeatureCache:
     """Load or complete the cache: every view of training images, the plain view of the rest."""
     if not 1 <= views <= MAX_VIEWS:
@@ -239,5 +242,5 @@ def cached_features(
     log.info(
         "Feature cache %s: %d of %d image views already computed", path, reused, int(needed.sum())
     )
-    cache.fill(net, files, needed, image_size, batch_size, num_workers, device)
+    cache.fill(net, files, needed, image_size, batch_size, num_workers, device, on_bad)
     return cache
