@@ -20,6 +20,7 @@ TOOLS = {  # console script -> its settings file in conf/
     "crack-export": "export",
     "crack-summarize": "summarize",
     "crack-bench": "bench",
+    "crack-scan-eval": "scan_eval",
 }
 
 

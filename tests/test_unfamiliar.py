@@ -89,3 +89,28 @@ def test_patch_truth_and_scores_against_a_mask():
     scores = patch_scores(result, truth)
     assert scores["precision"] == scores["recall"] == 1.0  # the unfamiliar false alarm is gone
     assert scores["classifier_precision"] == 0.5 and scores["unfamiliar_patches"] == 1
+
+
+def test_scan_eval_scores_patches_against_the_real_masks(trained_run, tmp_path, capsys):
+    """crack-scan-eval end to end: the two masked photos, a report per photo, maps written."""
+    import json
+
+    from crack_lightning.evaluation.scan_masks import main
+    from tests.conftest import SHARED, shared_path
+
+    photos = [shared_path(SHARED / "data" / "photos" / f"crackconcrete_00{n}.png") for n in (4, 6)]
+    out = tmp_path / "scan_eval"
+    args = [f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}", f"out={out}"]
+    assert main([*args, f"photos=[{','.join(map(str, photos))}]", "scan.stride=181"]) == 0
+    report = json.loads((out / "scan_eval.json").read_text())
+    assert set(report) == {"crackconcrete_004.png", "crackconcrete_006.png"}
+    for scores in report.values():
+        assert scores["patches"] == 16  # 768 px, window 227, stride 181: 4 x 4
+        assert 0 < scores["cracked_patches"] <= 16  # both photos have cracks in their masks
+        assert 0 <= scores["precision"] <= 1 and 0 <= scores["recall"] <= 1
+    assert (out / "crackconcrete_004_scan.png").is_file()
+    capsys.readouterr()
+    missing_mask = tmp_path / "no_mask.png"
+    missing_mask.write_bytes(photos[0].read_bytes())
+    assert main([*args, f"photos=[{missing_mask}]"]) == 2
+    assert "No crack mask" in capsys.readouterr().err

@@ -4,23 +4,23 @@ A patch counts as truly cracked when at least `min_share` of its pixels are crac
 mask (masks may be smaller than the photo, e.g. 256x256 for a 768x768 photo: they are
 scaled up with nearest-neighbour sampling).
 
-python -m crack_lightning.evaluation.scan_masks ckpt_path=RUN/checkpoints/best.ckpt \
-    photos=[../shared/data/photos/crackconcrete_004.png] stride=76 out=scan_eval
+crack-scan-eval ckpt_path=RUN/checkpoints/best.ckpt \
+    photos=[../shared/data/photos/crackconcrete_004.png] scan.stride=76 out=scan_eval
 (each photo's mask is PHOTO_mask.png beside it)
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 
+from crack_lightning.cli import run_tool
 from crack_lightning.data.decode import load_rgb
-from crack_lightning.errors import CrackLightningError, PredictionError
+from crack_lightning.errors import PredictionError
 from crack_lightning.evaluation.per_source import binary_scores
 from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.inference.scan import ScanResult, render_scan, scan_photo
@@ -62,47 +62,37 @@ def patch_scores(result: ScanResult, truth: np.ndarray) -> dict[str, float]:
     }
 
 
-def scan_defaults() -> dict:
-    """predict.yaml's scan settings, so this tool and predict.py agree."""
-    conf = Path(__file__).resolve().parents[3] / "conf" / "predict.yaml"
-    return OmegaConf.to_container(OmegaConf.load(conf).scan)
-
-
-def main(argv: list[str]) -> None:
-    cfg = OmegaConf.merge(
-        {"min_share": 0.01, "threshold": None, "device": "auto"},
-        {k: v for k, v in scan_defaults().items() if k != "stride"},
-        OmegaConf.from_dotlist(argv),
-    )
-    try:
-        classifier = load_classifier(cfg.ckpt_path, cfg.device)
-        threshold = decision_threshold(cfg.threshold, classifier.threshold)
-        out = Path(cfg.get("out", "scan_eval"))
-        out.mkdir(parents=True, exist_ok=True)
-        patch, stride = int(cfg.patch_size), int(cfg.get("stride", cfg.patch_size))
-        report = {}
-        for photo_path in map(Path, cfg.photos):
-            photo = load_rgb(photo_path)
-            result = scan_photo(
-                classifier,
-                photo,
-                photo_path,
-                patch,
-                stride,
-                32,
-                threshold,
-                cfg.unfamiliar_limit,
-            )
-            mask = load_mask(photo_path.with_name(photo_path.stem + "_mask.png"), photo.size)
-            truth = patch_truth(result, mask, float(cfg.min_share))
-            report[photo_path.name] = patch_scores(result, truth)
-            render_scan(result, photo).save(out / f"{photo_path.stem}_scan.png")
-    except CrackLightningError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+def evaluate(cfg: DictConfig) -> None:
+    """crack-scan-eval's body: scan each photo, score its patches against its mask."""
+    classifier = load_classifier(cfg.ckpt_path, cfg.device)
+    threshold = decision_threshold(cfg.threshold, classifier.threshold)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {}
+    for photo_path in map(Path, cfg.photos):
+        photo = load_rgb(photo_path)
+        result = scan_photo(
+            classifier,
+            photo,
+            photo_path,
+            cfg.scan.patch_size,
+            cfg.scan.stride,
+            cfg.batch_size,
+            threshold,
+            cfg.scan.unfamiliar_limit,
+        )
+        mask = load_mask(photo_path.with_name(photo_path.stem + "_mask.png"), photo.size)
+        truth = patch_truth(result, mask, float(cfg.min_share))
+        report[photo_path.name] = patch_scores(result, truth)
+        render_scan(result, photo).save(out / f"{photo_path.stem}_scan.png")
     (out / "scan_eval.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`crack-scan-eval`: settings from conf/scan_eval.yaml."""
+    return run_tool("scan_eval", evaluate, argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(main())
