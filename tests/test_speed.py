@@ -105,7 +105,7 @@ def test_batched_device_decoding_matches_the_worker_path(sample_root, tmp_path):
     png = tmp_path / "image.png"
     Image.open(files[0]).save(png)  # not a JPEG: decoded on the CPU
     samples = [(str(path), 1) for path in [*files, png]]
-    encoded, labels = collate_encoded([EncodedImages(samples)[i] for i in range(4)])
+    encoded, labels = collate_encoded([EncodedImages(samples, 64)[i] for i in range(4)])
     images = decode_batch(encoded, 64, "cpu")
     assert images.shape == (4, 3, 64, 64) and images.dtype == torch.uint8
     assert labels.tolist() == [1, 1, 1, 1]
@@ -163,3 +163,21 @@ def test_bars_only_when_both_outputs_are_terminals(monkeypatch, stdout, stderr, 
     bar = progress_bar(refresh_rate=1, line_every_s=30)
     assert isinstance(bar, TQDMProgressBar if expected == "tqdm" else LogProgress)
     assert not progress_bar(refresh_rate=0, line_every_s=30).is_enabled
+
+
+def test_device_decoding_names_a_broken_jpeg_and_keeps_decode_py_pixels_for_others(tmp_path):
+    from PIL import Image
+
+    from crack_lightning.data.decode import decode
+    from crack_lightning.data.device_decode import EncodedImages, collate_encoded, decode_batch
+    from crack_lightning.errors import DamagedImage
+
+    rgba = tmp_path / "half_transparent.png"
+    Image.new("RGBA", (40, 30), (200, 10, 10, 128)).save(rgba)  # over white, as decode.py does
+    encoded, _ = collate_encoded([EncodedImages([(str(rgba), 0)], 32)[0]])
+    assert torch.equal(decode_batch(encoded, 32, "cpu")[0], decode(rgba, 32))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8" + b"not a jpeg" * 20)
+    encoded, _ = collate_encoded([EncodedImages([(str(broken), 0)], 32)[0]])
+    with pytest.raises(DamagedImage, match="data.decode_on_device=false"):
+        decode_batch(encoded, 32, "cpu")

@@ -237,7 +237,8 @@ class CrackDataModule(L.LightningDataModule):
         pin = self.hparams.pin_memory
         samples = self.split_samples(name)
         if self.hparams.decode_on_device:  # workers read bytes; on_before_batch_transfer decodes
-            dataset, collate = EncodedImages(samples), collate_encoded
+            dataset = EncodedImages(samples, self.hparams.image_size)
+            collate = collate_encoded
         else:
             paths, labels = [path for path, _ in samples], [label for _, label in samples]
             on_bad = self.hparams.on_bad_image
