@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 setup: system-tools $(STAMP)
 
 # RAR unpackers for the data set's archive (unar first, bsdtar from libarchive-tools as the
-# fallback, see README "Data"). Installed with apt-get when run as root; otherwise printed.
+# fallback, see docs/data.md). Installed with apt-get when run as root; otherwise printed.
 system-tools:
 	@missing=""; \
 	command -v unar >/dev/null 2>&1 || missing="$$missing unar"; \
@@ -43,7 +43,7 @@ train: setup
 demo: setup
 	$(PY) train.py experiment=demo $(ARGS)
 
-# hyper-parameter search with Optuna, 20 trials (README "Hyper-parameter search")
+# hyper-parameter search with Optuna, 20 trials (docs/training.md "Hyper-parameter search")
 search: setup
 	$(PY) train.py hparams_search=optuna $(ARGS)
 

@@ -63,7 +63,7 @@ def test_dhash_keeps_near_duplicates_close_and_others_apart(sample_root, tmp_pat
 def test_undecodable_image_is_named(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"no image")
-    with pytest.raises(DataError, match=r"bad.jpg cannot be decoded .*crack_lightning.data check"):
+    with pytest.raises(DataError, match=r"bad.jpg cannot be decoded .*crack-data check"):
         dhash(str(bad))
 
 

@@ -3,7 +3,7 @@
 Two kinds of command share it:
 - Hydra applications (train, predict): `hydra_app` runs `hydra.main` on conf/<name>.yaml,
   with run directories, logging, multirun sweeps and `--help`/`--cfg job`.
-- tools (data, export, summarize, bench): `run_tool` composes conf/<name>.yaml with the
+- tools (data, export, summarize, bench, scan_eval): `run_tool` composes conf/<name>.yaml with the
   command line's overrides (a leading bare word may give the `action`), writes nothing
   of its own, and returns an exit code; `--help` prints the settings file.
 

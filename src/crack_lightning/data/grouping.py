@@ -40,7 +40,7 @@ def dhash(path: str) -> int:
     except Exception as err:  # PIL raises many types for bad files
         raise DataError(
             f"{path} cannot be decoded ({type(err).__name__}: {err}); run "
-            f"`python -m crack_lightning.data check root=DATA_ROOT`."
+            f"`crack-data check root=DATA_ROOT` to list every damaged file."
         ) from None
     pixels = np.asarray(grey, dtype=np.int16)
     bits = (pixels[:, 1:] > pixels[:, :-1]).ravel()

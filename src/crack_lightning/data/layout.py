@@ -14,7 +14,7 @@ CLASS_NAMES = ("Negative", "Positive")
 
 DATA_HINT = (
     "Get the METU 'Concrete Crack Images for Classification' data set "
-    "(doi:10.17632/5y9wdsg2zt.2, see README 'Data') and extract it so that Negative/ and "
+    "(doi:10.17632/5y9wdsg2zt.2, see docs/data.md) and extract it so that Negative/ and "
     "Positive/ sit directly under data.root, or point data.root=/path/to/folder at a copy. "
     "To try the framework without it, use data=synthetic."
 )

@@ -40,6 +40,7 @@ def load_checkpoint_model(path: str | Path) -> CrackClassifier:
             f"hyper_parameters and state_dict). Use a run's checkpoints/best.ckpt."
         )
     hparams = {**checkpoint["hyper_parameters"], "pretrained": False, "weights_path": None}
+    hparams.pop("finetune", None)  # checkpoints from before fine-tuning became a callback
     try:
         model = CrackClassifier(**hparams)
         model.load_state_dict(checkpoint["state_dict"])

@@ -151,8 +151,6 @@ class CrackClassifier(L.LightningModule):
         # `_target_` + `_partial_` configs (models/optimizers.py); optimizer is None only in
         # checkpoints saved before it was configurable (they predict, but do not train)
         optimizer: Mapping | None = None,
-        # ignored: checkpoints saved when fine-tuning was set here (now callbacks.finetune)
-        finetune: Mapping | None = None,
     ) -> None:
         super().__init__()
         # plain values only, so checkpoints load with torch.load(weights_only=True)

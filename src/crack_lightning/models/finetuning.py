@@ -80,7 +80,7 @@ class BackboneUnfreeze(BaseFinetuning):
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ModelConfigError(
                 f"callbacks.finetune.epoch={epoch!r} must be an epoch number >= 0 (counted from "
-                f"0), or null to keep the backbone frozen."
+                f"0); callbacks.finetune=null keeps the backbone frozen."
             )
         if blocks != ALL and (
             not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1

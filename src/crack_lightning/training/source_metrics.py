@@ -21,9 +21,9 @@ from crack_lightning.evaluation.per_source import (
     choose_threshold,
     per_source_scores,
 )
+from crack_lightning.inference.threshold import METADATA_KEY as CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
-CHECKPOINT_KEY = "decision_threshold"
 
 
 class SourceMetrics(L.Callback):

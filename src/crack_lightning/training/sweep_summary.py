@@ -30,12 +30,12 @@ from omegaconf import DictConfig
 from crack_lightning.cli import run_tool
 from crack_lightning.errors import CrackLightningError, RunDirError
 from crack_lightning.training.distributed import process_rank
+from crack_lightning.training.run import METRICS_NAME
 
 log = logging.getLogger(__name__)
 
 CSV_NAME = "sweep_summary.csv"
 MARKDOWN_NAME = "sweep_summary.md"
-METRICS_NAME = "metrics.json"  # written by training.train into each run directory
 DIRECTIONS = ("maximize", "minimize")
 
 
