@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +52,34 @@ def run_python(
 
 def run_train_py(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return run_python(str(ROOT / "train.py"), *args, **kwargs)
+
+
+def start_paused_train_py(
+    *args: str, marker: Path, epoch: int, batch: int, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """Start `train.py ARGS` in the background and wait until it pauses at `batch` of
+    `epoch` (tests/probes.PauseAt touches `marker`); fails with its output if it never does."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *args,
+            "+callbacks.pause._target_=tests.probes.PauseAt",
+            f"+callbacks.pause.epoch={epoch}",
+            f"+callbacks.pause.batch={batch}",
+            f"+callbacks.pause.marker={marker}",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), process.communicate()[0][-3000:]
+    return process
 
 
 def in_ci() -> bool:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from crack_lightning.errors import ModelConfigError, RunDirError
 from crack_lightning.training.resume import latest_run, resume_argv
 from crack_lightning.training.run import train
 
-from .conftest import CONF_DIR, QUIET, ROOT, run_train_py
+from .conftest import CONF_DIR, QUIET, run_train_py, start_paused_train_py
 
 FAST = [
     "data.image_size=64",
@@ -55,28 +52,7 @@ def test_sigterm_mid_epoch_then_ckpt_path_last_continues_in_the_same_run_dir(
     run_dir = tmp_path / "run"
     marker = tmp_path / "paused"
     common = [f"data.root={synthetic_root}", f"paths.output_dir={run_dir}", *FAST]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    first = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            *common,
-            "trainer.max_epochs=3",
-            "+callbacks.pause._target_=tests.probes.PauseAt",
-            "+callbacks.pause.epoch=1",
-            "+callbacks.pause.batch=2",
-            f"+callbacks.pause.marker={marker}",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), first.communicate()[0][-3000:]
+    first = start_paused_train_py(*common, "trainer.max_epochs=3", marker=marker, epoch=1, batch=2)
     first.send_signal(signal.SIGTERM)  # during epoch 1, after its third batch
     output = first.communicate(timeout=120)[0]
 

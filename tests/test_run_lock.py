@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import yaml
 from crack_lightning.errors import RunDirError
 from crack_lightning.training.run_lock import LOCK_NAME, acquire, first_process, release
 
-from .conftest import ROOT, run_train_py
+from .conftest import run_train_py, start_paused_train_py
 from .test_resume import FAST
 
 
@@ -80,27 +79,7 @@ def test_a_second_train_py_in_a_busy_run_dir_is_refused(synthetic_root, tmp_path
     run_dir = tmp_path / "run"
     marker = tmp_path / "paused"
     common = [f"data.root={synthetic_root}", f"paths.output_dir={run_dir}", *FAST]
-    first = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            *common,
-            "trainer.max_epochs=2",
-            "+callbacks.pause._target_=tests.probes.PauseAt",
-            "+callbacks.pause.epoch=1",
-            "+callbacks.pause.batch=1",
-            f"+callbacks.pause.marker={marker}",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), first.communicate()[0][-3000:]
+    first = start_paused_train_py(*common, "trainer.max_epochs=2", marker=marker, epoch=1, batch=1)
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
     try:
         second = run_train_py(*common, "trainer.max_epochs=1", "model.lr=0.5")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from crack_lightning.data.check import require_clean
 from crack_lightning.data.decode import DecodedImages
@@ -222,30 +222,27 @@ class CrackDataModule(L.LightningDataModule):
             )
             self.reported.update(new)
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        if self.features is not None:  # in memory already: no worker processes needed
+    def _dataset(self, name: str) -> tuple[Dataset, Callable | None, int]:
+        """Split `name` as a dataset, its collate function and its worker count: cached
+        features are in memory already (no worker processes needed); images are decoded
+        by the workers, or only read there when decoding on the device."""
+        if self.features is not None:
             samples = [(i, self.samples[i][1]) for i in self.split[name]]
-            dataset = FeatureViews(self.features, samples, random_view=name == "train")
-            sampler = self._train_sampler() if name == "train" else None
-            return DataLoader(
-                dataset,
-                batch_size=self.hparams.batch_size,
-                shuffle=shuffle and sampler is None,
-                sampler=sampler,
-            )
-        workers = self.hparams.num_workers
-        pin = self.hparams.pin_memory
+            return FeatureViews(self.features, samples, random_view=name == "train"), None, 0
         samples = self.split_samples(name)
-        if self.hparams.decode_on_device:  # workers read bytes; on_before_batch_transfer decodes
-            dataset = EncodedImages(samples, self.hparams.image_size)
-            collate = collate_encoded
-        else:
-            paths, labels = [path for path, _ in samples], [label for _, label in samples]
-            on_bad = self.hparams.on_bad_image
-            dataset = DecodedImages(paths, labels, self.hparams.image_size, on_bad)
-            self.datasets.append(dataset)
-            collate = None
+        workers = self.hparams.num_workers
+        if self.hparams.decode_on_device:  # on_before_batch_transfer decodes
+            return EncodedImages(samples, self.hparams.image_size), collate_encoded, workers
+        paths, labels = [path for path, _ in samples], [label for _, label in samples]
+        images = DecodedImages(paths, labels, self.hparams.image_size, self.hparams.on_bad_image)
+        self.datasets.append(images)
+        return images, None, workers
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        dataset, collate, workers = self._dataset(name)
         sampler = self._train_sampler() if name == "train" else None
+        pin = self.hparams.pin_memory
+        pin = torch.cuda.is_available() if pin is None else pin
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
@@ -253,7 +250,7 @@ class CrackDataModule(L.LightningDataModule):
             sampler=sampler,
             collate_fn=collate,
             num_workers=workers,
-            pin_memory=torch.cuda.is_available() if pin is None else pin,
+            pin_memory=pin and self.features is None,
             persistent_workers=workers > 0,
         )
 
