@@ -25,6 +25,14 @@ MODEL_OPTIONS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.
 
 # settings that keep a test run small: no worker processes, no progress bar
 QUIET = ["data.num_workers=0", "callbacks.progress_bar.refresh_rate=0"]
+# settings that keep a training run small: tiny images, a small random-init backbone, 1 epoch
+SMALL = [
+    "data.image_size=64",
+    "data.batch_size=8",
+    "model=mobilenetv3_small",
+    "model.pretrained=false",
+    "trainer.max_epochs=1",
+]
 
 tune_malloc()
 
@@ -147,11 +155,7 @@ def synthetic_cfg(
     def _make(*overrides: str) -> DictConfig:
         return make_cfg(
             f"data.root={synthetic_root}",
-            "data.image_size=64",
-            "data.batch_size=8",
-            "model=mobilenetv3_small",
-            "model.pretrained=false",
-            "trainer.max_epochs=1",
+            *SMALL,
             *overrides,
         )
 

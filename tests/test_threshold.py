@@ -16,7 +16,7 @@ from crack_lightning.inference.run import run
 from crack_lightning.serialization import load_safely
 from crack_lightning.training.run import train
 
-from .conftest import compose_config
+from .conftest import QUIET, SMALL, compose_config
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +29,8 @@ def tuned_run(tmp_path_factory, synthetic_root) -> Path:
             f"paths.output_dir={run_dir}",
             f"paths.cache_dir={run_dir.parent / 'cache'}",
             f"data.root={synthetic_root}",
-            "data.image_size=64",
-            "data.batch_size=8",
-            "data.num_workers=0",
-            "model=mobilenetv3_small",
-            "model.pretrained=false",
-            "trainer.max_epochs=1",
-            "callbacks.progress_bar.refresh_rate=0",
+            *SMALL,
+            *QUIET,
             "callbacks.source_metrics.threshold_rule=recall",
             "callbacks.source_metrics.target_recall=1.0",
         ],

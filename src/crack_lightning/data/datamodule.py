@@ -211,8 +211,8 @@ class CrackDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         """List the damaged images skipped (data.on_bad_image=skip) at the end of a run."""
-        skipped = sorted({path for data in self.datasets for path in data.skipped()})
-        skipped = sorted({*skipped, *self.cache_skipped})
+        found = (path for data in self.datasets for path in data.skipped())
+        skipped = sorted({*found, *self.cache_skipped})
         new = [path for path in skipped if path not in self.reported]
         if new:
             log.warning(

@@ -123,9 +123,9 @@ def evaluate_best(
     ckpt_path = (callback.best_model_path if callback else "") or None
     checkpoint = saved_checkpoint(ckpt_path)
     stored = stored_val_metrics(checkpoint)
-    for source_metrics in trainer.callbacks:
-        if isinstance(source_metrics, SourceMetrics):  # test metrics at the best's threshold
-            source_metrics.restore_threshold(checkpoint)
+    source_metrics = [c for c in trainer.callbacks if isinstance(c, SourceMetrics)]
+    for callback in source_metrics:  # test metrics at the best checkpoint's own threshold
+        callback.restore_threshold(checkpoint)
     if stored is not None and not (test and datamodule.has_test_split):
         return _report(stored, ckpt_path)
     if trainer.world_size > 1:
@@ -140,7 +140,7 @@ def evaluate_best(
         callbacks=(
             [copy.copy(trainer.progress_bar_callback)] if trainer.progress_bar_callback else []
         )
-        + [c for c in trainer.callbacks if isinstance(c, SourceMetrics)],
+        + source_metrics,
         enable_progress_bar=trainer.progress_bar_callback is not None,
         enable_model_summary=False,
     )
