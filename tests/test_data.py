@@ -217,3 +217,66 @@ def test_batches_are_uint8_images_with_labels(make_cfg, sample_root):
     assert labels.dtype == torch.int64 and set(labels.tolist()) <= {0, 1}
     val_images, _ = next(iter(dm.val_dataloader()))
     assert val_images.shape == (8, 3, 96, 96)
+
+
+def photometric(**settings) -> Augmentation:
+    """Only the named photometric settings on (no flips, rotation or crop)."""
+    return Augmentation(horizontal_flip=False, vertical_flip=False, rotation_degrees=0, **settings)
+
+
+def test_photometric_settings_each_do_what_they_say():
+    torch.manual_seed(0)
+    images = torch.rand(16, 3, 32, 32) * 0.4 + 0.2  # brightness x1.5 stays below 1
+    grey = augment_batch(images, photometric(grayscale_p=1.0))
+    assert torch.allclose(grey[:, 0], grey[:, 1]) and torch.allclose(grey[:, 1], grey[:, 2])
+    # brightness scales each image by one factor within [0.5, 1.5]
+    ratio = augment_batch(images, photometric(brightness=0.5)) / images
+    per_image = ratio.flatten(1)
+    assert torch.allclose(per_image, per_image[:, :1], atol=1e-5)
+    assert per_image[:, 0].min() >= 0.5 - 1e-5 and per_image[:, 0].max() <= 1.5 + 1e-5
+    assert per_image[:, 0].std() > 0.1  # a factor per image, not one per batch
+    # blur always on: fine detail (pixel-to-pixel differences) goes down in every image
+    blurred = augment_batch(images, photometric(blur_p=1.0, blur_sigma=2.0))
+    detail = lambda x: x.diff(dim=-1).abs().mean(dim=(1, 2, 3))  # noqa: E731
+    assert (detail(blurred) < detail(images)).all()
+    # noise changes pixels by about its spread, and never leaves [0, 1]
+    noisy = augment_batch(images, photometric(noise_std=0.1))
+    assert 0.005 < (noisy - images).abs().mean() < 0.1 and noisy.min() >= 0 and noisy.max() <= 1
+    # JPEG at a low quality: changed, but still the same picture
+    jpeg = augment_batch(images, photometric(jpeg_p=1.0, jpeg_quality_min=10))
+    assert 0.005 < (jpeg - images).abs().mean() < 0.2
+
+
+def test_scale_crops_a_part_of_the_image_and_fills_the_frame():
+    """On a left-to-right ramp from 0 to 1, a crop of area share a (side sqrt(a)) shows
+    values spanning about sqrt(a): with scale_min=0.25, spans between 0.5 and 1, each
+    crop its own size."""
+    torch.manual_seed(0)
+    ramp = torch.linspace(0, 1, 64).expand(32, 3, 64, 64)
+    crops = augment_batch(ramp, photometric(scale_min=0.25))
+    middle_row = crops[:, 0, 32]
+    spans = middle_row.max(dim=1).values - middle_row.min(dim=1).values
+    assert spans.min() > 0.5 - 0.05 and spans.max() <= 1.0
+    assert spans.min() < 0.7 and spans.std() > 0.05
+    # the crop fills the frame: values rise along the row (no reflected border)
+    assert (middle_row.diff(dim=1) >= -1e-4).all()
+
+
+@pytest.mark.parametrize(
+    "setting, value", [("blur_p", 1.5), ("scale_min", 0.0), ("jpeg_quality_min", 0)]
+)
+def test_out_of_range_augmentation_settings_are_named(make_cfg, setting, value):
+    cfg = make_cfg("data/augmentation=photometric", f"data.augmentation.{setting}={value}")
+    with pytest.raises(DataError, match=rf"data.augmentation.{setting}={value} must lie in"):
+        Augmentation.from_config(cfg.data.augmentation)
+
+
+def test_augmentation_configs_turn_on_what_their_names_say(make_cfg):
+    def built(name: str) -> Augmentation:
+        return Augmentation.from_config(make_cfg(f"data/augmentation={name}").data.augmentation)
+
+    assert not built("none").enabled
+    flip_rotate = built("flip_rotate")
+    assert flip_rotate.enabled and not flip_rotate.photometric
+    photo = built("photometric")
+    assert photo.photometric and photo.rotation_degrees == flip_rotate.rotation_degrees

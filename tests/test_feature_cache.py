@@ -151,11 +151,11 @@ def small_cache(synthetic_root, tmp_path):
     dim = model.net.head[-1].in_features
 
     def make() -> FeatureCache:
-        return FeatureCache(path, len(files), 2, dim)
+        return FeatureCache(path, len(files), 2, (dim,))
 
     def fill(cache: FeatureCache) -> None:
         needed = torch.ones(2, len(files), dtype=torch.bool)
-        cache.fill(model.net, files, needed, 32, 4, 0, torch.device("cpu"), "stop")
+        cache.fill(model.net.eval().features, files, needed, 32, 4, 0, torch.device("cpu"), "stop")
 
     return make, fill, model.net, path
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from crack_lightning.errors import ConfigError
 from crack_lightning.models.backbones import BACKBONES, build_feature_extractor
-from crack_lightning.models.finetuning import backbone_blocks
+from crack_lightning.models.classifier import CrackClassifier
+from crack_lightning.models.finetuning import BackboneUnfreeze, backbone_blocks
 from crack_lightning.training.run import train
 
 BLOCK_COUNTS = {
@@ -205,3 +206,71 @@ def test_bad_finetune_settings_stop_before_training(synthetic_cfg, override, mes
     with pytest.raises(ConfigError, match=message):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+def test_stage_outputs_finished_by_the_top_stages_give_the_image_path_features():
+    """What the cache stores (stage_output) and what training runs on it (from_stage) add
+    up to the backbone on images: the cached path trains the same network."""
+    torch.manual_seed(0)
+    model = CrackClassifier(
+        backbone="mobilenet_v3_small",
+        pretrained=False,
+        weights_path=None,
+        freeze_backbone=True,
+        channels_last=True,
+        dropout=0.0,
+        lr=1e-3,
+        weight_decay=0.0,
+        scheduler=None,
+        image_size=64,
+    ).eval()
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    for stage in (5, 11):
+        hidden = model.net.stage_output(images, stage)
+        assert hidden.shape[0] == 4 and hidden.ndim == 4
+        finished = model.net.from_stage(hidden.clone(), stage)
+        torch.testing.assert_close(finished, model.net.features(images), rtol=1e-4, atol=1e-4)
+    assert isinstance(model.net.backbone.features, nn.Sequential)
+    assert len(model.net.backbone.features) == 13  # put back whole after from_stage
+
+
+def test_only_a_top_part_unfrozen_from_the_first_epoch_can_be_cached():
+    backbone, _ = build_feature_extractor("mobilenet_v3_small", False, None)
+    resnet, _ = build_feature_extractor("resnet18", False, None)
+
+    def stage(epoch: int, blocks: int | str, net: nn.Module = backbone) -> int | None:
+        return BackboneUnfreeze(epoch=epoch, blocks=blocks, lr=1e-4, train_bn=False).cached_stage(
+            net
+        )
+
+    assert stage(0, 2) == 11 and stage(0, 12) == 1
+    assert stage(1, 2) is None  # a frozen first phase trains the head on images
+    assert stage(0, "all") is None and stage(0, 13) is None
+    assert stage(0, 2, resnet) is None  # stages not in `features`
+
+
+def test_top_stages_train_on_cached_stage_outputs_from_the_first_epoch(
+    synthetic_cfg, random_backbone, tmp_path
+):
+    weights, initial = random_backbone
+    cfg = synthetic_cfg(
+        f"model.weights_path={weights}",
+        "callbacks/finetune=unfreeze",
+        "callbacks.finetune.epoch=0",
+        "callbacks.finetune.blocks=2",
+        "callbacks.finetune.lr=5e-4",
+        "data.cache_features=auto",
+        "trainer.max_epochs=2",
+    )
+    train(cfg)
+    [cache] = (tmp_path / "cache" / "features").glob("features_*.pt")
+    stored = torch.load(cache, weights_only=True)["features"]
+    # (views, images, channels, height, width): the output of features[:11] at 64 px
+    assert stored.ndim == 5 and stored.shape[2:] == (96, 2, 2)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    state = backbone_state(ckpt)
+    trainable = {k for k in state if is_top(k) and k not in bn_keys(state)}
+    changed = {k for k in state if not torch.equal(state[k], initial[k])}
+    assert CONV_WEIGHTS <= changed <= trainable
+    # 5 steps per epoch, the blocks from the first
+    assert set(adam_steps(ckpt, 1)) == {10}

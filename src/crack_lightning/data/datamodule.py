@@ -133,9 +133,12 @@ class CrackDataModule(L.LightningDataModule):
         )
         return groups
 
-    def use_feature_cache(self, net: torch.nn.Module, device: torch.device) -> None:
-        """Serve cached backbone features instead of images (the backbone must be frozen):
-        every dihedral view of training images when augmenting, the plain view otherwise."""
+    def use_feature_cache(
+        self, net: torch.nn.Module, device: torch.device, stage: int | None = None
+    ) -> None:
+        """Serve cached backbone features instead of images (the backbone, or with `stage`
+        its stages below that one, must stay frozen): cache_views views of training
+        images when augmenting (feature_cache.make_view), the plain view otherwise."""
         views = self.hparams.cache_views if self.augmentation.enabled else 1
         cache = cached_features(
             net,
@@ -149,6 +152,8 @@ class CrackDataModule(L.LightningDataModule):
             self.hparams.num_workers,
             device,
             self.hparams.on_bad_image,
+            self.augmentation,
+            stage,
         )
         self.features = cache.features
         self._drop_uncached(cache.done[0])

@@ -2,12 +2,19 @@
 
 With the backbone frozen, every epoch would push each image through the same network
 again; only the head learns. So the features are computed once and the head trains on
-them. Augmentation is kept by caching the dihedral views of each image (the flips and
-90-degree rotations, which suit cracks: they have no natural orientation) and drawing
-one view per image per epoch. Validation and test images use the plain view only.
+them. Augmentation is kept by caching several views of each training image and drawing
+one per image per epoch: the dihedral views (the flips and 90-degree rotations, which
+suit cracks: they have no natural orientation), or, with photometric augmentation on
+(scale, colour, blur, noise, JPEG), random draws of the whole augmentation on top of
+them. Validation and test images use the plain view only.
 
-One cache file serves a data set, backbone weights, image size and number of views; it
-fills lazily, so another split, seed or learning rate reuses what is there.
+Fine-tuning the top stages of a backbone from the first epoch (models/finetuning.py,
+`cached_stage`) caches, in the same way, the output of the frozen stages below them
+instead of pooled features: each epoch then runs only the stages that train.
+
+One cache file serves a data set, backbone weights, image size, number of views and
+augmentation; it fills lazily, so another split, seed or learning rate reuses what is
+there.
 """
 
 from __future__ import annotations
@@ -18,14 +25,17 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from crack_lightning.data.decode import DECODE_VERSION, DecodedImages
+from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import ModelConfigError
 from crack_lightning.progress import progress
 
@@ -36,20 +46,25 @@ MAX_VIEWS = 8
 SAVE_EVERY_S = 60.0
 
 
-def cache_wanted(setting: bool | str, frozen: bool, finetuning: bool, quick: bool) -> bool:
-    """data.cache_features: `auto` caches whenever the backbone stays frozen (most of the
-    time of a run is otherwise the same forward passes again each epoch), except in a
-    quick check run (fast_dev_run: a few batches, where a fill would cost a whole pass);
-    true insists."""
-    stays_frozen = frozen and not finetuning
-    if setting is True and not stays_frozen:
+def cache_wanted(
+    setting: bool | str, frozen: bool, finetuning: bool, quick: bool, top_only: bool = False
+) -> bool:
+    """data.cache_features: `auto` caches whenever the backbone stays frozen, or only its
+    top stages train from the first epoch (`top_only`: the frozen stages' output is cached
+    then), since most of the time of a run is otherwise the same forward passes again each
+    epoch; except in a quick check run (fast_dev_run: a few batches, where a fill would
+    cost a whole pass). true insists."""
+    cacheable = frozen and (not finetuning or top_only)
+    if setting is True and not cacheable:
         raise ModelConfigError(
             "data.cache_features=true needs a backbone that stays frozen "
-            "(model.freeze_backbone=true, callbacks.finetune=null): features of a "
-            "backbone that trains change every step. data.cache_features=auto caches only "
-            "when it can."
+            "(model.freeze_backbone=true, callbacks.finetune=null), or fine-tuning of a "
+            "number of top stages from the first epoch (callbacks.finetune.epoch=0, "
+            "callbacks.finetune.blocks=N) on a backbone built of stages (MobileNets, "
+            "EfficientNet, ConvNeXt): features of layers that train change every step. "
+            "data.cache_features=auto caches only when it can."
         )
-    return stays_frozen and not quick if setting == "auto" else bool(setting)
+    return cacheable and not quick if setting == "auto" else bool(setting)
 
 
 def apply_view(images: torch.Tensor, view: int) -> torch.Tensor:
@@ -59,8 +74,27 @@ def apply_view(images: torch.Tensor, view: int) -> torch.Tensor:
     return torch.rot90(images, view % 4, dims=(-2, -1))
 
 
-def cache_key(backbone: torch.nn.Module, files: Sequence[str], image_size: int, views: int) -> str:
-    """Changes whenever the weights, image size, view count or any file (path, size, mtime) do."""
+def make_view(images: torch.Tensor, view: int, augmentation: Augmentation | None) -> torch.Tensor:
+    """View 0 is the image itself. Other views are dihedral (apply_view) and, with
+    photometric augmentation, a random draw of the whole augmentation on top."""
+    if view == 0:
+        return images
+    images = apply_view(images, view % MAX_VIEWS)
+    if augmentation is not None and augmentation.photometric:
+        images = augment_batch(images, augmentation)
+    return images
+
+
+def cache_key(
+    backbone: torch.nn.Module,
+    files: Sequence[str],
+    image_size: int,
+    views: int,
+    augmentation: Augmentation | None = None,
+    stage: int | None = None,
+) -> str:
+    """Changes whenever the weights, image size, view count, photometric augmentation,
+    the stage cached or any file (path, size, mtime) do."""
     digest = hashlib.sha256()
     settings = {
         "version": FORMAT_VERSION,
@@ -69,6 +103,10 @@ def cache_key(backbone: torch.nn.Module, files: Sequence[str], image_size: int, 
         "views": views,
         "backbone": type(backbone).__name__,
     }
+    if stage is not None:
+        settings["stage"] = stage
+    if augmentation is not None and augmentation.photometric and views > 1:
+        settings["augmentation"] = asdict(augmentation)
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for name, tensor in backbone.state_dict().items():
         digest.update(name.encode())
@@ -80,7 +118,8 @@ def cache_key(backbone: torch.nn.Module, files: Sequence[str], image_size: int, 
 
 
 class FeatureCache:
-    """features[view, image] for one data set; `done` marks what has been computed.
+    """features[view, image] (pooled features, or stage outputs) for one data set; `done`
+    marks what has been computed.
 
     The file is written to a temporary name unique to the writer and renamed over the
     cache, so concurrent runs never trip over each other's files and a reader sees a whole
@@ -89,9 +128,9 @@ class FeatureCache:
     path and computed again.
     """
 
-    def __init__(self, path: Path, count: int, views: int, feature_dim: int) -> None:
+    def __init__(self, path: Path, count: int, views: int, shape: Sequence[int]) -> None:
         self.path = path
-        self.features = torch.zeros(views, count, feature_dim, dtype=torch.float16)
+        self.features = torch.zeros(views, count, *shape, dtype=torch.float16)
         self.done = torch.zeros(views, count, dtype=torch.bool)
         stored = self._read()
         if stored is not None:
@@ -119,7 +158,7 @@ class FeatureCache:
 
     def fill(
         self,
-        net: torch.nn.Module,
+        encode: Callable[[torch.Tensor], torch.Tensor],
         files: Sequence[str],
         needed: torch.Tensor,
         image_size: int,
@@ -127,10 +166,11 @@ class FeatureCache:
         num_workers: int,
         device: torch.device,
         on_bad: str,
+        augmentation: Augmentation | None = None,
     ) -> None:
-        """Compute every (view, image) that `needed` asks for and is not done; save as
-        it goes and at the end. A damaged image stops the fill (on_bad=stop) or stays
-        not done (skip), for the data module to leave out."""
+        """Compute (`encode`: images -> what is cached) every (view, image) that `needed`
+        asks for and is not done; save as it goes and at the end. A damaged image stops
+        the fill (on_bad=stop) or stays not done (skip), for the data module to leave out."""
         missing = needed & ~self.done
         todo = torch.nonzero(missing.any(dim=0)).flatten().tolist()
         if not todo:
@@ -140,7 +180,6 @@ class FeatureCache:
             batch_size=batch_size,
             num_workers=num_workers,
         )
-        net = net.to(device).eval()
         last_save = time.monotonic()
         # the loader draws from the global RNG: keep a run's randomness (shuffling, dropout)
         # the same whether or not the cache had to be filled
@@ -155,7 +194,7 @@ class FeatureCache:
                     rows = missing[view, indices]
                     if rows.any():
                         with torch.inference_mode():
-                            feats = net.features(apply_view(images[rows], view))
+                            feats = encode(make_view(images[rows], view, augmentation))
                         self.features[view, indices[rows]] = feats.to("cpu", torch.float16)
                         self.done[view, indices[rows]] = True
                         bar.update(int(rows.sum()))
@@ -227,14 +266,23 @@ def cached_features(
     num_workers: int,
     device: torch.device,
     on_bad: str = "stop",
+    augmentation: Augmentation | None = None,
+    stage: int | None = None,
 ) -> FeatureCache:
-    """Load or complete the cache: every view of training images, the plain view of the rest."""
+    """Load or complete the cache: every view of training images, the plain view of the
+    rest; pooled features, or with `stage` the output of backbone.features[:stage]."""
     if not 1 <= views <= MAX_VIEWS:
         raise ValueError(f"views must lie in 1..{MAX_VIEWS}")
-    key = cache_key(net.backbone, files, image_size, views)
+    key = cache_key(net.backbone, files, image_size, views, augmentation, stage)
     path = cache_dir / f"features_{key}.pt"
-    feature_dim = net.head[-1].in_features
-    cache = FeatureCache(path, len(files), views, feature_dim)
+    net = net.to(device).eval()
+    if stage is None:
+        encode, shape = net.features, (net.head[-1].in_features,)
+    else:
+        encode = partial(net.stage_output, stage=stage)
+        probe = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device)
+        shape = tuple(encode(probe).shape[1:])
+    cache = FeatureCache(path, len(files), views, shape)
     needed = torch.zeros(views, len(files), dtype=torch.bool)
     needed[:, list(train_indices)] = True
     needed[0, list(eval_indices)] = True
@@ -242,5 +290,7 @@ def cached_features(
     log.info(
         "Feature cache %s: %d of %d image views already computed", path, reused, int(needed.sum())
     )
-    cache.fill(net, files, needed, image_size, batch_size, num_workers, device, on_bad)
+    cache.fill(
+        encode, files, needed, image_size, batch_size, num_workers, device, on_bad, augmentation
+    )
     return cache

@@ -87,23 +87,24 @@ class FeatureStatistics(L.Callback):
         checkpoint[CHECKPOINT_KEY] = self.stats
 
     def _features(self, datamodule, pl_module) -> torch.Tensor:
+        """Pooled features of up to max_images training images (the plain view), from
+        the data module's cache when it has one (pooled, or stage outputs to finish)."""
         train = datamodule.split["train"]
         step = max(1, len(train) // self.max_images)
         chosen = train[::step][: self.max_images]
         if datamodule.features is not None:
-            return datamodule.features[0, chosen].float()
-        paths = [datamodule.samples[i][0] for i in chosen]
-        labels = [datamodule.samples[i][1] for i in chosen]
-        loader = DataLoader(
-            DecodedImages(paths, labels, datamodule.hparams.image_size, on_bad="skip"),
-            batch_size=datamodule.hparams.batch_size,
-        )
+            cached = datamodule.features[0, chosen].split(datamodule.hparams.batch_size)
+            batches = (part.float() for part in cached)
+        else:
+            paths = [datamodule.samples[i][0] for i in chosen]
+            labels = [datamodule.samples[i][1] for i in chosen]
+            images = DecodedImages(paths, labels, datamodule.hparams.image_size, on_bad="skip")
+            loader = DataLoader(images, batch_size=datamodule.hparams.batch_size)
+            batches = (images for images, _ in loader)
         net = pl_module.net
         was_training = net.training
         net.eval()
-        outputs = []
         with torch.inference_mode():
-            for images, _ in loader:
-                outputs.append(net.features(images.to(pl_module.device)).float().cpu())
+            outputs = [net.pooled(batch.to(pl_module.device)).float().cpu() for batch in batches]
         net.train(was_training)
         return torch.cat(outputs)

@@ -62,7 +62,8 @@ class CrackNet(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         # the frozen backbone with BatchNorm folded in (folded_backbone); a list, so that
         # it is neither a submodule nor in the state dict
-        self._folded: list[nn.Module] = []
+        # (keyed by the stage it stops at, None for the whole backbone: stage_output)
+        self._folded: dict[int | None, nn.Module] = {}
         self.register_load_state_dict_post_hook(_forget_folded)
         self.frozen = frozen
         # modules train() leaves in eval mode: the frozen backbone; fine-tuning
@@ -74,6 +75,10 @@ class CrackNet(nn.Module):
         # NHWC is what oneDNN's CPU and cuDNN's tensor-core convolutions run fastest on
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
+        # where the data module's 4-d inputs enter the backbone: None for images, k for the
+        # cached output of the frozen stages backbone.features[:k] (fine-tuning the top
+        # stages on cached activations, data/feature_cache.py); set by training, not saved
+        self.input_stage: int | None = None
 
     @property
     def frozen(self) -> bool:
@@ -89,13 +94,15 @@ class CrackNet(nn.Module):
         self._folded.clear()  # moved to another device or dtype: fold again on next use
         return super()._apply(fn, recurse)
 
-    def folded_backbone(self) -> nn.Module:
-        """The frozen backbone with BatchNorm folded into its convolutions, built on first
-        use and again after new weights, a device or dtype change, or (un)freezing."""
-        if not self._folded:
-            folded = fold_batchnorm(self.backbone).to(memory_format=self.memory_format)
-            self._folded.append(folded.requires_grad_(False))
-        return self._folded[0]
+    def folded_backbone(self, stage: int | None = None) -> nn.Module:
+        """The frozen backbone (or its stages features[:stage]) with BatchNorm folded into
+        its convolutions, built on first use and again after new weights, a device or
+        dtype change, or (un)freezing."""
+        if stage not in self._folded:
+            part = self.backbone if stage is None else self.backbone.features[:stage]
+            folded = fold_batchnorm(part).to(memory_format=self.memory_format)
+            self._folded[stage] = folded.requires_grad_(False)
+        return self._folded[stage]
 
     def train(self, mode: bool = True) -> CrackNet:
         """Keep frozen modules in eval mode, so their BatchNorm statistics never change."""
@@ -123,6 +130,31 @@ class CrackNet(nn.Module):
         with torch.inference_mode():
             features = backbone(self.normalize(images))
         return features.clone() if torch.is_grad_enabled() else features
+
+    def stage_output(self, images: torch.Tensor, stage: int) -> torch.Tensor:
+        """Output of the frozen stages backbone.features[:stage], BatchNorm folded, in
+        inference mode: what the activation cache stores for fine-tuning the stages above."""
+        with torch.inference_mode():
+            return self.folded_backbone(stage)(self.normalize(images))
+
+    def from_stage(self, hidden: torch.Tensor, stage: int) -> torch.Tensor:
+        """Pooled features of stage outputs: the backbone's own forward (pooling and all)
+        with its first `stage` stages left out."""
+        features = self.backbone.features
+        self.backbone.features = features[stage:]  # a slice shares the modules
+        try:
+            return self.backbone(hidden.contiguous(memory_format=self.memory_format))
+        finally:
+            self.backbone.features = features
+
+    def pooled(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Pooled features of what the data module serves: cached pooled features (N, dim)
+        pass, cached stage outputs run the rest of the backbone, images all of it."""
+        if inputs.ndim == 2:
+            return inputs
+        if self.input_stage is not None:
+            return self.from_stage(inputs, self.input_stage)
+        return self.features(inputs)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
@@ -180,8 +212,7 @@ class CrackClassifier(L.LightningModule):
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> dict:
         inputs, labels = batch
-        # cached backbone features (N, dim) go straight to the head; images (N, 3, H, W) through all
-        logits = self.net.head(inputs) if inputs.ndim == 2 else self(inputs)
+        logits = self.net.head(self.net.pooled(inputs))
         loss = F.cross_entropy(logits, labels)
         probs = logits.softmax(dim=-1)[:, 1]
         getattr(self, f"{stage}_metrics").update(probs, labels)

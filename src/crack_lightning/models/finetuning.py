@@ -130,6 +130,19 @@ class BackboneUnfreeze(BaseFinetuning):
         unfrozen = [m for block in blocks[len(blocks) - count :] for m in block]
         return frozen, unfrozen
 
+    def cached_stage(self, backbone: nn.Module) -> int | None:
+        """Where cached activations can enter the backbone: the index in
+        backbone.features of the first stage that trains, when this schedule unfreezes a
+        number of top stages from the first epoch on a backbone built as `features`
+        (MobileNets, EfficientNet, ConvNeXt). The stages below then compute the same
+        thing every epoch, so data/feature_cache.py computes it once; None otherwise."""
+        stages = getattr(backbone, "features", None)
+        if self.epoch != 0 or self.blocks == ALL or not isinstance(stages, nn.Sequential):
+            return None
+        _, unfrozen = self.split(backbone)
+        index = next((i for i, stage in enumerate(stages) if stage is unfrozen[0]), None)
+        return index or None
+
     # --- freezing and unfreezing ----------------------------------------------------------
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:

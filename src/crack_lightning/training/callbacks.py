@@ -51,9 +51,9 @@ class ValidationFigures(L.Callback):
         self.matrix += confusion_matrix(labels, probs >= self.threshold)
         for i in np.flatnonzero((probs >= self.threshold) != labels):
             if len(self.mistakes) < self.max_images:
-                if images.ndim == 4:
+                if images.ndim == 4 and pl_module.net.input_stage is None:
                     image = images[i].permute(1, 2, 0).cpu().numpy()
-                else:  # cached features: the picture comes from its file
+                else:  # cached features or activations: the picture comes from its file
                     image = _cached_image(trainer, batch_idx, int(i))
                 if image is not None:
                     self.mistakes.append((image, int(labels[i]), float(probs[i])))

@@ -210,8 +210,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     frozen = model.hparams.freeze_backbone
     quick = bool(trainer.fast_dev_run)
-    if cache_wanted(datamodule.hparams.cache_features, frozen, finetune is not None, quick):
-        datamodule.use_feature_cache(model.net, trainer.strategy.root_device)
+    stage = finetune.cached_stage(model.net.backbone) if finetune is not None else None
+    setting = datamodule.hparams.cache_features
+    if cache_wanted(setting, frozen, finetune is not None, quick, top_only=stage is not None):
+        datamodule.use_feature_cache(model.net, trainer.strategy.root_device, stage)
+        model.net.input_stage = stage
     if trainer.is_global_zero:
         datamodule.write_manifest(output_dir / MANIFEST_NAME)
     log_hyperparameters(trainer, model, cfg)
