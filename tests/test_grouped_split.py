@@ -214,3 +214,17 @@ def test_manifest_of_a_grouped_split_is_reproducible(make_cfg, sample_root, tmp_
         dm.write_manifest(paths[-1])
     assert paths[0].read_bytes() == paths[1].read_bytes()
     assert io.StringIO(paths[0].read_text()).readline().strip() == "path,label,split"
+
+
+def test_seeds_move_groups_of_distinct_sizes_between_splits():
+    """Ten photos of different crop counts (as SDNET2018's): each seed holds out other
+    photos, so runs over several seeds test on most of them."""
+    sizes = [60, 56, 66, 70, 9, 23, 35, 81, 73, 24]
+    groups = [g for g, n in enumerate(sizes) for _ in range(2 * n)]
+    labels = [i % 2 for i in range(len(groups))]
+    tested = set()
+    for seed in range(6):
+        split = grouped_split(labels, groups, 0.2, 0.2, seed=seed)
+        assert straddling(groups, split) == 0 and all(split.values())
+        tested |= {groups[i] for i in split["test"]}
+    assert len(tested) >= 6

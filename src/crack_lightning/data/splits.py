@@ -79,10 +79,12 @@ def grouped_split(
 ) -> dict[str, list[int]]:
     """Like stratified_split, but all images of a group land in the same split.
 
-    Groups are dealt out in a seeded random order, largest first; each goes to the split
-    it overfills least (per class), ties to the one with the most room left relative to
-    its target. With only one-image groups this meets the stratified sizes exactly;
-    large groups make the sizes drift by up to a group's size.
+    Groups are dealt out in a seeded random order; each goes to the split it overfills
+    least (per class), ties to the one with the most room left relative to its target.
+    With only one-image groups this meets the stratified sizes exactly; large groups make
+    the sizes drift by up to a group's size. (Dealing the largest first would fit sizes
+    more tightly, but then groups of distinct sizes, such as SDNET2018's photos, land in
+    the same splits whatever the seed, and seeds could not cross-validate over them.)
     """
     check_fractions(val_fraction, test_fraction)
     if len(groups) != len(labels):
@@ -92,7 +94,6 @@ def grouped_split(
         members.setdefault(group, []).append(index)
     order = sorted(members)
     random.Random(seed).shuffle(order)
-    order.sort(key=lambda g: -len(members[g]))  # stable: random order among equal sizes
 
     totals = Counter(labels)
     fractions = {"test": test_fraction, "val": val_fraction}
