@@ -204,3 +204,15 @@ def test_experiment_configs_compose_with_three_roots(tmp_path):
     assert cfg.callbacks.model_checkpoint.monitor == "val/mean_source/bal_acc"
     loso = compose_config("train", ["experiment=leave_one_source_out", *roots])
     assert loso.data.balanced_sampling and loso.data.holdout_source is None
+
+
+def test_threshold_tolerance_keeps_the_threshold_near_half_unless_moving_it_pays():
+    """One cracked image of 20 sits at 0.3: the best threshold (just under 0.3) finds it,
+    gaining 0.025 balanced accuracy (recall 19/20 -> 20/20). A tolerance below that gain moves the
+    threshold; one above it keeps 0.5."""
+    labels = np.array([1] * 20 + [0] * 20)
+    probs = np.array([0.3] + [0.9] * 19 + [0.1] * 20)
+    sources = np.zeros(40, dtype=int)
+    assert choose_threshold(labels, probs, sources, "balanced_accuracy", 1.0) <= 0.3
+    assert choose_threshold(labels, probs, sources, "balanced_accuracy", 1.0, 0.02) <= 0.3
+    assert choose_threshold(labels, probs, sources, "balanced_accuracy", 1.0, 0.03) == 0.5

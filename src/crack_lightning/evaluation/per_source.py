@@ -101,12 +101,16 @@ def choose_threshold(
     sources: np.ndarray,
     rule: str,
     target_recall: float,
+    tolerance: float = 0.0,
 ) -> float:
     """The decision threshold on P(crack) that validation data support.
 
-    balanced_accuracy: the one with the best mean-over-sources balanced accuracy (ties:
-    the one nearest 0.5). recall: the highest whose mean-over-sources crack recall is at
-    least target_recall (the fewest false alarms at that recall).
+    balanced_accuracy: of the thresholds whose mean-over-sources balanced accuracy is
+    within `tolerance` of the best, the one nearest 0.5. With few validation photos the
+    best alone can sit far out on a plateau that a new photo does not share; the
+    tolerance keeps the threshold at 0.5 unless moving it gains more than that.
+    recall: the highest whose mean-over-sources crack recall is at least target_recall
+    (the fewest false alarms at that recall).
     """
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"threshold rule {rule!r} is not one of {THRESHOLD_RULES}")
@@ -127,7 +131,9 @@ def choose_threshold(
         balanced = np.nanmean(
             np.r_[recalls, specificities].reshape(2, len(recalls), -1), axis=(0, 1)
         )
-        best = np.flatnonzero(np.isclose(balanced, balanced.max()))
+        best = np.flatnonzero(
+            (balanced >= balanced.max() - tolerance) | np.isclose(balanced, balanced.max())
+        )
         return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
     reaching = np.flatnonzero(recall >= target_recall)
     return float(candidates[reaching.max()]) if len(reaching) else float(candidates.min())

@@ -31,7 +31,9 @@ class SourceMetrics(L.Callback):
     a threshold rule, `val/threshold`, the validation-chosen threshold that checkpoints
     carry (checkpoint["decision_threshold"]) for predict, scan and export."""
 
-    def __init__(self, threshold_rule: str | None, target_recall: float) -> None:
+    def __init__(
+        self, threshold_rule: str | None, target_recall: float, threshold_tolerance: float
+    ) -> None:
         if threshold_rule is not None and threshold_rule not in THRESHOLD_RULES:
             raise ModelConfigError(
                 f"callbacks.source_metrics.threshold_rule={threshold_rule} must be one of "
@@ -41,8 +43,14 @@ class SourceMetrics(L.Callback):
             raise ModelConfigError(
                 f"callbacks.source_metrics.target_recall={target_recall} must lie in (0, 1]."
             )
+        if not 0 <= threshold_tolerance < 1:
+            raise ModelConfigError(
+                f"callbacks.source_metrics.threshold_tolerance={threshold_tolerance} must lie "
+                f"in [0, 1): how much balanced accuracy a threshold nearer 0.5 may give up."
+            )
         self.threshold_rule = threshold_rule
         self.target_recall = target_recall
+        self.threshold_tolerance = threshold_tolerance
         self.threshold: float | None = None
         self._probs: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
@@ -69,7 +77,12 @@ class SourceMetrics(L.Callback):
         stage = "val" if split == "val" else "test"
         if split == "val" and self.threshold_rule is not None:
             self.threshold = choose_threshold(
-                labels, probs, sources, self.threshold_rule, self.target_recall
+                labels,
+                probs,
+                sources,
+                self.threshold_rule,
+                self.target_recall,
+                self.threshold_tolerance,
             )
             pl_module.log("val/threshold", self.threshold)
             tuned = per_source_scores(labels, probs, sources, names, self.threshold)
@@ -115,4 +128,5 @@ class SourceMetrics(L.Callback):
                 "threshold": self.threshold,
                 "rule": self.threshold_rule,
                 "target_recall": self.target_recall,
+                "tolerance": self.threshold_tolerance,
             }
