@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from crack_lightning.errors import ConfigError
+from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.models.backbones import BACKBONES, build_feature_extractor
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.models.finetuning import BackboneUnfreeze, backbone_blocks
@@ -261,6 +263,8 @@ def test_top_stages_train_on_cached_stage_outputs_from_the_first_epoch(
         "callbacks.finetune.lr=5e-4",
         "data.cache_features=auto",
         "trainer.max_epochs=2",
+        "callbacks.feature_stats={_target_: "
+        "crack_lightning.inference.unfamiliar.FeatureStatistics, max_images: 64}",
     )
     train(cfg)
     [cache] = (tmp_path / "cache" / "features").glob("features_*.pt")
@@ -274,3 +278,12 @@ def test_top_stages_train_on_cached_stage_outputs_from_the_first_epoch(
     assert CONV_WEIGHTS <= changed <= trainable
     # 5 steps per epoch, the blocks from the first
     assert set(adam_steps(ckpt, 1)) == {10}
+    # the unfamiliar score describes the frozen stages' pooled output, which training
+    # leaves as it was; scans compute it on the way to P(crack)
+    stats = ckpt["feature_stats"]
+    assert int(stats["stage"]) == 11 and stats["mean"].shape == (96,)
+    classifier = load_classifier(tmp_path / "run" / "checkpoints" / "last.ckpt", device="cpu")
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    probs, scores = classifier.predict_unfamiliar(images)
+    assert np.allclose(probs, classifier.predict(images), atol=1e-4)
+    assert scores.shape == (3,) and np.isfinite(scores).all()

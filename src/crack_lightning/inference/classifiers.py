@@ -15,7 +15,7 @@ from crack_lightning.data.decode import DecodedImages
 from crack_lightning.errors import PredictionError
 from crack_lightning.inference.threshold import METADATA_KEY, stored_threshold
 from crack_lightning.inference.unfamiliar import CHECKPOINT_KEY as FEATURE_STATS_KEY
-from crack_lightning.inference.unfamiliar import unfamiliar_score
+from crack_lightning.inference.unfamiliar import stats_stage, unfamiliar_score
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.serialization import load_safely
 
@@ -87,9 +87,14 @@ class TorchClassifier:
     def predict_unfamiliar(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """P(crack) and the unfamiliar score (needs feature_stats) of each image."""
         images = images.to(self.device, memory_format=torch.channels_last, non_blocking=True)
-        features = self.model.net.features(images)
-        probs = self.model.net.head(features).softmax(dim=-1)[:, 1]
-        scores = unfamiliar_score(features, self.feature_stats)
+        net, stage = self.model.net, stats_stage(self.feature_stats)
+        if stage is None:
+            features = described = net.features(images)
+        else:  # statistics of the frozen stages' pooled output (unfamiliar.py)
+            hidden = net.stage_output(images, stage)
+            features, described = net.from_stage(hidden, stage), hidden.mean(dim=(2, 3))
+        probs = net.head(features).softmax(dim=-1)[:, 1]
+        scores = unfamiliar_score(described, self.feature_stats)
         return probs.float().cpu().numpy(), scores.float().cpu().numpy()
 
 
