@@ -202,6 +202,11 @@ def test_experiment_configs_compose_with_three_roots(tmp_path):
     assert list(cfg.data.sources) == ["metu", "sdnet2018", "brickwork"]
     assert cfg.data.sources.brickwork.root == str(tmp_path / "brickwork")
     assert cfg.callbacks.model_checkpoint.monitor == "val/mean_source/bal_acc"
+    # the recipe fine-tunes the last 3 stages from the first epoch (on cached activations)
+    assert (cfg.callbacks.finetune.epoch, cfg.callbacks.finetune.blocks) == (0, 3)
+    assert cfg.callbacks.source_metrics.threshold_tolerance == 0.02
+    frozen = compose_config("train", ["experiment=generalize", *roots, "callbacks.finetune=null"])
+    assert frozen.callbacks.finetune is None
     loso = compose_config("train", ["experiment=leave_one_source_out", *roots])
     assert loso.data.balanced_sampling and loso.data.holdout_source is None
 

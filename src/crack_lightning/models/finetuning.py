@@ -112,7 +112,7 @@ class BackboneUnfreeze(BaseFinetuning):
             raise ModelConfigError(
                 "callbacks.finetune is set but model.freeze_backbone=false: the backbone "
                 "already trains whole. Set model.freeze_backbone=true for a frozen first "
-                "phase, or callbacks/finetune=null."
+                "phase, or callbacks.finetune=null."
             )
         available = len(backbone_blocks(pl_module.net.backbone))
         if self.blocks != ALL and self.blocks > available:
