@@ -13,9 +13,10 @@ from torch import nn
 from crack_lightning.errors import ConfigError
 from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.models.backbones import BACKBONES, build_feature_extractor
-from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.models.finetuning import BackboneUnfreeze, backbone_blocks
-from crack_lightning.training.run import train
+from crack_lightning.training.run import build, train
+
+from .conftest import SMALL, compose_config
 
 BLOCK_COUNTS = {
     "mobilenet_v2": 19,
@@ -214,18 +215,7 @@ def test_stage_outputs_finished_by_the_top_stages_give_the_image_path_features()
     """What the cache stores (stage_output) and what training runs on it (from_stage) add
     up to the backbone on images: the cached path trains the same network."""
     torch.manual_seed(0)
-    model = CrackClassifier(
-        backbone="mobilenet_v3_small",
-        pretrained=False,
-        weights_path=None,
-        freeze_backbone=True,
-        channels_last=True,
-        dropout=0.0,
-        lr=1e-3,
-        weight_decay=0.0,
-        scheduler=None,
-        image_size=64,
-    ).eval()
+    model = build(compose_config("train", [*SMALL, "model.dropout=0.0"]).model).eval()
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
     for stage in (5, 11):
         hidden = model.net.stage_output(images, stage)
