@@ -79,7 +79,7 @@ def make_view(images: torch.Tensor, view: int, augmentation: Augmentation | None
     photometric augmentation, a random draw of the whole augmentation on top."""
     if view == 0:
         return images
-    images = apply_view(images, view % MAX_VIEWS)
+    images = apply_view(images, view)
     if augmentation is not None and augmentation.photometric:
         images = augment_batch(images, augmentation)
     return images

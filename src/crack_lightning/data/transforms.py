@@ -85,6 +85,16 @@ class Augmentation:
                 raise DataError(f"data.augmentation.{name}={value} must lie in [{low}, {high}].")
 
     @property
+    def geometric(self) -> bool:
+        """Flips, rotation or crop scale: one affine resampling (_geometry)."""
+        return (
+            self.horizontal_flip
+            or self.vertical_flip
+            or self.rotation_degrees > 0
+            or self.scale_min < 1
+        )
+
+    @property
     def photometric(self) -> bool:
         """Anything beyond flips and rotation: scale, colour, blur, noise or JPEG."""
         return (
@@ -98,12 +108,7 @@ class Augmentation:
 
     @property
     def enabled(self) -> bool:
-        return (
-            self.horizontal_flip
-            or self.vertical_flip
-            or self.rotation_degrees > 0
-            or self.photometric
-        )
+        return self.geometric or self.photometric
 
 
 def eval_transform(image_size: int) -> v2.Compose:
@@ -146,12 +151,7 @@ def _chosen(n: int, p: float, device: torch.device) -> torch.Tensor:
 
 def _geometry(images: torch.Tensor, augmentation: Augmentation) -> torch.Tensor:
     """Flips, rotation and a random crop of random area share, as one affine resampling."""
-    if not (
-        augmentation.horizontal_flip
-        or augmentation.vertical_flip
-        or augmentation.rotation_degrees > 0
-        or augmentation.scale_min < 1
-    ):
+    if not augmentation.geometric:
         return images
     n, device = len(images), images.device
 

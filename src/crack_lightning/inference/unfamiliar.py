@@ -96,38 +96,35 @@ class FeatureStatistics(L.Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "split"):
             return
-        stage = pl_module.net.input_stage if datamodule.features is not None else None
+        stage = pl_module.net.input_stage  # set only while training on cached stage outputs
         if self.stats is None or (stage is None and not pl_module.net.frozen):
-            if stage is not None:  # the frozen stages' cached output, pooled
-                cached = datamodule.features[0, self._chosen(datamodule)].float()
-                self.stats = fit_statistics(cached.mean(dim=(-2, -1)))
+            self.stats = fit_statistics(self._features(datamodule, pl_module))
+            if stage is not None:
                 self.stats["stage"] = torch.tensor([stage])
-            else:
-                self.stats = fit_statistics(self._features(datamodule, pl_module))
         checkpoint[CHECKPOINT_KEY] = self.stats
 
-    def _chosen(self, datamodule) -> list[int]:
+    def _features(self, datamodule, pl_module) -> torch.Tensor:
+        """Pooled features of up to max_images training images (the plain view): cached
+        pooled features, cached stage outputs averaged over their positions, or the
+        images through the backbone once."""
         train = datamodule.split["train"]
         step = max(1, len(train) // self.max_images)
-        return train[::step][: self.max_images]
-
-    def _features(self, datamodule, pl_module) -> torch.Tensor:
-        """Pooled features of up to max_images training images (the plain view), from
-        the data module's cache when it has one (pooled, or stage outputs to finish)."""
-        chosen = self._chosen(datamodule)
+        chosen = train[::step][: self.max_images]
         if datamodule.features is not None:
-            cached = datamodule.features[0, chosen].split(datamodule.hparams.batch_size)
-            batches = (part.float() for part in cached)
-        else:
-            paths = [datamodule.samples[i][0] for i in chosen]
-            labels = [datamodule.samples[i][1] for i in chosen]
-            images = DecodedImages(paths, labels, datamodule.hparams.image_size, on_bad="skip")
-            loader = DataLoader(images, batch_size=datamodule.hparams.batch_size)
-            batches = (images for images, _ in loader)
+            cached = datamodule.features[0, chosen].float()
+            return cached.mean(dim=(-2, -1)) if cached.ndim == 4 else cached
+        paths = [datamodule.samples[i][0] for i in chosen]
+        labels = [datamodule.samples[i][1] for i in chosen]
+        loader = DataLoader(
+            DecodedImages(paths, labels, datamodule.hparams.image_size, on_bad="skip"),
+            batch_size=datamodule.hparams.batch_size,
+        )
         net = pl_module.net
         was_training = net.training
         net.eval()
+        outputs = []
         with torch.inference_mode():
-            outputs = [net.pooled(batch.to(pl_module.device)).float().cpu() for batch in batches]
+            for images, _ in loader:
+                outputs.append(net.features(images.to(pl_module.device)).float().cpu())
         net.train(was_training)
         return torch.cat(outputs)
