@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crack_lightning.training.checkpoint_io import AtomicCheckpointIO, write_atomically
+from crack_lightning.io import AtomicCheckpointIO, write_atomically
 from crack_lightning.training.run import train
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from crack_lightning.evaluation.per_source import binary_scores
 from crack_lightning.inference.run import run
-from crack_lightning.serialization import load_safely
+from crack_lightning.io import load_safely
 from crack_lightning.training.run import train
 
 from .conftest import QUIET, SMALL, compose_config

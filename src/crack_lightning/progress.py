@@ -1,17 +1,29 @@
-"""Progress that suits where the output goes: a live bar on a terminal, a short line every
-so many seconds in a log file (CI, SLURM, nohup, tee), where a bar writes a line per step."""
+"""The one progress style: a live bar on a terminal, a short line every so many seconds
+in a log file (CI, SLURM, nohup, tee), where a bar writes a line per step.
+
+Long work outside training uses `progress` (a bar to update) or `track` (an iterable);
+training uses `progress_bar`, a Lightning callback of the same style. This is the only
+module that imports tqdm.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from types import TracebackType
+from typing import Any, TypeVar
 
+import lightning as L
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
-# seconds between progress lines when the output is not a terminal
+T = TypeVar("T")
+# seconds between progress lines when the output is not a terminal (training takes
+# callbacks.progress_bar.line_every_s from conf/ instead)
 LINE_EVERY_S = 30.0
 
 
@@ -22,12 +34,22 @@ def interactive() -> bool:
 
 
 class LineProgress:
-    """tqdm's update() and context protocol, reporting by log lines: one every `every_s`
-    seconds and one at the end."""
+    """tqdm's update()/close() and context protocol, reporting by log lines: one every
+    `every_s` seconds and one at the end; silent when not `enabled`."""
 
-    def __init__(self, total: int, desc: str, unit: str, every_s: float) -> None:
+    def __init__(
+        self,
+        total: int | None,
+        desc: str,
+        unit: str,
+        every_s: float,
+        initial: int = 0,
+        enabled: bool = True,
+    ) -> None:
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
-        self.count = 0
+        self.count = initial
+        self.enabled = enabled
+        self.closed = False
         self.start = self.last = time.monotonic()
 
     def update(self, n: int = 1) -> None:
@@ -38,18 +60,26 @@ class LineProgress:
             self.report(now)
 
     def report(self, now: float) -> None:
+        if not self.enabled:
+            return
         seconds = max(now - self.start, 1e-9)
+        share = f" ({100.0 * self.count / self.total:.0f}%)" if self.total else ""
         log.info(
-            "%s: %d/%d %s (%.0f%%), %.1f %s/s, %.0f s",
+            "%s: %d/%s %s%s, %.1f %s/s, %.0f s",
             self.desc,
             self.count,
-            self.total,
+            self.total if self.total is not None else "?",
             self.unit,
-            100.0 * self.count / max(self.total, 1),
+            share,
             self.count / seconds,
             self.unit,
             seconds,
         )
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.report(time.monotonic())
 
     def __enter__(self) -> LineProgress:
         return self
@@ -60,11 +90,99 @@ class LineProgress:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        self.report(time.monotonic())
+        self.close()
 
 
-def progress(total: int, desc: str, unit: str = "img") -> tqdm | LineProgress:
-    """A tqdm bar on a terminal, otherwise a LineProgress."""
+def progress(
+    total: int | None,
+    desc: str,
+    unit: str = "img",
+    enabled: bool = True,
+    initial: int = 0,
+    every_s: float = LINE_EVERY_S,
+) -> Any:
+    """A tqdm bar on a terminal, otherwise a LineProgress; both silent unless `enabled`.
+    Byte counts (unit="B") are shown scaled (KiB, MiB) on a terminal."""
     if interactive():
-        return tqdm(total=total, desc=desc, unit=unit)
-    return LineProgress(total, desc, unit, LINE_EVERY_S)
+        scale = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+        return tqdm(
+            total=total, desc=desc, unit=unit, initial=initial, disable=not enabled, **scale
+        )
+    return LineProgress(total, desc, unit, every_s, initial, enabled)
+
+
+def track(
+    items: Iterable[T],
+    desc: str,
+    unit: str = "img",
+    enabled: bool = True,
+    total: int | None = None,
+) -> Iterator[T]:
+    """Iterate `items` with progress (one step per item)."""
+    if total is None:
+        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+    with progress(total, desc, unit, enabled) as bar:
+        for item in items:
+            yield item
+            bar.update(1)
+
+
+class LogProgress(ProgressBar):
+    """Training progress in short log lines: the position in the epoch every `every_s`
+    seconds, the validation metrics after each epoch."""
+
+    def __init__(self, every_s: float) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self.enabled = True
+        self.start = self.last = 0.0
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self.enabled
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = self.last = time.monotonic()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        now = time.monotonic()
+        if self.enabled and now - self.last >= self.every_s:
+            self.last = now
+            log.info(
+                "epoch %d: batch %d/%s, %.0f s",
+                trainer.current_epoch,
+                i + 1,
+                self.total_train_batches,
+                now - self.start,
+            )
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.enabled or trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        where = f"epoch {trainer.current_epoch}" if fitting else "validation"
+        log.info("%s: %s, %.0f s", where, _format(metrics), time.monotonic() - self.start)
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return " ".join(f"{name}={value:.4f}" for name, value in sorted(metrics.items()))
+
+
+def progress_bar(refresh_rate: int, line_every_s: float) -> ProgressBar:
+    """Lightning's tqdm bar on a terminal, LogProgress elsewhere; refresh_rate=0 silences
+    either."""
+    if interactive():
+        return TQDMProgressBar(refresh_rate=refresh_rate)
+    bar = LogProgress(line_every_s)
+    if refresh_rate == 0:
+        bar.disable()
+    return bar

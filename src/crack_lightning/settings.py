@@ -20,8 +20,6 @@ from hydra.utils import get_method
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from crack_lightning.data.feature_cache import MAX_VIEWS
-from crack_lightning.data.splits import check_fractions
 from crack_lightning.errors import (
     ConfigError,
     CrackLightningError,
@@ -31,6 +29,21 @@ from crack_lightning.errors import (
 )
 
 S = TypeVar("S")
+# the most augmented views of each training image data.cache_views may cache
+MAX_VIEWS = 8
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Refuse fractions that leave no training data or no validation data."""
+    if not 0 < val_fraction < 1:
+        raise DataError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1.")
+    if not 0 <= test_fraction < 1:
+        raise DataError(f"data.test_fraction={test_fraction} must lie in [0, 1).")
+    if val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves "
+            f"no images to train on; keep the sum below 1."
+        )
 
 
 def require(ok: bool, setting: str, value: Any, allowed: str, error: type[Exception]) -> None:

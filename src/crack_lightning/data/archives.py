@@ -18,10 +18,11 @@ import zipfile
 from collections import deque
 from pathlib import Path
 
-from tqdm import tqdm
-
 from crack_lightning.data.layout import CLASS_NAMES, IMG_EXTENSIONS
 from crack_lightning.errors import DataError
+from crack_lightning.io import move_into_place
+from crack_lightning.progress import progress as progress_of
+from crack_lightning.progress import track
 
 RAR_MAGIC = b"Rar!\x1a\x07"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -134,7 +135,7 @@ def _run_counting_lines(command: list[str], name: str, progress: bool) -> tuple[
                 text=True,
                 errors="replace",
             ) as proc,
-            tqdm(desc=f"Unpacking ({name})", unit="file", disable=not progress) as bar,
+            progress_of(None, f"Unpacking ({name})", "file", progress) as bar,
         ):
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -150,7 +151,7 @@ def unpack_zip(archive: Path, dest: Path, progress: bool = True) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
             members = zf.infolist()
-            for member in tqdm(members, desc="Unpacking", unit="file", disable=not progress):
+            for member in track(members, "Unpacking", "file", progress):
                 zf.extract(member, dest)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as err:
         raise DataError(
@@ -208,7 +209,7 @@ def extract_images(
                 p for p in folder.iterdir() if p.is_file() and not p.is_symlink() and is_image(p)
             )
             for path in images:
-                os.replace(path, target / path.name)
+                move_into_place(path, target / path.name)
             counts[name] = len(images)
         return counts
     finally:

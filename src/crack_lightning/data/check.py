@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from crack_lightning.data.decode import load_rgb
 from crack_lightning.data.layout import CLASS_NAMES, find_class_dirs, scan_samples
 from crack_lightning.errors import DataError
+from crack_lightning.progress import track
 
 # file signatures of the formats ImageFolder accepts (by extension)
 SIGNATURES = {
@@ -186,7 +186,7 @@ def check_dataset(
 
     by_hash: dict[bytes, list[tuple[str, int]]] = defaultdict(list)
     desc = "Checking images" if full else "Checking files"
-    for path, label in tqdm(samples, desc=desc, unit="img", disable=not progress):
+    for path, label in track(samples, desc, "img", progress):
         try:
             with open(path, "rb") as handle:
                 data = handle.read()

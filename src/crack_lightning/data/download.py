@@ -18,11 +18,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from crack_lightning.data.archives import extract_images, is_image
 from crack_lightning.data.layout import CLASS_NAMES, find_class_dirs
 from crack_lightning.errors import DataError
+from crack_lightning.io import move_into_place
+from crack_lightning.progress import progress as progress_of
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def fetch(
         raise DataError(
             f"{err} It was deleted; run the command again to download it afresh."
         ) from None
-    part.replace(dest)
+    move_into_place(part, dest)
     return digest
 
 
@@ -180,15 +180,7 @@ def _fetch_once(url: str, part: Path, size: int | None, timeout: float, progress
         received = offset
         with (
             part.open("r+b" if offset else "wb") as out,
-            tqdm(
-                total=total or size,
-                initial=offset,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc="Downloading",
-                disable=not progress,
-            ) as bar,
+            progress_of(total or size, "Downloading", "B", progress, initial=offset) as bar,
         ):
             out.seek(offset)
             out.truncate()

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,11 +36,12 @@ from torch.utils.data import DataLoader, Dataset
 from crack_lightning.data.decode import DECODE_VERSION, DecodedImages
 from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import ModelConfigError
+from crack_lightning.io import save_torch
 from crack_lightning.progress import progress
+from crack_lightning.settings import MAX_VIEWS
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
-MAX_VIEWS = 8
 # seconds between saves of a running fill: what a killed fill loses at most
 SAVE_EVERY_S = 60.0
 
@@ -205,23 +205,15 @@ class FeatureCache:
 
     def save(self) -> None:
         """Merge in what another run saved meanwhile, write to a temporary file of our own
-        next to the cache, and rename it over the cache (atomic on one filesystem)."""
+        next to the cache, and rename it over the cache (io.save_torch)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         stored = self._read()
         if stored is not None:
             theirs = stored[1] & ~self.done
             self.features[theirs] = stored[0][theirs]
             self.done |= theirs
-        handle, name = tempfile.mkstemp(
-            prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent
-        )
-        os.close(handle)
-        partial = Path(name)
-        try:
-            torch.save({"features": self.features, "done": self.done}, partial)
-            partial.replace(self.path)
-        finally:
-            partial.unlink(missing_ok=True)
+        # other ranks may be writing the same cache: leave their temp files alone
+        save_torch({"features": self.features, "done": self.done}, self.path, False)
 
 
 @contextmanager

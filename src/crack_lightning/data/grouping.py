@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from crack_lightning.errors import DataError
+from crack_lightning.progress import track
 
 HASH_BITS = 64
 
@@ -49,7 +49,7 @@ def dhash(path: str) -> int:
 
 def image_hashes(paths: Sequence[str], progress: bool = True) -> np.ndarray:
     """dHash of every path, as uint64."""
-    iterator = tqdm(paths, desc="Hashing images", unit="img", disable=not progress)
+    iterator = track(paths, "Hashing images", "img", progress)
     return np.array([dhash(path) for path in iterator], dtype=np.uint64)
 
 

@@ -19,6 +19,7 @@ from crack_lightning.data.archives import archive_kind, unpack_rar, unpack_zip
 from crack_lightning.data.download import MARKER_NAME, fetch, sha256_of, verify_archive
 from crack_lightning.data.sources import SourceSpec, class_folders, parse_sources, scan_source
 from crack_lightning.errors import DataError
+from crack_lightning.io import move_into_place
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def unpack_layout(archive: Path, spec: SourceSpec, progress: bool) -> None:
         root.parent.mkdir(parents=True, exist_ok=True)
         if root.exists():
             root.rmdir()  # empty: checked by ensure_source
-        os.replace(top, root)
+        move_into_place(top, root)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -10,21 +10,9 @@ from pathlib import Path
 
 from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.errors import DataError
+from crack_lightning.settings import check_fractions
 
 SPLITS = ("train", "val", "test")
-
-
-def check_fractions(val_fraction: float, test_fraction: float) -> None:
-    """Refuse fractions that leave no training data or no validation data."""
-    if not 0 < val_fraction < 1:
-        raise DataError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1.")
-    if not 0 <= test_fraction < 1:
-        raise DataError(f"data.test_fraction={test_fraction} must lie in [0, 1).")
-    if val_fraction + test_fraction >= 1:
-        raise DataError(
-            f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves "
-            f"no images to train on; keep the sum below 1."
-        )
 
 
 def stratified_split(

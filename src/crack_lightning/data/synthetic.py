@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from crack_lightning.data.layout import CLASS_NAMES
+from crack_lightning.io import move_into_place
 
 _MARKER = ".synthetic.json"
 
@@ -84,5 +85,5 @@ def generate_dataset(root: str | Path, images_per_class: int, image_size: int, s
             image.save(folder / f"{i:05d}.jpg", quality=92)
     (staging / _MARKER).write_text(json.dumps(settings))
     shutil.rmtree(root, ignore_errors=True)
-    staging.rename(root)
+    move_into_place(staging, root)
     return root

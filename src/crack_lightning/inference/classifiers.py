@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from crack_lightning.data.decode import DecodedImages
 from crack_lightning.errors import PredictionError
 from crack_lightning.inference.threshold import METADATA_KEY, stored_threshold
 from crack_lightning.inference.unfamiliar import CHECKPOINT_KEY as FEATURE_STATS_KEY
 from crack_lightning.inference.unfamiliar import stats_stage, unfamiliar_score
+from crack_lightning.io import load_safely
 from crack_lightning.models.classifier import CrackClassifier
-from crack_lightning.serialization import load_safely
+from crack_lightning.progress import progress as progress_of
 
 
 def load_checkpoint_model(path: str | Path) -> CrackClassifier:
@@ -179,7 +179,7 @@ def classify_files(
         num_workers=num_workers,
         collate_fn=_collate,
     )
-    with tqdm(total=len(paths), desc="Classifying", unit="img", disable=not progress) as bar:
+    with progress_of(len(paths), "Classifying", "img", progress) as bar:
         for images, indices, failed in loader:
             if images is not None:
                 probs[indices] = classifier.predict(images)

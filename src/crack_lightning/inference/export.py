@@ -16,12 +16,12 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from tqdm.auto import tqdm
 
 from crack_lightning.cli import run_tool
 from crack_lightning.data.decode import decode
@@ -30,6 +30,7 @@ from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.inference.classifiers import load_checkpoint_model
 from crack_lightning.models.classifier import CrackClassifier
+from crack_lightning.progress import progress
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 QUANTIZE = (None, "int8")
@@ -140,13 +141,11 @@ class CalibrationImages:
         self.skipped: list[Path] = []
         self.position = 0
         self.progress = progress
-        self.bar: tqdm | None = None  # opened at the first batch, not during the export
+        self.bar: Any = None  # opened at the first batch, not during the export
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.bar is None:
-            self.bar = tqdm(
-                total=len(self.files), desc="Calibrating", unit="img", disable=not self.progress
-            )
+            self.bar = progress(len(self.files), "Calibrating", "img", self.progress)
         images = []
         while not images and self.position < len(self.files):
             for path in self.files[self.position : self.position + self.batch_size]:

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
 
 from crack_lightning.data.decode import resize
 from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.errors import PredictionError
 from crack_lightning.inference.classifiers import OnnxClassifier, TorchClassifier
+from crack_lightning.progress import track
 
 # the heat-map PNG is scaled down to this longest side; the CSV keeps full-size coordinates
 MAX_FIGURE_SIDE = 2048
@@ -107,7 +107,7 @@ def scan_photo(
     )
     familiar = getattr(classifier, "feature_stats", None) is not None
     probs, scores = [], []
-    for start in tqdm(range(0, len(boxes), batch_size), desc=f"Scanning {path.name}", unit="batch"):
+    for start in track(range(0, len(boxes), batch_size), f"Scanning {path.name}", "batch"):
         crops = [
             pixels[:, y : y + patch_size, x : x + patch_size]
             for x, y in boxes[start : start + batch_size]

@@ -18,7 +18,7 @@ from torch.fx.experimental.optimization import fuse
 from torchvision import models
 
 from crack_lightning.errors import ModelConfigError, WeightsError
-from crack_lightning.serialization import load_safely
+from crack_lightning.io import load_safely
 
 # a download that gets no answer for this long is treated as offline
 DOWNLOAD_TIMEOUT_S = 60.0

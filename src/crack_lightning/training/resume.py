@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from crack_lightning.errors import ModelConfigError, RunDirError
-from crack_lightning.serialization import load_safely
+from crack_lightning.io import load_safely
 
 log = logging.getLogger(__name__)
 

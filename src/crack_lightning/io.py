@@ -1,0 +1,152 @@
+"""Every file written or read with care, in one place.
+
+- Writes are atomic: the file is written beside its final name, synced to disk and renamed
+  over the old one, so a kill (or a full disk) leaves the previous file whole. Lightning's
+  own save goes through $TMPDIR and a move that is a copy when $TMPDIR is another
+  filesystem (tmpfs on many clusters): a SIGKILL during it leaves a truncated last.ckpt.
+- Moves into place (downloads, unpacked folders, staged data sets) are one rename.
+- PyTorch files are read with `weights_only=True`: tensors and plain containers only,
+  never pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from crack_lightning.errors import CrackLightningError
+
+TEMP_SUFFIX = ".partial"
+
+
+def temp_path(path: Path) -> Path:
+    """Where path is written before it is renamed into place: same folder, hidden, unique
+    to this writer (two processes, or two objects of one, may write the same target)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def write_atomically(
+    path: Path, write: Callable[[IO[bytes]], None], clean_leftovers: bool = True
+) -> None:
+    """Write path via a synced temp file in its folder and an atomic rename. Leftover temp
+    files of the same target (from killed runs) are removed afterwards unless other live
+    writers may own them (`clean_leftovers=False`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = temp_path(path)
+    try:
+        with open(partial, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    sync_folder(path.parent)
+    if clean_leftovers:
+        for leftover in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
+            leftover.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """A text file (UTF-8), atomically."""
+    write_atomically(Path(path), lambda handle: handle.write(text.encode()))
+
+
+def write_json(path: Path, value: Any) -> None:
+    """A JSON file, indented, atomically; NaN and infinity are refused (not valid JSON)."""
+    write_text(path, json.dumps(value, indent=2, allow_nan=False) + "\n")
+
+
+def save_torch(value: Any, path: Path, clean_leftovers: bool = True) -> None:
+    """torch.save, atomically."""
+    write_atomically(Path(path), lambda handle: torch.save(value, handle), clean_leftovers)
+
+
+def move_into_place(source: Path, target: Path) -> None:
+    """Rename a finished file or folder over `target` (same filesystem: atomic), durably."""
+    target = Path(target)
+    os.replace(source, target)
+    sync_folder(target.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO whose local saves are atomic in place (write_atomically); remote
+    paths (s3://, ...) keep Lightning's own save."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(
+                f"{type(self).__name__}.save_checkpoint takes no storage_options "
+                f"(got {storage_options!r})."
+            )
+        save_torch(checkpoint, Path(path))
+
+
+def load_safely(
+    path: str | Path, setting: str, error: type[CrackLightningError], missing_hint: str
+) -> Any:
+    """torch.load(weights_only=True) with one-line errors that name the setting and file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{setting}={path} does not exist. {missing_hint}")
+    if path.stat().st_size == 0:
+        raise error(f"{setting}={path} is empty (0 bytes): not a PyTorch file. {missing_hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or unsafe files
+        raise error(
+            f"{setting}={path} could not be read as a tensors-only PyTorch file: "
+            f"{load_error_reason(err)}"
+        ) from None
+
+
+def load_error_reason(err: Exception) -> str:
+    """torch.load's error in one line, without its advice to load with weights_only=False
+    (which would run whatever code the file holds)."""
+    if isinstance(err, EOFError):
+        return "the file ends early (cut short while being written or copied)."
+    if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+        kept = [
+            part
+            for part in str(err).split("\n\n")
+            if part.strip()
+            and "weights_only" not in part
+            and not part.startswith("Check the documentation")
+        ]
+        detail = " ".join(kept).strip()
+        if "GLOBAL" not in detail:  # the unpickler met bytes that are no pickle at all
+            return f"not a PyTorch file ({detail})."
+        return f"it holds more than tensors, refused for safety ({detail})."
+    if isinstance(err, KeyError | pickle.UnpicklingError | UnicodeDecodeError):
+        return "not a PyTorch file."
+    first = str(err).split(". ")[0].replace("\n", " ").strip()
+    return f"corrupt or truncated ({type(err).__name__}: {first})."
