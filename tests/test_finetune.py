@@ -254,7 +254,7 @@ def test_top_stages_train_on_cached_stage_outputs_from_the_first_epoch(
         "data.cache_features=auto",
         "trainer.max_epochs=2",
         "callbacks.feature_stats={_target_: "
-        "crack_lightning.inference.unfamiliar.FeatureStatistics, max_images: 64}",
+        "crack_lightning.training.feature_stats.FeatureStatistics, max_images: 64}",
     )
     train(cfg)
     [cache] = (tmp_path / "cache" / "features").glob("features_*.pt")

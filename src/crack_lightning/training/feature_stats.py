@@ -1,0 +1,65 @@
+"""Callback: the training images' feature statistics, stored in every checkpoint for
+scan's unfamiliar score (the score itself: inference/unfamiliar.py)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from crack_lightning.data.decode import DecodedImages
+from crack_lightning.inference.unfamiliar import CHECKPOINT_KEY, fit_statistics
+
+
+class FeatureStatistics(L.Callback):
+    """Stores the training images' feature statistics in every checkpoint.
+
+    With cached features they are read from the cache; otherwise up to `max_images`
+    training images (evenly spread) go through the backbone once. With the top stages
+    fine-tuned on cached activations, they are of the frozen stages' pooled output
+    (stats["stage"]). Computed once while what they describe is frozen, again at each
+    save while it trains.
+    """
+
+    def __init__(self, max_images: int) -> None:
+        self.max_images = max_images
+        self.stats: dict[str, torch.Tensor] | None = None
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict
+    ) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "split"):
+            return
+        stage = pl_module.net.input_stage  # set only while training on cached stage outputs
+        if self.stats is None or (stage is None and not pl_module.net.frozen):
+            self.stats = fit_statistics(self._features(datamodule, pl_module))
+            if stage is not None:
+                self.stats["stage"] = torch.tensor([stage])
+        checkpoint[CHECKPOINT_KEY] = self.stats
+
+    def _features(self, datamodule, pl_module) -> torch.Tensor:
+        """Pooled features of up to max_images training images (the plain view): cached
+        pooled features, cached stage outputs averaged over their positions, or the
+        images through the backbone once."""
+        train = datamodule.split["train"]
+        step = max(1, len(train) // self.max_images)
+        chosen = train[::step][: self.max_images]
+        if datamodule.features is not None:
+            cached = datamodule.features[0, chosen].float()
+            return cached.mean(dim=(-2, -1)) if cached.ndim == 4 else cached
+        paths = [datamodule.samples[i][0] for i in chosen]
+        labels = [datamodule.samples[i][1] for i in chosen]
+        loader = DataLoader(
+            DecodedImages(paths, labels, datamodule.hparams.image_size, on_bad="skip"),
+            batch_size=datamodule.hparams.batch_size,
+        )
+        net = pl_module.net
+        was_training = net.training
+        net.eval()
+        outputs = []
+        with torch.inference_mode():
+            for images, _ in loader:
+                outputs.append(net.features(images.to(pl_module.device)).float().cpu())
+        net.train(was_training)
+        return torch.cat(outputs)
