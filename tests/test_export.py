@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,21 +12,18 @@ import onnxruntime
 import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
 from crack_lightning.data.decode import decode
 from crack_lightning.errors import PredictionError
-from crack_lightning.inference.classifiers import (
-    OnnxClassifier,
-    classify_files,
-    load_checkpoint_model,
-)
+from crack_lightning.inference.classifiers import classify_files, load_classifier
 from crack_lightning.inference.export import check_quantize, export_int8, export_model
 from crack_lightning.inference.run import run
 
 
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory) -> dict[str, Path]:
-    model = load_checkpoint_model(trained_run / "checkpoints" / "best.ckpt")
+    model = load_classifier(trained_run / "checkpoints" / "best.ckpt", "cpu")
     folder = tmp_path_factory.mktemp("export")
     return {
         fmt: export_model(model, fmt, folder / f"model.{fmt}") for fmt in ("onnx", "torchscript")
@@ -42,9 +40,9 @@ def real_batch(sample_root) -> torch.Tensor:
 
 
 def test_onnx_probabilities_match_pytorch(trained_run, exported, real_batch):
-    model = load_checkpoint_model(trained_run / "checkpoints" / "best.ckpt")
+    model = load_classifier(trained_run / "checkpoints" / "best.ckpt", "cpu")
     with torch.inference_mode():
-        expected = model(real_batch).softmax(-1).numpy()
+        expected = model.checkpoint_module(real_batch).softmax(-1).numpy()
     session = onnxruntime.InferenceSession(
         str(exported["onnx"]), providers=["CPUExecutionProvider"]
     )
@@ -57,10 +55,14 @@ def test_onnx_probabilities_match_pytorch(trained_run, exported, real_batch):
 
 
 def test_torchscript_probabilities_match_pytorch(trained_run, exported, real_batch):
-    model = load_checkpoint_model(trained_run / "checkpoints" / "best.ckpt")
+    model = load_classifier(trained_run / "checkpoints" / "best.ckpt", "cpu")
     scripted = torch.jit.load(str(exported["torchscript"]))
     with torch.inference_mode():
-        assert torch.allclose(scripted(real_batch), model(real_batch).softmax(-1), atol=1e-5)
+        expected = model.checkpoint_module(real_batch).softmax(-1)
+        assert torch.allclose(scripted(real_batch), expected, atol=1e-5)
+    loaded = load_classifier(exported["torchscript"], "cpu")  # the loader predict.py uses
+    assert loaded.image_size == 160
+    assert np.abs(loaded.predict(real_batch) - expected[:, 1].numpy()).max() < 1e-5
 
 
 def test_predict_runs_the_onnx_model_like_the_checkpoint(
@@ -81,8 +83,37 @@ def test_predict_runs_the_onnx_model_like_the_checkpoint(
     )
 
 
+def test_an_onnx_scan_says_once_why_its_unfamiliar_column_is_empty(
+    predict_cfg, exported, sample_root, tmp_path, caplog
+):
+    photos = []
+    for name in ("a.png", "b.png"):
+        Image.open(sorted((sample_root / "Negative").iterdir())[0]).save(tmp_path / name)
+        photos.append(str(tmp_path / name))
+    with caplog.at_level(logging.WARNING):
+        run(
+            predict_cfg(
+                f"inputs=[{','.join(photos)}]",
+                "mode=scan",
+                f"report_dir={tmp_path}",
+                f"ckpt_path={exported['onnx']}",
+            )
+        )
+    with (tmp_path / "a_scan.csv").open() as handle:
+        assert [row["unfamiliar"] for row in csv.DictReader(handle)] == [""]
+    said = [r.getMessage() for r in caplog.records if "no unfamiliar score" in r.getMessage()]
+    assert len(said) == 1  # two photos, one explanation
+    assert said[0].startswith(f"{exported['onnx']}: ")
+    assert "exported ONNX model holds no feature statistics" in said[0]
+
+
+def test_an_exported_file_cannot_be_exported_again(exported, tmp_path):
+    with pytest.raises(PredictionError, match="export needs the training checkpoint"):
+        export_model(load_classifier(exported["onnx"]), "onnx", tmp_path / "again.onnx")
+
+
 def test_unknown_export_format_is_refused(trained_run, tmp_path):
-    model = load_checkpoint_model(trained_run / "checkpoints" / "best.ckpt")
+    model = load_classifier(trained_run / "checkpoints" / "best.ckpt", "cpu")
     with pytest.raises(PredictionError, match="format='tflite' is not one of"):
         export_model(model, "tflite", tmp_path / "m.tflite")
 
@@ -99,14 +130,14 @@ def test_int8_export_keeps_accuracy_on_the_real_sample(
     """Calibrated on 32 training-split images; scored on all 481 against the fp32 model."""
     with (trained_run / "split_manifest.csv").open() as f:
         train = [sample_root / r["path"] for r in csv.DictReader(f) if r["split"] == "train"]
-    model = load_checkpoint_model(trained_run / "checkpoints" / "best.ckpt")
+    model = load_classifier(trained_run / "checkpoints" / "best.ckpt", "cpu")
     settings = _int8_settings(inputs=[str(p) for p in train], images=32)
     int8 = export_int8(model, tmp_path / "model.int8.onnx", settings, progress=False)
 
     files = sorted(p for p in sample_root.rglob("*.jpg"))
     truth = np.array([p.parent.name == "Positive" for p in files])
-    fp32_probs, _ = classify_files(OnnxClassifier(exported["onnx"]), files, 64, 0, progress=False)
-    int8_probs, _ = classify_files(OnnxClassifier(int8), files, 64, 0, progress=False)
+    fp32_probs, _ = classify_files(load_classifier(exported["onnx"]), files, 64, 0, progress=False)
+    int8_probs, _ = classify_files(load_classifier(int8), files, 64, 0, progress=False)
     fp32_wrong = int(((fp32_probs >= 0.5) != truth).sum())
     int8_wrong = int(((int8_probs >= 0.5) != truth).sum())
     assert 100 * (int8_wrong - fp32_wrong) / len(files) <= 0.5, (fp32_wrong, int8_wrong)
@@ -125,7 +156,7 @@ def test_bad_int8_settings_are_refused(trained_run, sample_root, tmp_path):
     broken.mkdir()
     for name in ("a.jpg", "b.jpg"):
         (broken / name).write_text("not a JPEG")
-    model = load_checkpoint_model(trained_run / "checkpoints" / "best.ckpt")
+    model = load_classifier(trained_run / "checkpoints" / "best.ckpt", "cpu")
     for changes, message in (
         ({}, "needs calibration.inputs"),
         ({"inputs": [str(sample_root)], "images": 0}, "calibration.images=0"),

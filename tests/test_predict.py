@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import subprocess
 from pathlib import Path
 
@@ -214,7 +215,7 @@ def test_cli_exits_non_zero_when_nothing_can_be_classified(trained_run, tmp_path
 def test_missing_or_foreign_checkpoint_is_a_clear_error(predict_cfg, sample_root, backbone_weights):
     with pytest.raises(PredictionError, match="ckpt_path=.*missing.ckpt does not exist"):
         run(predict_cfg("ckpt_path=/nowhere/missing.ckpt", f"inputs=[{sample_root}]"))
-    with pytest.raises(PredictionError, match="is not a crack-lightning training checkpoint"):
+    with pytest.raises(PredictionError, match="is not a training checkpoint of this framework"):
         run(predict_cfg(f"ckpt_path={backbone_weights}", f"inputs=[{sample_root}]"))
 
 
@@ -223,7 +224,9 @@ def test_missing_or_foreign_checkpoint_is_a_clear_error(predict_cfg, sample_root
 CRACKED_TILES = {(1, 0), (4, 1), (3, 2), (0, 3)}  # (column, row) in a 5 x 4 mosaic
 
 
-def test_scan_finds_the_cracked_tiles_of_an_assembled_photo(predict_cfg, sample_root, tmp_path):
+def test_scan_finds_the_cracked_tiles_of_an_assembled_photo(
+    predict_cfg, sample_root, tmp_path, caplog
+):
     positives = sorted((sample_root / "Positive").iterdir())
     negatives = sorted((sample_root / "Negative").iterdir())
     photo = Image.new("RGB", (5 * 227, 4 * 227))
@@ -233,15 +236,18 @@ def test_scan_finds_the_cracked_tiles_of_an_assembled_photo(predict_cfg, sample_
             photo.paste(Image.open(source[row * 5 + col]), (col * 227, row * 227))
     photo.save(tmp_path / "wall.png")
 
-    summary = run(
-        predict_cfg(
-            f"inputs=[{tmp_path / 'wall.png'}]", "mode=scan", f"report_dir={tmp_path / 'scan'}"
+    with caplog.at_level(logging.WARNING):
+        summary = run(
+            predict_cfg(
+                f"inputs=[{tmp_path / 'wall.png'}]", "mode=scan", f"report_dir={tmp_path / 'scan'}"
+            )
         )
-    )
     rows = read_csv(tmp_path / "scan" / "wall_scan.csv")
     assert len(rows) == 20
     assert set(rows[0]) == {"x", "y", "width", "height", "prob_crack", "unfamiliar", "label"}
     assert all(r["unfamiliar"] == "" for r in rows)  # this checkpoint has no feature statistics
+    assert "no unfamiliar score: the checkpoint holds no feature statistics" in caplog.text
+    assert "callbacks.feature_stats" in caplog.text  # and how to get them
     probs = {(int(r["x"]) // 227, int(r["y"]) // 227): float(r["prob_crack"]) for r in rows}
     cracked = [probs[t] for t in CRACKED_TILES]
     clean = [p for t, p in probs.items() if t not in CRACKED_TILES]

@@ -147,10 +147,22 @@ def test_training_on_two_sources_logs_each_and_their_mean(synthetic_root, tmp_pa
     assert {r["source"] for r in rows} == {"first", "second"}
 
 
-def test_exported_onnx_model_carries_the_threshold(tuned_run, tmp_path):
-    from crack_lightning.inference.classifiers import OnnxClassifier, load_checkpoint_model
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exported_models_carry_the_threshold_and_predict_uses_it(
+    fmt, tuned_run, synthetic_root, tmp_path
+):
+    """ONNX metadata and TorchScript extra files carry the stored threshold; predict (and
+    scan: the same run()) on the exported file labels with it, as with the checkpoint."""
+    from crack_lightning.inference.classifiers import load_classifier
     from crack_lightning.inference.export import export_model
 
-    model = load_checkpoint_model(tuned_run / "checkpoints" / "best.ckpt")
-    path = export_model(model, "onnx", tmp_path / "model.onnx")
-    assert OnnxClassifier(path).threshold == pytest.approx(model.decision_threshold)
+    model = load_classifier(tuned_run / "checkpoints" / "best.ckpt", "cpu")
+    assert model.threshold is not None
+    path = export_model(model, fmt, tmp_path / f"model.{fmt}")
+    assert load_classifier(path, "cpu").threshold == pytest.approx(model.threshold)
+    rows = predict(tuned_run, tmp_path, f"inputs=[{synthetic_root}]", f"ckpt_path={path}")
+    probs = np.array([float(r["prob_crack"]) for r in rows])
+    clear = np.abs(probs - model.threshold) > 1e-5
+    expected = np.where(probs >= model.threshold, "Positive", "Negative")
+    assert (np.array([r["label"] for r in rows])[clear] == expected[clear]).all()
+    assert (expected != np.where(probs >= 0.5, "Positive", "Negative")).any()

@@ -181,7 +181,7 @@ def test_wrong_setting_types_and_ranges_stop_before_any_data_is_read(
 def test_sgd_with_momentum_trains_from_settings_alone(synthetic_cfg):
     """model.optimizer is a config: another optimizer needs no code, and its state is in
     the checkpoint, whose hyper-parameters still rebuild the model for prediction."""
-    from crack_lightning.inference.classifiers import load_checkpoint_model
+    from crack_lightning.inference.classifiers import load_classifier
 
     cfg = synthetic_cfg("model.optimizer._target_=torch.optim.SGD", "+model.optimizer.momentum=0.9")
     metrics = train(cfg)
@@ -190,9 +190,8 @@ def test_sgd_with_momentum_trains_from_settings_alone(synthetic_cfg):
     assert group["momentum"] == 0.9 and group["lr"] == cfg.model.lr
     assert all("momentum_buffer" in s for s in ckpt["optimizer_states"][0]["state"].values())
     assert ckpt["hyper_parameters"]["optimizer"]["_target_"] == "torch.optim.SGD"
-    assert load_checkpoint_model(metrics["best_checkpoint"]).hparams.backbone == (
-        "mobilenet_v3_small"
-    )
+    loaded = load_classifier(metrics["best_checkpoint"], "cpu")
+    assert loaded.checkpoint_module.hparams.backbone == "mobilenet_v3_small"
 
 
 def test_offline_pretrained_download_says_to_use_weights_path(synthetic_cfg, monkeypatch):

@@ -33,7 +33,7 @@ from omegaconf import MISSING, DictConfig
 from crack_lightning.cli import compose_command, run_tool
 from crack_lightning.data.layout import CLASS_NAMES, scan_samples
 from crack_lightning.errors import ConfigError
-from crack_lightning.inference.classifiers import OnnxClassifier, TorchClassifier, classify_files
+from crack_lightning.inference.classifiers import LoadedModel, classify_files, load_classifier
 from crack_lightning.inference.export import export_int8, export_model
 from crack_lightning.models.optimizers import build_optimizer
 from crack_lightning.settings import validate
@@ -256,15 +256,16 @@ def row_validate(bench: Bench) -> dict:
 
 def row_predict(bench: Bench) -> dict:
     """PyTorch, ONNX Runtime and int8 ONNX prediction over the whole data set."""
-    model, files, workers = build(bench.config().model), bench.files, bench.settings.workers
+    model = LoadedModel.from_module(build(bench.config().model), "cpu")
+    files, workers = bench.files, bench.settings.workers
     size, work = bench.size, bench.work
-    torch_rate = predict_throughput(TorchClassifier(model, torch.device("cpu")), files, workers)
+    torch_rate = predict_throughput(model, files, workers)
     onnx_path = export_model(model, "onnx", work / f"model_{size}.onnx")
     int8_path = export_int8(model, work / f"model_{size}.int8.onnx", calibration(bench.data), False)
     return {
         "predict_torch": torch_rate,
-        "predict_onnx": predict_throughput(OnnxClassifier(onnx_path), files, workers),
-        "predict_onnx_int8": predict_throughput(OnnxClassifier(int8_path), files, workers),
+        "predict_onnx": predict_throughput(load_classifier(onnx_path), files, workers),
+        "predict_onnx_int8": predict_throughput(load_classifier(int8_path), files, workers),
         "one_backbone_pass_s": len(files) / torch_rate,
     }
 
@@ -352,9 +353,8 @@ def default_command_row(
     ]
     cfg = compose_command("train", overrides)
     files = [Path(path) for path, _ in scan_samples(data)]
-    model = build(cfg.model)
-    classifier = TorchClassifier(
-        model, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    classifier = LoadedModel.from_module(
+        build(cfg.model), "cuda" if torch.cuda.is_available() else "cpu"
     )
     one_pass_s = len(files) / predict_throughput(classifier, files, cfg.data.num_workers)
     start = time.perf_counter()

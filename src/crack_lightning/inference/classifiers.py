@@ -1,10 +1,19 @@
-"""Running a trained model (Lightning checkpoint or exported ONNX file) over image files."""
+"""A trained model loaded from any of its files (Lightning checkpoint, exported ONNX or
+TorchScript), and running it over image files.
+
+Every file becomes one typed `LoadedModel`: the network, the input size, the decision
+threshold stored with it and the training features' statistics (or why there are none).
+What checkpoints of earlier versions lack or hold is settled in `_read_checkpoint` only.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,126 +28,268 @@ from crack_lightning.io import load_safely
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.progress import progress as progress_of
 
+log = logging.getLogger(__name__)
 
-def load_checkpoint_model(path: str | Path) -> CrackClassifier:
-    """Rebuild the classifier from a checkpoint's hyperparameters and weights (tensors only).
-
-    The backbone is built without downloading anything: the checkpoint holds its weights.
-    """
-    checkpoint = load_safely(
-        path,
-        "ckpt_path",
-        PredictionError,
-        "Use a training run's checkpoints/best.ckpt (e.g. "
-        "logs/train/runs/<date_time>/checkpoints/best.ckpt) or an exported .onnx file.",
-    )
-    if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= set(
-        checkpoint
-    ):
-        raise PredictionError(
-            f"ckpt_path={path} is not a crack-lightning training checkpoint (it lacks "
-            f"hyper_parameters and state_dict). Use a run's checkpoints/best.ckpt."
-        )
-    hparams = {**checkpoint["hyper_parameters"], "pretrained": False, "weights_path": None}
-    hparams.pop("finetune", None)  # checkpoints from before fine-tuning became a callback
-    try:
-        model = CrackClassifier(**hparams)
-        model.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, RuntimeError) as err:
-        raise PredictionError(
-            f"ckpt_path={path} does not match this version's model: {err}"
-        ) from None
-    # chosen on validation by training's SourceMetrics callback; None if not stored
-    model.decision_threshold = stored_threshold(checkpoint)
-    # training features' statistics for the unfamiliar score (inference/unfamiliar.py)
-    model.feature_stats = checkpoint.get(FEATURE_STATS_KEY)
-    return model.eval()
+MODEL_FILES = (
+    "Use a training run's checkpoints/best.ckpt (e.g. "
+    "logs/train/runs/<date_time>/checkpoints/best.ckpt), or a file crack-export wrote "
+    "(.onnx or .pt)."
+)
+# hyperparameters of earlier versions that this version's CrackClassifier no longer takes
+DROPPED_HPARAMS = ("finetune",)  # fine-tuning became a callback (callbacks.finetune)
+NO_STATS_IN_CHECKPOINT = (
+    "the checkpoint holds no feature statistics; train with callbacks.feature_stats "
+    "(on in experiment=generalize) to get the unfamiliar score"
+)
+NO_STATS_WHEN_EXPORTED = (
+    "an exported {kind} model holds no feature statistics (it outputs probabilities "
+    "only); scan with the training checkpoint (.ckpt) to get the unfamiliar score"
+)
 
 
 @dataclass
-class TorchClassifier:
-    """A checkpoint's model on a device; batches in, P(crack) out."""
+class TorchNetwork:
+    """A checkpoint's CrackClassifier on a device."""
 
-    model: CrackClassifier
+    module: CrackClassifier
     device: torch.device
 
-    @property
-    def image_size(self) -> int:
-        return int(self.model.hparams.image_size)
-
-    @property
-    def threshold(self) -> float | None:
-        """The decision threshold stored in the checkpoint, if any."""
-        return getattr(self.model, "decision_threshold", None)
-
     def __post_init__(self) -> None:
-        self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
+        self.module = self.module.to(self.device, memory_format=torch.channels_last).eval()
+
+    def _on_device(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, memory_format=torch.channels_last, non_blocking=True)
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> np.ndarray:
-        images = images.to(self.device, memory_format=torch.channels_last, non_blocking=True)
-        return self.model(images).softmax(dim=-1)[:, 1].float().cpu().numpy()
-
-    @property
-    def feature_stats(self) -> dict | None:
-        return getattr(self.model, "feature_stats", None)
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        """P(crack) of each image."""
+        return self.module(self._on_device(images)).softmax(dim=-1)[:, 1].float().cpu().numpy()
 
     @torch.inference_mode()
-    def predict_unfamiliar(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """P(crack) and the unfamiliar score (needs feature_stats) of each image."""
-        images = images.to(self.device, memory_format=torch.channels_last, non_blocking=True)
-        net, stage = self.model.net, stats_stage(self.feature_stats)
+    def with_unfamiliar(
+        self, images: torch.Tensor, stats: Mapping[str, torch.Tensor]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """P(crack) and the unfamiliar score, in one pass through the backbone."""
+        images, net, stage = self._on_device(images), self.module.net, stats_stage(stats)
         if stage is None:
             features = described = net.features(images)
         else:  # statistics of the frozen stages' pooled output (unfamiliar.py)
             hidden = net.stage_output(images, stage)
             features, described = net.from_stage(hidden, stage), hidden.mean(dim=(2, 3))
         probs = net.head(features).softmax(dim=-1)[:, 1]
-        scores = unfamiliar_score(described, self.feature_stats)
+        scores = unfamiliar_score(described, stats)
         return probs.float().cpu().numpy(), scores.float().cpu().numpy()
 
 
-class OnnxClassifier:
-    """An exported ONNX model run by onnxruntime; same interface as TorchClassifier."""
+@dataclass
+class OnnxNetwork:
+    """An exported ONNX model run by onnxruntime."""
 
-    def __init__(self, path: Path) -> None:
-        try:
-            import onnxruntime
-        except ImportError:
+    session: Any  # onnxruntime.InferenceSession (imported only when an .onnx is loaded)
+    input_name: str
+
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        return self.session.run(None, {self.input_name: images.numpy()})[0][:, 1]
+
+
+@dataclass
+class ScriptNetwork:
+    """An exported TorchScript model."""
+
+    module: torch.jit.ScriptModule
+    device: torch.device
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        return self.module(images.to(self.device))[:, 1].float().cpu().numpy()
+
+
+@dataclass
+class LoadedModel:
+    """A trained model ready to predict, whichever file it came from.
+
+    It takes uint8 RGB batches (N, 3, image_size, image_size), decoded and resized as in
+    training (data.decode): scaling and the backbone's normalisation are inside every
+    network, checkpoint or exported, so nothing else is needed to prepare an input.
+    """
+
+    source: str  # the file it came from, for messages
+    network: TorchNetwork | OnnxNetwork | ScriptNetwork
+    image_size: int
+    threshold: float | None  # chosen on validation and stored with the model; None: not stored
+    feature_stats: dict[str, torch.Tensor] | None  # training features' (unfamiliar.py)
+    no_stats_reason: str = ""  # why feature_stats is None
+    _reason_told: bool = field(default=False, init=False, repr=False)
+
+    @classmethod
+    def from_module(
+        cls,
+        module: CrackClassifier,
+        device: str | torch.device = "cpu",
+        source: str = "the network in memory",
+        threshold: float | None = None,
+        feature_stats: dict[str, torch.Tensor] | None = None,
+    ) -> LoadedModel:
+        """A CrackClassifier (a checkpoint's, or one just built) on `device`."""
+        return cls(
+            source,
+            TorchNetwork(module, torch.device(device)),
+            int(module.hparams.image_size),
+            threshold,
+            feature_stats,
+            "" if feature_stats is not None else NO_STATS_IN_CHECKPOINT,
+        )
+
+    @property
+    def checkpoint_module(self) -> CrackClassifier:
+        """The checkpoint's network, which export writes out; exported files have none."""
+        if not isinstance(self.network, TorchNetwork):
             raise PredictionError(
-                "Running .onnx models needs onnxruntime: pip install onnxruntime"
-            ) from None
-        try:
-            self.session = onnxruntime.InferenceSession(
-                str(path), providers=onnxruntime.get_available_providers()
+                f"ckpt_path={self.source} is an exported model: export needs the training "
+                f"checkpoint (.ckpt) it came from."
             )
-        except Exception as err:  # onnxruntime raises its own exception types
-            raise PredictionError(f"ckpt_path={path} is not a loadable ONNX model: {err}") from None
-        self.input = self.session.get_inputs()[0]
-        size = self.input.shape[-1]
-        if not isinstance(size, int):
-            raise PredictionError(
-                f"ckpt_path={path}: expected a fixed input size, got {self.input.shape}"
-            )
-        self.image_size = size
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        self.threshold = float(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
+        return self.network.module
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
-        probs = self.session.run(None, {self.input.name: images.numpy()})[0]
-        return probs[:, 1]
+        """P(crack) of each image."""
+        return self.network.probabilities(images)
+
+    def predict_unfamiliar(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """P(crack) and the unfamiliar score of each image; without feature statistics,
+        no scores, and the reason logged once per model."""
+        if self.feature_stats is None or not isinstance(self.network, TorchNetwork):
+            if not self._reason_told:
+                log.warning("%s: no unfamiliar score: %s.", self.source, self.no_stats_reason)
+                self._reason_told = True
+            return self.predict(images), None
+        return self.network.with_unfamiliar(images, self.feature_stats)
 
 
-def load_classifier(path: str | Path, device: str = "auto") -> TorchClassifier | OnnxClassifier:
-    """A Lightning checkpoint (.ckpt) or an exported model (.onnx), ready to predict."""
+def load_classifier(path: str | Path, device: str = "auto") -> LoadedModel:
+    """The one loader: a Lightning checkpoint (.ckpt) or a file crack-export wrote (ONNX,
+    TorchScript), ready to predict."""
     path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        if not path.is_file():
-            raise PredictionError(f"ckpt_path={path} does not exist.")
-        return OnnxClassifier(path)
+    if not path.is_file():
+        raise PredictionError(f"ckpt_path={path} does not exist. {MODEL_FILES}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return TorchClassifier(load_checkpoint_model(path), torch.device(device))
+    if path.suffix.lower() == ".onnx":
+        return _load_onnx(path)
+    if _is_torchscript(path):
+        return _load_torchscript(path, torch.device(device))
+    return _load_checkpoint(path, torch.device(device))
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> LoadedModel:
+    """Rebuild the classifier from a checkpoint's hyperparameters and weights (tensors only).
+
+    The backbone is built without downloading anything: the checkpoint holds its weights.
+    """
+    checkpoint = load_safely(path, "ckpt_path", PredictionError, MODEL_FILES)
+    hparams, threshold, stats = _read_checkpoint(path, checkpoint)
+    try:
+        module = CrackClassifier(**hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, RuntimeError) as err:
+        raise PredictionError(
+            f"ckpt_path={path} does not match this version's model: {err}"
+        ) from None
+    return LoadedModel.from_module(module, device, str(path), threshold, stats)
+
+
+def _read_checkpoint(
+    path: Path, checkpoint: Any
+) -> tuple[dict[str, Any], float | None, dict[str, torch.Tensor] | None]:
+    """Hyperparameters, stored threshold and feature statistics of a checkpoint of this
+    or an earlier version, in this version's terms. The one place that knows them:
+
+    - legacy (pre-zip) torch serialisation: read by load_safely like any other;
+    - hyperparameters this version no longer takes (DROPPED_HPARAMS) are dropped; no
+      `optimizer` (before it was configurable): the model predicts but does not train;
+    - no decision threshold (before thresholds were stored, or threshold_rule=null):
+      None, and predict uses 0.5 (threshold.py);
+    - no feature statistics (trained without callbacks.feature_stats): None, and scan
+      says why its unfamiliar column is empty.
+    """
+    if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= set(
+        checkpoint
+    ):
+        raise PredictionError(
+            f"ckpt_path={path} is not a training checkpoint of this framework (it lacks "
+            f"hyper_parameters and state_dict). {MODEL_FILES}"
+        )
+    hparams = {
+        name: value
+        for name, value in checkpoint["hyper_parameters"].items()
+        if name not in DROPPED_HPARAMS
+    }
+    hparams |= {"pretrained": False, "weights_path": None, "optimizer": hparams.get("optimizer")}
+    return hparams, stored_threshold(checkpoint), checkpoint.get(FEATURE_STATS_KEY)
+
+
+def _load_onnx(path: Path) -> LoadedModel:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise PredictionError(
+            "Running .onnx models needs onnxruntime: pip install onnxruntime"
+        ) from None
+    try:
+        session = onnxruntime.InferenceSession(
+            str(path), providers=onnxruntime.get_available_providers()
+        )
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise PredictionError(f"ckpt_path={path} is not a loadable ONNX model: {err}") from None
+    images = session.get_inputs()[0]
+    size = images.shape[-1]
+    if not isinstance(size, int):
+        raise PredictionError(f"ckpt_path={path}: expected a fixed input size, got {images.shape}")
+    return LoadedModel(
+        str(path),
+        OnnxNetwork(session, images.name),
+        size,
+        exported_threshold(session.get_modelmeta().custom_metadata_map),
+        None,
+        NO_STATS_WHEN_EXPORTED.format(kind="ONNX"),
+    )
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives hold compiled code (NAME/code/...); checkpoints do not."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+
+
+def _load_torchscript(path: Path, device: torch.device) -> LoadedModel:
+    metadata = dict.fromkeys(("image_size", METADATA_KEY), "")
+    try:
+        module = torch.jit.load(str(path), map_location=device, _extra_files=metadata)
+    except Exception as err:  # TorchScript raises its own exception types
+        raise PredictionError(
+            f"ckpt_path={path} is not a loadable TorchScript model: {err}"
+        ) from None
+    text = {name: bytes(value).decode() for name, value in metadata.items() if value}
+    if "image_size" not in text:
+        raise PredictionError(
+            f"ckpt_path={path} is a TorchScript model without its image size: export it "
+            f"with crack-export format=torchscript."
+        )
+    return LoadedModel(
+        str(path),
+        ScriptNetwork(module.eval(), device),
+        int(text["image_size"]),
+        exported_threshold(text),
+        None,
+        NO_STATS_WHEN_EXPORTED.format(kind="TorchScript"),
+    )
+
+
+def exported_threshold(metadata: Mapping[str, str]) -> float | None:
+    """The threshold an exported file's metadata carries (ONNX metadata_props, TorchScript
+    extra files), if any."""
+    return float(metadata[METADATA_KEY]) if metadata.get(METADATA_KEY) else None
 
 
 class ImageFiles(DecodedImages):
@@ -164,7 +315,7 @@ def _collate(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[in
 
 
 def classify_files(
-    classifier: TorchClassifier | OnnxClassifier,
+    classifier: LoadedModel,
     paths: Sequence[Path],
     batch_size: int,
     num_workers: int,

@@ -5,6 +5,9 @@
 The exported model takes uint8 RGB images (N, 3, S, S), already resized to S = the
 training image size (stored as metadata), and returns class probabilities (N, 2):
 [P(Negative), P(crack)]. Scaling to [0, 1] and the backbone's normalisation are inside.
+Both formats carry the same metadata (ONNX metadata_props, TorchScript extra files),
+the decision threshold chosen on validation included; predict and scan load either
+(inference/classifiers.py).
 
 `quantize=int8 calibration.inputs=[TRAINING_IMAGES]` writes an int8 ONNX model instead
 (static, per-channel, calibrated on training images): faster on CPU and smaller, with
@@ -28,8 +31,8 @@ from crack_lightning.data.decode import decode
 from crack_lightning.data.inputs import collect_inputs
 from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.errors import PredictionError, UnreadableImage
-from crack_lightning.inference.classifiers import load_checkpoint_model
-from crack_lightning.models.classifier import CrackClassifier
+from crack_lightning.inference.classifiers import LoadedModel, load_classifier
+from crack_lightning.inference.threshold import METADATA_KEY
 from crack_lightning.progress import progress
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -47,25 +50,40 @@ class ProbabilityModel(nn.Module):
         return self.net(images).softmax(dim=-1)
 
 
-def export_model(model: CrackClassifier, fmt: str, output: Path) -> Path:
+def export_model(model: LoadedModel, fmt: str, output: Path) -> Path:
     """Write the model in `fmt` to `output`, creating its folder."""
     if fmt not in FORMATS:
         raise PredictionError(f"format={fmt!r} is not one of {sorted(FORMATS)}.")
-    size = int(model.hparams.image_size)
-    wrapper = ProbabilityModel(model.net).cpu().eval()
+    size = model.image_size
+    wrapper = ProbabilityModel(model.checkpoint_module.net).cpu().eval()
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     output.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
-        _export_onnx(wrapper, example, output, model)
+        _export_onnx(wrapper, example, output, export_metadata(model))
     else:
         with torch.no_grad():
             traced = torch.jit.trace(wrapper, example)
-        torch.jit.save(traced, str(output), _extra_files={"image_size": str(size)})
+        torch.jit.save(traced, str(output), _extra_files=export_metadata(model))
     return output
 
 
+def export_metadata(model: LoadedModel) -> dict[str, str]:
+    """What an exported file says about itself; the loader reads back image_size and
+    decision_threshold."""
+    metadata = {
+        "image_size": str(model.image_size),
+        "classes": ",".join(CLASS_NAMES),
+        "backbone": model.checkpoint_module.hparams.backbone,
+        "input": "uint8 RGB, shape (N, 3, image_size, image_size), resized with antialiasing",
+        "output": "probabilities (N, 2): P(Negative), P(Positive = crack)",
+    }
+    if model.threshold is not None:  # chosen on validation
+        metadata[METADATA_KEY] = str(model.threshold)
+    return metadata
+
+
 def _export_onnx(
-    wrapper: nn.Module, example: torch.Tensor, output: Path, model: CrackClassifier
+    wrapper: nn.Module, example: torch.Tensor, output: Path, metadata: dict[str, str]
 ) -> None:
     import onnx
 
@@ -80,15 +98,6 @@ def _export_onnx(
         dynamo=True,
     )
     proto = onnx.load(str(output))
-    metadata = {
-        "image_size": str(model.hparams.image_size),
-        "classes": ",".join(CLASS_NAMES),
-        "backbone": model.hparams.backbone,
-        "input": "uint8 RGB, shape (N, 3, image_size, image_size), resized with antialiasing",
-        "output": "probabilities (N, 2): P(Negative), P(Positive = crack)",
-    }
-    if getattr(model, "decision_threshold", None) is not None:  # chosen on validation
-        metadata["decision_threshold"] = str(model.decision_threshold)
     _add_metadata(proto, metadata)
     onnx.save(proto, str(output))
 
@@ -242,14 +251,11 @@ def quantize_onnx(
     return output
 
 
-def export_int8(
-    model: CrackClassifier, output: Path, calibration: DictConfig, progress: bool
-) -> Path:
+def export_int8(model: LoadedModel, output: Path, calibration: DictConfig, progress: bool) -> Path:
     """Export to ONNX, then quantise to int8 with images named in `calibration`."""
     check_calibration(calibration)
     files = calibration_files(calibration.inputs, calibration.images)
-    size = int(model.hparams.image_size)
-    images = CalibrationImages(files, size, calibration.batch_size, progress)
+    images = CalibrationImages(files, model.image_size, calibration.batch_size, progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_model(model, "onnx", Path(tmp) / "fp32.onnx")
@@ -259,7 +265,7 @@ def export_int8(
 def export(cfg: DictConfig) -> None:
     """The export command's body: conf/export.yaml's settings."""
     check_quantize(cfg.quantize, cfg.format)
-    model = load_checkpoint_model(cfg.ckpt_path)
+    model = load_classifier(cfg.ckpt_path, "cpu")
     suffix = (".int8" if cfg.quantize else "") + FORMATS.get(cfg.format, "")
     output = Path(cfg.output or Path(cfg.ckpt_path).with_suffix(suffix))
     if cfg.quantize:
@@ -269,7 +275,7 @@ def export(cfg: DictConfig) -> None:
     kind = f"{cfg.format}, {cfg.quantize}" if cfg.quantize else cfg.format
     print(
         f"Exported {cfg.ckpt_path} as {kind} to {path} "
-        f"(input uint8 RGB {model.hparams.image_size}x{model.hparams.image_size})"
+        f"(input uint8 RGB {model.image_size}x{model.image_size})"
     )
 
 

@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 from crack_lightning.data.decode import resize
 from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.errors import PredictionError
-from crack_lightning.inference.classifiers import OnnxClassifier, TorchClassifier
+from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.progress import track
 
 # the heat-map PNG is scaled down to this longest side; the CSV keeps full-size coordinates
@@ -78,7 +78,7 @@ def window_starts(length: int, patch: int, stride: int) -> list[int]:
 
 
 def scan_photo(
-    classifier: TorchClassifier | OnnxClassifier,
+    classifier: LoadedModel,
     photo: Image.Image,
     path: Path,
     patch_size: int,
@@ -105,7 +105,6 @@ def scan_photo(
             for x in window_starts(width, patch_size, stride)
         ]
     )
-    familiar = getattr(classifier, "feature_stats", None) is not None
     probs, scores = [], []
     for start in track(range(0, len(boxes), batch_size), f"Scanning {path.name}", "batch"):
         crops = [
@@ -113,12 +112,10 @@ def scan_photo(
             for x, y in boxes[start : start + batch_size]
         ]
         batch = torch.stack([resize(c, classifier.image_size) for c in crops])
-        if familiar:
-            batch_probs, batch_scores = classifier.predict_unfamiliar(batch)
-            scores.append(batch_scores)
-        else:
-            batch_probs = classifier.predict(batch)
+        batch_probs, batch_scores = classifier.predict_unfamiliar(batch)
         probs.append(batch_probs)
+        if batch_scores is not None:
+            scores.append(batch_scores)
     return ScanResult(
         path,
         width,
@@ -127,7 +124,7 @@ def scan_photo(
         boxes,
         np.concatenate(probs),
         threshold,
-        np.concatenate(scores) if familiar else None,
+        np.concatenate(scores) if scores else None,
         unfamiliar_limit,
     )
 
