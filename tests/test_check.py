@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from crack_lightning.commands.data import main as cli
 from crack_lightning.data.check import check_dataset, file_problem
-from crack_lightning.data.cli import main as cli
 from crack_lightning.errors import DataError
 from crack_lightning.training.run import build
 
@@ -117,9 +117,9 @@ def test_cli_check_prints_the_report_and_fails(planted, capsys):
     assert out.rstrip().endswith("FAILED: 4 problems would corrupt training.")
 
 
-def test_python_m_crack_lightning_data_runs_the_cli(planted):
+def test_python_m_crack_lightning_commands_data_runs_the_cli(planted):
     result = run_python(
-        "-m", "crack_lightning.data", "check", f"root={planted}", "quick=true", timeout=120
+        "-m", "crack_lightning.commands.data", "check", f"root={planted}", "quick=true", timeout=120
     )
     assert result.returncode == 1, result.stderr
     assert "FAILED: 4 problems would corrupt training." in result.stdout

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from crack_lightning.data.datamodule import CrackDataModule
-from crack_lightning.data.layout import scan_samples
+from crack_lightning.data.sources import scan_samples
 from crack_lightning.data.splits import stratified_split
 from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import DataError
