@@ -115,6 +115,27 @@ def test_bad_sources_get_clear_errors(tmp_path):
         )
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("group_distance=abc", r"data\.sources\.decks\.group_distance=abc must be an integer\."),
+        ("group_distance=40", r"data\.sources\.decks\.group_distance=40 must be an integer in"),
+        ("split=blocks", r"data\.sources\.decks\.split=blocks must be one of random, grouped"),
+        ("subsets=5", r"data\.sources\.decks\.subsets=5 must be a list"),
+        ("classes.Positive=3", r"data\.sources\.decks\.classes=.* must be a mapping"),
+        ("group_pattern='(x'", r"data\.sources\.decks\.group_pattern='\(x' is no regex"),
+    ],
+)
+def test_source_settings_are_checked_by_their_schema(make_cfg, tmp_path, setting, message):
+    cfg = make_cfg(
+        "+data/sources@data.sources.decks=sdnet2018",
+        f"data.sources.decks.root={tmp_path}",
+        f"data.sources.decks.{setting}",
+    )
+    with pytest.raises(DataError, match=message):
+        build(cfg.data).setup("fit")
+
+
 def test_unknown_source_name_through_train_py_is_a_clear_error(make_cfg, tmp_path):
     cfg = make_cfg(f"+data.sources.mine.root={tmp_path}")
     datamodule = build(cfg.data)
