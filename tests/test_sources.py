@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -136,6 +137,15 @@ def test_source_settings_are_checked_by_their_schema(make_cfg, tmp_path, setting
         build(cfg.data).setup("fit")
 
 
+def test_a_pattern_split_that_cannot_be_dealt_points_at_the_pattern(tmp_path):
+    root = sdnet_like(tmp_path / "sdnet", photos=1)  # one photo: one group, nothing for val
+    with pytest.raises(DataError) as info:
+        load_sources(parse_sources({"decks": source(root)}), 0.3, 0.0, 0, check=False)
+    message = str(info.value)
+    assert message.startswith("data.sources.decks: The grouped split left no")
+    assert "data.sources.decks.group_pattern" in message and "group_distance" not in message
+
+
 def test_unknown_source_name_through_train_py_is_a_clear_error(make_cfg, tmp_path):
     cfg = make_cfg(f"+data.sources.mine.root={tmp_path}")
     datamodule = build(cfg.data)
@@ -175,6 +185,34 @@ def test_sdnet_download_from_a_local_url_keeps_the_layout_and_is_idempotent(tmp_
     other = SourceSpec.from_config("x", source(tmp_path / "other", download=wrong))
     with pytest.raises(DataError, match="bytes"):
         ensure_source(other, progress=False)
+
+
+def test_a_source_archive_places_only_its_class_images(tmp_path):
+    """Like METU's, a source's archive is unpacked into scratch and only the regular image
+    files of its class folders move into the root: nothing else the archive holds."""
+    tree = sdnet_like(tmp_path / "built" / "SDNET2018", photos=1, crops=2, layout="sdnet")
+    archive = tmp_path / "SDNET2018.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(tree.rglob("*.jpg")):
+            zf.write(path, path.relative_to(tree.parent).as_posix())
+        zf.writestr("SDNET2018/.download.json", '{"planted": true}')
+        zf.writestr("SDNET2018/D/CD/notes.txt", "not an image")
+        zf.writestr("SDNET2018/X/elsewhere.jpg", "not in a class folder")
+    root = tmp_path / "data" / "sdnet2018"
+    spec = SourceSpec.from_config(
+        "decks", source(root, download={"enabled": True, "archive": str(archive)})
+    )
+    ensure_source(spec, progress=False)
+    placed = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert placed == [
+        ".download.json",
+        "D/CD/7000-0.jpg",
+        "D/CD/7000-1.jpg",
+        "D/UD/7000-50.jpg",
+        "D/UD/7000-51.jpg",
+    ]
+    assert json.loads((root / ".download.json").read_text())["folders"] == {"0": 1, "1": 1}
+    assert archive.exists()  # a local archive is kept
 
 
 def test_per_source_metrics_match_a_hand_computed_case():

@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from crack_lightning.data.sources import (
@@ -395,20 +396,22 @@ def unpacked(archive: Path, root: Path, progress: bool, rar_tool: str | None = N
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def regular_images(folder: Path, recursive: bool) -> list[Path]:
-    """The regular image files in an unpacked folder (links not followed, nor taken), so
-    stray paths or links in an archive cannot write or point elsewhere."""
-    if not recursive:
-        return sorted(
-            p for p in folder.iterdir() if p.is_file() and not p.is_symlink() and is_image_name(p)
-        )
+def regular_images(folder: Path, scratch: Path, recursive: bool) -> list[Path]:
+    """The regular image files in an unpacked folder that really lie inside scratch (links
+    neither followed nor taken, nor a linked folder's files), so stray paths or links in
+    an archive cannot make unpacking read, move or write anything outside."""
+    if recursive:  # links to folders are not walked (but folder itself may be one)
+        found = [Path(d) / n for d, _, names in os.walk(folder) for n in names]
+    else:
+        found = list(folder.iterdir())
+    inside = scratch.resolve()
     return sorted(
-        Path(dirpath) / name
-        for dirpath, _, names in os.walk(folder)  # links to folders are not walked
-        for name in names
-        if is_image_name(name)
-        and (Path(dirpath) / name).is_file()
-        and not (Path(dirpath) / name).is_symlink()
+        p
+        for p in found
+        if is_image_name(p.name)
+        and p.is_file()
+        and not p.is_symlink()
+        and p.resolve().is_relative_to(inside)
     )
 
 
@@ -430,7 +433,7 @@ def extract_images(
     with unpacked(archive, root, progress, rar_tool) as scratch:
         counts = {}
         for name, folder in find_unpacked_classes(scratch).items():
-            images = regular_images(folder, recursive=False)
+            images = regular_images(folder, scratch, recursive=False)
             (root / name).mkdir(parents=True, exist_ok=True)
             place(images, folder, root / name)
             counts[name] = len(images)
@@ -449,7 +452,7 @@ def unpack_layout(archive: Path, spec: SourceSpec, progress: bool) -> None:
             )
         folders = class_folders(dataclasses.replace(spec, root=top)).values()
         place(
-            sorted({p for group in folders for f in group for p in regular_images(f, True)}),
+            sorted({p for f in chain(*folders) for p in regular_images(f, scratch, True)}),
             top,
             spec.root,
         )
