@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml constraints.txt
 # done); offline: make data ARGS="archive=/path/to/Concrete Crack Images for Classification.rar"
 # (the same as .venv/bin/crack-data download)
 data: setup
-	$(PY) -m crack_lightning.data download $(ARGS)
+	$(PY) -m crack_lightning.commands.data download $(ARGS)
 
 # the main job: MobileNetV2 on the real data set in data/concrete_crack/ (see README)
 train: setup

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from crack_lightning.commands.data import main as cli
 from crack_lightning.data.check import check_dataset, file_problem
-from crack_lightning.data.cli import main as cli
 from crack_lightning.errors import DataError
 from crack_lightning.training.run import build
 
@@ -117,9 +117,9 @@ def test_cli_check_prints_the_report_and_fails(planted, capsys):
     assert out.rstrip().endswith("FAILED: 4 problems would corrupt training.")
 
 
-def test_python_m_crack_lightning_data_runs_the_cli(planted):
+def test_python_m_crack_lightning_commands_data_runs_the_cli(planted):
     result = run_python(
-        "-m", "crack_lightning.data", "check", f"root={planted}", "quick=true", timeout=120
+        "-m", "crack_lightning.commands.data", "check", f"root={planted}", "quick=true", timeout=120
     )
     assert result.returncode == 1, result.stderr
     assert "FAILED: 4 problems would corrupt training." in result.stdout
@@ -142,6 +142,40 @@ def test_cli_check_errors_are_one_line(tmp_path, capsys):
     assert "quick=maybe must be true or false" in capsys.readouterr().err
     assert cli(["check", str(tmp_path)]) == 2  # settings are key=value
     assert "is not key=value" in capsys.readouterr().err
+
+
+def sdnet_with_a_damaged_crop(root: Path) -> Path:
+    """SDNET2018's layout (D/CD cracked, D/UD not, W/... walls) with one truncated crop."""
+    for folder, seed in (("D/CD", 0), ("D/UD", 10), ("W/CW", 20), ("W/UW", 30)):
+        for i in range(3):
+            write(root / folder / f"70{i}-{seed}.jpg", jpeg(seed + i))
+    good = jpeg(50)
+    write(root / "D" / "CD" / "709-1.jpg", good[: len(good) // 2])
+    return root
+
+
+def test_cli_check_finds_a_damaged_file_in_a_source_of_another_layout(tmp_path, capsys):
+    root = sdnet_with_a_damaged_crop(tmp_path / "SDNET2018")
+    decks = ["+data/sources@data.sources.decks=sdnet2018", f"data.sources.decks.root={root}"]
+    assert cli(["check", *decks, "quick=true"]) == 1
+    out = capsys.readouterr().out
+    assert f"Source decks ({root}): 13 images (6 Negative, 7 Positive)." in out
+    assert "  D/CD/709-1.jpg: truncated JPEG (no end-of-image marker)" in out
+    assert out.rstrip().endswith("FAILED: 1 problems would corrupt training.")
+    (root / "D" / "CD" / "709-1.jpg").unlink()
+    assert cli(["check", *decks, "data.sources.decks.subsets=[D]"]) == 0
+    assert "Source decks" in capsys.readouterr().out
+
+
+def test_training_checks_a_source_of_another_layout_and_names_its_setting(make_cfg, tmp_path):
+    root = sdnet_with_a_damaged_crop(tmp_path / "SDNET2018")
+    cfg = make_cfg("+data/sources@data.sources.decks=sdnet2018", f"data.sources.decks.root={root}")
+    with pytest.raises(DataError) as info:
+        build(cfg.data).setup("fit")
+    message = str(info.value)
+    assert message.startswith(f"data.sources.decks.root={root} has 1 problem(s)")
+    assert "D/CD/709-1.jpg: truncated JPEG" in message
+    assert "data.root" not in message and "doi:" not in message
 
 
 def test_training_refuses_a_broken_data_set_unless_told(make_cfg, planted):

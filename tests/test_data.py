@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 from crack_lightning.data.datamodule import CrackDataModule
-from crack_lightning.data.layout import scan_samples
+from crack_lightning.data.sources import scan_samples
 from crack_lightning.data.splits import stratified_split
 from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import DataError
+from crack_lightning.settings import check_train_settings
 from crack_lightning.training.run import build
 
 
@@ -79,6 +80,38 @@ def test_class_folders_match_in_any_case_with_fixed_labels(tmp_path):
 
 
 # --- splits -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["random", "grouped"])
+def test_data_root_is_one_source_with_the_same_split_and_manifest(
+    make_cfg, sample_root, tmp_path, split
+):
+    """data.root=DIR and a one-entry data.sources naming DIR's class folders go through
+    the same code: the same files in the same splits, the same manifest, byte for byte."""
+    folder = [
+        "+data/sources@data.sources.root=folder",
+        f"data.sources.root.root={sample_root}",
+        f"data.sources.root.split={split}",
+    ]
+    manifests = {}
+    for name, overrides in (
+        ("root", [f"data.root={sample_root}", f"data.split={split}"]),
+        ("sources", [f"data.root={tmp_path / 'unused'}", *folder]),
+    ):
+        dm = datamodule(make_cfg(*overrides, "data.test_fraction=0.1"))
+        manifests[name] = tmp_path / f"{name}.csv"
+        dm.write_manifest(manifests[name])
+        assert dm.split_sources("val") == ([], [0] * len(dm.split["val"]))
+    rows = read_manifest(manifests["root"])
+    assert len(rows) == 481 and {row["source"] for row in rows} == {"root"}
+    assert Counter(row["split"] for row in rows)["test"] >= 46
+    assert manifests["root"].read_bytes() == manifests["sources"].read_bytes()
+
+
+@pytest.mark.parametrize("value", ["maybe", "[1,2]"])
+def test_balanced_sampling_must_be_true_or_false(make_cfg, value):
+    with pytest.raises(DataError, match=r"^data\.balanced_sampling=.* must be true or false\.$"):
+        check_train_settings(make_cfg(f"data.balanced_sampling={value}"))
 
 
 def test_same_seed_gives_the_same_manifest_and_another_seed_a_different_one(

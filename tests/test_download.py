@@ -21,11 +21,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from crack_lightning.data import archives
-from crack_lightning.data import download as download_module
-from crack_lightning.data.archives import extract_images, unpack_rar
-from crack_lightning.data.cli import main as cli
-from crack_lightning.data.download import MARKER_NAME, Source, ensure_dataset, fetch
+from crack_lightning.commands.data import main as cli
+from crack_lightning.data import fetch as fetch_module
+from crack_lightning.data.fetch import (
+    MARKER_NAME,
+    Source,
+    ensure_dataset,
+    extract_images,
+    fetch,
+    unpack_rar,
+)
 from crack_lightning.errors import DataError
 from crack_lightning.training.run import build
 from tests.rar4 import write_rar4
@@ -311,7 +316,7 @@ def test_cli_download_from_a_local_rar_checks_the_count_and_is_idempotent(
     assert cli(["download", f"root={root}", f"archive={archive}"]) == 2
     assert "held {'Negative': 2, 'Positive': 2} images, not 20,000" in capsys.readouterr().err
     shutil.rmtree(root)
-    monkeypatch.setattr(download_module, "METU", Source("unused", None, None, 2))
+    monkeypatch.setattr(fetch_module, "METU", Source("unused", None, None, 2))
     assert cli(["download", f"root={root}", f"archive={archive}"]) == 0
     assert len(list((root / "Positive").iterdir())) == 2
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
@@ -375,7 +380,7 @@ def test_rar_without_class_folders_is_refused(tmp_path):
 
 
 def test_missing_rar_tools_are_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(archives.shutil, "which", lambda name: None)
+    monkeypatch.setattr(fetch_module.shutil, "which", lambda name: None)
     with pytest.raises(
         DataError, match=r"needs the `unar` or `bsdtar` program.*apt-get install unar"
     ):
@@ -387,7 +392,7 @@ def test_missing_rar_tools_are_named(tmp_path, monkeypatch):
 
 def test_data_download_true_fetches_before_training(serve, archive_bytes, make_cfg, monkeypatch):
     server = serve(archive_bytes)
-    monkeypatch.setattr(download_module, "METU", server.source())
+    monkeypatch.setattr(fetch_module, "METU", server.source())
     root = Path(make_cfg().paths.output_dir).parent / "concrete_crack"
     dm = build(make_cfg(f"data.root={root}", "data.download=true").data)
     dm.prepare_data()
@@ -399,7 +404,7 @@ def test_data_download_true_fetches_before_training(serve, archive_bytes, make_c
 
 def test_data_archive_unpacks_a_local_file_without_download(make_cfg, monkeypatch, tmp_path):
     archive = write_rar4(tmp_path / "crack.rar", layout())
-    monkeypatch.setattr(download_module, "METU", Source("http://127.0.0.1:9/x", 1, None, 3))
+    monkeypatch.setattr(fetch_module, "METU", Source("http://127.0.0.1:9/x", 1, None, 3))
     dm = build(make_cfg(f"data.root={tmp_path / 'root'}", f"data.archive={archive}").data)
     dm.prepare_data()
     dm.setup("fit")

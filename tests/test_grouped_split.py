@@ -163,7 +163,7 @@ def test_grouped_split_keeps_near_duplicates_together(make_cfg, sample_root, tmp
             (root / name).mkdir(parents=True, exist_ok=True)
             (root / name / path.name).write_bytes(path.read_bytes())
             shifted_copy(path, root / name / f"near_{path.name}")
-    caplog.set_level("INFO", logger="crack_lightning.data.datamodule")
+    caplog.set_level("INFO", logger="crack_lightning.data.splits")
     dm = build(make_cfg(f"data.root={root}", "data.split=grouped").data)
     dm.setup("fit")
     side = {Path(dm.samples[i][0]).name: n for n, idx in dm.split.items() for i in idx}
@@ -213,7 +213,7 @@ def test_manifest_of_a_grouped_split_is_reproducible(make_cfg, sample_root, tmp_
         paths.append(tmp_path / f"{run}.csv")
         dm.write_manifest(paths[-1])
     assert paths[0].read_bytes() == paths[1].read_bytes()
-    assert io.StringIO(paths[0].read_text()).readline().strip() == "path,label,split"
+    assert io.StringIO(paths[0].read_text()).readline().strip() == "source,path,label,split"
 
 
 def test_seeds_move_groups_of_distinct_sizes_between_splits():

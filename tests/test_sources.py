@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -14,14 +15,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from crack_lightning.data.sources import (
-    SourceSpec,
-    balanced_sampler,
-    class_folders,
-    load_sources,
-    scan_source,
-)
-from crack_lightning.data.sources_download import ensure_source
+from crack_lightning.data.datamodule import balanced_sampler
+from crack_lightning.data.fetch import ensure_source
+from crack_lightning.data.sources import SourceSpec, class_folders, parse_sources, scan_source
+from crack_lightning.data.splits import load_sources, write_manifest
 from crack_lightning.errors import DataError
 from crack_lightning.evaluation.per_source import choose_threshold, per_source_scores
 from crack_lightning.training.run import build
@@ -60,7 +57,7 @@ def test_crops_of_one_photo_never_straddle_train_and_val(tmp_path):
     root = sdnet_like(tmp_path / "sdnet", photos=10)
     config = {"decks": source(root)}
     for seed in range(5):
-        result = load_sources(config, 0.3, 0.0, seed, check=False)
+        result = load_sources(parse_sources(config), 0.3, 0.0, seed, check=False)
         photo = {
             name: {Path(result.samples[i][0]).name.split("-")[0] for i in result.split[name]}
             for name in ("train", "val")
@@ -68,7 +65,7 @@ def test_crops_of_one_photo_never_straddle_train_and_val(tmp_path):
         assert photo["train"] and photo["val"]
         assert not photo["train"] & photo["val"], f"seed {seed}: a photo on both sides"
         assert sorted(result.split["train"] + result.split["val"]) == list(range(120))
-    again = load_sources(config, 0.3, 0.0, 4, check=False)
+    again = load_sources(parse_sources(config), 0.3, 0.0, 4, check=False)
     assert again.split == result.split  # seeded
 
 
@@ -78,12 +75,12 @@ def test_each_source_is_split_on_its_own_and_the_manifest_names_it(tmp_path):
     write_images(bricks / "Positive", [f"{i}.jpg" for i in range(20)])
     write_images(bricks / "Negative", [f"{i}.jpg" for i in range(20)], shade=100)
     config = {"decks": source(decks), "bricks": source(bricks, "bricks", "folder", split="random")}
-    result = load_sources(config, 0.25, 0.0, 0, check=True)
+    result = load_sources(parse_sources(config), 0.25, 0.0, 0, check=True)
     assert result.names == ["decks", "bricks"]
     val = Counter((result.source[i], result.samples[i][1]) for i in result.split["val"])
     assert val[(1, 0)] == val[(1, 1)] == 5  # stratified within the source: 25% of 20
     assert val[(0, 0)] > 0 and val[(0, 1)] > 0
-    result.write_manifest(tmp_path / "manifest.csv")
+    write_manifest(tmp_path / "manifest.csv", result)
     with (tmp_path / "manifest.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert set(rows[0]) == {"source", "path", "label", "split"}
@@ -112,9 +109,41 @@ def test_bad_sources_get_clear_errors(tmp_path):
     with pytest.raises(DataError, match=r"classes\.Positive=\['X/CX'\] matches no folder"):
         class_folders(spec)
     with pytest.raises(DataError, match="not a known source.*\\+data/sources@data.sources"):
-        load_sources({"sdnet": {"root": str(root)}}, 0.3, 0.0, 0, check=False)
+        load_sources(parse_sources({"sdnet": {"root": str(root)}}), 0.3, 0.0, 0, check=False)
     with pytest.raises(DataError, match="does not match the file name"):
-        load_sources({"d": source(root, group_pattern="^(x+)_")}, 0.3, 0.0, 0, check=False)
+        load_sources(
+            parse_sources({"d": source(root, group_pattern="^(x+)_")}), 0.3, 0.0, 0, check=False
+        )
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("group_distance=abc", r"data\.sources\.decks\.group_distance=abc must be an integer\."),
+        ("group_distance=40", r"data\.sources\.decks\.group_distance=40 must be an integer in"),
+        ("split=blocks", r"data\.sources\.decks\.split=blocks must be one of random, grouped"),
+        ("subsets=5", r"data\.sources\.decks\.subsets=5 must be a list"),
+        ("classes.Positive=3", r"data\.sources\.decks\.classes=.* must be a mapping"),
+        ("group_pattern='(x'", r"data\.sources\.decks\.group_pattern='\(x' is no regex"),
+    ],
+)
+def test_source_settings_are_checked_by_their_schema(make_cfg, tmp_path, setting, message):
+    cfg = make_cfg(
+        "+data/sources@data.sources.decks=sdnet2018",
+        f"data.sources.decks.root={tmp_path}",
+        f"data.sources.decks.{setting}",
+    )
+    with pytest.raises(DataError, match=message):
+        build(cfg.data).setup("fit")
+
+
+def test_a_pattern_split_that_cannot_be_dealt_points_at_the_pattern(tmp_path):
+    root = sdnet_like(tmp_path / "sdnet", photos=1)  # one photo: one group, nothing for val
+    with pytest.raises(DataError) as info:
+        load_sources(parse_sources({"decks": source(root)}), 0.3, 0.0, 0, check=False)
+    message = str(info.value)
+    assert message.startswith("data.sources.decks: The grouped split left no")
+    assert "data.sources.decks.group_pattern" in message and "group_distance" not in message
 
 
 def test_unknown_source_name_through_train_py_is_a_clear_error(make_cfg, tmp_path):
@@ -158,6 +187,34 @@ def test_sdnet_download_from_a_local_url_keeps_the_layout_and_is_idempotent(tmp_
         ensure_source(other, progress=False)
 
 
+def test_a_source_archive_places_only_its_class_images(tmp_path):
+    """Like METU's, a source's archive is unpacked into scratch and only the regular image
+    files of its class folders move into the root: nothing else the archive holds."""
+    tree = sdnet_like(tmp_path / "built" / "SDNET2018", photos=1, crops=2, layout="sdnet")
+    archive = tmp_path / "SDNET2018.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(tree.rglob("*.jpg")):
+            zf.write(path, path.relative_to(tree.parent).as_posix())
+        zf.writestr("SDNET2018/.download.json", '{"planted": true}')
+        zf.writestr("SDNET2018/D/CD/notes.txt", "not an image")
+        zf.writestr("SDNET2018/X/elsewhere.jpg", "not in a class folder")
+    root = tmp_path / "data" / "sdnet2018"
+    spec = SourceSpec.from_config(
+        "decks", source(root, download={"enabled": True, "archive": str(archive)})
+    )
+    ensure_source(spec, progress=False)
+    placed = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert placed == [
+        ".download.json",
+        "D/CD/7000-0.jpg",
+        "D/CD/7000-1.jpg",
+        "D/UD/7000-50.jpg",
+        "D/UD/7000-51.jpg",
+    ]
+    assert json.loads((root / ".download.json").read_text())["folders"] == {"0": 1, "1": 1}
+    assert archive.exists()  # a local archive is kept
+
+
 def test_per_source_metrics_match_a_hand_computed_case():
     # source a: 4 cracked (3 found), 4 not (1 false alarm); source b: 2 cracked (both
     # found), 8 not (no false alarm)
@@ -187,13 +244,13 @@ def test_a_held_out_source_is_tested_whole_and_an_unknown_one_is_refused(tmp_pat
     write_images(bricks / "Positive", [f"{i}.jpg" for i in range(20)])
     write_images(bricks / "Negative", [f"{i}.jpg" for i in range(20)], shade=100)
     config = {"decks": source(decks), "bricks": source(bricks, "bricks", "folder")}
-    result = load_sources(config, 0.25, 0.0, 0, check=False, holdout="bricks")
+    result = load_sources(parse_sources(config), 0.25, 0.0, 0, check=False, holdout="bricks")
     tested = {result.source[i] for i in result.split["test"]}
     trained = {result.source[i] for i in result.split["train"] + result.split["val"]}
     assert tested == {1} and trained == {0}
     assert len(result.split["test"]) == 40
     with pytest.raises(DataError, match="data.holdout_source=brick is not one of the sources"):
-        load_sources(config, 0.25, 0.0, 0, check=False, holdout="brick")
+        load_sources(parse_sources(config), 0.25, 0.0, 0, check=False, holdout="brick")
 
 
 def test_experiment_configs_compose_with_three_roots(tmp_path):

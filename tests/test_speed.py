@@ -98,8 +98,7 @@ def test_gpu_trainer_config_asks_for_auto_mixed_precision():
 def test_batched_device_decoding_matches_the_worker_path(sample_root, tmp_path):
     from PIL import Image
 
-    from crack_lightning.data.decode import decode
-    from crack_lightning.data.device_decode import EncodedImages, collate_encoded, decode_batch
+    from crack_lightning.data.decode import EncodedImages, collate_encoded, decode, decode_batch
 
     files = sorted((sample_root / "Positive").glob("*.jpg"))[:3]
     png = tmp_path / "image.png"
@@ -168,8 +167,7 @@ def test_bars_only_when_both_outputs_are_terminals(monkeypatch, stdout, stderr, 
 def test_device_decoding_names_a_broken_jpeg_and_keeps_decode_py_pixels_for_others(tmp_path):
     from PIL import Image
 
-    from crack_lightning.data.decode import decode
-    from crack_lightning.data.device_decode import EncodedImages, collate_encoded, decode_batch
+    from crack_lightning.data.decode import EncodedImages, collate_encoded, decode, decode_batch
     from crack_lightning.errors import DamagedImage
 
     rgba = tmp_path / "half_transparent.png"

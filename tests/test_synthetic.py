@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from crack_lightning.data.layout import scan_samples
+from crack_lightning.data.sources import scan_samples
 from crack_lightning.data.synthetic import generate_dataset
 
 

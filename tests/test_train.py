@@ -131,7 +131,11 @@ def test_cli_reports_a_missing_data_set_without_a_traceback(tmp_path):
     ("override", "error", "message"),
     [
         ("data.root={tmp}/missing", DataError, "does not exist"),
-        ("data.root={tmp}/wrong_layout", DataError, "must hold exactly two class folders"),
+        (
+            "data.root={tmp}/wrong_layout",
+            DataError,
+            "must hold the class folders Negative/ and Positive/",
+        ),
         ("data.root={tmp}/empty_class", DataError, "empty_class/Positive holds no images"),
         ("model.backbone=alexnet", ModelConfigError, "Unknown backbone model.backbone='alexnet'"),
         (

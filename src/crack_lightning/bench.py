@@ -31,12 +31,12 @@ import yaml
 from omegaconf import MISSING, DictConfig
 
 from crack_lightning.cli import compose_command, run_tool
-from crack_lightning.data.layout import CLASS_NAMES, scan_samples
+from crack_lightning.data.sources import scan_samples
 from crack_lightning.errors import ConfigError
 from crack_lightning.inference.classifiers import LoadedModel, classify_files, load_classifier
 from crack_lightning.inference.export import export_int8, export_model
 from crack_lightning.models.optimizers import build_optimizer
-from crack_lightning.settings import validate
+from crack_lightning.settings import CLASS_NAMES, validate
 from crack_lightning.training.run import build, train
 
 WARMUP_BATCHES = 5

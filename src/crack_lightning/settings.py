@@ -52,14 +52,35 @@ def require(ok: bool, setting: str, value: Any, allowed: str, error: type[Except
         raise error(f"{setting}={value} must be {allowed}.")
 
 
+# index = class label: Negative (no crack) = 0, Positive (crack) = 1
+CLASS_NAMES = ("Negative", "Positive")
+SOURCE_HINT = (
+    "Add a source from a shipped config with `+data/sources@data.sources.NAME=folder` "
+    "(or metu, sdnet2018) and set data.sources.NAME.root=DIR."
+)
+
+
 class SplitKind(str, enum.Enum):
+    """How a source is split: stratified at random, by near-duplicate groups (image
+    hashes), or by a file-name pattern's first group (group_pattern)."""
+
     random = "random"
     grouped = "grouped"
+    pattern = "pattern"
 
 
 class OnBadImage(str, enum.Enum):
     skip = "skip"
     stop = "stop"
+
+
+def check_distance(max_distance: int, setting: str = "data.group_distance") -> None:
+    """Near-duplicate distance: bits of a 64-bit hash."""
+    if int(max_distance) != max_distance or not 0 <= max_distance <= 16:
+        raise DataError(
+            f"{setting}={max_distance} must be an integer in [0, 16] (bits of a "
+            f"64-bit hash; about 32 is what unrelated images differ by)."
+        )
 
 
 @dataclass
@@ -74,11 +95,13 @@ class DataSettings:
     num_workers: int = MISSING
     cache_views: int = MISSING
     split: SplitKind = MISSING
+    group_distance: int = MISSING
     check: bool = MISSING
     download: bool = MISSING
     cache_features: Any = MISSING  # auto, true or false
     decode_on_device: bool = MISSING
     on_bad_image: OnBadImage = MISSING
+    balanced_sampling: bool = MISSING
 
     def __post_init__(self) -> None:
         check_fractions(self.val_fraction, self.test_fraction)
@@ -101,6 +124,90 @@ class DataSettings:
             "auto, true or false",
             DataError,
         )
+        require(
+            self.split is not SplitKind.pattern,
+            "data.split",
+            "pattern",
+            "random or grouped for data.root (a pattern split needs a group_pattern: give "
+            "the folder as a data.sources entry with split=pattern)",
+            DataError,
+        )
+        check_distance(self.group_distance)
+
+
+@dataclass
+class SourceSettings:
+    """One entry of data.sources (conf/data/sources/*.yaml); `section` of validate() is
+    data.sources.NAME, so every message names the source's setting."""
+
+    error: ClassVar[type[CrackLightningError]] = DataError
+    root: str = MISSING
+    classes: dict[str, list[str]] = MISSING  # Negative/Positive -> folder globs under root
+    subsets: list[str] | None = MISSING
+    split: SplitKind = MISSING
+    group_pattern: str | None = MISSING
+    group_distance: int = MISSING
+    download: dict[str, Any] | None = None
+    name: str = ""  # the NAME of data.sources.NAME, for messages
+
+    def __post_init__(self) -> None:
+        where = f"data.sources.{self.name}"
+        if set(self.classes) != set(CLASS_NAMES):
+            raise DataError(
+                f"{where}.classes must map exactly {' and '.join(CLASS_NAMES)} to lists of "
+                f"folders (got {sorted(self.classes)})."
+            )
+        if self.split is SplitKind.pattern:
+            if not self.group_pattern:
+                raise DataError(f"{where}.split=pattern needs {where}.group_pattern (a regex).")
+            try:
+                re.compile(self.group_pattern)
+            except re.error as err:
+                raise DataError(
+                    f"{where}.group_pattern={self.group_pattern!r} is no regex: {err}"
+                ) from None
+        check_distance(self.group_distance, f"{where}.group_distance")
+
+    @classmethod
+    def of(cls, name: str, config: Any) -> SourceSettings:
+        """data.sources.NAME checked: known keys, then types and ranges."""
+        where = f"data.sources.{name}"
+        config = plain(config)
+        if not isinstance(config, Mapping):
+            raise DataError(f"{where} must be a mapping of source settings. {SOURCE_HINT}")
+        keys = {f.name for f in fields(cls)} - {"name", "download"}
+        if missing := keys - set(config):
+            raise DataError(
+                f"{where} is not a known source (it lacks {', '.join(sorted(missing))}). "
+                f"{SOURCE_HINT}"
+            )
+        if unknown := set(config) - keys - {"download"}:
+            raise DataError(
+                f"{where} has unknown settings {sorted(unknown)}; a source takes "
+                f"{', '.join(sorted(keys | {'download'}))}."
+            )
+        if config["root"] is None:
+            raise DataError(f"{where}.root is not set: point it at the source's folder.")
+        classes = config["classes"]
+        if not isinstance(classes, Mapping) or set(classes) != set(CLASS_NAMES):
+            raise DataError(
+                f"{where}.classes must map exactly {' and '.join(CLASS_NAMES)} to lists of "
+                f"folders (got {sorted(classes) if isinstance(classes, Mapping) else classes})."
+            )
+        values = {**config, "download": config.get("download"), "name": name}
+        return validate(values, cls, where)
+
+
+@dataclass
+class DataToolSettings:
+    """`crack-data` (conf/data_tool.yaml)."""
+
+    error: ClassVar[type[CrackLightningError]] = DataError
+    action: str = MISSING
+    root: str = MISSING
+    archive: str | None = MISSING
+    keep_archive: bool = MISSING
+    quick: bool = MISSING
 
 
 @dataclass
@@ -182,6 +289,8 @@ def describe(annotation: Any) -> str:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) is list:
         return "a list, each item " + describe(args[0])
+    if typing.get_origin(annotation) is dict:
+        return "a mapping, each value " + describe(args[1])
     if args:  # X | None
         return describe(args[0]) + " or null"
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):

@@ -1,11 +1,13 @@
-"""What is wrong with a data set on disk: `crack-data check root=ROOT`.
+"""What is wrong with a data set on disk: `crack-data check root=ROOT`, or every source of
+a data config (`crack-data check +data/sources@data.sources.NAME=sdnet2018 ...`).
 
 Two depths. The quick check reads every file's bytes once (seconds for the whole METU
 set; docs/data.md): the layout, counts, files that are empty, are
 no image at all or are cut short (JPEG without its end marker, PNG without IEND), and
 identical files, within a class (duplicates) or across classes (label conflicts). The
 full check also decodes every image with PIL and reports
-sizes and colour modes. `train.py` runs the quick one (data.check=true).
+sizes and colour modes. `train.py` runs the quick one (data.check=true) on every source,
+whatever its layout: the files checked are the ones data/sources.py finds.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import numpy as np
 from PIL import Image
 
 from crack_lightning.data.decode import load_rgb
-from crack_lightning.data.layout import CLASS_NAMES, find_class_dirs, scan_samples
+from crack_lightning.data.sources import SourceSpec, class_folders, scan_source
 from crack_lightning.errors import DataError
 from crack_lightning.progress import track
+from crack_lightning.settings import CLASS_NAMES
 
 # file signatures of the formats ImageFolder accepts (by extension)
 SIGNATURES = {
@@ -43,9 +46,10 @@ MIN_BLOCK_CONTRAST = 0.5
 
 @dataclass
 class Report:
-    """Findings about one data root. `errors` would corrupt training; the rest inform."""
+    """Findings about one source. `errors` would corrupt training; the rest inform."""
 
     root: Path
+    name: str | None = None  # the source's name; None for data.root
     counts: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)  # "path: what is wrong"
     ignored: list[str] = field(default_factory=list)  # files training skips (no image name)
@@ -68,7 +72,8 @@ class Report:
     def summary(self) -> str:
         total = sum(self.counts.values())
         counts = ", ".join(f"{n:,} {name}" for name, n in self.counts.items())
-        lines = [f"Data set {self.root}: {total:,} images ({counts})."]
+        what = f"Source {self.name} ({self.root})" if self.name else f"Data set {self.root}"
+        lines = [f"{what}: {total:,} images ({counts})."]
         if self.full:
             lines.append(f"Sizes: {_top(self.sizes)}. Modes: {_top(self.modes)}.")
         sections = (
@@ -159,30 +164,33 @@ def block_contrast(image: Image.Image) -> float:
 
 
 def check_dataset(
-    root: str | Path,
+    source: str | Path | SourceSpec,
     full: bool = True,
     progress: bool = True,
     samples: Sequence[tuple[str, int]] | None = None,
 ) -> Report:
-    """Inspect root's class folders file by file; layout errors raise DataError.
+    """Inspect a source's class folders file by file (a path: data.root's one source);
+    layout errors raise DataError.
 
-    `samples` are root's (path, label) pairs when the caller has scanned them already.
+    `samples` are the source's (path, label) pairs when the caller has scanned them already.
     """
-    root = Path(root)
+    spec = source if isinstance(source, SourceSpec) else SourceSpec.from_root(source, "random", 0)
+    root = spec.root
     if samples is None:
-        samples = scan_samples(root)  # the exact files training would read
-    report = Report(root=root, full=full)
-    dirs = find_class_dirs(root)
+        samples = scan_source(spec)  # the exact files training would read
+    report = Report(root=root, name=None if spec.shorthand else spec.name, full=full)
     report.counts = {name: 0 for name in CLASS_NAMES}
     for _, label in samples:
         report.counts[CLASS_NAMES[label]] += 1
     image_paths = {path for path, _ in samples}
-    for name in CLASS_NAMES:
-        for dirpath, _, filenames in os.walk(dirs[name], followlinks=True):
-            for filename in sorted(filenames):
-                path = os.path.join(dirpath, filename)
-                if not filename.startswith(".") and path not in image_paths:
-                    report.ignored.append(_rel(path, root))
+    for folders in class_folders(spec).values():
+        for folder in folders:
+            for dirpath, _, filenames in os.walk(folder, followlinks=True):
+                for filename in sorted(filenames):
+                    path = os.path.join(dirpath, filename)
+                    if not filename.startswith(".") and path not in image_paths:
+                        report.ignored.append(_rel(path, root))
+    report.ignored.sort()
 
     by_hash: dict[bytes, list[tuple[str, int]]] = defaultdict(list)
     desc = "Checking images" if full else "Checking files"
@@ -225,18 +233,23 @@ def _rel(path: str, root: Path) -> str:
     return Path(path).relative_to(root).as_posix()
 
 
-def require_clean(root: str | Path, samples: Sequence[tuple[str, int]] | None = None) -> Report:
+def require_clean(spec: SourceSpec, samples: Sequence[tuple[str, int]] | None = None) -> Report:
     """The quick check, raising DataError on problems that would corrupt training."""
-    report = check_dataset(root, full=False, progress=False, samples=samples)
+    report = check_dataset(spec, full=False, progress=False, samples=samples)
     problems = report.problems()
     if problems:
         shown = "; ".join(problems[:5]) + (
             f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""
         )
+        command = (
+            f"`crack-data check root={spec.root}`"
+            if spec.shorthand
+            else "`crack-data check` with the same data.sources settings"
+        )
         raise DataError(
-            f"data.root={root} has {len(problems)} problem(s) that would corrupt training: "
-            f"{shown}. See the full report with `crack-data check root={root}`; "
-            f"delete or fix those files (for a label conflict, the copy in the wrong class), "
-            f"or set data.check=false to train anyway."
+            f"{spec.where}.root={spec.root} has {len(problems)} problem(s) that would corrupt "
+            f"training: {shown}. See the full report with {command}; delete or fix those "
+            f"files (for a label conflict, the copy in the wrong class), or set "
+            f"data.check=false to train anyway."
         )
     return report

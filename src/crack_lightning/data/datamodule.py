@@ -1,27 +1,28 @@
-"""LightningDataModule over an ImageFolder of Negative/ and Positive/ images."""
+"""LightningDataModule over a data set's sources (data.root=DIR is one source)."""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from crack_lightning.data.check import require_clean
-from crack_lightning.data.decode import DecodedImages
-from crack_lightning.data.device_decode import EncodedImages, collate_encoded, decode_batch
-from crack_lightning.data.download import ensure_dataset
+from crack_lightning.data.decode import (
+    DecodedImages,
+    EncodedImages,
+    collate_encoded,
+    decode_batch,
+)
 from crack_lightning.data.feature_cache import FeatureViews, cached_features
-from crack_lightning.data.grouping import check_distance, image_hashes, near_duplicate_groups
-from crack_lightning.data.layout import scan_samples
-from crack_lightning.data.sources import SourceSamples, balanced_sampler, load_sources
-from crack_lightning.data.sources_download import ensure_sources
-from crack_lightning.data.splits import grouped_split, stratified_split, write_manifest
+from crack_lightning.data.fetch import ensure_sources
+from crack_lightning.data.sources import SourceSpec, data_sources
+from crack_lightning.data.splits import SourceSamples, load_sources, write_manifest
 from crack_lightning.data.synthetic import generate_dataset
 from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import DataError
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 class CrackDataModule(L.LightningDataModule):
-    """Stratified, seeded train/val(/test) splits of ROOT/{Negative,Positive}/ images.
+    """Seeded train/val(/test) splits of the data set's sources (data.sources, or the one
+    source data.root=DIR stands for), each split on its own (data/splits.py).
 
     Batches are uint8 image tensors (N, 3, image_size, image_size) and int labels;
     training batches are augmented on their device once there (float [0, 1] then). The
@@ -66,72 +68,39 @@ class CrackDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters(logger=False)
         # types and ranges: crack_lightning.settings.DataSettings, checked by train()
-        if split == "grouped":
-            check_distance(group_distance)
-        self.root = Path(root)
         self.augmentation = Augmentation.from_config(augmentation)
         self.samples: list[tuple[str, int]] = []
         self.split: dict[str, list[int]] = {}
         self.features: torch.Tensor | None = None  # (views, images, dim) once cached
-        # with data.sources: every sample's source (index into source_names)
-        self.sources: SourceSamples | None = None
+        self.sources: SourceSamples | None = None  # every sample's source, once set up
         self.datasets: list[DecodedImages] = []  # every loader's, to list skipped files
         self.reported: set[str] = set()
         self.cache_skipped: set[str] = set()  # damaged files the feature cache left out
 
+    @cached_property
+    def specs(self) -> list[SourceSpec]:
+        """The data set's sources, checked (on first use, not when built)."""
+        hp = self.hparams
+        return data_sources(hp.root, hp.sources, hp.split, hp.group_distance)
+
     def prepare_data(self) -> None:
-        if self.hparams.sources is not None:
-            ensure_sources(self.hparams.sources)
-        elif self.hparams.synthetic is not None:
-            generate_dataset(self.root, **self.hparams.synthetic)
-        elif self.hparams.download or self.hparams.archive is not None:
-            ensure_dataset(self.root, archive=self.hparams.archive)
+        if self.hparams.synthetic is not None:
+            generate_dataset(Path(self.hparams.root), **self.hparams.synthetic)
+        else:
+            ensure_sources(self.specs, self.hparams.archive, self.hparams.download)
 
     def setup(self, stage: str | None = None) -> None:
         if self.split:  # splitting is deterministic; do it once per process
             return
-        fractions = (self.hparams.val_fraction, self.hparams.test_fraction)
-        if self.hparams.sources is not None:
-            self.sources = load_sources(
-                self.hparams.sources,
-                *fractions,
-                self.hparams.seed,
-                self.hparams.check,
-                self.hparams.holdout_source,
-            )
-            self.samples, self.split = self.sources.samples, self.sources.split
-            return
-        self.samples = scan_samples(self.root)
-        if self.hparams.check:
-            report = require_clean(self.root, self.samples)
-            if report.duplicates:
-                log.warning(
-                    "%d groups of identical images within a class (e.g. %s); data.split=grouped "
-                    "keeps each group on one side of the split",
-                    len(report.duplicates),
-                    " = ".join(report.duplicates[0]),
-                )
-        labels = [label for _, label in self.samples]
-        if self.hparams.split == "grouped":
-            self.split = grouped_split(labels, self.groups(), *fractions, self.hparams.seed)
-        else:
-            self.split = stratified_split(labels, *fractions, self.hparams.seed)
-
-    def groups(self) -> list[int]:
-        """Near-duplicate group of every sample (perceptual hash neighbours)."""
-        hashes = image_hashes([path for path, _ in self.samples])
-        groups = near_duplicate_groups(hashes, self.hparams.group_distance).tolist()
-        sizes = Counter(groups)
-        log.info(
-            "Grouped split: %d images in %d groups (largest %d; %d images share a group "
-            "with another) at data.group_distance=%d",
-            len(groups),
-            len(sizes),
-            max(sizes.values()),
-            sum(n for n in sizes.values() if n > 1),
-            self.hparams.group_distance,
+        self.sources = load_sources(
+            self.specs,
+            self.hparams.val_fraction,
+            self.hparams.test_fraction,
+            self.hparams.seed,
+            self.hparams.check,
+            self.hparams.holdout_source,
         )
-        return groups
+        self.samples, self.split = self.sources.samples, self.sources.split
 
     def use_feature_cache(
         self, net: torch.nn.Module, device: torch.device, stage: int | None = None
@@ -189,10 +158,7 @@ class CrackDataModule(L.LightningDataModule):
 
     def write_manifest(self, path: Path) -> None:
         """Record which file went to which split, so a run can be audited and repeated."""
-        if self.sources is not None:
-            self.sources.write_manifest(path)
-        else:
-            write_manifest(path, self.root, self.samples, self.split)
+        write_manifest(path, self.sources)
 
     @property
     def has_test_split(self) -> bool:
@@ -202,10 +168,10 @@ class CrackDataModule(L.LightningDataModule):
         return [self.samples[i] for i in self.split[name]]
 
     def split_sources(self, name: str) -> tuple[list[str], list[int]]:
-        """Source names and each sample's source in split `name`, in loader order."""
-        if self.sources is None:
-            return [], [0] * len(self.split[name])
-        return self.sources.names, [self.sources.source[i] for i in self.split[name]]
+        """Source names and each sample's source in split `name`, in loader order; no
+        names for a data set of one source (its metrics are the pooled ones)."""
+        sources = [self.sources.source[i] for i in self.split[name]]
+        return (self.sources.names if len(self.specs) > 1 else []), sources
 
     def _train_sampler(self) -> torch.utils.data.Sampler | None:
         if not self.hparams.balanced_sampling:
@@ -269,3 +235,15 @@ class CrackDataModule(L.LightningDataModule):
         if not self.has_test_split:
             raise DataError("No test split: set data.test_fraction > 0 to hold one out.")
         return self._loader("test", shuffle=False)
+
+
+def balanced_sampler(
+    labels: Sequence[int], sources: Sequence[int], seed: int
+) -> WeightedRandomSampler:
+    """Draws (with replacement, one epoch = as many draws as images) so that every
+    source x class cell is equally likely, however many images it holds."""
+    cells = list(zip(sources, labels, strict=True))
+    sizes = Counter(cells)
+    weights = torch.tensor([1.0 / sizes[cell] for cell in cells], dtype=torch.double)
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(weights, len(cells), replacement=True, generator=generator)

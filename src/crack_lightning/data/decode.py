@@ -1,6 +1,7 @@
 """The one way image files become model inputs: training, the feature cache, prediction,
 scan, export calibration and the benchmark all decode and resize here, so the model sees
-the same pixels for the same file everywhere.
+the same pixels for the same file everywhere; also decoding on the training device
+(data.decode_on_device) and the inputs predict.py is given (files, folders, patterns).
 
 A file is decoded fully (truncation is caught), its EXIF orientation applied, converted
 to 8-bit RGB (16-bit greys rescaled, transparency shown over white) and resized to a
@@ -10,8 +11,10 @@ intact file, which libjpeg would only warn about while decoding garbage.
 
 from __future__ import annotations
 
+import glob
 import io
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,9 +22,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.transforms.v2.functional import resize as resize_tensor
 
+from crack_lightning.data.sources import IMG_EXTENSIONS, is_image_name
 from crack_lightning.data.transforms import eval_transform
 from crack_lightning.errors import DamagedImage, UnreadableImage
+from crack_lightning.settings import CLASS_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +172,117 @@ class DecodedImages(Dataset):
     def skipped(self) -> list[str]:
         """The files found unreadable so far (in any worker process)."""
         return [str(self.paths[i]) for i in torch.nonzero(self.bad).flatten().tolist()]
+
+
+# --- decoding on the training device (data.decode_on_device=true) ---------------------------
+# On a GPU, decoding and resizing in CPU workers can starve the model: a 2-core host
+# decodes a few hundred 227 px JPEGs a second, the GPU trains on thousands. There the
+# workers only read the files' bytes; each batch is decoded on its device in one batched
+# call (nvJPEG on CUDA) and resized there. On a CPU the same code decodes with
+# libjpeg-turbo, so it runs and is tested anywhere. JPEGs get their EXIF orientation
+# applied as load_rgb does; files that are not JPEG (PNG with transparency, 16-bit
+# images, ...) are decoded in the workers by decode() itself, so they get the same
+# pixels as on every other path.
+
+JPEG_MAGIC = b"\xff\xd8"
+
+
+class EncodedImages(Dataset):
+    """(JPEG bytes as a 1-D uint8 tensor, label) pairs: for JPEGs the workers only read;
+    any other file is decoded here by data/decode.py ((3, size, size) uint8)."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], image_size: int) -> None:
+        self.samples = samples
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        with warnings.catch_warnings():  # torchvision 0.29 marks its io deprecated
+            warnings.simplefilter("ignore")
+            data = read_file(path)
+        if bytes(data[:2].tolist()) != JPEG_MAGIC:
+            return decode(path, self.image_size), label
+        return data, label
+
+
+def collate_encoded(
+    items: list[tuple[torch.Tensor, int]],
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Byte strings differ in length: keep them a list."""
+    return [data for data, _ in items], torch.tensor([label for _, label in items])
+
+
+def decode_batch(
+    encoded: Sequence[torch.Tensor], image_size: int, device: torch.device | str
+) -> torch.Tensor:
+    """uint8 (N, 3, image_size, image_size) RGB on `device` from JPEG bytes (1-D) and
+    images the workers decoded already (3-D)."""
+    is_jpeg = [data.ndim == 1 for data in encoded]
+    jpegs = [data for data, jpeg in zip(encoded, is_jpeg, strict=True) if jpeg]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            decoded = (
+                decode_jpeg(
+                    jpegs, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True
+                )
+                if jpegs
+                else []
+            )
+        except RuntimeError as err:
+            raise DamagedImage(
+                f"a JPEG of this batch cannot be decoded on {device} ({err}). Find it with "
+                f"`crack-data check`, or set data.decode_on_device=false to skip damaged files."
+            ) from None
+    decoded = iter(decoded)
+    images = [
+        next(decoded) if jpeg else data.to(device)
+        for data, jpeg in zip(encoded, is_jpeg, strict=True)
+    ]
+    size = [image_size, image_size]
+    return torch.stack([resize_tensor(image, size, antialias=True) for image in images])
+
+
+# --- what predict.py is given ----------------------------------------------------------------
+
+_GLOB_CHARS = set("*?[")
+
+
+def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand files, folders (recursively, image extensions only) and glob patterns.
+
+    Returns the files to classify, in a stable order without repeats, and (input, reason)
+    for every argument that yielded nothing.
+    """
+    files: dict[Path, None] = {}
+    problems: list[tuple[str, str]] = []
+    for item in inputs:
+        item = str(item)
+        path = Path(item).expanduser()
+        if _GLOB_CHARS & set(item):
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+            found = [p for p in found if p.is_file()]
+            reason = "the pattern matches no file"
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
+            reason = f"the folder holds no images ({', '.join(IMG_EXTENSIONS)})"
+        elif path.is_file():
+            found, reason = [path], ""
+        else:
+            found, reason = [], "no such file or folder"
+        if not found:
+            problems.append((item, reason))
+        files.update(dict.fromkeys(found))
+    return list(files), problems
+
+
+def label_from_path(path: Path) -> int | None:
+    """The class a file is filed under: the nearest parent folder named Negative or Positive."""
+    names = {name.lower(): label for label, name in enumerate(CLASS_NAMES)}
+    for parent in path.parents:
+        if parent.name.lower() in names:
+            return names[parent.name.lower()]
+    return None

@@ -21,6 +21,7 @@ from PIL import Image
 
 from crack_lightning.errors import DataError
 from crack_lightning.progress import track
+from crack_lightning.settings import check_distance
 
 HASH_BITS = 64
 
@@ -51,14 +52,6 @@ def image_hashes(paths: Sequence[str], progress: bool = True) -> np.ndarray:
     """dHash of every path, as uint64."""
     iterator = track(paths, "Hashing images", "img", progress)
     return np.array([dhash(path) for path in iterator], dtype=np.uint64)
-
-
-def check_distance(max_distance: int) -> None:
-    if int(max_distance) != max_distance or not 0 <= max_distance <= 16:
-        raise DataError(
-            f"data.group_distance={max_distance} must be an integer in [0, 16] (bits of a "
-            f"64-bit hash; about 32 is what unrelated images differ by)."
-        )
 
 
 def neighbour_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:

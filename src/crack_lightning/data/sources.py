@@ -1,106 +1,86 @@
-"""Several labelled data sources trained on at once, each split on its own.
+"""What a data set is: a list of labelled sources, and the one finder of their images.
 
 A source (conf/data/sources/*.yaml, set under `data.sources.NAME`) names a root folder,
 the class folders under it that hold cracked (Positive) and uncracked (Negative) images,
-and how to split it: at random (stratified), by near-duplicate groups (`grouped`), or by
-a file-name pattern (`pattern`: the regex's first group is the group, e.g. SDNET2018's
-photo number before `-`), so that crops of one photo never straddle train and
-validation. Every source is split with the same seed and fractions, class by class, and
-the splits are concatenated: each source keeps its share in train, val and test.
+and how to split it (settings.SplitKind). `data.root=DIR` is shorthand for one source
+named `root` whose classes are DIR/Negative and DIR/Positive, split per data.split: it is
+found, checked, split, recorded and cached by exactly the same code as data.sources, and
+only its messages differ (they name data.root and point at the METU data set).
 """
 
 from __future__ import annotations
 
-import csv
 import fnmatch
-import re
-from collections import Counter
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch.utils.data import WeightedRandomSampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from crack_lightning.data.check import require_clean
-from crack_lightning.data.grouping import check_distance, image_hashes, near_duplicate_groups
-from crack_lightning.data.layout import CLASS_NAMES
-from crack_lightning.data.splits import SPLITS, grouped_split, stratified_split
 from crack_lightning.errors import DataError
+from crack_lightning.settings import CLASS_NAMES, SOURCE_HINT, SourceSettings, check_distance
 
-SOURCE_SPLITS = ("random", "grouped", "pattern")
-SOURCE_KEYS = {"root", "classes", "subsets", "split", "group_pattern", "group_distance"}
-OPTIONAL_KEYS = {"download"}
-SOURCE_HINT = (
-    "Add a source from a shipped config with `+data/sources@data.sources.NAME=folder` "
-    "(or metu, sdnet2018) and set data.sources.NAME.root=DIR."
+# the name of the one source data.root=DIR stands for (the manifest's `source` column)
+ROOT_SOURCE = "root"
+DATA_HINT = (
+    "Get the METU 'Concrete Crack Images for Classification' data set "
+    "(doi:10.17632/5y9wdsg2zt.2, see docs/data.md) and extract it so that Negative/ and "
+    "Positive/ sit directly under data.root, or point data.root=/path/to/folder at a copy. "
+    "To try the framework without it, use data=synthetic."
 )
 
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One entry of data.sources, checked."""
+    """One source, checked."""
 
     name: str
     root: Path
     classes: dict[str, list[str]]  # Negative/Positive -> folder patterns under root
     subsets: list[str] | None
-    split: str
+    split: str  # a settings.SplitKind value
     group_pattern: str | None
     group_distance: int
     download: dict | None = None
+    shorthand: bool = False  # data.root=DIR rather than an entry of data.sources
 
     @classmethod
     def from_config(cls, name: str, config: Mapping) -> SourceSpec:
-        where = f"data.sources.{name}"
-        if not isinstance(config, Mapping):
-            raise DataError(f"{where} must be a mapping of source settings. {SOURCE_HINT}")
-        missing = SOURCE_KEYS - set(config)
-        if missing:
-            raise DataError(
-                f"{where} is not a known source (it lacks {', '.join(sorted(missing))}). "
-                f"{SOURCE_HINT}"
-            )
-        unknown = set(config) - SOURCE_KEYS - OPTIONAL_KEYS
-        if unknown:
-            raise DataError(
-                f"{where} has unknown settings {sorted(unknown)}; a source takes "
-                f"{', '.join(sorted(SOURCE_KEYS | OPTIONAL_KEYS))}."
-            )
-        if config["root"] is None:
-            raise DataError(f"{where}.root is not set: point it at the source's folder.")
-        classes = config["classes"]
-        if not isinstance(classes, Mapping) or set(classes) != set(CLASS_NAMES):
-            raise DataError(
-                f"{where}.classes must map exactly {' and '.join(CLASS_NAMES)} to lists of "
-                f"folders (got {sorted(classes) if isinstance(classes, Mapping) else classes})."
-            )
-        if config["split"] not in SOURCE_SPLITS:
-            raise DataError(
-                f"{where}.split={config['split']} must be one of {', '.join(SOURCE_SPLITS)}."
-            )
-        pattern = config["group_pattern"]
-        if config["split"] == "pattern":
-            if not pattern:
-                raise DataError(f"{where}.split=pattern needs {where}.group_pattern (a regex).")
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise DataError(f"{where}.group_pattern={pattern!r} is no regex: {err}") from None
-        if config["split"] == "grouped":
-            check_distance(config["group_distance"])
-        subsets = config["subsets"]
+        """data.sources.NAME, checked by its schema (settings.SourceSettings)."""
+        settings = SourceSettings.of(name, config)
         return cls(
             name=name,
-            root=Path(config["root"]),
-            classes={label: [str(p) for p in classes[label]] for label in CLASS_NAMES},
-            subsets=[str(s) for s in subsets] if subsets is not None else None,
-            split=config["split"],
-            group_pattern=pattern,
-            group_distance=int(config["group_distance"]),
-            download=dict(config["download"]) if config.get("download") else None,
+            root=Path(settings.root),
+            classes={label: list(settings.classes[label]) for label in CLASS_NAMES},
+            subsets=list(settings.subsets) if settings.subsets is not None else None,
+            split=settings.split.value,
+            group_pattern=settings.group_pattern,
+            group_distance=settings.group_distance,
+            download=dict(settings.download) if settings.download else None,
         )
+
+    @classmethod
+    def from_root(cls, root: str | Path, split: str, group_distance: int) -> SourceSpec:
+        """The one source `data.root=DIR` stands for: DIR/Negative and DIR/Positive."""
+        split = getattr(split, "value", split)
+        if split == "grouped":
+            check_distance(group_distance)
+        return cls(
+            name=ROOT_SOURCE,
+            root=Path(root),
+            classes={name: [name] for name in CLASS_NAMES},
+            subsets=None,
+            split=split,
+            group_pattern=None,
+            group_distance=int(group_distance),
+            shorthand=True,
+        )
+
+    @property
+    def where(self) -> str:
+        """The setting that names this source, for messages."""
+        return "data" if self.shorthand else f"data.sources.{self.name}"
 
     def patterns(self, label: str) -> list[str]:
         """The class's folder patterns; with subsets, nested ones only under those."""
@@ -125,179 +105,110 @@ def parse_sources(config: Mapping) -> list[SourceSpec]:
     return specs
 
 
+def data_sources(
+    root: str | Path, sources: Mapping | None, split: str, group_distance: int
+) -> list[SourceSpec]:
+    """The data set's sources: data.sources when set, else the one source of data.root."""
+    if sources is not None:
+        return parse_sources(sources)
+    return [SourceSpec.from_root(root, split, group_distance)]
+
+
 def _subfolders(root: Path, depth: int = 2) -> list[str]:
     """Folders under root up to `depth` levels, as relative POSIX paths."""
     found, level = [], [root]
     for _ in range(depth):
-        level = [p for parent in level for p in sorted(parent.iterdir()) if p.is_dir()]
-        found += [p.relative_to(root).as_posix() for p in level if not p.name.startswith(".")]
+        level = [
+            p
+            for parent in level
+            for p in sorted(parent.iterdir())
+            if p.is_dir() and not p.name.startswith(".")
+        ]
+        found += [p.relative_to(root).as_posix() for p in level]
     return found
 
 
-def class_folders(spec: SourceSpec) -> dict[int, list[Path]]:
-    """Label -> the folders its patterns match (case-insensitive globs), each label at
-    least one; a missing root or a mapping that matches nothing is a DataError."""
-    where = f"data.sources.{spec.name}"
-    if not spec.root.is_dir():
-        raise DataError(
-            f"{where}.root={spec.root} is not a folder. Point it at the source's images "
-            f"(folders {', '.join(spec.classes['Positive'] + spec.classes['Negative'])})."
+def _missing_root(spec: SourceSpec) -> DataError:
+    root = spec.root
+    if spec.shorthand:
+        state = "does not exist" if not root.exists() else "is not a folder"
+        return DataError(f"data.root={root} {state}. {DATA_HINT}")
+    return DataError(
+        f"{spec.where}.root={root} is not a folder. Point it at the source's images "
+        f"(folders {', '.join(spec.classes['Positive'] + spec.classes['Negative'])})."
+    )
+
+
+def _no_match(spec: SourceSpec, name: str, folders: list[str]) -> DataError:
+    if spec.shorthand:
+        top = [f for f in folders if "/" not in f]
+        hint = DATA_HINT
+        wanted = {n.lower() for n in CLASS_NAMES}
+        if len(top) == 1 and wanted <= {f.split("/")[-1].lower() for f in folders}:
+            hint = f"The class folders are one level down: set data.root={spec.root / top[0]}"
+        found = ", ".join(f"{f}/" for f in top) or "no folders"
+        return DataError(
+            f"data.root={spec.root} must hold the class folders Negative/ and Positive/ (any "
+            f"letter case) with the images inside; found {found}. {hint}"
         )
+    return DataError(
+        f"{spec.where}.classes.{name}={spec.patterns(name)} matches no folder under "
+        f"{spec.root} (it has {', '.join(folders[:12]) or 'no folders'}). Fix the "
+        f"mapping, {spec.where}.subsets, or {spec.where}.root."
+    )
+
+
+def class_folders(spec: SourceSpec) -> dict[int, list[Path]]:
+    """Label -> the folders its patterns match (case-insensitive globs, up to two levels
+    deep), each label at least one; a missing root or a mapping that matches nothing is
+    a DataError naming the source's setting."""
+    if not spec.root.is_dir():
+        raise _missing_root(spec)
     folders = _subfolders(spec.root)
     result: dict[int, list[Path]] = {}
     for label, name in enumerate(CLASS_NAMES):
         patterns = [p.lower() for p in spec.patterns(name)]
         matched = [f for f in folders if any(fnmatch.fnmatchcase(f.lower(), p) for p in patterns)]
         if not matched:
-            raise DataError(
-                f"{where}.classes.{name}={spec.patterns(name)} matches no folder under "
-                f"{spec.root} (it has {', '.join(folders[:12]) or 'no folders'}). Fix the "
-                f"mapping, {where}.subsets, or {where}.root."
-            )
+            raise _no_match(spec, name, folders)
         result[label] = [spec.root / f for f in matched]
     return result
 
 
-def scan_source(spec: SourceSpec) -> list[tuple[str, int]]:
-    """(path, label) of every image in the source's class folders, sorted by path."""
-    samples = []
-    for label, folders in class_folders(spec).items():
-        for folder in folders:
-            files = [p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS]
-            if not files:
-                raise DataError(
-                    f"data.sources.{spec.name}: class folder {folder} holds no images "
-                    f"(looked for {', '.join(IMG_EXTENSIONS)} files)."
-                )
-            samples += [(str(p), label) for p in files]
-    return sorted(samples)
+def is_image_name(name: str | Path) -> bool:
+    """Whether training reads the file: an image extension, any letter case."""
+    return str(name).lower().endswith(IMG_EXTENSIONS)
 
 
-def pattern_groups(paths: Sequence[str], pattern: str, where: str) -> list[int]:
-    """Group id per file: files whose names give the same first regex group share one."""
-    regex = re.compile(pattern)
-    ids: dict[str, int] = {}
-    groups = []
-    for path in paths:
-        match = regex.search(Path(path).name)
-        if match is None:
-            raise DataError(
-                f"{where}.group_pattern={pattern!r} does not match the file name {path}; "
-                f"fix the pattern or use {where}.split=grouped (near duplicates) or random."
-            )
-        key = match.group(1) if regex.groups else match.group(0)
-        groups.append(ids.setdefault(key, len(ids)))
-    return groups
-
-
-def split_source(
-    spec: SourceSpec,
-    samples: Sequence[tuple[str, int]],
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-) -> dict[str, list[int]]:
-    """The source's own stratified (and, if asked, grouped) split, indices into samples."""
-    labels = [label for _, label in samples]
-    paths = [path for path, _ in samples]
-    if spec.split == "random":
-        return stratified_split(labels, val_fraction, test_fraction, seed)
-    if spec.split == "pattern":
-        groups = pattern_groups(paths, spec.group_pattern, f"data.sources.{spec.name}")
-    else:
-        groups = near_duplicate_groups(image_hashes(paths), spec.group_distance).tolist()
-    try:
-        return grouped_split(labels, groups, val_fraction, test_fraction, seed)
-    except DataError as err:
-        raise DataError(f"data.sources.{spec.name}: {err}") from None
-
-
-@dataclass
-class SourceSamples:
-    """Samples of all sources, which source each came from, and the combined split."""
-
-    names: list[str]
-    roots: list[Path]
-    samples: list[tuple[str, int]]
-    source: list[int]  # index into names, per sample
-    split: dict[str, list[int]]
-
-    def write_manifest(self, path: Path) -> None:
-        """CSV of every image (relative to its source's root), source, class and split."""
-        rows = [
-            (
-                self.names[self.source[i]],
-                Path(self.samples[i][0]).relative_to(self.roots[self.source[i]]).as_posix(),
-                CLASS_NAMES[self.samples[i][1]],
-                name,
-            )
-            for name, indices in self.split.items()
-            for i in indices
-        ]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["source", "path", "label", "split"])
-            writer.writerows(sorted(rows))
-
-
-def _plain_layout(spec: SourceSpec) -> bool:
-    """Whether the source is laid out as ROOT/Negative, ROOT/Positive (what the file
-    check of data/check.py reads); other layouts are not checked before training."""
-    return all(
-        len(folders) == 1
-        and folders[0].parent == spec.root
-        and folders[0].name.lower() == CLASS_NAMES[label].lower()
-        for label, folders in class_folders(spec).items()
+def image_files(folder: Path) -> list[str]:
+    """The image files under folder, sub-folders included, sorted."""
+    return sorted(
+        os.path.join(dirpath, filename)
+        for dirpath, _, filenames in os.walk(folder, followlinks=True)
+        for filename in filenames
+        if is_image_name(filename)
     )
 
 
-def load_sources(
-    config: Mapping,
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-    check: bool,
-    holdout: str | None = None,
-) -> SourceSamples:
-    """Scan, check and split every source; the split's indices refer to the concatenation.
-
-    A `holdout` source goes to the test split whole: trained on the others, tested on it
-    (leave-one-source-out).
-    """
-    specs = parse_sources(config)
-    names = [s.name for s in specs]
-    if holdout is not None and holdout not in names:
-        raise DataError(
-            f"data.holdout_source={holdout} is not one of the sources ({', '.join(names)})."
-        )
-    if holdout is not None and len(names) < 2:
-        raise DataError("data.holdout_source needs at least two sources: one to train on.")
-    result = SourceSamples([s.name for s in specs], [s.root for s in specs], [], [], {})
-    result.split = {name: [] for name in SPLITS}
-    for index, spec in enumerate(specs):
-        samples = scan_source(spec)
-        if check and _plain_layout(spec):
-            require_clean(spec.root, samples)
-        if spec.name == holdout:
-            split = {"train": [], "val": [], "test": list(range(len(samples)))}
-        else:
-            split = split_source(spec, samples, val_fraction, test_fraction, seed)
-        offset = len(result.samples)
-        for name in SPLITS:
-            result.split[name] += [offset + i for i in split[name]]
-        result.samples += samples
-        result.source += [index] * len(samples)
-    return result
+def scan_source(spec: SourceSpec) -> list[tuple[str, int]]:
+    """(path, label) of every image in the source's class folders, sorted by path; every
+    class folder must hold images."""
+    samples = []
+    for label, folders in class_folders(spec).items():
+        for folder in folders:
+            files = image_files(folder)
+            if not files:
+                looked = f"looked for {', '.join(IMG_EXTENSIONS)} files"
+                raise DataError(
+                    f"Class folder {folder} holds no images ({looked}). Every class needs "
+                    f"images to train on. {DATA_HINT}"
+                    if spec.shorthand
+                    else f"{spec.where}: class folder {folder} holds no images ({looked})."
+                )
+            samples += [(path, label) for path in files]
+    return sorted(samples)
 
 
-def balanced_sampler(
-    labels: Sequence[int], sources: Sequence[int], seed: int
-) -> WeightedRandomSampler:
-    """Draws (with replacement, one epoch = as many draws as images) so that every
-    source x class cell is equally likely, however many images it holds."""
-    cells = list(zip(sources, labels, strict=True))
-    sizes = Counter(cells)
-    weights = torch.tensor([1.0 / sizes[cell] for cell in cells], dtype=torch.double)
-    generator = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(weights, len(cells), replacement=True, generator=generator)
+def scan_samples(root: str | Path) -> list[tuple[str, int]]:
+    """All (image path, label) pairs under root/Negative and root/Positive."""
+    return scan_source(SourceSpec.from_root(root, "random", 0))

@@ -1,18 +1,34 @@
-"""Seeded, stratified train/val/test splits and the manifest that records them."""
+"""Splitting a data set's sources into train/val/test, and the manifest that records it.
+
+Every source is scanned, checked and split on its own, with the same seed and fractions,
+class by class: at random (stratified), by near-duplicate groups (`grouped`), or by a
+file-name pattern (`pattern`: the regex's first group is the group, e.g. SDNET2018's
+photo number before `-`), so that crops of one photo never straddle train and
+validation. The splits are concatenated: each source keeps its share in train, val and
+test. data.root=DIR is one such source (data/sources.py).
+"""
 
 from __future__ import annotations
 
 import csv
+import logging
 import random
+import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from crack_lightning.data.layout import CLASS_NAMES
+from crack_lightning.data.check import require_clean
+from crack_lightning.data.grouping import image_hashes, near_duplicate_groups
+from crack_lightning.data.sources import SourceSpec, scan_source
 from crack_lightning.errors import DataError
-from crack_lightning.settings import check_fractions
+from crack_lightning.settings import CLASS_NAMES, check_fractions
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+MANIFEST_COLUMNS = ("source", "path", "label", "split")
 
 
 def stratified_split(
@@ -42,28 +58,13 @@ def stratified_split(
     return {name: sorted(idx) for name, idx in result.items()}
 
 
-def write_manifest(
-    path: Path, root: Path, samples: Sequence[tuple[str, int]], split: dict[str, list[int]]
-) -> None:
-    """CSV of every image (relative to root), its class and its split, sorted by path."""
-    rows = [
-        (Path(samples[i][0]).relative_to(root).as_posix(), CLASS_NAMES[samples[i][1]], name)
-        for name, indices in split.items()
-        for i in indices
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split"])
-        writer.writerows(sorted(rows))
-
-
 def grouped_split(
     labels: Sequence[int],
     groups: Sequence[int],
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    hint: str = "Lower data.group_distance or use data.split=random.",
 ) -> dict[str, list[int]]:
     """Like stratified_split, but all images of a group land in the same split.
 
@@ -120,7 +121,145 @@ def grouped_split(
             if filled[name][label] == 0:
                 raise DataError(
                     f"The grouped split left no {CLASS_NAMES[label]} image in {name}: the "
-                    f"near-duplicate groups are too large for these fractions. Lower "
-                    f"data.group_distance or use data.split=random."
+                    f"groups are too large for these fractions. {hint}"
                 )
     return {name: sorted(indices) for name, indices in result.items()}
+
+
+def pattern_groups(paths: Sequence[str], pattern: str, where: str) -> list[int]:
+    """Group id per file: files whose names give the same first regex group share one."""
+    regex = re.compile(pattern)
+    ids: dict[str, int] = {}
+    groups = []
+    for path in paths:
+        match = regex.search(Path(path).name)
+        if match is None:
+            raise DataError(
+                f"{where}.group_pattern={pattern!r} does not match the file name {path}; "
+                f"fix the pattern or use {where}.split=grouped (near duplicates) or random."
+            )
+        key = match.group(1) if regex.groups else match.group(0)
+        groups.append(ids.setdefault(key, len(ids)))
+    return groups
+
+
+def near_duplicates(spec: SourceSpec, paths: Sequence[str]) -> list[int]:
+    """Near-duplicate group of every file (perceptual hash neighbours)."""
+    groups = near_duplicate_groups(image_hashes(paths), spec.group_distance).tolist()
+    sizes = Counter(groups)
+    log.info(
+        "Grouped split: %d images in %d groups (largest %d; %d images share a group "
+        "with another) at %s.group_distance=%d",
+        len(groups),
+        len(sizes),
+        max(sizes.values()),
+        sum(n for n in sizes.values() if n > 1),
+        spec.where,
+        spec.group_distance,
+    )
+    return groups
+
+
+def split_source(
+    spec: SourceSpec,
+    samples: Sequence[tuple[str, int]],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> dict[str, list[int]]:
+    """The source's own stratified (and, if asked, grouped) split, indices into samples."""
+    labels = [label for _, label in samples]
+    paths = [path for path, _ in samples]
+    if spec.split == "random":
+        return stratified_split(labels, val_fraction, test_fraction, seed)
+    if spec.split == "pattern":
+        groups = pattern_groups(paths, spec.group_pattern, spec.where)
+        hint = f"Use fewer, smaller groups in {spec.where}.group_pattern or split=random."
+    else:
+        groups = near_duplicates(spec, paths)
+        hint = f"Lower {spec.where}.group_distance or use {spec.where}.split=random."
+    try:
+        return grouped_split(labels, groups, val_fraction, test_fraction, seed, hint)
+    except DataError as err:
+        if spec.shorthand:
+            raise
+        raise DataError(f"{spec.where}: {err}") from None
+
+
+@dataclass
+class SourceSamples:
+    """Samples of all sources, which source each came from, and the combined split."""
+
+    specs: list[SourceSpec]
+    samples: list[tuple[str, int]] = field(default_factory=list)
+    source: list[int] = field(default_factory=list)  # index into specs, per sample
+    split: dict[str, list[int]] = field(default_factory=lambda: {name: [] for name in SPLITS})
+
+    @property
+    def names(self) -> list[str]:
+        return [spec.name for spec in self.specs]
+
+
+def load_sources(
+    specs: Sequence[SourceSpec],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    check: bool,
+    holdout: str | None = None,
+) -> SourceSamples:
+    """Scan, check and split every source; the split's indices refer to the concatenation.
+
+    A `holdout` source goes to the test split whole: trained on the others, tested on it
+    (leave-one-source-out).
+    """
+    names = [s.name for s in specs]
+    if holdout is not None and holdout not in names:
+        raise DataError(
+            f"data.holdout_source={holdout} is not one of the sources ({', '.join(names)})."
+        )
+    if holdout is not None and len(names) < 2:
+        raise DataError("data.holdout_source needs at least two sources: one to train on.")
+    result = SourceSamples(list(specs))
+    for index, spec in enumerate(specs):
+        samples = scan_source(spec)
+        if check:
+            report = require_clean(spec, samples)
+            if report.duplicates:
+                log.warning(
+                    "%s: %d groups of identical images within a class (e.g. %s); split=grouped "
+                    "keeps each group on one side of the split",
+                    spec.root,
+                    len(report.duplicates),
+                    " = ".join(report.duplicates[0]),
+                )
+        if spec.name == holdout:
+            split = {"train": [], "val": [], "test": list(range(len(samples)))}
+        else:
+            split = split_source(spec, samples, val_fraction, test_fraction, seed)
+        offset = len(result.samples)
+        for name in SPLITS:
+            result.split[name] += [offset + i for i in split[name]]
+        result.samples += samples
+        result.source += [index] * len(samples)
+    return result
+
+
+def write_manifest(path: Path, data: SourceSamples) -> None:
+    """CSV of every image: its source, its path relative to that source's root, its class
+    and its split, sorted; the one record of which file went where."""
+    rows = [
+        (
+            data.specs[data.source[i]].name,
+            Path(data.samples[i][0]).relative_to(data.specs[data.source[i]].root).as_posix(),
+            CLASS_NAMES[data.samples[i][1]],
+            name,
+        )
+        for name, indices in data.split.items()
+        for i in indices
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerows(sorted(rows))

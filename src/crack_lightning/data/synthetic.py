@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.io import move_into_place
+from crack_lightning.settings import CLASS_NAMES
 
 _MARKER = ".synthetic.json"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crack_lightning.data.inputs import collect_inputs
+from crack_lightning.data.decode import collect_inputs
 from crack_lightning.evaluation.metrics import binary_metrics, write_evaluation
 from crack_lightning.evaluation.per_source import METRICS, binary_scores
 

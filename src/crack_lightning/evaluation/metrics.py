@@ -14,8 +14,8 @@ from torchmetrics.functional.classification import (
     binary_roc,
 )
 
-from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.evaluation.plots import confusion_matrix_figure, curve_figure, save
+from crack_lightning.settings import CLASS_NAMES
 
 
 def _ratio(num: float, den: float) -> float:

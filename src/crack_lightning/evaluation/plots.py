@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display needed
 
-from crack_lightning.data.layout import CLASS_NAMES
+from crack_lightning.settings import CLASS_NAMES
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 

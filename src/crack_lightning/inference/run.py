@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, open_dict
 
-from crack_lightning.data.decode import load_rgb
-from crack_lightning.data.inputs import collect_inputs, label_from_path
-from crack_lightning.data.layout import CLASS_NAMES
+from crack_lightning.data.decode import collect_inputs, label_from_path, load_rgb
 from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.evaluation.folders import evaluate_inputs, markdown_table
 from crack_lightning.evaluation.metrics import binary_metrics, format_report, write_evaluation
@@ -21,7 +19,7 @@ from crack_lightning.evaluation.plots import image_grid_figure, save
 from crack_lightning.inference.classifiers import classify_files, load_classifier
 from crack_lightning.inference.scan import render_scan, scan_photo, write_scan_csv
 from crack_lightning.inference.threshold import decision_threshold
-from crack_lightning.settings import PredictSettings, validate
+from crack_lightning.settings import CLASS_NAMES, PredictSettings, validate
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:

@@ -12,10 +12,10 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from crack_lightning.data.decode import resize
-from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.errors import PredictionError
 from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.progress import track
+from crack_lightning.settings import CLASS_NAMES
 
 # the heat-map PNG is scaled down to this longest side; the CSV keeps full-size coordinates
 MAX_FIGURE_SIDE = 2048

@@ -18,10 +18,10 @@ from torchmetrics.classification import (
     BinaryRecall,
 )
 
-from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.data.transforms import to_unit_float
 from crack_lightning.models.backbones import build_feature_extractor, fold_batchnorm, normalization
 from crack_lightning.models.optimizers import build_optimizer, build_scheduler
+from crack_lightning.settings import CLASS_NAMES
 
 
 def stage_metrics(prefix: str) -> MetricCollection:

@@ -12,11 +12,11 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from crack_lightning.data.decode import decode
-from crack_lightning.data.layout import CLASS_NAMES
 from crack_lightning.errors import CrackLightningError, RunDirError
 from crack_lightning.evaluation.metrics import confusion_matrix
 from crack_lightning.evaluation.plots import confusion_matrix_figure, image_grid_figure
 from crack_lightning.io import load_safely
+from crack_lightning.settings import CLASS_NAMES
 from crack_lightning.training.resume import LAST_CKPT, read_training_checkpoint
 
 log = logging.getLogger(__name__)

@@ -1,34 +1,26 @@
 """`crack-data download|check [key=value ...]`: get and inspect the data set.
 
 Settings and their defaults: conf/data_tool.yaml (`crack-data --help`); the data root
-defaults to conf/data's `data.root`. Exit codes: 0 fine, 1 `check` found problems that
+defaults to conf/data's `data.root`. `check` checks `root=` or, when the data config sets
+data.sources (`+data/sources@data.sources.NAME=sdnet2018 data.sources.NAME.root=DIR`),
+every source, whatever its layout. Exit codes: 0 fine, 1 `check` found problems that
 would corrupt training, 2 a setting or the data set is wrong as the message explains.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 
 from crack_lightning.cli import run_tool
 from crack_lightning.data.check import check_dataset
-from crack_lightning.data.download import ensure_dataset
+from crack_lightning.data.fetch import ensure_dataset
+from crack_lightning.data.sources import data_sources
 from crack_lightning.errors import DataError
-from crack_lightning.settings import validate
+from crack_lightning.settings import DataToolSettings, validate
 
 ACTIONS = ("download", "check")
-
-
-@dataclass
-class DataToolSettings:
-    error = DataError
-    action: str = MISSING
-    root: str = MISSING
-    archive: str | None = MISSING
-    keep_archive: bool = MISSING
-    quick: bool = MISSING
 
 
 def run(cfg: DictConfig) -> int:
@@ -38,10 +30,16 @@ def run(cfg: DictConfig) -> int:
         return 0
     if settings.action != "check":
         raise DataError(f"action={settings.action} must be one of {', '.join(ACTIONS)}.")
-    report = check_dataset(settings.root, full=not settings.quick)
-    print(report.summary())
-    return 0 if report.ok else 1
+    data = cfg.get("data") or {}
+    specs = data_sources(settings.root, data.get("sources"), "random", 0)
+    reports = [check_dataset(spec, full=not settings.quick) for spec in specs]
+    print("\n".join(report.summary() for report in reports))
+    return 0 if all(report.ok for report in reports) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_tool("data_tool", run, argv, actions=ACTIONS)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
