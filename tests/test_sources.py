@@ -23,7 +23,8 @@ from crack_lightning.data.sources import (
 )
 from crack_lightning.data.sources_download import ensure_source
 from crack_lightning.errors import DataError
-from crack_lightning.evaluation.per_source import choose_threshold, per_source_scores
+from crack_lightning.evaluation.metrics import per_source_scores
+from crack_lightning.evaluation.threshold import choose_threshold
 from crack_lightning.training.run import build
 
 from .conftest import compose_config
