@@ -4,8 +4,9 @@ and as a report. Training-time validation, per-source metrics, predict mode=eval
 evaluation and sweep summaries all take their figures from here.
 
 Zero division: a ratio whose denominator is empty is 0.0 (as torchmetrics and scikit-learn
-do by default); a figure that is undefined (ROC-AUC or average precision with one class
-only) is None, null in JSON, and is not logged, so no NaN is ever written.
+do by default); a figure that is undefined (ROC-AUC with one class only, average
+precision without a cracked image) is None, null in JSON, and is not logged: no NaN is
+ever written.
 """
 
 from __future__ import annotations

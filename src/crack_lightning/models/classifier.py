@@ -209,9 +209,10 @@ class CrackClassifier(L.LightningModule):
         return {"loss": loss, "probs": probs.detach()}
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        """Log the epoch's metrics once, at its end, from all of the epoch's predictions
-        (gathered from every process under DDP). Figures undefined for the epoch (ROC-AUC
-        with one class) are not logged."""
+        """Log the epoch's metrics once, at its end, from all of its predictions (gathered
+        from every process under DDP): logging them every step would cost Lightning a
+        walk over the stored predictions per call, quadratic in the epoch's length.
+        Figures undefined for the epoch (ROC-AUC with one class) are not logged."""
         metrics = getattr(self, f"{stage}_metrics")
         if not self.trainer.sanity_checking:  # a couple of batches, often of one class
             scores = metrics.compute()
