@@ -70,3 +70,43 @@ class ParamDigest(L.Callback):
             "requires_grad": [n for n, p in pl_module.named_parameters() if p.requires_grad],
         }
         (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class SaveWeights(L.Callback):
+    """Save the model's final weights to `path`: runs that keep no checkpoint
+    (fast_dev_run) can then be validated by hand."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        torch.save(pl_module.state_dict(), self.path)
+
+
+def validate_by_hand(cfg, state_dict: dict) -> dict[str, float]:
+    """Loss, accuracy at 0.5 and ROC-AUC (by counting pairs) of the model of cfg with
+    these weights over the validation loader: what the logged val/* must say."""
+    from crack_lightning.training.run import build
+
+    datamodule = build(cfg.data)
+    datamodule.setup("fit")
+    model = build(cfg.model)
+    model.load_state_dict(state_dict)
+    model.eval()
+    if cfg.data.cache_features is True:  # the run's path: features cached once (or reused)
+        datamodule.use_feature_cache(model.net, torch.device("cpu"))
+    logits, labels = [], []
+    with torch.inference_mode():
+        for inputs, label in datamodule.val_dataloader():
+            logits.append(model.net.head(model.net.pooled(inputs)))
+            labels.append(label)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    probs = logits.softmax(-1)[:, 1]
+    pos, neg = probs[labels == 1][:, None], probs[labels == 0][None, :]
+    pairs = (pos > neg).sum() + 0.5 * (pos == neg).sum()
+    return {
+        "images": len(labels),
+        "loss": float(torch.nn.functional.cross_entropy(logits, labels)),
+        "acc": float(((probs >= 0.5).long() == labels).float().mean()),
+        "auroc": float(pairs / (pos.numel() * neg.numel())),
+    }

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from crack_lightning.errors import ModelConfigError, PredictionError
+from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import LoadedModel, load_classifier
-from crack_lightning.inference.threshold import decision_threshold
 from crack_lightning.inference.unfamiliar import fit_statistics
 from crack_lightning.training.callbacks import ResumeHint
 from crack_lightning.training.resume import LAST_CKPT, resolve_ckpt_path, resume_step

@@ -73,6 +73,7 @@ def test_eval_report_matches_a_hand_computation(predict_cfg, sample_root, tmp_pa
     assert metrics["precision"] == pytest.approx(tp / (tp + fp))
     assert metrics["recall"] == pytest.approx(tp / (tp + fn))
     assert metrics["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert metrics["balanced_accuracy"] == pytest.approx((tp / (tp + fn) + tn / (tn + fp)) / 2)
     assert metrics["roc_auc"] == pytest.approx(auc, abs=1e-4)  # CSV probabilities are rounded
     negative = metrics["classification_report"]["Negative"]
     assert negative["precision"] == pytest.approx(tn / (tn + fn))

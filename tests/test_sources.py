@@ -20,7 +20,8 @@ from crack_lightning.data.fetch import ensure_source
 from crack_lightning.data.sources import SourceSpec, class_folders, parse_sources, scan_source
 from crack_lightning.data.splits import load_sources, write_manifest
 from crack_lightning.errors import DataError
-from crack_lightning.evaluation.per_source import choose_threshold, per_source_scores
+from crack_lightning.evaluation.metrics import per_source_scores
+from crack_lightning.evaluation.threshold import choose_threshold
 from crack_lightning.training.run import build
 
 from .conftest import compose_config

@@ -112,13 +112,30 @@ def test_batched_device_decoding_matches_the_worker_path(sample_root, tmp_path):
     assert (images.float() - expected.float()).abs().mean() < 1.0  # same pixels within rounding
 
 
-def test_training_with_decoding_on_the_device_runs_on_cpu(synthetic_cfg):
+def test_training_with_decoding_on_the_device_runs_on_cpu(
+    synthetic_cfg, backbone_weights, tmp_path
+):
+    """One step on real ImageNet features: the run's validation figures are those of its
+    weights on the images decoded on the CPU, and well above chance."""
+    from .probes import validate_by_hand
+
+    weights = tmp_path / "weights.pt"
+    real = ["model=mobilenetv2", f"model.weights_path={backbone_weights}"]
+    decoded_on_cpu = synthetic_cfg(*real, "data.cache_features=false")
     metrics = train(
         synthetic_cfg(
-            "data.decode_on_device=true", "data.cache_features=false", "+trainer.fast_dev_run=true"
+            *real,
+            "data.decode_on_device=true",
+            "data.cache_features=false",
+            "+trainer.fast_dev_run=true",
+            "+callbacks.weights._target_=tests.probes.SaveWeights",
+            f"+callbacks.weights.path={weights}",
         )
     )
-    assert 0 <= metrics["val/acc"] <= 1
+    expected = validate_by_hand(decoded_on_cpu, torch.load(weights, weights_only=True))
+    assert metrics["val/loss"] == pytest.approx(expected["loss"], abs=1e-4)
+    assert metrics["val/auroc"] == pytest.approx(expected["auroc"])
+    assert metrics["val/auroc"] > 0.85  # a chance ranking scores 0.5
 
 
 def test_device_throughput_reports_every_figure_on_cpu(synthetic_cfg):
@@ -132,12 +149,16 @@ def test_device_throughput_reports_every_figure_on_cpu(synthetic_cfg):
     assert set(figures) == names and all(value > 0 for value in figures.values())
 
 
-def test_default_command_row_reports_time_to_accuracy_beside_keras(synthetic_root, tmp_path):
+def test_default_command_row_reports_time_to_accuracy_beside_keras(
+    synthetic_root, backbone_weights, tmp_path
+):
     from crack_lightning.bench import default_command_row
 
-    row = default_command_row(synthetic_root, None, tmp_path, 1, {"train": 70.0, "predict": 87.0})
+    keras_rates = {"train": 70.0, "predict": 87.0}
+    row = default_command_row(synthetic_root, backbone_weights, tmp_path, 1, keras_rates)
     assert row["images"] == 48 and row["epochs"] == 1
-    assert 0 <= row["default_command_val_acc"] <= 1
+    # one epoch of the head on real ImageNet features tells the synthetic cracks apart
+    assert row["default_command_val_acc"] >= 0.75
     assert row["default_command_vs_one_pass"] == pytest.approx(
         row["default_command_s"] / row["one_backbone_pass_s"]
     )

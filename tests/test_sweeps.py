@@ -105,7 +105,9 @@ def make_job(sweep: Path, name: str, overrides: list[str], metrics: dict | None)
 
 def test_summary_lists_failed_jobs_last_and_refuses_what_is_not_a_sweep(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    make_job(sweep, "0_model.lr=0.1", ["model.lr=0.1", "seed=1"], {"val/acc": 0.8, "val/loss": 0.5})
+    # ROC-AUC of a one-class validation set is undefined: null in metrics.json, n/a here
+    figures = {"val/acc": 0.8, "val/auroc": None, "val/loss": 0.5}
+    make_job(sweep, "0_model.lr=0.1", ["model.lr=0.1", "seed=1"], figures)
     make_job(sweep, "1_model.lr=0.01", ["model.lr=0.01", "seed=1"], None)  # crashed
     make_job(sweep, "2_model.lr=0.001", ["model.lr=0.001", "seed=1"], {"val/acc": 0.9})
     table = write_summary(sweep)
@@ -118,6 +120,7 @@ def test_summary_lists_failed_jobs_last_and_refuses_what_is_not_a_sweep(tmp_path
     assert [r["swept"] for r in rows] == ["model.lr=0.001", "model.lr=0.1", "model.lr=0.01"]
     assert "model.lr=0.01 (no metrics.json (failed or unfinished))" in table
     assert "Sweep summary: 3 jobs, best val/acc first (maximize)" in table
+    assert "| model.lr=0.1 | 0.8000 | n/a | 0.5000 |" in table
 
     with pytest.raises(RunDirError, match="holds no job directories"):
         write_summary(sweep / "0_model.lr=0.1")

@@ -15,6 +15,7 @@ from crack_lightning.errors import ConfigError, DataError, ModelConfigError, Wei
 from crack_lightning.training.run import build, train
 
 from .conftest import run_train_py
+from .probes import validate_by_hand
 
 
 def scalar_steps(run_dir: Path, tag: str) -> list[int]:
@@ -23,11 +24,20 @@ def scalar_steps(run_dir: Path, tag: str) -> list[int]:
     return [event.step for event in events.Scalars(tag)]
 
 
-def test_fast_dev_run_on_synthetic_data(synthetic_cfg):
-    cfg = synthetic_cfg("+trainer.fast_dev_run=true")
+def test_fast_dev_run_on_synthetic_data(synthetic_cfg, tmp_path):
+    weights = tmp_path / "weights.pt"
+    cfg = synthetic_cfg(
+        "+trainer.fast_dev_run=true",
+        "+callbacks.weights._target_=tests.probes.SaveWeights",
+        f"+callbacks.weights.path={weights}",
+    )
     metrics = train(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    assert 0 <= metrics["val/acc"] <= 1 and metrics["val/loss"] > 0
+    # the last weights' figures over the whole validation split, as validated by hand
+    expected = validate_by_hand(cfg, torch.load(weights, weights_only=True))
+    assert metrics["val/loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert metrics["val/acc"] == pytest.approx(expected["acc"])
+    assert metrics["val/auroc"] == pytest.approx(expected["auroc"])
     assert metrics["best_checkpoint"] is None  # fast_dev_run saves no checkpoint
     assert (run_dir / "split_manifest.csv").is_file()
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics

@@ -8,15 +8,19 @@ and summary.csv, summary.md and TensorBoard scalars/text (REPORT_DIR/tensorboard
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from crack_lightning.data.decode import collect_inputs
-from crack_lightning.evaluation.metrics import binary_metrics, write_evaluation
-from crack_lightning.evaluation.per_source import METRICS, binary_scores
+from crack_lightning.evaluation.metrics import (
+    METRICS,
+    binary_metrics,
+    binary_scores,
+    figure,
+    write_evaluation,
+)
 
 SUMMARY_COLUMNS = ("input", "images", "cracked", *METRICS)
 
@@ -60,10 +64,8 @@ def evaluate_inputs(
     return rows
 
 
-def _cell(value: float | int | str) -> str:
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
+def _cell(value: float | int | str | None) -> str:
+    return figure(value) if value is None or isinstance(value, float) else str(value)
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
@@ -89,5 +91,6 @@ def write_summary(rows: Sequence[dict], report_dir: Path, threshold: float) -> N
     with SummaryWriter(str(report_dir / "tensorboard")) as writer:
         for row in rows:
             for metric in METRICS:
-                writer.add_scalar(f"eval/{row['input']}/{metric}", row[metric], 0)
+                if row[metric] is not None:  # ROC-AUC of a one-class folder is undefined
+                    writer.add_scalar(f"eval/{row['input']}/{metric}", row[metric], 0)
         writer.add_text("eval/summary", f"threshold {threshold}\n\n{table}", 0)

@@ -1,77 +1,271 @@
-"""Metrics of a labelled set of predictions, as a report and as figures."""
+"""The one definition of the binary metrics (Positive = crack = label 1): accuracy,
+balanced accuracy, precision, recall, F1, ROC-AUC and average precision, per data source
+and as a report. Training-time validation, per-source metrics, predict mode=eval, scan
+evaluation and sweep summaries all take their figures from here.
+
+Zero division: a ratio whose denominator is empty is 0.0 (as torchmetrics and scikit-learn
+do by default); a figure that is undefined (ROC-AUC with one class only, average
+precision without a cracked image) is None, null in JSON, and is not logged: no NaN is
+ever written.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchmetrics.functional.classification import (
-    binary_auroc,
-    binary_average_precision,
-    binary_precision_recall_curve,
-    binary_roc,
-)
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
-from crack_lightning.evaluation.plots import confusion_matrix_figure, curve_figure, save
 from crack_lightning.settings import CLASS_NAMES
 
+# the figures binary_scores returns, under the names training logs them by
+METRICS = ("acc", "bal_acc", "recall", "precision", "f1", "auroc")
+# the mean over sources, `STAGE/mean_source/METRIC`, logged when a run has several sources
+MEAN = "mean_source"
 
-def _ratio(num: float, den: float) -> float:
-    return float(num / den) if den else 0.0
+
+def ratio(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray | float:
+    """num / den, 0.0 where den is 0; element-wise for arrays."""
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    result = np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den != 0)
+    return float(result) if result.ndim == 0 else result
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Confusion counts, at one threshold (ints) or at many (arrays of the same shape)."""
+
+    tp: np.ndarray | int
+    fp: np.ndarray | int
+    tn: np.ndarray | int
+    fn: np.ndarray | int
+
+    def swapped(self) -> Counts:
+        """The counts with Negative taken as the positive class."""
+        return Counts(tp=self.tn, fp=self.fn, tn=self.tp, fn=self.fp)
+
+
+def counts(labels: np.ndarray, preds: np.ndarray) -> Counts:
+    """Counts of boolean predictions (True = crack) against labels (1 = crack)."""
+    truth, preds = np.asarray(labels).astype(bool), np.asarray(preds).astype(bool)
+    return Counts(
+        tp=int((preds & truth).sum()),
+        fp=int((preds & ~truth).sum()),
+        tn=int((~preds & ~truth).sum()),
+        fn=int((~preds & truth).sum()),
+    )
+
+
+def counts_at(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray) -> Counts:
+    """Counts of `probs >= t` for every t in thresholds at once (arrays like thresholds)."""
+    truth, probs = np.asarray(labels).astype(bool), np.asarray(probs, dtype=float)
+    pos, neg = np.sort(probs[truth]), np.sort(probs[~truth])
+    tp = len(pos) - np.searchsorted(pos, thresholds, side="left")
+    fp = len(neg) - np.searchsorted(neg, thresholds, side="left")
+    return Counts(tp=tp, fp=fp, tn=len(neg) - fp, fn=len(pos) - tp)
+
+
+def accuracy(c: Counts) -> np.ndarray | float:
+    return ratio(np.add(c.tp, c.tn), np.add(c.tp, c.tn) + np.add(c.fp, c.fn))
+
+
+def recall(c: Counts) -> np.ndarray | float:
+    """Share of the cracked called cracked (sensitivity)."""
+    return ratio(c.tp, np.add(c.tp, c.fn))
+
+
+def precision(c: Counts) -> np.ndarray | float:
+    """Share of those called cracked that are cracked."""
+    return ratio(c.tp, np.add(c.tp, c.fp))
+
+
+def f1(c: Counts) -> np.ndarray | float:
+    return ratio(2 * np.asarray(c.tp), 2 * np.asarray(c.tp) + np.add(c.fp, c.fn))
+
+
+def balanced_accuracy(c: Counts) -> np.ndarray | float:
+    """Mean recall of the classes present (scikit-learn's definition): the mean of crack
+    and no-crack recall, or the one present's recall where the labels hold one class."""
+    has_pos = np.add(c.tp, c.fn) > 0
+    has_neg = np.add(c.tn, c.fp) > 0
+    total = recall(c) * has_pos + recall(c.swapped()) * has_neg
+    return ratio(total, has_pos.astype(int) + has_neg.astype(int))
+
+
+def _ranked(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct scores from high to low and the (true, false) positives at or above each."""
+    truth, probs = np.asarray(labels).astype(bool), np.asarray(probs, dtype=float)
+    order = np.argsort(-probs, kind="mergesort")
+    scores, truth = probs[order], truth[order]
+    last_of_tie = np.r_[scores[1:] != scores[:-1], True]
+    tps = np.cumsum(truth)[last_of_tie]
+    fps = np.cumsum(~truth)[last_of_tie]
+    return scores[last_of_tie], tps, fps
+
+
+def roc_curve(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False and true positive rates of every distinct threshold, from (0, 0) to (1, 1)."""
+    _, tps, fps = _ranked(labels, probs)
+    fpr, tpr = np.r_[0, fps], np.r_[0, tps]
+    return ratio(fpr, fpr[-1]), ratio(tpr, tpr[-1])
+
+
+def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """Area under the ROC curve: the chance that a cracked image scores above a sound one,
+    ties counting half. None with one class only (undefined)."""
+    truth = np.asarray(labels).astype(bool)
+    if truth.all() or not truth.any():
+        return None
+    fpr, tpr = roc_curve(labels, probs)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def precision_recall_curve(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall of every distinct threshold, high to low, from recall 0."""
+    _, tps, fps = _ranked(labels, probs)
+    rec = np.r_[0.0, ratio(tps, tps[-1])]
+    prec = np.r_[1.0, ratio(tps, tps + fps)]
+    return prec, rec
+
+
+def average_precision(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """Sum over thresholds of precision times the recall gained (scikit-learn's and
+    torchmetrics' definition). None without a cracked image (recall undefined)."""
+    if not np.asarray(labels).astype(bool).any():
+        return None
+    prec, rec = precision_recall_curve(labels, probs)
+    return float(np.sum(np.diff(rec) * prec[1:]))
+
+
+def binary_scores(
+    labels: np.ndarray, probs: np.ndarray, threshold: float
+) -> dict[str, float | None]:
+    """The METRICS of P(crack) against labels (1 = crack), deciding crack at >= threshold."""
+    c = counts(labels, np.asarray(probs) >= threshold)
+    return {
+        "acc": accuracy(c),
+        "bal_acc": balanced_accuracy(c),
+        "recall": recall(c),
+        "precision": precision(c),
+        "f1": f1(c),
+        "auroc": roc_auc(labels, probs),
+    }
+
+
+def defined(scores: dict[str, float | None]) -> dict[str, float]:
+    """The figures that are defined: what can be logged."""
+    return {name: value for name, value in scores.items() if value is not None}
+
+
+def per_source_scores(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    sources: np.ndarray,
+    names: Sequence[str],
+    threshold: float,
+) -> dict[str, float]:
+    """The pooled METRICS; with several sources also `SOURCE/METRIC` for each and
+    `mean_source/METRIC` (sources equally weighted: SDNET2018 is ~15% cracked, METU 50%,
+    so the pooled figure mostly measures the largest source). With one source the mean
+    would repeat the pooled figures, so there is none. Undefined figures are left out."""
+    labels, probs, sources = np.asarray(labels), np.asarray(probs), np.asarray(sources)
+    result = defined(binary_scores(labels, probs, threshold))
+    if len(names) < 2:
+        return result
+    each = []
+    for index, name in enumerate(names):
+        keep = sources == index
+        if keep.any():
+            scores = defined(binary_scores(labels[keep], probs[keep], threshold))
+            each.append(scores)
+            result |= {f"{name}/{m}": v for m, v in scores.items()}
+    for metric in METRICS:
+        values = [s[metric] for s in each if metric in s]
+        if values:
+            result[f"{MEAN}/{metric}"] = float(np.mean(values))
+    return result
+
+
+class EpochScores(Metric):
+    """An epoch's P(crack) and labels, gathered across DDP processes by torchmetrics;
+    compute() gives binary_scores of them at `threshold`."""
+
+    full_state_update = False
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        self.probs.append(probs.detach().float())
+        self.labels.append(labels.detach())
+
+    def compute(self) -> dict[str, float]:
+        if isinstance(self.probs, list) and not self.probs:  # an epoch without batches
+            return {}
+        probs = dim_zero_cat(self.probs).cpu().numpy()
+        labels = dim_zero_cat(self.labels).cpu().numpy()
+        return defined(binary_scores(labels, probs, self.threshold))
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray) -> np.ndarray:
     """2x2 counts: rows true Negative/Positive, columns predicted Negative/Positive."""
-    matrix = np.zeros((2, 2), dtype=np.int64)
-    np.add.at(matrix, (labels.astype(int), preds.astype(int)), 1)
-    return matrix
+    c = counts(labels, preds)
+    return np.array([[c.tn, c.fp], [c.fn, c.tp]], dtype=np.int64)
 
 
 def class_report(matrix: np.ndarray) -> dict[str, dict[str, float]]:
     """Per-class precision, recall, F1 and support, each class in turn taken as positive."""
+    (tn, fp), (fn, tp) = np.asarray(matrix).tolist()
+    positive = Counts(tp=tp, fp=fp, tn=tn, fn=fn)
     report = {}
-    for label, name in enumerate(CLASS_NAMES):
-        true_pos = matrix[label, label]
-        precision = _ratio(true_pos, matrix[:, label].sum())
-        recall = _ratio(true_pos, matrix[label, :].sum())
+    for name, c in zip(CLASS_NAMES, (positive.swapped(), positive), strict=True):
         report[name] = {
-            "precision": precision,
-            "recall": recall,
-            "f1": _ratio(2 * precision * recall, precision + recall),
-            "support": int(matrix[label, :].sum()),
+            "precision": precision(c),
+            "recall": recall(c),
+            "f1": f1(c),
+            "support": int(c.tp + c.fn),
         }
     report["macro avg"] = {
         key: float(np.mean([report[name][key] for name in CLASS_NAMES]))
         for key in ("precision", "recall", "f1")
-    } | {"support": int(matrix.sum())}
+    } | {"support": int(np.asarray(matrix).sum())}
     return report
 
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
-    """Accuracy, precision, recall, F1 (Positive = crack), ROC-AUC, AP and the matrix."""
-    matrix = confusion_matrix(labels, probs >= threshold)
-    per_class = class_report(matrix)
-    both = len(set(labels.tolist())) == 2
-    target, scores = torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(probs)
+    """predict mode=eval's report: binary_scores (Positive = crack) under their long
+    names, average precision, the confusion matrix and the per-class report."""
+    scores = binary_scores(labels, probs, threshold)
+    matrix = confusion_matrix(labels, np.asarray(probs) >= threshold)
     return {
         "images": len(labels),
         "threshold": threshold,
-        "accuracy": _ratio(np.trace(matrix), matrix.sum()),
-        "precision": per_class["Positive"]["precision"],
-        "recall": per_class["Positive"]["recall"],
-        "f1": per_class["Positive"]["f1"],
-        "roc_auc": float(binary_auroc(scores, target)) if both else float("nan"),
-        "average_precision": float(binary_average_precision(scores, target))
-        if both
-        else float("nan"),
+        "accuracy": scores["acc"],
+        "balanced_accuracy": scores["bal_acc"],
+        "precision": scores["precision"],
+        "recall": scores["recall"],
+        "f1": scores["f1"],
+        "roc_auc": scores["auroc"],
+        "average_precision": average_precision(labels, probs),
         "confusion_matrix": {
             "rows_true_cols_predicted": list(CLASS_NAMES),
             "counts": matrix.tolist(),
         },
-        "classification_report": per_class,
+        "classification_report": class_report(matrix),
     }
+
+
+def figure(value: float | None) -> str:
+    """A figure for people: 4 decimals, n/a where undefined."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def format_report(metrics: dict) -> str:
@@ -85,8 +279,10 @@ def format_report(metrics: dict) -> str:
     (tn, fp), (fn, tp) = metrics["confusion_matrix"]["counts"]
     lines += [
         "",
-        f"accuracy {metrics['accuracy']:.4f}   ROC-AUC {metrics['roc_auc']:.4f}   "
-        f"AP {metrics['average_precision']:.4f}   threshold {metrics['threshold']}",
+        f"accuracy {figure(metrics['accuracy'])}   "
+        f"balanced accuracy {figure(metrics['balanced_accuracy'])}   "
+        f"ROC-AUC {figure(metrics['roc_auc'])}   AP {figure(metrics['average_precision'])}   "
+        f"threshold {metrics['threshold']}",
         "confusion matrix (rows true, columns predicted):",
         f"{'':>12} {'Negative':>9} {'Positive':>9}",
         f"{'Negative':>12} {tn:9d} {fp:9d}",
@@ -99,6 +295,9 @@ def write_evaluation(
     metrics: dict, labels: np.ndarray, probs: np.ndarray, folder: Path
 ) -> list[Path]:
     """metrics.json, report.txt and the confusion-matrix, ROC and PR figures."""
+    # matplotlib is imported where figures are drawn, not by training's metrics
+    from crack_lightning.evaluation.plots import confusion_matrix_figure, curve_figure, save
+
     folder.mkdir(parents=True, exist_ok=True)
     written = [
         folder / name
@@ -110,15 +309,11 @@ def write_evaluation(
             "pr_curve.png",
         )
     ]
-    written[0].write_text(json.dumps(metrics, indent=2) + "\n")
+    written[0].write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     written[1].write_text(format_report(metrics) + "\n")
     save(confusion_matrix_figure(np.array(metrics["confusion_matrix"]["counts"])), written[2])
-    target, scores = torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(probs)
-    fpr, tpr, _ = binary_roc(scores, target)
-    save(curve_figure(fpr.numpy(), tpr.numpy(), "roc", metrics["roc_auc"]), written[3])
-    precision, recall, _ = binary_precision_recall_curve(scores, target)
-    save(
-        curve_figure(recall.numpy(), precision.numpy(), "pr", metrics["average_precision"]),
-        written[4],
-    )
+    fpr, tpr = roc_curve(labels, probs)
+    save(curve_figure(fpr, tpr, "roc", metrics["roc_auc"]), written[3])
+    prec, rec = precision_recall_curve(labels, probs)
+    save(curve_figure(rec, prec, "pr", metrics["average_precision"]), written[4])
     return written

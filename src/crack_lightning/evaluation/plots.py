@@ -36,16 +36,18 @@ def confusion_matrix_figure(matrix: np.ndarray, title: str = "Confusion matrix")
     return figure
 
 
-def curve_figure(x: np.ndarray, y: np.ndarray, kind: str, area: float) -> Figure:
-    """ROC (kind='roc') or precision-recall (kind='pr') curve with its area in the legend."""
+def curve_figure(x: np.ndarray, y: np.ndarray, kind: str, area: float | None) -> Figure:
+    """ROC (kind='roc') or precision-recall (kind='pr') curve with its area in the legend
+    (n/a where undefined: one class only)."""
     figure = Figure(figsize=(4.2, 3.8), dpi=100)
     axes = figure.subplots()
+    shown = "n/a" if area is None else f"{area:.4f}"
     if kind == "roc":
-        axes.plot(x, y, label=f"AUC = {area:.4f}")
+        axes.plot(x, y, label=f"AUC = {shown}")
         axes.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
         axes.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
     else:
-        axes.plot(x, y, label=f"AP = {area:.4f}")
+        axes.plot(x, y, label=f"AP = {shown}")
         axes.set(xlabel="recall", ylabel="precision", title="Precision-recall")
     axes.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
     axes.legend(loc="lower right" if kind == "roc" else "lower left")

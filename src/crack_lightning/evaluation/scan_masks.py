@@ -21,10 +21,10 @@ from PIL import Image
 from crack_lightning.cli import run_tool
 from crack_lightning.data.decode import load_rgb
 from crack_lightning.errors import PredictionError
-from crack_lightning.evaluation.per_source import binary_scores
+from crack_lightning.evaluation.metrics import binary_scores, counts, f1, precision, recall
+from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.inference.scan import ScanResult, render_scan, scan_photo
-from crack_lightning.inference.threshold import decision_threshold
 
 
 def load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
@@ -43,19 +43,22 @@ def patch_truth(result: ScanResult, mask: np.ndarray, min_share: float) -> np.nd
     return np.array(shares) >= min_share
 
 
-def patch_scores(result: ScanResult, truth: np.ndarray) -> dict[str, float]:
+def patch_scores(result: ScanResult, truth: np.ndarray) -> dict[str, float | int | None]:
     """Precision, recall and F1 of the scan's cracked patches (unfamiliar ones count as
-    not cracked), the same for P(crack) alone, and ROC-AUC of P(crack)."""
-    alone = binary_scores(truth.astype(int), result.probs, result.threshold)
-    final = binary_scores(truth.astype(int), result.cracked.astype(float), 0.5)
+    not cracked) with their counts, the same for P(crack) alone, and ROC-AUC of P(crack)
+    (None where the mask makes every patch cracked or none)."""
+    alone = binary_scores(truth, result.probs, result.threshold)
+    final = counts(truth, result.cracked)
     return {
         "patches": len(truth),
         "cracked_patches": int(truth.sum()),
         "unfamiliar_patches": int(result.is_unfamiliar.sum()),
         "threshold": result.threshold,
-        "precision": final["precision"],
-        "recall": final["recall"],
-        "f1": final["f1"],
+        "found_patches": final.tp,
+        "false_alarms": final.fp,
+        "precision": precision(final),
+        "recall": recall(final),
+        "f1": f1(final),
         "classifier_precision": alone["precision"],
         "classifier_recall": alone["recall"],
         "auroc": alone["auroc"],

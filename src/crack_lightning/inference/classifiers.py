@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from crack_lightning.data.decode import DecodedImages
 from crack_lightning.errors import PredictionError
-from crack_lightning.inference.threshold import METADATA_KEY, stored_threshold
+from crack_lightning.evaluation.threshold import METADATA_KEY, stored_threshold
 from crack_lightning.inference.unfamiliar import CHECKPOINT_KEY as FEATURE_STATS_KEY
 from crack_lightning.inference.unfamiliar import stats_stage, unfamiliar_score
 from crack_lightning.io import load_safely

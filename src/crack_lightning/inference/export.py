@@ -29,8 +29,8 @@ from torch import nn
 from crack_lightning.cli import run_tool
 from crack_lightning.data.decode import collect_inputs, decode
 from crack_lightning.errors import PredictionError, UnreadableImage
+from crack_lightning.evaluation.threshold import METADATA_KEY
 from crack_lightning.inference.classifiers import LoadedModel, load_classifier
-from crack_lightning.inference.threshold import METADATA_KEY
 from crack_lightning.progress import progress
 from crack_lightning.settings import CLASS_NAMES
 

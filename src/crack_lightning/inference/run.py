@@ -16,9 +16,9 @@ from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.evaluation.folders import evaluate_inputs, markdown_table
 from crack_lightning.evaluation.metrics import binary_metrics, format_report, write_evaluation
 from crack_lightning.evaluation.plots import image_grid_figure, save
+from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import classify_files, load_classifier
 from crack_lightning.inference.scan import render_scan, scan_photo, write_scan_csv
-from crack_lightning.inference.threshold import decision_threshold
 from crack_lightning.settings import CLASS_NAMES, PredictSettings, validate
 
 

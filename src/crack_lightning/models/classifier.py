@@ -9,33 +9,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    BinaryAccuracy,
-    BinaryAUROC,
-    BinaryF1Score,
-    BinaryPrecision,
-    BinaryRecall,
-)
 
 from crack_lightning.data.transforms import to_unit_float
+from crack_lightning.evaluation.metrics import EpochScores
+from crack_lightning.evaluation.threshold import DEFAULT_THRESHOLD
 from crack_lightning.models.backbones import build_feature_extractor, fold_batchnorm, normalization
 from crack_lightning.models.optimizers import build_optimizer, build_scheduler
 from crack_lightning.settings import CLASS_NAMES
-
-
-def stage_metrics(prefix: str) -> MetricCollection:
-    """Metrics on P(crack), the positive class being Positive (label 1)."""
-    return MetricCollection(
-        {
-            "acc": BinaryAccuracy(),
-            "precision": BinaryPrecision(),
-            "recall": BinaryRecall(),
-            "f1": BinaryF1Score(),
-            "auroc": BinaryAUROC(),
-        },
-        prefix=prefix,
-    )
 
 
 class CrackNet(nn.Module):
@@ -198,9 +178,10 @@ class CrackClassifier(L.LightningModule):
             frozen=freeze_backbone,
             channels_last=channels_last,
         )
-        self.train_metrics = stage_metrics("train/")
-        self.val_metrics = stage_metrics("val/")
-        self.test_metrics = stage_metrics("test/")
+        # each stage's pooled metrics (evaluation/metrics.py) at the untuned threshold
+        self.train_metrics = EpochScores(DEFAULT_THRESHOLD)
+        self.val_metrics = EpochScores(DEFAULT_THRESHOLD)
+        self.test_metrics = EpochScores(DEFAULT_THRESHOLD)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -228,12 +209,14 @@ class CrackClassifier(L.LightningModule):
         return {"loss": loss, "probs": probs.detach()}
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        """Log the epoch's metrics once, at its end. Logging the metric objects every step
-        costs Lightning a walk over AUROC's stored predictions per call: quadratic in
-        the epoch's length, and most of the time of training on cached features."""
+        """Log the epoch's metrics once, at its end, from all of its predictions (gathered
+        from every process under DDP): logging them every step would cost Lightning a
+        walk over the stored predictions per call, quadratic in the epoch's length.
+        Figures undefined for the epoch (ROC-AUC with one class) are not logged."""
         metrics = getattr(self, f"{stage}_metrics")
         if not self.trainer.sanity_checking:  # a couple of batches, often of one class
-            self.log_dict(metrics.compute(), prog_bar=stage == "val")  # synced under DDP
+            scores = metrics.compute()
+            self.log_dict({f"{stage}/{k}": v for k, v in scores.items()}, prog_bar=stage == "val")
         metrics.reset()
 
     def on_train_epoch_end(self) -> None:

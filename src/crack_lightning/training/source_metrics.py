@@ -1,4 +1,5 @@
-"""Callback: per-source validation/test metrics, and the decision threshold it stores.
+"""Callback: per-source validation/test metrics of a run on several data sources, and
+the decision threshold it stores.
 
 Validation and test loaders are not shuffled, so the n-th prediction of an epoch is the
 n-th sample of the split; the data module says which source each one came from. (Under
@@ -16,20 +17,23 @@ import numpy as np
 import torch
 
 from crack_lightning.errors import ModelConfigError
-from crack_lightning.evaluation.per_source import (
+from crack_lightning.evaluation.metrics import MEAN, per_source_scores
+from crack_lightning.evaluation.threshold import (
+    DEFAULT_THRESHOLD,
     THRESHOLD_RULES,
     choose_threshold,
-    per_source_scores,
 )
-from crack_lightning.inference.threshold import METADATA_KEY as CHECKPOINT_KEY
+from crack_lightning.evaluation.threshold import METADATA_KEY as CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
 
 
 class SourceMetrics(L.Callback):
-    """Logs `STAGE/SOURCE/METRIC`, `STAGE/mean_source/METRIC`, `STAGE/bal_acc` and, with
-    a threshold rule, `val/threshold`, the validation-chosen threshold that checkpoints
-    carry (checkpoint["decision_threshold"]) for predict, scan and export."""
+    """With several sources: logs `STAGE/SOURCE/METRIC` and `STAGE/mean_source/METRIC`
+    (the pooled `STAGE/METRIC` come from the model, CrackClassifier). With a threshold
+    rule: `val/threshold`, the validation-chosen threshold that checkpoints carry
+    (checkpoint["decision_threshold"]) for predict, scan and export, the balanced
+    accuracy at it, and the test metrics at it (`test_at_threshold/...`)."""
 
     def __init__(
         self, threshold_rule: str | None, target_recall: float, threshold_tolerance: float
@@ -72,9 +76,10 @@ class SourceMetrics(L.Callback):
         labels = torch.cat(self._labels).numpy()
         names, sources = datamodule.split_sources(split)
         sources = np.asarray(sources[: len(probs)])  # limit_*_batches: the first batches
-        if trainer.world_size > 1:
-            log.warning("Per-source metrics under DDP score process 0's share of %s", split)
         stage = "val" if split == "val" else "test"
+        several = len(names) > 1
+        if trainer.world_size > 1 and (several or self.threshold_rule is not None):
+            log.warning("Per-source metrics under DDP score process 0's share of %s", split)
         if split == "val" and self.threshold_rule is not None:
             self.threshold = choose_threshold(
                 labels,
@@ -86,12 +91,31 @@ class SourceMetrics(L.Callback):
             )
             pl_module.log("val/threshold", self.threshold)
             tuned = per_source_scores(labels, probs, sources, names, self.threshold)
-            pl_module.log("val/mean_source/bal_acc_at_threshold", tuned["mean_source/bal_acc"])
-        scores = per_source_scores(labels, probs, sources, names, 0.5)
-        pl_module.log_dict({f"{stage}/{k}": v for k, v in scores.items()})
+            name = f"{MEAN}/bal_acc" if several else "bal_acc"
+            pl_module.log(f"val/{name}_at_threshold", tuned[name])
+        if several:  # the pooled figures are the model's own
+            scores = per_source_scores(labels, probs, sources, names, DEFAULT_THRESHOLD)
+            pl_module.log_dict({f"{stage}/{k}": v for k, v in scores.items() if "/" in k})
         if stage == "test" and self.threshold is not None:  # what predict.py will decide
             tuned = per_source_scores(labels, probs, sources, names, self.threshold)
             pl_module.log_dict({f"test_at_threshold/{k}": v for k, v in tuned.items()})
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse to monitor a mean over sources in a run on one source (it has none:
+        its figures are the plain STAGE/METRIC ones)."""
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "split_sources"):
+            return
+        if len(datamodule.split_sources("val")[0]) > 1:
+            return
+        for callback in [*trainer.checkpoint_callbacks, *trainer.early_stopping_callbacks]:
+            monitor = getattr(callback, "monitor", None) or ""
+            if f"/{MEAN}/" in monitor:
+                raise ModelConfigError(
+                    f"{type(callback).__name__} monitors {monitor}, but this run has one data "
+                    f"source, so no mean over sources: monitor "
+                    f"{monitor.replace(f'/{MEAN}/', '/')} (the same figure) instead."
+                )
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start()

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from crack_lightning.cli import run_tool
 from crack_lightning.errors import CrackLightningError, RunDirError
+from crack_lightning.evaluation.metrics import figure
 from crack_lightning.training.distributed import process_rank
 from crack_lightning.training.run import METRICS_NAME
 
@@ -162,8 +163,8 @@ def summary_rows(jobs: Sequence[Job], metric: str, direction: str) -> list[dict[
 
 
 def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
+    if value is None or isinstance(value, float):  # null in metrics.json: undefined
+        return figure(value)
     return str(value).replace("|", "\\|")
 
 
