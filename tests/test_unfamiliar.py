@@ -95,7 +95,7 @@ def test_scan_eval_scores_patches_against_the_real_masks(trained_run, tmp_path, 
     """crack-scan-eval end to end: the two masked photos, a report per photo, maps written."""
     import json
 
-    from crack_lightning.evaluation.scan_masks import main
+    from crack_lightning.commands.scan_eval import main
     from tests.conftest import SHARED, shared_path
 
     photos = [shared_path(SHARED / "data" / "photos" / f"crackconcrete_00{n}.png") for n in (4, 6)]

@@ -1,4 +1,4 @@
-"""Training from a composed Hydra config: the body of train.py."""
+"""Training from a composed Hydra config: the body of train.py (commands/train.py runs it)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from crack_lightning.data.datamodule import CrackDataModule
 from crack_lightning.data.feature_cache import cache_wanted
@@ -33,7 +32,6 @@ from crack_lightning.training.callbacks import (
 from crack_lightning.training.distributed import ddp_job
 from crack_lightning.training.precision import resolve_precision
 from crack_lightning.training.resume import resolve_ckpt_path, resume_step
-from crack_lightning.training.run_lock import run_dir_lock
 from crack_lightning.training.source_metrics import SourceMetrics
 
 log = logging.getLogger(__name__)
@@ -226,16 +224,3 @@ def train(cfg: DictConfig) -> dict[str, float]:
         (output_dir / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
         log.info("Best checkpoint's metrics: %s", json.dumps(metrics))
     return metrics
-
-
-def main(cfg: DictConfig) -> float | None:
-    """Hydra task (run by crack_lightning.cli.train): train, return optimized_metric."""
-    if HydraConfig.initialized():  # in a multirun each job has its own directory
-        with open_dict(cfg):
-            cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    with run_dir_lock(Path(cfg.paths.output_dir)):
-        metrics = train(cfg)
-    name = cfg.get("optimized_metric")
-    if name and name not in metrics:
-        log.warning("optimized_metric=%s is not among the metrics %s", name, sorted(metrics))
-    return metrics.get(name) if name else None

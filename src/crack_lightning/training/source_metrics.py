@@ -15,9 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from crack_lightning.errors import ModelConfigError
 from crack_lightning.evaluation.per_source import (
-    THRESHOLD_RULES,
     choose_threshold,
     per_source_scores,
 )
@@ -29,25 +27,12 @@ log = logging.getLogger(__name__)
 class SourceMetrics(L.Callback):
     """Logs `STAGE/SOURCE/METRIC`, `STAGE/mean_source/METRIC`, `STAGE/bal_acc` and, with
     a threshold rule, `val/threshold`, the validation-chosen threshold that checkpoints
-    carry (checkpoint["decision_threshold"]) for predict, scan and export."""
+    carry (checkpoint["decision_threshold"]) for predict, scan and export. The settings
+    are checked at start-up (settings.SourceMetricsSettings)."""
 
     def __init__(
         self, threshold_rule: str | None, target_recall: float, threshold_tolerance: float
     ) -> None:
-        if threshold_rule is not None and threshold_rule not in THRESHOLD_RULES:
-            raise ModelConfigError(
-                f"callbacks.source_metrics.threshold_rule={threshold_rule} must be one of "
-                f"{', '.join(THRESHOLD_RULES)} or null (keep 0.5)."
-            )
-        if not 0 < target_recall <= 1:
-            raise ModelConfigError(
-                f"callbacks.source_metrics.target_recall={target_recall} must lie in (0, 1]."
-            )
-        if not 0 <= threshold_tolerance < 1:
-            raise ModelConfigError(
-                f"callbacks.source_metrics.threshold_tolerance={threshold_tolerance} must lie "
-                f"in [0, 1): how much balanced accuracy a threshold nearer 0.5 may give up."
-            )
         self.threshold_rule = threshold_rule
         self.target_recall = target_recall
         self.threshold_tolerance = threshold_tolerance
