@@ -114,3 +114,9 @@ def test_scan_eval_scores_patches_against_the_real_masks(trained_run, tmp_path, 
     missing_mask.write_bytes(photos[0].read_bytes())
     assert main([*args, f"photos=[{missing_mask}]"]) == 2
     assert "No crack mask" in capsys.readouterr().err
+    # the scan loop predict mode=scan uses: an unreadable photo is skipped and named
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a PNG")
+    assert main([*args, f"photos=[{broken},{photos[0]}]", "scan.stride=181"]) == 0
+    assert f"Skipped {broken}" in capsys.readouterr().err
+    assert set(json.loads((out / "scan_eval.json").read_text())) == {"crackconcrete_004.png"}

@@ -163,6 +163,7 @@ class PredictSettings:
 
     error: ClassVar[type[CrackLightningError]] = PredictionError
     mode: PredictMode = MISSING
+    output: str = MISSING  # the predictions table: .csv or .json
     threshold: float | None = MISSING  # null: the checkpoint's stored threshold
     batch_size: int = MISSING
     num_workers: int = MISSING
@@ -178,6 +179,8 @@ class PredictSettings:
             )
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1", err)
         require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0", err)
+        suffix = self.output.rsplit(".", 1)[-1].lower()
+        require(suffix in ("csv", "json"), "output", self.output, "a .csv or .json file", err)
 
 
 def describe(annotation: Any) -> str:

@@ -28,13 +28,12 @@ from crack_lightning.settings import PredictSettings, ScanSettings, validate
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:
-    """CSV or JSON (by extension) with path, label, prob_crack[, true_label]."""
+    """CSV or JSON (by extension, checked at start-up) with path, label, prob_crack[,
+    true_label]."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
         path.write_text(json.dumps(rows, indent=1) + "\n")
         return
-    if path.suffix.lower() != ".csv":
-        raise PredictionError(f"output={path} must end in .csv or .json.")
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
