@@ -190,6 +190,14 @@ FEATURE_STATS = (
             "callbacks.finetune.train_bn=maybe must be true or false.",
         ),
         (["data.augmentation=null"], "data.augmentation=null: choose a file of"),
+        (
+            ["callbacks.progress_bar.line_every_s=0"],
+            "callbacks.progress_bar.line_every_s=0.0 must be seconds > 0.",
+        ),
+        (
+            ["callbacks.validation_figures.max_images=-1"],
+            "callbacks.validation_figures.max_images=-1 must be >= 0.",
+        ),
     ],
 )
 def test_training_settings_are_named_before_anything_runs(overrides, message):

@@ -413,8 +413,45 @@ class FeatureStatsSettings:
         )
 
 
+@dataclass
+class ProgressBarSettings:
+    """callbacks.progress_bar: a bar on a terminal, a line every line_every_s elsewhere."""
+
+    error: ClassVar[type[CrackLightningError]] = ConfigError
+    refresh_rate: int = MISSING  # 0: silent
+    line_every_s: float = MISSING
+
+    def __post_init__(self) -> None:
+        name, err = "callbacks.progress_bar", ConfigError
+        rate, every = self.refresh_rate, self.line_every_s
+        require(rate >= 0, f"{name}.refresh_rate", rate, "an integer >= 0 (0: silent)", err)
+        require(every > 0, f"{name}.line_every_s", every, "seconds > 0", err)
+
+
+@dataclass
+class ValidationFiguresSettings:
+    """callbacks.validation_figures: the confusion matrix and misclassified images."""
+
+    error: ClassVar[type[CrackLightningError]] = ConfigError
+    max_images: int = MISSING
+    threshold: float = MISSING
+
+    def __post_init__(self) -> None:
+        name, err = "callbacks.validation_figures", ConfigError
+        require(self.max_images >= 0, f"{name}.max_images", self.max_images, ">= 0", err)
+        require(
+            0 < self.threshold < 1,
+            f"{name}.threshold",
+            self.threshold,
+            "strictly between 0 and 1",
+            err,
+        )
+
+
 # callbacks with a schema, by their name under `callbacks` in conf/callbacks/
 CALLBACK_SETTINGS: dict[str, type] = {
+    "progress_bar": ProgressBarSettings,
+    "validation_figures": ValidationFiguresSettings,
     "source_metrics": SourceMetricsSettings,
     "finetune": FineTuneSettings,
     "feature_stats": FeatureStatsSettings,
