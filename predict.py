@@ -5,7 +5,7 @@ python predict.py ckpt_path=... inputs=[labelled_dir] mode=eval
 python predict.py ckpt_path=... inputs=[big_photo.jpg] mode=scan
 """
 
-from crack_lightning.cli import predict
+from crack_lightning.commands.predict import predict
 
 if __name__ == "__main__":
     predict()

@@ -3,7 +3,7 @@
 The same command as `crack-train`; `python train.py --help` lists the settings.
 """
 
-from crack_lightning.cli import train
+from crack_lightning.commands.train import train
 
 if __name__ == "__main__":
     train()

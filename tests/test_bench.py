@@ -31,7 +31,7 @@ FIGURES = {
 def test_bench_prints_a_table_and_a_json_line_with_every_figure(sample_root, backbone_weights):
     result = run_python(
         "-m",
-        "crack_lightning.bench",
+        "crack_lightning.commands.bench",
         "images=160",
         "batch_size=8",
         "sizes=[32]",

@@ -3,6 +3,7 @@ settings from its conf/ file, lists them with --help and reports our errors in o
 
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 
@@ -98,12 +99,156 @@ def test_bench_settings_are_checked_before_it_runs(setting, message, capsys):
         ("mode=classify", "mode=classify must be one of predict, eval, scan."),
         ("threshold=1.5", "threshold=1.5 must be strictly between 0 and 1."),
         ("batch_size=abc", "batch_size=abc must be an integer."),
+        ("output=p.txt", "output=p.txt must be a .csv or .json file."),
     ],
 )
 def test_predict_settings_are_checked_before_the_checkpoint_is_read(setting, message):
+    from crack_lightning.commands.predict import run
     from crack_lightning.errors import PredictionError
-    from crack_lightning.inference.run import run
 
     cfg = compose_command("predict", ["ckpt_path=/nowhere.ckpt", "inputs=[/nowhere]", setting])
     with pytest.raises(PredictionError, match=re.escape(message)):
         run(cfg)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("scan.unfamiliar_limit=-1", "scan.unfamiliar_limit=-1.0 must be a number > 0 or null."),
+        ("scan.patch_size=0", "scan.patch_size=0 must be pixels >= 1."),
+        ("scan.stride=0", "scan.stride=0 must be pixels >= 1."),
+        ("scan.stride=abc", "scan.stride=abc must be an integer."),
+    ],
+)
+def test_scan_settings_are_named_before_the_checkpoint_is_read(setting, message):
+    from crack_lightning.commands.predict import run
+    from crack_lightning.errors import PredictionError
+
+    overrides = ["ckpt_path=/nowhere.ckpt", "inputs=[/nowhere]", "mode=scan", setting]
+    with pytest.raises(PredictionError, match=re.escape(message)):
+        run(compose_command("predict", overrides))
+
+
+def test_scan_eval_names_its_settings_in_one_line(capsys):
+    args = ["ckpt_path=/nowhere.ckpt", "photos=[/nowhere.png]"]
+    assert entry_point("crack-scan-eval")([*args, "scan.unfamiliar_limit=-1"]) == 2
+    assert "error: scan.unfamiliar_limit=-1.0 must be" in capsys.readouterr().err
+    assert entry_point("crack-scan-eval")([*args, "min_share=0"]) == 2
+    assert "error: min_share=0.0 must be in (0, 1]." in capsys.readouterr().err
+
+
+FEATURE_STATS = (
+    "callbacks.feature_stats={_target_: crack_lightning.inference.unfamiliar.FeatureStatistics,"
+    " max_images: %s}"
+)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.augmentation.rotation_degrees=abc"],
+            "data.augmentation.rotation_degrees=abc must be a number.",
+        ),
+        (
+            ["data.augmentation.jpeg_quality_min=2.5"],
+            "data.augmentation.jpeg_quality_min=2.5 must be an integer.",
+        ),
+        (
+            ["data/augmentation=photometric", "data.augmentation.blur_p=1.5"],
+            "data.augmentation.blur_p=1.5 must be in [0, 1].",
+        ),
+        (
+            ["callbacks.source_metrics.threshold_tolerance=abc"],
+            "callbacks.source_metrics.threshold_tolerance=abc must be a number.",
+        ),
+        (
+            ["callbacks.source_metrics.threshold_tolerance=1"],
+            "callbacks.source_metrics.threshold_tolerance=1.0 must be in [0, 1)",
+        ),
+        (
+            ["callbacks.source_metrics.threshold_rule=best"],
+            "callbacks.source_metrics.threshold_rule=best must be one of balanced_accuracy, "
+            "recall or null.",
+        ),
+        ([FEATURE_STATS % -5], "callbacks.feature_stats.max_images=-5 must be an integer >= 1."),
+        ([FEATURE_STATS % "many"], "callbacks.feature_stats.max_images=many must be an integer."),
+        (
+            ["callbacks/finetune=unfreeze", "callbacks.finetune.epoch=-1"],
+            "callbacks.finetune.epoch=-1 must be an epoch number >= 0",
+        ),
+        (
+            ["callbacks/finetune=unfreeze", "callbacks.finetune.blocks=some"],
+            "callbacks.finetune.blocks=some must be a number of blocks >= 1 or 'all'.",
+        ),
+        (
+            ["callbacks/finetune=unfreeze", "callbacks.finetune.lr=0"],
+            "callbacks.finetune.lr=0.0 must be a learning rate > 0.",
+        ),
+        (
+            ["callbacks/finetune=unfreeze", "callbacks.finetune.train_bn=maybe"],
+            "callbacks.finetune.train_bn=maybe must be true or false.",
+        ),
+        (["data.augmentation=null"], "data.augmentation=null: choose a file of"),
+        (
+            ["callbacks.progress_bar.line_every_s=0"],
+            "callbacks.progress_bar.line_every_s=0.0 must be seconds > 0.",
+        ),
+        (
+            ["callbacks.validation_figures.max_images=-1"],
+            "callbacks.validation_figures.max_images=-1 must be >= 0.",
+        ),
+    ],
+)
+def test_training_settings_are_named_before_anything_runs(overrides, message):
+    from crack_lightning.errors import CrackLightningError
+    from crack_lightning.settings import check_train_settings
+
+    cfg = compose_command("train", overrides)
+    with pytest.raises(CrackLightningError, match=re.escape(message)):
+        check_train_settings(cfg)
+
+
+def test_train_py_names_a_bad_setting_in_one_line(tmp_path):
+    """Not Hydra's "Error in call to target": one line naming the setting, exit 2."""
+    result = run_python(
+        str(ROOT / "train.py"),
+        "callbacks.source_metrics.threshold_tolerance=abc",
+        f"paths.output_dir={tmp_path}",
+        "logger=none",
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == "error: callbacks.source_metrics.threshold_tolerance=abc must be a number."
+    assert "Traceback" not in result.stderr and "Error in call to target" not in result.stderr
+
+
+PACKAGE = ROOT / "src" / "crack_lightning"
+
+
+def package_imports(path) -> set[str]:
+    """The crack_lightning modules a source file imports (at any depth of the file)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name for name in names if name.startswith("crack_lightning")}
+
+
+def test_no_import_runs_back_up_the_layers():
+    """commands/ -> the wrapper (cli) and the libraries -> settings -> errors: nothing
+    below the commands imports them or the wrapper."""
+    for path in PACKAGE.rglob("*.py"):
+        where = path.relative_to(PACKAGE).as_posix()
+        imported = package_imports(path)
+        if where.startswith("commands/"):
+            continue
+        assert not {m for m in imported if m.startswith("crack_lightning.commands")}, where
+        if where != "cli.py":
+            assert "crack_lightning.cli" not in imported, where
+    wrapper = package_imports(PACKAGE / "cli.py")
+    assert wrapper <= {f"crack_lightning.{m}" for m in ("errors", "runtime", "job_names")}
+    assert package_imports(PACKAGE / "settings.py") == {"crack_lightning.errors"}

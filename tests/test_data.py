@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from crack_lightning.data.datamodule import CrackDataModule
@@ -18,6 +19,8 @@ from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import DataError
 from crack_lightning.settings import check_train_settings
 from crack_lightning.training.run import build
+
+from .conftest import ROOT
 
 
 def make_images(folder: Path, count: int, colour: int = 128) -> None:
@@ -182,10 +185,16 @@ def test_too_few_images_for_a_split_is_a_clear_error():
 # --- transforms and batches ---------------------------------------------------------------
 
 
+def augmentation(**changes) -> Augmentation:
+    """conf/data/augmentation/none.yaml (every setting off) with `changes`."""
+    none = OmegaConf.load(ROOT / "conf" / "data" / "augmentation" / "none.yaml")
+    return Augmentation.from_config({**none, **changes})
+
+
 def test_rotation_fills_corners_by_reflection_not_black():
     flat = torch.full((6, 3, 96, 96), 180, dtype=torch.uint8)
     flat[:, 1] = 170
-    rotate = Augmentation(horizontal_flip=False, vertical_flip=False, rotation_degrees=45)
+    rotate = augmentation(rotation_degrees=45)
     torch.manual_seed(0)
     out = augment_batch(flat, rotate)
     assert out.dtype == torch.float32 and out.shape == (6, 3, 96, 96)
@@ -198,7 +207,7 @@ def test_rotation_turns_each_image_by_its_own_angle_within_the_limit():
     bar = torch.zeros(64, 3, 65, 65, dtype=torch.uint8)
     bar[:, :, :, 31:34] = 255
     torch.manual_seed(0)
-    out = augment_batch(bar, Augmentation(False, False, rotation_degrees=20))
+    out = augment_batch(bar, augmentation(rotation_degrees=20))
     rows = torch.arange(65, dtype=torch.float32)
     weights = out[:, 0]  # (N, H, W)
     centre = (weights * torch.arange(65.0)).sum(-1) / weights.sum(-1)  # bar centre per row
@@ -213,7 +222,7 @@ def test_rotation_turns_each_image_by_its_own_angle_within_the_limit():
 def test_flips_are_exact_mirror_images():
     images = torch.randint(0, 256, (32, 3, 24, 24), dtype=torch.uint8)
     torch.manual_seed(0)
-    out = (augment_batch(images, Augmentation(True, False, 0.0)) * 255).round().to(torch.uint8)
+    out = (augment_batch(images, augmentation(horizontal_flip=True)) * 255).round().to(torch.uint8)
     mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, images, strict=True)]
     same = [torch.equal(o, i) for o, i in zip(out, images, strict=True)]
     assert all(m != s for m, s in zip(mirrored, same, strict=True))  # one or the other
@@ -254,7 +263,7 @@ def test_batches_are_uint8_images_with_labels(make_cfg, sample_root):
 
 def photometric(**settings) -> Augmentation:
     """Only the named photometric settings on (no flips, rotation or crop)."""
-    return Augmentation(horizontal_flip=False, vertical_flip=False, rotation_degrees=0, **settings)
+    return augmentation(**settings)
 
 
 def test_photometric_settings_each_do_what_they_say():
@@ -300,7 +309,7 @@ def test_scale_crops_a_part_of_the_image_and_fills_the_frame():
 )
 def test_out_of_range_augmentation_settings_are_named(make_cfg, setting, value):
     cfg = make_cfg("data/augmentation=photometric", f"data.augmentation.{setting}={value}")
-    with pytest.raises(DataError, match=rf"data.augmentation.{setting}={value} must lie in"):
+    with pytest.raises(DataError, match=rf"data.augmentation.{setting}={value} must be in"):
         Augmentation.from_config(cfg.data.augmentation)
 
 

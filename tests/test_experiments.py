@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
+from omegaconf import OmegaConf
 
+from crack_lightning.settings import check_train_settings
 from crack_lightning.training.run import train
 
-from .conftest import QUIET, compose_config
+from .conftest import QUIET, ROOT, compose_config
 
 
 def test_deterministic_runs_on_cpu_give_identical_metrics_and_weights(synthetic_cfg, tmp_path):
@@ -31,43 +34,49 @@ def test_deterministic_runs_on_cpu_give_identical_metrics_and_weights(synthetic_
     assert not torch.equal(other_state["net.head.1.weight"], first_state["net.head.1.weight"])
 
 
-@pytest.mark.parametrize(
-    ("experiment", "expected"),
-    [
-        (
-            "seed_keras_baseline",
-            {
-                "model.backbone": "mobilenet_v2",
-                "model.freeze_backbone": True,
-                "callbacks.finetune": None,
-                "model.scheduler": None,
-                "model.optimizer._target_": "torch.optim.Adam",
-                "model.lr": 1e-3,
-                "model.dropout": 0.2,
-                "data.image_size": 160,
-                "data.batch_size": 32,
-                "data.val_fraction": 0.3,
-                "callbacks.early_stopping.patience": 3,
-                "callbacks.early_stopping.monitor": "val/loss",
-            },
-        ),
-        (
-            "best",
-            {
-                "model.backbone": "mobilenet_v2",
-                "model.freeze_backbone": True,
-                "callbacks.finetune.epoch": 5,
-                "callbacks.finetune.train_bn": False,
-                "model.scheduler._target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
-                "data.split": "grouped",
-            },
-        ),
-    ],
-)
-def test_experiment_configs_compose_their_recipe(experiment, expected):
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def set_values(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Every leaf an experiment file sets, by its dotted key (the defaults list and
+    Hydra's own settings aside)."""
+    leaves: dict[str, object] = {}
+    for key, value in tree.items():
+        if key in ("defaults", "hydra"):
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            leaves |= set_values(value, f"{name}.")
+        else:
+            leaves[name] = value
+    return leaves
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_configs_pass_the_settings_checks(experiment):
+    """Each recipe is a runnable one: every schema (data, augmentation, model, trainer,
+    callbacks) accepts it and every _target_ takes its keywords."""
     cfg = compose_config("train", [f"experiment={experiment}", *QUIET])
-    for key, value in expected.items():
-        node = cfg
+    check_train_settings(cfg)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_values_win_over_the_config_groups(experiment):
+    """What an experiment file sets is what the run gets: its values are applied after
+    the groups it selects (a wrong package or defaults order would let them lose), and
+    each group it sets to null is off."""
+    written = yaml.safe_load((ROOT / "conf" / "experiment" / f"{experiment}.yaml").read_text())
+    cfg = compose_config("train", [f"experiment={experiment}", *QUIET])
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    for key, value in set_values(written).items():
+        node = plain
         for part in key.split("."):
             node = node[part]
         assert node == value, key
+    for entry in written.get("defaults", []):
+        if isinstance(entry, dict):
+            [(group, option)] = entry.items()
+            group = group.removeprefix("override ")
+            # the group's package: after an @, else its path
+            path = group.split("@", 1)[1] if "@" in group else group.strip("/").replace("/", ".")
+            assert (OmegaConf.select(cfg, path) is None) == (option is None), group

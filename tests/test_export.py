@@ -14,11 +14,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from crack_lightning.cli import compose_command
+from crack_lightning.commands.export import main as export_main
+from crack_lightning.commands.predict import run
 from crack_lightning.data.decode import decode
 from crack_lightning.errors import PredictionError
 from crack_lightning.inference.classifiers import classify_files, load_classifier
-from crack_lightning.inference.export import check_quantize, export_int8, export_model
-from crack_lightning.inference.run import run
+from crack_lightning.inference.export import export_int8, export_model
+from crack_lightning.settings import check_export_settings
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +115,10 @@ def test_an_exported_file_cannot_be_exported_again(exported, tmp_path):
         export_model(load_classifier(exported["onnx"]), "onnx", tmp_path / "again.onnx")
 
 
-def test_unknown_export_format_is_refused(trained_run, tmp_path):
-    model = load_classifier(trained_run / "checkpoints" / "best.ckpt", "cpu")
-    with pytest.raises(PredictionError, match="format='tflite' is not one of"):
-        export_model(model, "tflite", tmp_path / "m.tflite")
+def test_unknown_export_format_is_refused_before_the_checkpoint_is_read(tmp_path, capsys):
+    assert export_main([f"ckpt_path={tmp_path / 'missing.ckpt'}", "format=tflite"]) == 2
+    err = capsys.readouterr().err
+    assert "error: format=tflite must be one of onnx, torchscript." in err
 
 
 def _int8_settings(**changes) -> DictConfig:
@@ -147,21 +150,33 @@ def test_int8_export_keeps_accuracy_on_the_real_sample(
     assert metadata["image_size"] == "160" and metadata["quantization"].startswith("int8")
 
 
+def export_settings(*overrides: str):
+    return check_export_settings(compose_command("export", ["ckpt_path=m.ckpt", *overrides]))
+
+
 def test_bad_int8_settings_are_refused(trained_run, sample_root, tmp_path):
-    with pytest.raises(PredictionError, match="quantize='int4' is not one of"):
-        check_quantize("int4", "onnx")
+    with pytest.raises(PredictionError, match="quantize=int4 must be one of int8 or null"):
+        export_settings("quantize=int4")
     with pytest.raises(PredictionError, match="quantize=int8 needs format=onnx"):
-        check_quantize("int8", "torchscript")
+        export_settings("quantize=int8", "format=torchscript")
+    inputs = f"calibration.inputs=[{sample_root}]"
+    for overrides, message in (
+        ((), "needs calibration.inputs"),
+        ((inputs, "calibration.images=0"), "calibration.images=0"),
+        ((inputs, "calibration.float_convs=-1"), "calibration.float_convs=-1"),
+        ((inputs, "calibration.batch_size=0"), "calibration.batch_size=0"),
+        ((inputs, "calibration.images=abc"), "calibration.images=abc must be an integer"),
+    ):
+        with pytest.raises(PredictionError, match=message):
+            export_settings("quantize=int8", *overrides)
+    _, calibration = export_settings("quantize=int8", inputs)
+    assert calibration is not None and calibration.inputs == [str(sample_root)]
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in ("a.jpg", "b.jpg"):
         (broken / name).write_text("not a JPEG")
     model = load_classifier(trained_run / "checkpoints" / "best.ckpt", "cpu")
     for changes, message in (
-        ({}, "needs calibration.inputs"),
-        ({"inputs": [str(sample_root)], "images": 0}, "calibration.images=0"),
-        ({"inputs": [str(sample_root)], "float_convs": -1}, "calibration.float_convs=-1"),
-        ({"inputs": [str(sample_root)], "batch_size": 0}, "calibration.batch_size=0"),
         ({"inputs": [str(tmp_path / "none")]}, "calibration.inputs holds no images"),
         ({"inputs": [str(broken)]}, "none of the 2 calibration images could be read"),
     ):

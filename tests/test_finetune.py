@@ -196,7 +196,7 @@ def test_a_frozen_part_stays_in_eval_mode_after_unfreezing(random_backbone, make
             "callbacks.finetune.epoch=-1",
             r"callbacks.finetune.epoch=-1 must be an epoch number >= 0",
         ),
-        ("callbacks.finetune.lr=0", r"callbacks.finetune.lr=0 must be a learning rate > 0"),
+        ("callbacks.finetune.lr=0", r"callbacks.finetune.lr=0.0 must be a learning rate > 0"),
         ("model.freeze_backbone=false", r"model.freeze_backbone=false: the backbone already"),
         (
             "+callbacks.finetune.layers=2",

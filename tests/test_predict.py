@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from crack_lightning.commands.predict import run
 from crack_lightning.data.decode import load_rgb
 from crack_lightning.errors import PredictionError
-from crack_lightning.inference.run import run
 
 from .conftest import ROOT, run_python
 

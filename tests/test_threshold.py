@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from crack_lightning.commands.predict import run
 from crack_lightning.evaluation.metrics import binary_scores
-from crack_lightning.inference.run import run
 from crack_lightning.io import load_safely
 from crack_lightning.training.run import train
 

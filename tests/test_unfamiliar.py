@@ -95,7 +95,7 @@ def test_scan_eval_scores_patches_against_the_real_masks(trained_run, tmp_path, 
     """crack-scan-eval end to end: the two masked photos, a report per photo, maps written."""
     import json
 
-    from crack_lightning.evaluation.scan_masks import main
+    from crack_lightning.commands.scan_eval import main
     from tests.conftest import SHARED, shared_path
 
     photos = [shared_path(SHARED / "data" / "photos" / f"crackconcrete_00{n}.png") for n in (4, 6)]
@@ -120,3 +120,9 @@ def test_scan_eval_scores_patches_against_the_real_masks(trained_run, tmp_path, 
     missing_mask.write_bytes(photos[0].read_bytes())
     assert main([*args, f"photos=[{missing_mask}]"]) == 2
     assert "No crack mask" in capsys.readouterr().err
+    # the scan loop predict mode=scan uses: an unreadable photo is skipped and named
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a PNG")
+    assert main([*args, f"photos=[{broken},{photos[0]}]", "scan.stride=181"]) == 0
+    assert f"Skipped {broken}" in capsys.readouterr().err
+    assert set(json.loads((out / "scan_eval.json").read_text())) == {"crackconcrete_004.png"}

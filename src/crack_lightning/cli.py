@@ -1,5 +1,8 @@
 """The one way every command starts: settings as `key=value` composed from conf/.
 
+The wrapper only: the command bodies live in crack_lightning/commands/, and nothing below
+them imports this module.
+
 Two kinds of command share it:
 - Hydra applications (train, predict): `hydra_app` runs `hydra.main` on conf/<name>.yaml,
   with run directories, logging, multirun sweeps and `--help`/`--cfg job`.
@@ -45,7 +48,7 @@ def conf_dir() -> Path:
 
 def prepare_process() -> None:
     """What every command needs before its config is composed."""
-    from crack_lightning.training.job_names import register_resolvers
+    from crack_lightning.job_names import register_resolvers
 
     os.environ.setdefault("PROJECT_ROOT", str(project_root()))
     register_resolvers()
@@ -157,35 +160,3 @@ def run_tool(
             return task(compose_tool(config_name, argv, actions)) or 0
     except SystemExit as stop:
         return int(stop.code or 0)
-
-
-def train() -> Any:
-    """`crack-train` / `python train.py`: complete the command line (resume, torchrun),
-    refuse a run directory another live run holds, then run the Hydra application."""
-    from crack_lightning.training.distributed import launch_argv
-    from crack_lightning.training.resume import resume_argv
-    from crack_lightning.training.run_lock import refuse_busy_run_dir
-
-    prepare_process()
-    with user_errors():
-        sys.argv = resume_argv(launch_argv(sys.argv), conf_dir())
-        refuse_busy_run_dir(sys.argv)  # before Hydra writes into another live run's folder
-    return hydra_app("train", _train_task)()
-
-
-def predict() -> Any:
-    """`crack-predict` / `python predict.py`."""
-    prepare_process()
-    return hydra_app("predict", _predict_task)()
-
-
-def _train_task(cfg: DictConfig) -> float | None:
-    from crack_lightning.training.run import main
-
-    return main(cfg)
-
-
-def _predict_task(cfg: DictConfig) -> dict:
-    from crack_lightning.inference.run import run
-
-    return run(cfg)

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# seconds between progress lines when the output is not a terminal (training takes
-# callbacks.progress_bar.line_every_s from conf/ instead)
+# seconds between progress lines when the output is not a terminal, for the work outside
+# training (tools have no callbacks config); training takes
+# callbacks.progress_bar.line_every_s from conf/callbacks/default.yaml
 LINE_EVERY_S = 30.0
 
 

@@ -26,9 +26,12 @@ from crack_lightning.errors import (
     DataError,
     ModelConfigError,
     PredictionError,
+    RunDirError,
 )
 
 S = TypeVar("S")
+# model.scheduler keys for Lightning's lr_scheduler config, not for the scheduler itself
+SCHEDULER_LIGHTNING_KEYS = ("interval", "frequency", "monitor")
 # the most augmented views of each training image data.cache_views may cache
 MAX_VIEWS = 8
 
@@ -267,6 +270,7 @@ class PredictSettings:
 
     error: ClassVar[type[CrackLightningError]] = PredictionError
     mode: PredictMode = MISSING
+    output: str = MISSING  # the predictions table: .csv or .json
     threshold: float | None = MISSING  # null: the checkpoint's stored threshold
     batch_size: int = MISSING
     num_workers: int = MISSING
@@ -282,6 +286,8 @@ class PredictSettings:
             )
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1", err)
         require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0", err)
+        suffix = self.output.rsplit(".", 1)[-1].lower()
+        require(suffix in ("csv", "json"), "output", self.output, "a .csv or .json file", err)
 
 
 def describe(annotation: Any) -> str:
@@ -307,13 +313,18 @@ def plain(value: Any) -> Any:
     return value
 
 
-def validate(values: Mapping | DictConfig, schema: type[S], section: str) -> S:
+def validate(values: Mapping | DictConfig, schema: type[S], section: str, exact: bool = False) -> S:
     """`values` (only the keys `schema` names) as a `schema` instance; a wrong type or
-    range raises the schema's error naming `section.key`."""
+    range raises the schema's error naming `section.key`. `exact`: a key the schema does
+    not name (a typo) is refused too."""
     names = {f.name: f for f in fields(schema)}
     types = typing.get_type_hints(schema)
     subset = {k: plain(values[k]) for k in names if k in values}
     prefix = f"{section}." if section else ""
+    if exact and (unknown := sorted(set(values) - set(names))):
+        raise schema.error(
+            f"{section or 'the config'} must set exactly {list(names)}; unknown {unknown}."
+        )
     if missing := [n for n in names if n not in subset]:
         raise schema.error(f"missing setting(s): {', '.join(prefix + n for n in missing)}.")
     try:
@@ -327,17 +338,28 @@ def validate(values: Mapping | DictConfig, schema: type[S], section: str) -> S:
 
 
 def check_train_settings(cfg: DictConfig) -> None:
-    """Every data, model and trainer setting a schema covers, and the keywords of the
-    optimizer, scheduler and callbacks, before anything slow."""
-    from crack_lightning.models.optimizers import scheduler_factory
-
+    """Every data, model, trainer and callback setting a schema covers, and the keywords
+    of the optimizer, scheduler and callbacks, before anything slow."""
     validate(cfg.data, DataSettings, "data")
+    augmentation = cfg.data.get("augmentation")
+    if augmentation is None:
+        raise DataError(
+            "data.augmentation=null: choose a file of conf/data/augmentation/ "
+            "(data/augmentation=none for no augmentation)."
+        )
+    validate(augmentation, AugmentationSettings, "data.augmentation")
     validate(cfg.model, ModelSettings, "model")
     validate(cfg.trainer, TrainerSettings, "trainer")
     check_target(plain(cfg.model.get("optimizer")), "model.optimizer", ModelConfigError)
     scheduler = plain(cfg.model.get("scheduler"))
-    check_target(scheduler and scheduler_factory(scheduler), "model.scheduler", ModelConfigError)
-    for name, entry in (cfg.get("callbacks") or {}).items():
+    if scheduler is not None:  # the keys for Lightning are not the scheduler's keywords
+        scheduler = {k: v for k, v in scheduler.items() if k not in SCHEDULER_LIGHTNING_KEYS}
+    check_target(scheduler, "model.scheduler", ModelConfigError)
+    callbacks = cfg.get("callbacks") or {}
+    for name, schema in CALLBACK_SETTINGS.items():
+        if callbacks.get(name) is not None:
+            validate(callbacks[name], schema, f"callbacks.{name}")
+    for name, entry in callbacks.items():
         if entry is not None and "_target_" in entry:
             check_target(plain(entry), f"callbacks.{name}")
 
@@ -368,3 +390,329 @@ def check_target(
             f"{setting}: {target} takes no setting {', '.join(map(repr, unknown))}; it takes "
             f"{', '.join(n for n in parameters if n not in ('self', 'params', 'optimizer'))}."
         )
+
+
+# --- Training settings beyond data/model/trainer: augmentation and callbacks -----------
+# (check_train_settings validates them; the defaults are in conf/data/augmentation/ and
+# conf/callbacks/)
+
+
+@dataclass
+class AugmentationSettings:
+    """data.augmentation (conf/data/augmentation/): every setting, each in its range.
+    Every one of them off (0, false, or 1.0 for scale_min) is the identity."""
+
+    error: ClassVar[type[CrackLightningError]] = DataError
+    horizontal_flip: bool = MISSING
+    vertical_flip: bool = MISSING
+    rotation_degrees: float = MISSING
+    # random resized crop: the crop covers a share of the image's area drawn from
+    # [scale_min, 1], anywhere in it, and is resized back to the image size
+    scale_min: float = MISSING
+    # colour jitter: each factor drawn from [1 - x, 1 + x]
+    brightness: float = MISSING
+    contrast: float = MISSING
+    saturation: float = MISSING
+    grayscale_p: float = MISSING  # probability of turning an image grey
+    # probability of a Gaussian blur with sigma (pixels) drawn from [0, blur_sigma]
+    blur_p: float = MISSING
+    blur_sigma: float = MISSING
+    # Gaussian pixel noise, its standard deviation (on [0, 1]) drawn from [0, noise_std]
+    noise_std: float = MISSING
+    # probability of JPEG re-compression at a quality drawn from [jpeg_quality_min, 95]
+    jpeg_p: float = MISSING
+    jpeg_quality_min: int = MISSING
+
+    RANGES: ClassVar[dict[str, tuple[float, float]]] = {
+        "rotation_degrees": (0, 180),
+        "scale_min": (0.05, 1),
+        "brightness": (0, 1),
+        "contrast": (0, 1),
+        "saturation": (0, 1),
+        "grayscale_p": (0, 1),
+        "blur_p": (0, 1),
+        "blur_sigma": (0, 10),
+        "noise_std": (0, 0.5),
+        "jpeg_p": (0, 1),
+        "jpeg_quality_min": (1, 95),
+    }
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in self.RANGES.items():
+            value = getattr(self, name)
+            require(
+                low <= value <= high,
+                f"data.augmentation.{name}",
+                value,
+                f"in [{low}, {high}]",
+                DataError,
+            )
+
+
+class ThresholdRule(str, enum.Enum):
+    balanced_accuracy = "balanced_accuracy"
+    recall = "recall"
+
+
+@dataclass
+class SourceMetricsSettings:
+    """callbacks.source_metrics: how the decision threshold is chosen on validation."""
+
+    error: ClassVar[type[CrackLightningError]] = ModelConfigError
+    threshold_rule: ThresholdRule | None = MISSING  # null: keep 0.5
+    target_recall: float = MISSING
+    threshold_tolerance: float = MISSING
+
+    def __post_init__(self) -> None:
+        err, name = ModelConfigError, "callbacks.source_metrics"
+        recall, tolerance = self.target_recall, self.threshold_tolerance
+        require(0 < recall <= 1, f"{name}.target_recall", recall, "in (0, 1]", err)
+        require(
+            0 <= tolerance < 1,
+            f"{name}.threshold_tolerance",
+            tolerance,
+            "in [0, 1): how much balanced accuracy a threshold nearer 0.5 may give up",
+            err,
+        )
+
+
+@dataclass
+class FineTuneSettings:
+    """callbacks.finetune (conf/callbacks/finetune/unfreeze.yaml)."""
+
+    error: ClassVar[type[CrackLightningError]] = ModelConfigError
+    epoch: int = MISSING
+    blocks: Any = MISSING  # a number of blocks, or "all" (OmegaConf has no int | str)
+    lr: float = MISSING
+    train_bn: bool = MISSING
+
+    def __post_init__(self) -> None:
+        err, name = ModelConfigError, "callbacks.finetune"
+        require(
+            self.epoch >= 0,
+            f"{name}.epoch",
+            self.epoch,
+            "an epoch number >= 0 (counted from 0); callbacks.finetune=null keeps the "
+            "backbone frozen",
+            err,
+        )
+        blocks = self.blocks
+        whole = isinstance(blocks, int) and not isinstance(blocks, bool) and blocks >= 1
+        require(
+            whole or blocks == "all",
+            f"{name}.blocks",
+            blocks,
+            "a number of blocks >= 1 or 'all'",
+            err,
+        )
+        require(self.lr > 0, f"{name}.lr", self.lr, "a learning rate > 0", err)
+
+
+@dataclass
+class FeatureStatsSettings:
+    """callbacks.feature_stats: how many training images the unfamiliar score is fitted on."""
+
+    error: ClassVar[type[CrackLightningError]] = ConfigError
+    max_images: int = MISSING
+
+    def __post_init__(self) -> None:
+        value = self.max_images
+        require(
+            value >= 1, "callbacks.feature_stats.max_images", value, "an integer >= 1", ConfigError
+        )
+
+
+@dataclass
+class ProgressBarSettings:
+    """callbacks.progress_bar: a bar on a terminal, a line every line_every_s elsewhere."""
+
+    error: ClassVar[type[CrackLightningError]] = ConfigError
+    refresh_rate: int = MISSING  # 0: silent
+    line_every_s: float = MISSING
+
+    def __post_init__(self) -> None:
+        name, err = "callbacks.progress_bar", ConfigError
+        rate, every = self.refresh_rate, self.line_every_s
+        require(rate >= 0, f"{name}.refresh_rate", rate, "an integer >= 0 (0: silent)", err)
+        require(every > 0, f"{name}.line_every_s", every, "seconds > 0", err)
+
+
+@dataclass
+class ValidationFiguresSettings:
+    """callbacks.validation_figures: the confusion matrix and misclassified images."""
+
+    error: ClassVar[type[CrackLightningError]] = ConfigError
+    max_images: int = MISSING
+    threshold: float = MISSING
+
+    def __post_init__(self) -> None:
+        name, err = "callbacks.validation_figures", ConfigError
+        require(self.max_images >= 0, f"{name}.max_images", self.max_images, ">= 0", err)
+        require(
+            0 < self.threshold < 1,
+            f"{name}.threshold",
+            self.threshold,
+            "strictly between 0 and 1",
+            err,
+        )
+
+
+# callbacks with a schema, by their name under `callbacks` in conf/callbacks/
+CALLBACK_SETTINGS: dict[str, type] = {
+    "progress_bar": ProgressBarSettings,
+    "validation_figures": ValidationFiguresSettings,
+    "source_metrics": SourceMetricsSettings,
+    "finetune": FineTuneSettings,
+    "feature_stats": FeatureStatsSettings,
+}
+
+
+# --- Command settings (conf/<command>.yaml): each command validates its own at start ----
+
+
+@dataclass
+class ScanSettings:
+    """scan.* (conf/scan/default.yaml): the sliding window of predict mode=scan and
+    crack-scan-eval."""
+
+    error: ClassVar[type[CrackLightningError]] = PredictionError
+    patch_size: int = MISSING
+    stride: int = MISSING
+    unfamiliar_limit: float | None = MISSING  # null: never label a patch Unfamiliar
+
+    def __post_init__(self) -> None:
+        err = PredictionError
+        require(self.patch_size >= 1, "scan.patch_size", self.patch_size, "pixels >= 1", err)
+        require(self.stride >= 1, "scan.stride", self.stride, "pixels >= 1", err)
+        limit = self.unfamiliar_limit
+        require(
+            limit is None or limit > 0,
+            "scan.unfamiliar_limit",
+            limit,
+            "a number > 0 or null",
+            err,
+        )
+
+
+class Quantize(str, enum.Enum):
+    int8 = "int8"
+
+
+class ExportFormat(str, enum.Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+@dataclass
+class CalibrationSettings:
+    """calibration.* of conf/export.yaml: the images an int8 export is calibrated on."""
+
+    error: ClassVar[type[CrackLightningError]] = PredictionError
+    inputs: list[str] | None = MISSING
+    images: int = MISSING
+    batch_size: int = MISSING
+    float_convs: int = MISSING
+
+    def __post_init__(self) -> None:
+        for name, low in (("images", 1), ("batch_size", 1), ("float_convs", 0)):
+            value = getattr(self, name)
+            require(value >= low, f"calibration.{name}", value, f"at least {low}", PredictionError)
+
+
+@dataclass
+class ExportSettings:
+    """conf/export.yaml."""
+
+    error: ClassVar[type[CrackLightningError]] = PredictionError
+    ckpt_path: str = MISSING
+    format: ExportFormat = MISSING
+    output: str | None = MISSING
+    quantize: Quantize | None = MISSING  # null: float32
+    progress: bool = MISSING
+
+    def __post_init__(self) -> None:
+        if self.quantize is not None and self.format is not ExportFormat.onnx:
+            raise PredictionError(
+                f"quantize={self.quantize.value} needs format=onnx "
+                f"(got format={self.format.value})."
+            )
+
+
+def check_export_settings(cfg: DictConfig) -> tuple[ExportSettings, CalibrationSettings | None]:
+    """The export settings; the calibration ones (and their images) only for int8."""
+    settings = validate(cfg, ExportSettings, "")
+    if settings.quantize is None:
+        return settings, None
+    calibration = validate(cfg.calibration, CalibrationSettings, "calibration")
+    if not calibration.inputs:
+        raise PredictionError(
+            "quantize=int8 needs calibration.inputs: training images (a folder with "
+            "Positive/ and Negative/, files or glob patterns), e.g. "
+            "calibration.inputs=[data/concrete_crack]. Use images the model was trained on, "
+            "not those you evaluate it on."
+        )
+    return settings, calibration
+
+
+@dataclass
+class ScanEvalSettings:
+    """conf/scan_eval.yaml (its scan.* are ScanSettings)."""
+
+    error: ClassVar[type[CrackLightningError]] = PredictionError
+    photos: list[str] = MISSING
+    min_share: float = MISSING
+    threshold: float | None = MISSING  # null: the model's stored threshold
+    batch_size: int = MISSING
+    out: str = MISSING
+
+    def __post_init__(self) -> None:
+        err = PredictionError
+        require(0 < self.min_share <= 1, "min_share", self.min_share, "in (0, 1]", err)
+        if self.threshold is not None:
+            require(
+                0 < self.threshold < 1,
+                "threshold",
+                self.threshold,
+                "strictly between 0 and 1",
+                err,
+            )
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1", err)
+
+
+class Direction(str, enum.Enum):
+    maximize = "maximize"
+    minimize = "minimize"
+
+
+@dataclass
+class SummarizeSettings:
+    """conf/summarize.yaml."""
+
+    error: ClassVar[type[CrackLightningError]] = RunDirError
+    sweep_dir: str = MISSING
+    metric: str | None = MISSING  # null: the jobs' optimized_metric
+    direction: Direction | None = MISSING  # null: the jobs' optimized_direction
+
+
+@dataclass
+class BenchSettings:
+    """conf/bench.yaml (a wrong type is named before anything runs)."""
+
+    error: ClassVar[type[CrackLightningError]] = ConfigError
+    sample: str = MISSING
+    weights: str | None = MISSING
+    images: int = MISSING
+    sizes: list[int] = MISSING
+    batch_size: int = MISSING
+    workers: int = MISSING
+    epochs: int = MISSING
+    reference: str | None = MISSING
+    full_scale: str | None = MISSING
+
+    def __post_init__(self) -> None:
+        err = ConfigError
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1", err)
+        require(self.workers >= 0, "workers", self.workers, "an integer >= 0", err)
+        require(self.epochs >= 0, "epochs", self.epochs, "an integer >= 0", err)
+        for size in self.sizes:
+            require(size >= 16, "sizes", self.sizes, "a list of image sizes >= 16", err)

@@ -257,7 +257,7 @@ def cached_features(
     batch_size: int,
     num_workers: int,
     device: torch.device,
-    on_bad: str = "stop",
+    on_bad: str,  # data.on_bad_image
     augmentation: Augmentation | None = None,
     stage: int | None = None,
 ) -> FeatureCache:

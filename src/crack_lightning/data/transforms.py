@@ -6,83 +6,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms import v2
 
-from crack_lightning.errors import DataError
+from crack_lightning.settings import AugmentationSettings, validate
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """Training-time augmentation, one field per setting of conf/data/augmentation/.
+@dataclass
+class Augmentation(AugmentationSettings):
+    """Training-time augmentation: the settings of conf/data/augmentation/ (their schema
+    and ranges: settings.AugmentationSettings) and what they turn on.
 
-    The geometric fields are the Keras projects' augmentation. The others make a photo
+    The geometric settings are the Keras projects' augmentation. The others make a photo
     look as if taken by another camera, in other light, at another distance: the
-    differences between METU, SDNET2018 and an inspector's photos. Every one of them off
-    (0, or 1.0 for scale_min) is the identity.
+    differences between METU, SDNET2018 and an inspector's photos.
     """
 
-    horizontal_flip: bool
-    vertical_flip: bool
-    rotation_degrees: float
-    # random resized crop: the crop covers a share of the image's area drawn from
-    # [scale_min, 1], anywhere in it, and is resized back to the image size
-    scale_min: float = 1.0
-    # colour jitter: each factor drawn from [1 - x, 1 + x]
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    # probability of turning an image grey
-    grayscale_p: float = 0.0
-    # probability of a Gaussian blur with sigma (pixels) drawn from [0, blur_sigma]
-    blur_p: float = 0.0
-    blur_sigma: float = 0.0
-    # Gaussian pixel noise, its standard deviation (on [0, 1]) drawn from [0, noise_std]
-    noise_std: float = 0.0
-    # probability of JPEG re-compression at a quality drawn from [jpeg_quality_min, 95]
-    jpeg_p: float = 0.0
-    jpeg_quality_min: int = 95
-
     @classmethod
-    def from_config(cls, config: Mapping | None) -> Augmentation:
-        """Build from a config mapping; None means no augmentation."""
-        if config is None:
-            return cls(horizontal_flip=False, vertical_flip=False, rotation_degrees=0.0)
-        names = [f.name for f in fields(cls)]
-        if set(config) != set(names):
-            missing, unknown = set(names) - set(config), set(config) - set(names)
-            raise DataError(
-                f"data.augmentation must set exactly {names}; missing {sorted(missing)}, "
-                f"unknown {sorted(unknown)}. Start from a file in conf/data/augmentation/ "
-                f"(e.g. data/augmentation=none or photometric)."
-            )
-        augmentation = cls(**config)
-        augmentation._check()
-        return augmentation
-
-    def _check(self) -> None:
-        """Each setting inside its range, named when it is not."""
-        ranges = {
-            "rotation_degrees": (0, 180),
-            "scale_min": (0.05, 1),
-            "brightness": (0, 1),
-            "contrast": (0, 1),
-            "saturation": (0, 1),
-            "grayscale_p": (0, 1),
-            "blur_p": (0, 1),
-            "blur_sigma": (0, 10),
-            "noise_std": (0, 0.5),
-            "jpeg_p": (0, 1),
-            "jpeg_quality_min": (1, 95),
-        }
-        for name, (low, high) in ranges.items():
-            value = getattr(self, name)
-            if not low <= float(value) <= high:
-                raise DataError(f"data.augmentation.{name}={value} must lie in [{low}, {high}].")
+    def from_config(cls, config: Mapping) -> Augmentation:
+        """Build from data.augmentation, every setting checked and named when wrong."""
+        return validate(config, cls, "data.augmentation", exact=True)
 
     @property
     def geometric(self) -> bool:

@@ -10,12 +10,13 @@ import numpy as np
 
 from crack_lightning.errors import PredictionError
 from crack_lightning.evaluation.metrics import balanced_accuracy, counts_at, recall
+from crack_lightning.settings import ThresholdRule
 
 # the one untuned threshold: what training's metrics use, and what a model trained
 # without a threshold rule (or before thresholds were stored) decides by
 DEFAULT_THRESHOLD = 0.5
 METADATA_KEY = "decision_threshold"
-THRESHOLD_RULES = ("balanced_accuracy", "recall")
+THRESHOLD_RULES = tuple(rule.value for rule in ThresholdRule)
 
 
 def stored_threshold(checkpoint: Mapping) -> float | None:

@@ -1,6 +1,7 @@
 """Self-contained model files for deployment: ONNX (for onnxruntime) or TorchScript.
 
-`crack-export ckpt_path=RUN/checkpoints/best.ckpt format=onnx`
+The command is `crack-export ckpt_path=RUN/checkpoints/best.ckpt format=onnx`
+(commands/export.py).
 
 The exported model takes uint8 RGB images (N, 3, S, S), already resized to S = the
 training image size (stored as metadata), and returns class probabilities (N, 2):
@@ -19,23 +20,20 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
-from crack_lightning.cli import run_tool
 from crack_lightning.data.decode import collect_inputs, decode
 from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.evaluation.threshold import METADATA_KEY
-from crack_lightning.inference.classifiers import LoadedModel, load_classifier
+from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.progress import progress
-from crack_lightning.settings import CLASS_NAMES
+from crack_lightning.settings import CLASS_NAMES, CalibrationSettings
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
-QUANTIZE = (None, "int8")
 
 
 class ProbabilityModel(nn.Module):
@@ -49,10 +47,8 @@ class ProbabilityModel(nn.Module):
         return self.net(images).softmax(dim=-1)
 
 
-def export_model(model: LoadedModel, fmt: str, output: Path) -> Path:
+def export_model(model: LoadedModel, fmt: Literal["onnx", "torchscript"], output: Path) -> Path:
     """Write the model in `fmt` to `output`, creating its folder."""
-    if fmt not in FORMATS:
-        raise PredictionError(f"format={fmt!r} is not one of {sorted(FORMATS)}.")
     size = model.image_size
     wrapper = ProbabilityModel(model.checkpoint_module.net).cpu().eval()
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
@@ -105,21 +101,6 @@ def _add_metadata(proto, metadata: dict[str, str]) -> None:
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-
-
-def check_calibration(calibration: DictConfig) -> None:
-    """Refuse calibration settings that cannot work, before any slow step."""
-    if not calibration.inputs:
-        raise PredictionError(
-            "quantize=int8 needs calibration.inputs: training images (a folder with "
-            "Positive/ and Negative/, files or glob patterns), e.g. "
-            "calibration.inputs=[data/concrete_crack]. Use images the model was trained on, "
-            "not those you evaluate it on."
-        )
-    for name, low in (("images", 1), ("batch_size", 1), ("float_convs", 0)):
-        value = calibration[name]
-        if int(value) < low:
-            raise PredictionError(f"calibration.{name}={value} must be at least {low}.")
 
 
 def calibration_files(inputs: Sequence[str], count: int) -> list[Path]:
@@ -250,46 +231,14 @@ def quantize_onnx(
     return output
 
 
-def export_int8(model: LoadedModel, output: Path, calibration: DictConfig, progress: bool) -> Path:
-    """Export to ONNX, then quantise to int8 with images named in `calibration`."""
-    check_calibration(calibration)
+def export_int8(
+    model: LoadedModel, output: Path, calibration: CalibrationSettings, progress: bool
+) -> Path:
+    """Export to ONNX, then quantise to int8 with images named in `calibration` (checked
+    at start-up: settings.check_export_settings)."""
     files = calibration_files(calibration.inputs, calibration.images)
     images = CalibrationImages(files, model.image_size, calibration.batch_size, progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_model(model, "onnx", Path(tmp) / "fp32.onnx")
         return quantize_onnx(fp32, output, images, calibration.float_convs)
-
-
-def export(cfg: DictConfig) -> None:
-    """The export command's body: conf/export.yaml's settings."""
-    check_quantize(cfg.quantize, cfg.format)
-    model = load_classifier(cfg.ckpt_path, "cpu")
-    suffix = (".int8" if cfg.quantize else "") + FORMATS.get(cfg.format, "")
-    output = Path(cfg.output or Path(cfg.ckpt_path).with_suffix(suffix))
-    if cfg.quantize:
-        path = export_int8(model, output, cfg.calibration, cfg.progress)
-    else:
-        path = export_model(model, cfg.format, output)
-    kind = f"{cfg.format}, {cfg.quantize}" if cfg.quantize else cfg.format
-    print(
-        f"Exported {cfg.ckpt_path} as {kind} to {path} "
-        f"(input uint8 RGB {model.image_size}x{model.image_size})"
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`crack-export`: settings from conf/export.yaml."""
-    return run_tool("export", export, argv)
-
-
-def check_quantize(quantize: str | None, fmt: str) -> None:
-    """Refuse quantisation settings that cannot work, before any slow step."""
-    if quantize not in QUANTIZE:
-        raise PredictionError(f"quantize={quantize!r} is not one of null, int8.")
-    if quantize and fmt != "onnx":
-        raise PredictionError(f"quantize={quantize} needs format=onnx (got format={fmt}).")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,11 +12,11 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from crack_lightning.data.decode import resize
-from crack_lightning.errors import PredictionError
+from crack_lightning.data.decode import load_rgb, resize
+from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.progress import track
-from crack_lightning.settings import CLASS_NAMES
+from crack_lightning.settings import CLASS_NAMES, ScanSettings
 
 # the heat-map PNG is scaled down to this longest side; the CSV keeps full-size coordinates
 MAX_FIGURE_SIDE = 2048
@@ -88,15 +89,14 @@ def scan_photo(
     unfamiliar_limit: float | None = None,
 ) -> ScanResult:
     """Classify every patch; each is resized exactly as training images are (data.decode). With the
-    checkpoint's feature statistics, also score how unfamiliar each patch is."""
+    checkpoint's feature statistics, also score how unfamiliar each patch is. The window
+    settings are checked at start-up (settings.ScanSettings)."""
     width, height = photo.size
     if width < patch_size or height < patch_size:
         raise PredictionError(
             f"{path} is {width}x{height}, smaller than scan.patch_size={patch_size}: "
             f"classify it with mode=predict, or lower scan.patch_size."
         )
-    if stride < 1:
-        raise PredictionError(f"scan.stride={stride} must be a positive number of pixels.")
     pixels = v2.functional.pil_to_tensor(photo)
     boxes = np.array(
         [
@@ -127,6 +127,44 @@ def scan_photo(
         np.concatenate(scores) if scores else None,
         unfamiliar_limit,
     )
+
+
+def scan_figure(out: Path, path: Path) -> Path:
+    """Where scan_files saves a photo's heat map."""
+    return out / f"{path.stem}_scan.png"
+
+
+def scan_files(
+    classifier: LoadedModel,
+    files: Iterable[Path],
+    window: ScanSettings,
+    batch_size: int,
+    threshold: float,
+    out: Path,
+    skipped: list[tuple[Path, str]],
+) -> Iterator[ScanResult]:
+    """The one scan loop (predict mode=scan, crack-scan-eval): load each photo, scan it,
+    save its heat map as scan_figure(out, path), and yield its result. Unreadable photos
+    are appended to `skipped` with the reason."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        try:
+            photo = load_rgb(path)
+        except UnreadableImage as err:
+            skipped.append((path, str(err)))
+            continue
+        result = scan_photo(
+            classifier,
+            photo,
+            path,
+            window.patch_size,
+            window.stride,
+            batch_size,
+            threshold,
+            window.unfamiliar_limit,
+        )
+        render_scan(result, photo).save(scan_figure(out, path))
+        yield result
 
 
 def write_scan_csv(result: ScanResult, path: Path) -> None:

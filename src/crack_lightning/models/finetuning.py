@@ -73,27 +73,11 @@ def fitting(trainer: L.Trainer) -> bool:
 
 class BackboneUnfreeze(BaseFinetuning):
     """Unfreeze the last `blocks` backbone blocks (or `all`) at epoch `epoch`, with their
-    own learning rate `lr`; `train_bn` says whether their BatchNorm layers train."""
+    own learning rate `lr`; `train_bn` says whether their BatchNorm layers train. The
+    settings are checked at start-up (settings.FineTuneSettings)."""
 
     def __init__(self, epoch: int, blocks: int | str, lr: float, train_bn: bool) -> None:
         super().__init__()
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ModelConfigError(
-                f"callbacks.finetune.epoch={epoch!r} must be an epoch number >= 0 (counted from "
-                f"0); callbacks.finetune=null keeps the backbone frozen."
-            )
-        if blocks != ALL and (
-            not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1
-        ):
-            raise ModelConfigError(
-                f"callbacks.finetune.blocks={blocks!r} must be a number of blocks >= 1 or 'all'."
-            )
-        if not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0:
-            raise ModelConfigError(f"callbacks.finetune.lr={lr!r} must be a learning rate > 0.")
-        if not isinstance(train_bn, bool):
-            raise ModelConfigError(
-                f"callbacks.finetune.train_bn={train_bn!r} must be true or false."
-            )
         self.epoch = epoch
         self.blocks = blocks
         self.lr = float(lr)

@@ -1,4 +1,4 @@
-"""Training from a composed Hydra config: the body of train.py."""
+"""Training from a composed Hydra config: the body of train.py (commands/train.py runs it)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from crack_lightning.data.datamodule import CrackDataModule
 from crack_lightning.data.feature_cache import cache_wanted
@@ -33,13 +32,62 @@ from crack_lightning.training.callbacks import (
 from crack_lightning.training.distributed import ddp_job
 from crack_lightning.training.precision import resolve_precision
 from crack_lightning.training.resume import resolve_ckpt_path, resume_step
-from crack_lightning.training.run_lock import run_dir_lock
 from crack_lightning.training.source_metrics import SourceMetrics
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "split_manifest.csv"
 METRICS_NAME = "metrics.json"
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the model the config describes; return the best checkpoint's metrics.
+
+    Cheap checks (data layout, checkpoint path, weights) come before anything slow, so
+    a bad setting stops the run at once.
+    """
+    check_train_settings(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+
+    datamodule: CrackDataModule = build(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model: CrackClassifier = build(cfg.model)
+    counts = model.parameter_counts()
+    log.info(
+        "Backbone %s: %s frozen, %s trainable parameters; %d train / %d val / %d test images",
+        cfg.model.backbone,
+        f"{counts['frozen']:,}",
+        f"{counts['trainable']:,}",
+        *(len(datamodule.split[s]) for s in ("train", "val", "test")),
+    )
+
+    callbacks, finetune = build_callbacks(cfg.get("callbacks"), output_dir, model)
+    loggers: list[Logger] = build_loggers(cfg.get("logger"), resume_from=ckpt_path)
+    if not loggers:  # nothing to record learning rates in (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    precision = resolve_precision(cfg.trainer.precision)
+    trainer: L.Trainer = build(
+        cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False
+    )
+    use_feature_cache_if_wanted(datamodule, model, trainer, finetune)
+    if trainer.is_global_zero:
+        datamodule.write_manifest(output_dir / MANIFEST_NAME)
+    log_hyperparameters(trainer, model, cfg)
+
+    with ddp_job(trainer):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        metrics = evaluate_best(trainer, model, datamodule, test=cfg.get("test", True))
+    if trainer.is_global_zero:
+        (output_dir / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info("Best checkpoint's metrics: %s", json.dumps(metrics))
+    return metrics
+
+
+# --- the steps of train(), in its order -------------------------------------------------
 
 
 def build(config: DictConfig, **kwargs: Any) -> Any:
@@ -75,12 +123,33 @@ def build_loggers(group: DictConfig | None, resume_from: str | None) -> list[Log
     return loggers
 
 
-def fine_tuning(callbacks: list[Callback], model: CrackClassifier) -> BackboneUnfreeze | None:
-    """The callbacks.finetune schedule, checked against the model, if there is one."""
+def build_callbacks(
+    group: DictConfig | None, output_dir: Path, model: CrackClassifier
+) -> tuple[list[Callback], BackboneUnfreeze | None]:
+    """The callbacks group plus the ones every run has, and the callbacks.finetune
+    schedule (checked against the model) if there is one."""
+    callbacks = [*build_group(group), ResumeHint(output_dir), ValidationMetricsInCheckpoints()]
     schedule = next((c for c in callbacks if isinstance(c, BackboneUnfreeze)), None)
     if schedule is not None:
         schedule.check(model)
-    return schedule
+    return callbacks, schedule
+
+
+def use_feature_cache_if_wanted(
+    datamodule: CrackDataModule,
+    model: CrackClassifier,
+    trainer: L.Trainer,
+    finetune: BackboneUnfreeze | None,
+) -> None:
+    """Train on cached backbone outputs when data.cache_features and the model allow it
+    (a frozen backbone, or one whose lower stages stay frozen: feature_cache.py)."""
+    frozen = model.hparams.freeze_backbone
+    quick = bool(trainer.fast_dev_run)
+    stage = finetune.cached_stage(model.net.backbone) if finetune is not None else None
+    setting = datamodule.hparams.cache_features
+    if cache_wanted(setting, frozen, finetune is not None, quick, top_only=stage is not None):
+        datamodule.use_feature_cache(model.net, trainer.strategy.root_device, stage)
+        model.net.input_stage = stage
 
 
 def log_hyperparameters(trainer: L.Trainer, model: CrackClassifier, cfg: DictConfig) -> None:
@@ -171,71 +240,3 @@ def _report(metrics: dict, ckpt_path: str | None) -> dict[str, float | str | Non
     report: dict = {k: float(v) for k, v in sorted(metrics.items())}
     report["best_checkpoint"] = ckpt_path
     return report
-
-
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the model the config describes; return the best checkpoint's metrics.
-
-    Cheap checks (data layout, checkpoint path, weights) come before anything slow, so
-    a bad setting stops the run at once.
-    """
-    check_train_settings(cfg)
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
-
-    datamodule: CrackDataModule = build(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    model: CrackClassifier = build(cfg.model)
-    counts = model.parameter_counts()
-    log.info(
-        "Backbone %s: %s frozen, %s trainable parameters; %d train / %d val / %d test images",
-        cfg.model.backbone,
-        f"{counts['frozen']:,}",
-        f"{counts['trainable']:,}",
-        *(len(datamodule.split[s]) for s in ("train", "val", "test")),
-    )
-
-    callbacks: list[Callback] = [*build_group(cfg.get("callbacks")), ResumeHint(output_dir)]
-    callbacks.append(ValidationMetricsInCheckpoints())
-    finetune = fine_tuning(callbacks, model)
-    loggers: list[Logger] = build_loggers(cfg.get("logger"), resume_from=ckpt_path)
-    if not loggers:  # nothing to record learning rates in (logger=none)
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    precision = resolve_precision(cfg.trainer.precision)
-    trainer: L.Trainer = build(
-        cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False
-    )
-    frozen = model.hparams.freeze_backbone
-    quick = bool(trainer.fast_dev_run)
-    stage = finetune.cached_stage(model.net.backbone) if finetune is not None else None
-    setting = datamodule.hparams.cache_features
-    if cache_wanted(setting, frozen, finetune is not None, quick, top_only=stage is not None):
-        datamodule.use_feature_cache(model.net, trainer.strategy.root_device, stage)
-        model.net.input_stage = stage
-    if trainer.is_global_zero:
-        datamodule.write_manifest(output_dir / MANIFEST_NAME)
-    log_hyperparameters(trainer, model, cfg)
-
-    with ddp_job(trainer):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        metrics = evaluate_best(trainer, model, datamodule, test=cfg.get("test", True))
-    if trainer.is_global_zero:
-        (output_dir / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
-        log.info("Best checkpoint's metrics: %s", json.dumps(metrics))
-    return metrics
-
-
-def main(cfg: DictConfig) -> float | None:
-    """Hydra task (run by crack_lightning.cli.train): train, return optimized_metric."""
-    if HydraConfig.initialized():  # in a multirun each job has its own directory
-        with open_dict(cfg):
-            cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    with run_dir_lock(Path(cfg.paths.output_dir)):
-        metrics = train(cfg)
-    name = cfg.get("optimized_metric")
-    if name and name not in metrics:
-        log.warning("optimized_metric=%s is not among the metrics %s", name, sorted(metrics))
-    return metrics.get(name) if name else None

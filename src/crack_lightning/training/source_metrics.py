@@ -20,7 +20,6 @@ from crack_lightning.errors import ModelConfigError
 from crack_lightning.evaluation.metrics import MEAN, per_source_scores
 from crack_lightning.evaluation.threshold import (
     DEFAULT_THRESHOLD,
-    THRESHOLD_RULES,
     choose_threshold,
 )
 from crack_lightning.evaluation.threshold import METADATA_KEY as CHECKPOINT_KEY
@@ -33,25 +32,12 @@ class SourceMetrics(L.Callback):
     (the pooled `STAGE/METRIC` come from the model, CrackClassifier). With a threshold
     rule: `val/threshold`, the validation-chosen threshold that checkpoints carry
     (checkpoint["decision_threshold"]) for predict, scan and export, the balanced
-    accuracy at it, and the test metrics at it (`test_at_threshold/...`)."""
+    accuracy at it, and the test metrics at it (`test_at_threshold/...`). The settings
+    are checked at start-up (settings.SourceMetricsSettings)."""
 
     def __init__(
         self, threshold_rule: str | None, target_recall: float, threshold_tolerance: float
     ) -> None:
-        if threshold_rule is not None and threshold_rule not in THRESHOLD_RULES:
-            raise ModelConfigError(
-                f"callbacks.source_metrics.threshold_rule={threshold_rule} must be one of "
-                f"{', '.join(THRESHOLD_RULES)} or null (keep 0.5)."
-            )
-        if not 0 < target_recall <= 1:
-            raise ModelConfigError(
-                f"callbacks.source_metrics.target_recall={target_recall} must lie in (0, 1]."
-            )
-        if not 0 <= threshold_tolerance < 1:
-            raise ModelConfigError(
-                f"callbacks.source_metrics.threshold_tolerance={threshold_tolerance} must lie "
-                f"in [0, 1): how much balanced accuracy a threshold nearer 0.5 may give up."
-            )
         self.threshold_rule = threshold_rule
         self.target_recall = target_recall
         self.threshold_tolerance = threshold_tolerance

@@ -7,8 +7,9 @@ running, or one from elsewhere:
 
     crack-summarize sweep_dir=SWEEP_DIR [metric=val/loss direction=minimize]
 
-Jobs are ranked by `optimized_metric` in its `optimized_direction` (from the jobs'
-config); jobs without metrics.json (failed or interrupted) are listed last.
+(commands/summarize.py). Jobs are ranked by `optimized_metric` in its
+`optimized_direction` (from the jobs' config); jobs without metrics.json (failed or
+interrupted) are listed last.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from crack_lightning.cli import run_tool
 from crack_lightning.errors import CrackLightningError, RunDirError
 from crack_lightning.evaluation.metrics import figure
 from crack_lightning.training.distributed import process_rank
@@ -238,16 +238,3 @@ class SweepSummary(Callback):
             return
         print("\n" + table, flush=True)
         log.info("Sweep summary written to %s and %s", sweep_dir / CSV_NAME, MARKDOWN_NAME)
-
-
-def summarize(cfg: DictConfig) -> None:
-    print(write_summary(cfg.sweep_dir, cfg.metric, cfg.direction), end="")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`crack-summarize`: settings from conf/summarize.yaml."""
-    return run_tool("summarize", summarize, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""predict.py's body: classify files, evaluate on labelled folders, or scan whole photos."""
+"""`crack-predict` / `python predict.py`: classify files, evaluate on labelled folders, or
+scan whole photos (settings: conf/predict.yaml)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,30 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, open_dict
 
+from crack_lightning.cli import hydra_app, prepare_process
 from crack_lightning.data.decode import collect_inputs, label_from_path, load_rgb
-from crack_lightning.errors import PredictionError, UnreadableImage
+from crack_lightning.errors import PredictionError
 from crack_lightning.evaluation.folders import evaluate_inputs, markdown_table
 from crack_lightning.evaluation.metrics import binary_metrics, format_report, write_evaluation
 from crack_lightning.evaluation.plots import image_grid_figure, save
 from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import classify_files, load_classifier
-from crack_lightning.inference.scan import render_scan, scan_photo, write_scan_csv
-from crack_lightning.settings import CLASS_NAMES, PredictSettings, validate
+from crack_lightning.inference.scan import scan_figure, scan_files, write_scan_csv
+from crack_lightning.settings import CLASS_NAMES, PredictSettings, ScanSettings, validate
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:
-    """CSV or JSON (by extension) with path, label, prob_crack[, true_label]."""
+    """CSV or JSON (by extension, checked at start-up) with path, label, prob_crack[,
+    true_label]."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
         path.write_text(json.dumps(rows, indent=1) + "\n")
         return
-    if path.suffix.lower() != ".csv":
-        raise PredictionError(f"output={path} must end in .csv or .json.")
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -119,38 +121,25 @@ def classify(cfg: DictConfig, classifier, files: list[Path]) -> dict:
     return summary
 
 
-def scan(cfg: DictConfig, classifier, files: list[Path]) -> dict:
+def scan(cfg: DictConfig, classifier, files: list[Path], window: ScanSettings) -> dict:
     """scan mode: per photo a heat-map PNG and a CSV of patches; returns a summary."""
     report_dir = Path(cfg.report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
-    skipped, photos = [], []
-    for file in files:
-        try:
-            photo = load_rgb(file)
-        except UnreadableImage as err:
-            skipped.append((file, str(err)))
-            continue
-        result = scan_photo(
-            classifier,
-            photo,
-            file,
-            cfg.scan.patch_size,
-            cfg.scan.stride,
-            cfg.batch_size,
-            cfg.threshold,
-            cfg.scan.unfamiliar_limit,
-        )
-        stem = report_dir / f"{file.stem}_scan"
-        write_scan_csv(result, stem.with_suffix(".csv"))
-        render_scan(result, photo).save(stem.with_suffix(".png"))
+    skipped: list[tuple[Path, str]] = []
+    photos = []
+    for result in scan_files(
+        classifier, files, window, cfg.batch_size, cfg.threshold, report_dir, skipped
+    ):
+        figure = scan_figure(report_dir, result.path)
+        table = figure.with_suffix(".csv")
+        write_scan_csv(result, table)
         share = result.cracked_area_share()
         print(
-            f"{file}: {int(result.cracked.sum())}/{len(result.probs)} patches cracked, "
-            f"{share:.1%} of the area -> {stem}.png, {stem}.csv"
+            f"{result.path}: {int(result.cracked.sum())}/{len(result.probs)} patches cracked, "
+            f"{share:.1%} of the area -> {figure}, {table}"
         )
         photos.append(
             {
-                "path": str(file),
+                "path": str(result.path),
                 "patches": len(result.probs),
                 "cracked_patches": int(result.cracked.sum()),
                 "cracked_area_share": share,
@@ -162,9 +151,16 @@ def scan(cfg: DictConfig, classifier, files: list[Path]) -> dict:
     return {"photos": photos, "skipped": len(skipped)}
 
 
+def predict() -> Any:
+    """The console script: conf/predict.yaml as a Hydra application."""
+    prepare_process()
+    return hydra_app("predict", run)()
+
+
 def run(cfg: DictConfig) -> dict:
-    """predict.py's task (crack_lightning.cli.predict): settings checked, then one mode."""
+    """The Hydra task: settings checked, then one mode."""
     validate(cfg, PredictSettings, "")
+    window = validate(cfg.scan, ScanSettings, "scan")
     classifier = load_classifier(cfg.ckpt_path, cfg.device)
     with open_dict(cfg):
         cfg.threshold = decision_threshold(cfg.threshold, classifier.threshold)
@@ -174,7 +170,7 @@ def run(cfg: DictConfig) -> dict:
     if not files:
         raise PredictionError(f"inputs={inputs} name no image files.")
     if cfg.mode == "scan":
-        return scan(cfg, classifier, files)
+        return scan(cfg, classifier, files, window)
     summary = classify(cfg, classifier, files)
     print(
         f"Classified {summary['classified']} image(s): {summary['positive']} Positive (crack), "

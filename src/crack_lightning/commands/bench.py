@@ -1,4 +1,4 @@
-"""Benchmark: `crack-bench sample=DIR [images=3000 sizes=[160,224] epochs=10]`.
+"""`crack-bench sample=DIR [images=3000 sizes=[160,224] epochs=10]`.
 
 Measures, in one process, on a data set made by repeating the images of `sample`, one
 row (or a few) per function in ROWS:
@@ -22,13 +22,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
 import torch
 import yaml
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 
 from crack_lightning.cli import compose_command, run_tool
 from crack_lightning.data.sources import scan_samples
@@ -36,7 +36,7 @@ from crack_lightning.errors import ConfigError
 from crack_lightning.inference.classifiers import LoadedModel, classify_files, load_classifier
 from crack_lightning.inference.export import export_int8, export_model
 from crack_lightning.models.optimizers import build_optimizer
-from crack_lightning.settings import CLASS_NAMES, validate
+from crack_lightning.settings import CLASS_NAMES, BenchSettings, CalibrationSettings, validate
 from crack_lightning.training.run import build, train
 
 WARMUP_BATCHES = 5
@@ -175,27 +175,11 @@ def timed_run(cfg: DictConfig) -> float:
     return timed(lambda: train(cfg))
 
 
-def calibration(data: Path) -> DictConfig:
+def calibration(data: Path) -> CalibrationSettings:
     """conf/export.yaml's int8 calibration settings, on 64 of the benchmark's images."""
     cfg = compose_command("export", ["ckpt_path=unused", f"calibration.inputs=[{data}]"])
-    cfg.calibration.images = min(64, cfg.calibration.images)
-    return cfg.calibration
-
-
-@dataclass
-class BenchSettings:
-    """conf/bench.yaml, type-checked (a wrong type is named before anything runs)."""
-
-    error = ConfigError
-    sample: str = MISSING
-    weights: str | None = MISSING
-    images: int = MISSING
-    sizes: list[int] = MISSING
-    batch_size: int = MISSING
-    workers: int = MISSING
-    epochs: int = MISSING
-    reference: str | None = MISSING
-    full_scale: str | None = MISSING
+    settings = validate(cfg.calibration, CalibrationSettings, "calibration")
+    return replace(settings, images=min(64, settings.images))
 
 
 @dataclass
@@ -520,7 +504,7 @@ def run(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`crack-bench`: settings from conf/bench.yaml."""
+    """The console script: settings from conf/bench.yaml."""
     return run_tool("bench", run, argv)
 
 
