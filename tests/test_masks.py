@@ -124,3 +124,31 @@ def test_a_bad_mask_is_one_error_line_naming_it(tiny_ckpt, tmp_path, capsys, cas
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("error: " + expected.format(mask=path, photo=photo)), lines[0]
     assert not (tmp_path / "out" / "scan_eval.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "I;16"])
+def test_black_and_white_masks_of_any_mode_read_the_same(tmp_path, mode):
+    crack = np.zeros((30, 20), dtype=bool)
+    crack[:, 5] = crack[10, :] = True
+    photo = tmp_path / "wall.jpg"
+    grey = Image.fromarray(crack.astype(np.uint8) * 255)
+    if mode == "I;16":
+        grey = Image.fromarray(crack.astype(np.uint16) * 65535)
+    else:
+        grey = grey.convert(mode)
+    grey.save(tmp_path / "wall_mask.png")
+    # on a photo twice its size: scaled up, not refused
+    assert np.array_equal(load_mask(photo, (20, 30)), crack)
+    assert np.array_equal(load_mask(photo, (40, 60)), crack.repeat(2, axis=0).repeat(2, axis=1))
+
+
+def test_a_mask_within_a_pixel_of_the_photos_aspect_ratio_is_scaled(tmp_path):
+    """A 1000x667 photo and its 300x200 mask (rounding) fit; 300x220 does not."""
+    from crack_lightning.errors import DataError
+
+    photo = tmp_path / "wall.jpg"
+    Image.new("L", (300, 200), 255).save(tmp_path / "wall_mask.png")
+    assert load_mask(photo, (1000, 667)).all()
+    Image.new("L", (300, 220), 255).save(tmp_path / "wall_mask.png")
+    with pytest.raises(DataError, match="is 300x220 but its photo .* is 1000x667"):
+        load_mask(photo, (1000, 667))
