@@ -1,38 +1,28 @@
 """Patch-level crack precision and recall of a scan against a photo's crack mask.
 
-A patch counts as truly cracked when at least `min_share` of its pixels are crack in the
-mask (masks may be smaller than the photo, e.g. 256x256 for a 768x768 photo: they are
-scaled up with nearest-neighbour sampling).
+A patch counts as truly cracked by the tile rule of data/masks.py (at least `min_share`
+of its pixels crack in the mask), the one a masks source labels its tiles by; the mask is
+found, checked and fitted to the photo there too.
 
 The command that scans photos and scores them is commands/scan_eval.py (crack-scan-eval).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-from PIL import Image
 
-from crack_lightning.errors import PredictionError
-from crack_lightning.evaluation.metrics import binary_scores, counts, f1, precision, recall
+from crack_lightning.data.masks import CRACK, tile_is_crack
+from crack_lightning.evaluation.metrics import binary_scores, counts, f1, figure, precision, recall
 from crack_lightning.inference.scan import ScanResult
 
-
-def load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Boolean (height, width) crack mask at the photo's size."""
-    if not path.is_file():
-        raise PredictionError(f"No crack mask {path} for the photo beside it.")
-    with Image.open(path) as mask:
-        grey = mask.convert("L").resize(size, Image.Resampling.NEAREST)
-    return np.asarray(grey) > 127
+# the figures of a photo's report line, after its name (None prints as n/a)
+REPORT_COLUMNS = ("patches", "cracked_patches", "found_patches", "false_alarms")
+REPORT_FIGURES = ("precision", "recall", "f1", "auroc")
 
 
 def patch_truth(result: ScanResult, mask: np.ndarray, min_share: float) -> np.ndarray:
-    """Whether each scanned patch is cracked according to the mask."""
-    size = result.patch_size
-    shares = [mask[y : y + size, x : x + size].mean() for x, y in result.boxes]
-    return np.array(shares) >= min_share
+    """Whether each scanned patch is cracked according to the mask (the tile rule)."""
+    return tile_is_crack(mask, result.boxes, result.patch_size, min_share) == CRACK
 
 
 def patch_scores(result: ScanResult, truth: np.ndarray) -> dict[str, float | int | None]:
@@ -55,3 +45,16 @@ def patch_scores(result: ScanResult, truth: np.ndarray) -> dict[str, float | int
         "classifier_recall": alone["recall"],
         "auroc": alone["auroc"],
     }
+
+
+def format_scores(report: dict[str, dict[str, float | int | None]]) -> str:
+    """The report for people: one line per photo, n/a where a figure is undefined."""
+    names = [*REPORT_COLUMNS, *REPORT_FIGURES]
+    widths = [max(len(name), 6) for name in names]
+    first = max([len("photo"), *map(len, report)])
+    lines = [" ".join([f"{'photo':<{first}}", *map(str.rjust, names, widths)])]
+    for photo, scores in report.items():
+        cells = [str(scores[name]) for name in REPORT_COLUMNS]
+        cells += [figure(scores[name]) for name in REPORT_FIGURES]
+        lines.append(" ".join([f"{photo:<{first}}", *map(str.rjust, cells, widths)]))
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""Crack masks: where a photo's mask is, reading it with checks, and when a tile of the
+photo counts as cracked. Scan evaluation (crack-scan-eval) and photos-with-masks sources
+share these, so a tile is labelled by one rule everywhere.
+
+A photo's mask is `PHOTO_mask.png` beside it: white = crack, black = not crack. It is
+decoded as photos are (data/decode.py: fully, EXIF orientation applied, transparency shown
+over white, so save masks without transparency). A mask of the photo's size is used as is;
+one of the same aspect ratio but another size (e.g. 256x256 for a 768x768 photo) is scaled
+to the photo's size (nearest neighbour, so it stays black and white); any other size is an
+error, never a stretch. A file that is not a black-and-white image (colour, or grey levels
+spread like a photo's) is refused, so a photo given by mistake is not read as a mask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from crack_lightning.data.decode import load_rgb
+from crack_lightning.errors import DataError, UnreadableImage
+
+MASK_SUFFIX = "_mask.png"
+# grey levels above this are crack (white), the others not crack (black)
+CRACK_LEVEL = 127
+# a pixel whose colour channels differ by more than this is coloured, not grey
+COLOUR_TOLERANCE = 32
+# a mask's pixels (anti-aliased edges and compression noise aside) take a few grey levels:
+# at least MAIN_SHARE of them one of its MAIN_LEVELS most common ones; a photo's do not
+MAIN_LEVELS = 8
+MAIN_SHARE = 0.95  # photos of ../shared: at most 0.85
+# tile labels from tile_is_crack
+NOT_CRACK, CRACK, IGNORE = 0, 1, -1
+
+HOW = "a crack mask is a black-and-white PNG (white = crack) named PHOTO_mask.png"
+
+
+def mask_path(photo: Path) -> Path:
+    """Where a photo's mask is expected: PHOTO_mask.png beside it."""
+    return photo.with_name(photo.stem + MASK_SUFFIX)
+
+
+def find_mask(photo: Path) -> Path:
+    """The photo's mask file (a regular file: a FIFO or folder of that name would hang or
+    fail later), or a DataError naming the photo and the path expected."""
+    path = mask_path(Path(photo))
+    if not path.is_file():
+        raise DataError(f"No crack mask for {photo}: expected {path} ({HOW}).")
+    return path
+
+
+def read_mask(path: Path, photo: Path) -> np.ndarray:
+    """The mask's grey levels, uint8 (height, width) at its own size, checked to be a mask;
+    DataError naming the mask (and its photo) if it cannot be read or is not a mask."""
+    where = f"Crack mask {path} (of {photo})"
+    try:
+        image = load_rgb(path)
+    except UnreadableImage as err:
+        raise DataError(f"{where} cannot be read: {err}; {HOW}.") from None
+    rgb = np.asarray(image, dtype=np.int16)
+    coloured = int((rgb.max(axis=2) - rgb.min(axis=2) > COLOUR_TOLERANCE).sum())
+    if coloured:
+        raise DataError(
+            f"{where} is in colour ({coloured} of its {rgb.shape[0] * rgb.shape[1]} pixels): "
+            f"is it a photo? {HOW}."
+        )
+    grey = np.asarray(image.convert("L"))
+    counts = np.sort(np.unique(grey, return_counts=True)[1])
+    main = counts[-MAIN_LEVELS:].sum() / grey.size
+    if main < MAIN_SHARE:
+        raise DataError(
+            f"{where} has {len(counts)} grey levels spread like a photo's (its "
+            f"{MAIN_LEVELS} most common cover {main:.0%} of it): is it a photo? {HOW} "
+            f"(save soft-edged masks thresholded to black and white)."
+        )
+    return grey
+
+
+def fit_to_photo(grey: np.ndarray, path: Path, photo: Path, size: tuple[int, int]) -> np.ndarray:
+    """The mask at the photo's size (width, height): scaled (nearest) when it has the
+    photo's aspect ratio up to a mask pixel; a DataError naming both files and both sizes
+    otherwise, rather than a silent stretch."""
+    width, height = size
+    mask_height, mask_width = grey.shape
+    if (mask_width, mask_height) == (width, height):
+        return grey
+    if abs(mask_width * height - mask_height * width) > max(width, height):
+        raise DataError(
+            f"Crack mask {path} is {mask_width}x{mask_height} but its photo {photo} is "
+            f"{width}x{height}: a mask must have its photo's size or aspect ratio (it is "
+            f"then scaled)."
+        )
+    return np.asarray(Image.fromarray(grey).resize(size, Image.Resampling.NEAREST))
+
+
+def load_mask(photo: Path, size: tuple[int, int]) -> np.ndarray:
+    """Boolean (height, width) crack mask of a photo of `size` (width, height), found,
+    checked and fitted as above."""
+    path = find_mask(photo)
+    return fit_to_photo(read_mask(path, photo), path, photo, size) > CRACK_LEVEL
+
+
+def crack_shares(mask: np.ndarray, boxes: np.ndarray, tile_size: int) -> np.ndarray:
+    """The share of crack pixels in each tile_size tile at (x, y) in boxes (the part of a
+    tile inside the mask where it reaches past an edge)."""
+    mask = np.asarray(mask, dtype=bool)
+    return np.array(
+        [mask[y : y + tile_size, x : x + tile_size].mean() for x, y in boxes], dtype=float
+    ).reshape(len(boxes))
+
+
+def tile_is_crack(
+    mask: np.ndarray,
+    boxes: np.ndarray,
+    tile_size: int,
+    min_share: float,
+    ambiguous: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Each tile's label (int8): CRACK when at least min_share of it is crack in the mask,
+    else NOT_CRACK; with `ambiguous=(low, high)`, tiles whose share lies strictly between
+    the two are IGNORE (too little crack to call cracked, too much to call clean).
+    Scan evaluation scores patches with it; a masks source labels its tiles with it."""
+    shares = crack_shares(mask, boxes, tile_size)
+    labels = np.where(shares >= min_share, CRACK, NOT_CRACK).astype(np.int8)
+    if ambiguous is not None:
+        low, high = ambiguous
+        labels[(shares > low) & (shares < high)] = IGNORE
+    return labels
