@@ -19,6 +19,7 @@ from crack_lightning.data.fetch import MARKER_NAME, ensure_source, extract_image
 from crack_lightning.data.sources import SourceSpec
 from crack_lightning.errors import DataError
 from crack_lightning.settings import check_train_settings
+from crack_lightning.training.run import build
 from tests.rar4 import write_rar4
 from tests.test_download import jpeg, layout, make_zip
 
@@ -158,6 +159,21 @@ def test_a_link_in_place_of_the_scratch_folder_is_not_followed(outside, tmp_path
     assert untouched(outside) and not (tmp_path / ".root.unpacking").exists()
 
 
+def test_a_zip_link_entry_becomes_no_link(outside, tmp_path):
+    """ZIP can store a Unix link (its target as the data); unpacking writes no link, so a
+    ZIP 'link' named like an image is at most a small file, and nothing outside is read."""
+    archive = tmp_path / "a.zip"
+    make_zip(archive, layout(2, top=""))
+    with zipfile.ZipFile(archive, "a") as zf:
+        entry = zipfile.ZipInfo("Positive/linked.jpg")
+        entry.external_attr = 0o120777 << 16
+        zf.writestr(entry, str(outside / "o0.jpg"))
+    root = tmp_path / "root"
+    extract_images(archive, root, progress=False)
+    assert links_under(root) == [] and untouched(outside)
+    assert (root / "Positive" / "linked.jpg").read_bytes() == str(outside / "o0.jpg").encode()
+
+
 # --- 2. a size bound on unpacking -----------------------------------------------------------
 
 
@@ -199,6 +215,22 @@ def test_a_rar_that_unpacks_beyond_the_bound_is_stopped_and_cleaned_up(
     assert "unpack_limit_gib=0.00195312 GiB allows" in err
     assert [p.name for p in tmp_path.rglob("*") if not p.is_dir()] == ["crack.rar"]
     assert not root.exists() and not list(root.parent.iterdir())  # no scratch left
+
+
+def test_train_s_unpack_bound_reaches_the_metu_archive(make_cfg, tmp_path):
+    """train.py data.archive=PATH data.unpack_limit_gib=...: the data module unpacks
+    under that bound."""
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in layout(2).items():
+            zf.writestr(name, data)
+        zf.writestr("Concrete Crack Images for Classification/Positive/big.jpg", bytes(4 * MIB))
+    root = tmp_path / "root"
+    overrides = [f"data.root={root}", f"data.archive={archive}", "data.unpack_limit_gib=0.002"]
+    dm = build(make_cfg(*overrides).data)
+    with pytest.raises(DataError, match=r"declares 4.0 MiB .*data.unpack_limit_gib=0.002 GiB"):
+        dm.prepare_data()
+    assert not root.exists() and not (tmp_path / ".root.unpacking").exists()
 
 
 @pytest.mark.parametrize(
