@@ -22,11 +22,17 @@ def _block(head_type: int, flags: int, body: bytes) -> bytes:
     return struct.pack("<H", zlib.crc32(head) & 0xFFFF) + head
 
 
-def write_rar4(path: Path, files: Mapping[str, bytes]) -> Path:
-    """Write files (archive name with '/' -> content) as a stored, non-solid RAR 4."""
+def write_rar4(
+    path: Path, files: Mapping[str, bytes], links: Mapping[str, str] | None = None
+) -> Path:
+    """Write files (archive name with '/' -> content) as a stored, non-solid RAR 4, after
+    `links` (name -> target) as Unix symbolic links (the target stored as the data), so
+    that a file may try to land through one."""
     out = bytearray(MARKER)
     out += _block(0x73, 0, b"\x00" * 6)  # archive header: two reserved fields
-    for name, data in files.items():
+    entries = [(name, target.encode(), 0o120777) for name, target in (links or {}).items()]
+    entries += [(name, data, 0o100644) for name, data in files.items()]
+    for name, data, mode in entries:
         encoded = name.replace("/", "\\").encode()  # RAR 4 separates with backslashes
         body = struct.pack(
             "<IIBIIBBHI",
@@ -38,7 +44,7 @@ def write_rar4(path: Path, files: Mapping[str, bytes]) -> Path:
             20,  # version needed: 2.0
             0x30,  # method: store
             len(encoded),
-            0o100644 & 0xFFFF,  # attributes: a regular file
+            mode,  # attributes: Unix mode (a regular file or a link)
         )
         out += _block(0x74, 0x8000, body + encoded) + data  # 0x8000: data follows
     out += _block(0x7B, 0x4000, b"")  # end of archive

@@ -77,6 +77,17 @@ class OnBadImage(str, enum.Enum):
     stop = "stop"
 
 
+def check_unpack_limit(value: Any, setting: str) -> None:
+    """The most GiB unpacking one archive may write (data/fetch.py): a number above 0."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0 < value < float("inf"):
+        shown = f"{value:g}" if number else value
+        raise DataError(
+            f"{setting}={shown} must be a number of GiB above 0 (the most that unpacking "
+            f"one archive may write)."
+        )
+
+
 def check_distance(max_distance: int, setting: str = "data.group_distance") -> None:
     """Near-duplicate distance: bits of a 64-bit hash."""
     if int(max_distance) != max_distance or not 0 <= max_distance <= 16:
@@ -105,9 +116,11 @@ class DataSettings:
     decode_on_device: bool = MISSING
     on_bad_image: OnBadImage = MISSING
     balanced_sampling: bool = MISSING
+    unpack_limit_gib: float = MISSING
 
     def __post_init__(self) -> None:
         check_fractions(self.val_fraction, self.test_fraction)
+        check_unpack_limit(self.unpack_limit_gib, "data.unpack_limit_gib")
         for name, low in (("image_size", 16), ("batch_size", 1), ("num_workers", 0)):
             value = getattr(self, name)
             require(value >= low, f"data.{name}", value, f"an integer >= {low}", DataError)
@@ -170,6 +183,9 @@ class SourceSettings:
                     f"{where}.group_pattern={self.group_pattern!r} is no regex: {err}"
                 ) from None
         check_distance(self.group_distance, f"{where}.group_distance")
+        if self.download and "unpack_limit_gib" in self.download:
+            limit = self.download["unpack_limit_gib"]
+            check_unpack_limit(limit, f"{where}.download.unpack_limit_gib")
 
     @classmethod
     def of(cls, name: str, config: Any) -> SourceSettings:
@@ -211,6 +227,10 @@ class DataToolSettings:
     archive: str | None = MISSING
     keep_archive: bool = MISSING
     quick: bool = MISSING
+    unpack_limit_gib: float = MISSING
+
+    def __post_init__(self) -> None:
+        check_unpack_limit(self.unpack_limit_gib, "unpack_limit_gib")
 
 
 @dataclass

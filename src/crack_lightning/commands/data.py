@@ -26,7 +26,12 @@ ACTIONS = ("download", "check")
 def run(cfg: DictConfig) -> int:
     settings = validate(cfg, DataToolSettings, "")
     if settings.action == "download":
-        ensure_dataset(settings.root, archive=settings.archive, keep_archive=settings.keep_archive)
+        ensure_dataset(
+            settings.root,
+            archive=settings.archive,
+            keep_archive=settings.keep_archive,
+            unpack_limit_gib=settings.unpack_limit_gib,
+        )
         return 0
     if settings.action != "check":
         raise DataError(f"action={settings.action} must be one of {', '.join(ACTIONS)}.")

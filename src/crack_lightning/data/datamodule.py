@@ -64,6 +64,7 @@ class CrackDataModule(L.LightningDataModule):
         sources: Mapping | None = None,
         balanced_sampling: bool = False,
         holdout_source: str | None = None,
+        unpack_limit_gib: float = 4.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -87,7 +88,8 @@ class CrackDataModule(L.LightningDataModule):
         if self.hparams.synthetic is not None:
             generate_dataset(Path(self.hparams.root), **self.hparams.synthetic)
         else:
-            ensure_sources(self.specs, self.hparams.archive, self.hparams.download)
+            hp = self.hparams
+            ensure_sources(self.specs, hp.archive, hp.download, hp.unpack_limit_gib)
 
     def setup(self, stage: str | None = None) -> None:
         if self.split:  # splitting is deterministic; do it once per process

@@ -10,6 +10,12 @@ run); another source keeps its own layout (SDNET2018's D/CD, D/UD, ...), which i
 from. Both do nothing when the root holds the data already, so they are safe to call
 before every training run.
 
+Archive rules (docs/data.md): no entry or link lands outside the scratch folder, and
+links, hard links and special files an archive holds are dropped before anything is
+read, so only regular image files reach the root; unpacking stops at a size bound
+(data.unpack_limit_gib, data.sources.NAME.download.unpack_limit_gib) and cleans up; an
+archive's size and sha256, when known, are checked whether downloaded or local.
+
 Python reads ZIP itself. RAR needs an external tool: `unar` (Debian/Ubuntu package
 unar, Homebrew unar) is tried first because it checks every file's checksum and reads
 all RAR 4 archives, solid ones included; `bsdtar` (libarchive; package libarchive-tools,
@@ -26,14 +32,16 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 import zipfile
 from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -54,6 +62,35 @@ log = logging.getLogger(__name__)
 
 MARKER_NAME = ".download.json"
 CHUNK = 1 << 16
+GIB = 1 << 30
+# what unpacking may write when the caller names no bound: conf/ sets the same
+# (data.unpack_limit_gib, data.sources.NAME.download.unpack_limit_gib)
+UNPACK_LIMIT_GIB = 4.0
+WATCH_SECONDS = 0.5  # how often the size of what a RAR tool wrote is measured
+
+
+def amount(size: int) -> str:
+    """Bytes for a message: in GiB, or MiB below a tenth of one."""
+    return f"{size / GIB:.2f} GiB" if size >= GIB / 10 else f"{size / (1 << 20):.1f} MiB"
+
+
+@dataclass(frozen=True)
+class UnpackLimit:
+    """The most bytes unpacking one archive may write, and the setting that says so."""
+
+    gib: float = UNPACK_LIMIT_GIB
+    setting: str = "data.unpack_limit_gib"
+
+    @property
+    def bytes(self) -> int:
+        return int(self.gib * GIB)
+
+    def refuse(self, archive: Path, what: str) -> DataError:
+        return DataError(
+            f"archive={archive} {what}, more than {self.setting}={self.gib:g} GiB allows: it "
+            f"is not the data set's archive, or a bomb. Nothing was kept; raise "
+            f"{self.setting} if the archive really unpacks to that much."
+        )
 
 
 @dataclass(frozen=True)
@@ -94,17 +131,24 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_archive(path: Path, size: int | None, sha256: str | None) -> str:
-    """Check size (cheap) then sha256; return the sha256. A mismatch is a DataError."""
+def verify_archive(
+    path: Path, size: int | None, sha256: str | None, label: str | None = None
+) -> str:
+    """Check size (cheap) then sha256; return the sha256. A mismatch is a DataError that
+    names the file (as `label`, e.g. the setting that gave it), the expected and the
+    actual value."""
+    label = label or str(path)
     actual = path.stat().st_size
     if size is not None and actual != size:
         raise DataError(
-            f"{path} has {actual:,} bytes, the data set's archive has {size:,}: it is "
+            f"{label} has {actual:,} bytes, the data set's archive has {size:,}: it is "
             f"incomplete or another file."
         )
     digest = sha256_of(path)
     if sha256 is not None and digest != sha256.lower():
-        raise DataError(f"{path} has sha256 {digest}, expected {sha256}: the file is corrupted.")
+        raise DataError(
+            f"{label} has sha256 {digest}, expected {sha256}: the file is corrupted or another one."
+        )
     return digest
 
 
@@ -290,19 +334,33 @@ def rar_command(tool: str, exe: str, archive: Path, dest: Path) -> list[str]:
     return [exe, "-x", "-v", "-f", str(archive), "-C", str(dest)]
 
 
-def unpack_rar(archive: Path, dest: Path, tool: str | None = None, progress: bool = True) -> str:
+def unpack_rar(
+    archive: Path,
+    dest: Path,
+    tool: str | None = None,
+    progress: bool = True,
+    limit: UnpackLimit | None = None,
+) -> str:
     """Unpack every member of a RAR archive into dest (emptied first); return the tool used.
 
     Neither tool reads every RAR variant (unar 1.10 fails on some RAR5 archives, bsdtar
     3.6 on solid RAR4 ones), so a tool that cannot parse the format hands the archive to
-    the next. A damaged archive (a checksum or length error) stops at once.
+    the next. A damaged archive (a checksum or length error) stops at once. Both refuse
+    to write through a link or outside dest; what they write is measured while they run
+    and the tool stopped once it passes `limit`.
     """
+    limit = limit or UnpackLimit()
     tools = find_rar_tools(tool)
     failures = []
     for name, exe in tools:
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
-        code, tail = _run_counting_lines(rar_command(name, exe, archive, dest), name, progress)
+        command = rar_command(name, exe, archive, dest)
+        code, tail = _run_counting_lines(command, name, progress, dest, limit.bytes)
+        written = tree_size(dest)
+        if written > limit.bytes:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise limit.refuse(archive, f"unpacks to more than {amount(written)}")
         if code == 0:
             return name
         said = " / ".join(line.rstrip(".") for line in tail) or "no message"
@@ -321,8 +379,14 @@ def unpack_rar(archive: Path, dest: Path, tool: str | None = None, progress: boo
     )
 
 
-def _run_counting_lines(command: list[str], name: str, progress: bool) -> tuple[int, list[str]]:
-    """Run command; one progress step per output line (one per file); exit code, last lines."""
+def _run_counting_lines(
+    command: list[str], name: str, progress: bool, dest: Path, limit: int
+) -> tuple[int, list[str]]:
+    """Run command; one progress step per output line (one per file); exit code, last lines.
+
+    A watcher measures dest every WATCH_SECONDS and kills the tool once dest holds more
+    than `limit` bytes (the caller measures once more and refuses).
+    """
     tail: deque[str] = deque(maxlen=3)
     try:
         with (
@@ -336,27 +400,113 @@ def _run_counting_lines(command: list[str], name: str, progress: bool) -> tuple[
             ) as proc,
             progress_of(None, f"Unpacking ({name})", "file", progress) as bar,
         ):
+            done = threading.Event()
+            watcher = threading.Thread(
+                target=_watch_size, args=(proc, dest, limit, done), daemon=True
+            )
+            watcher.start()
             assert proc.stdout is not None
             for line in proc.stdout:
                 tail.append(line.strip())
                 bar.update(1)
-            return proc.wait(), list(tail)
+            code = proc.wait()
+            done.set()
+            watcher.join()
+            return code, list(tail)
     except OSError as err:
         raise DataError(f"Could not run {command[0]}: {err}. {INSTALL_HINT}") from None
 
 
-def unpack_zip(archive: Path, dest: Path, progress: bool = True) -> None:
-    """Unpack a ZIP member by member; zipfile checks each CRC and drops '..' from paths."""
+def _watch_size(proc: subprocess.Popen, dest: Path, limit: int, done: threading.Event) -> None:
+    """Kill proc once what it wrote under dest passes limit bytes."""
+    while not done.wait(WATCH_SECONDS):
+        if tree_size(dest) > limit:
+            proc.kill()
+            return
+
+
+def tree_size(folder: Path) -> int:
+    """Bytes in the files under folder (links not followed; vanished files skipped)."""
+    total = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            with suppress(OSError):  # removed meanwhile
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def unpack_zip(
+    archive: Path, dest: Path, progress: bool = True, limit: UnpackLimit | None = None
+) -> None:
+    """Unpack a ZIP member by member into regular files and folders (a link entry becomes
+    a file holding its target; '..', drive and root parts are dropped from names, as
+    zipfile does); zipfile checks each CRC. The sizes the ZIP declares are checked against
+    `limit` first, and the bytes really written are counted too (declared sizes can lie)."""
+    limit = limit or UnpackLimit()
     try:
         with zipfile.ZipFile(archive) as zf:
             members = zf.infolist()
+            declared = sum(m.file_size for m in members)
+            if declared > limit.bytes:
+                biggest = max(members, key=lambda m: m.file_size)
+                raise limit.refuse(
+                    archive,
+                    f"declares {amount(declared)} unpacked ({biggest.filename}: "
+                    f"{amount(biggest.file_size)})",
+                )
+            written = 0
             for member in track(members, "Unpacking", "file", progress):
-                zf.extract(member, dest)
+                target = zip_target(dest, member.filename)
+                if member.is_dir() or target == dest:
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as source, target.open("wb") as out:
+                    while block := source.read(CHUNK):
+                        written += len(block)
+                        if written > limit.bytes:
+                            raise limit.refuse(
+                                archive, f"unpacks to more than it declares ({member.filename})"
+                            )
+                        out.write(block)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as err:
         raise DataError(
             f"archive={archive} is not a readable ZIP ({err}). The file is damaged or "
             f"incomplete: delete it and download it again."
         ) from None
+
+
+def zip_target(dest: Path, name: str) -> Path:
+    """Where a ZIP entry goes under dest: zipfile's rule (drive, root, '.', '..' and empty
+    parts dropped), so that no entry lands outside dest."""
+    name = os.path.splitdrive(name.replace("\\", "/"))[1]
+    parts = [part for part in name.split("/") if part not in ("", ".", "..")]
+    return dest.joinpath(*parts)
+
+
+def drop_links(folder: Path) -> list[str]:
+    """Remove from an unpacked folder whatever is not a plain folder or a regular file of
+    its own (links, hard links too, FIFOs, devices), so that nothing read, walked or moved
+    afterwards can lead outside; return what was removed, relative to folder."""
+    removed = []
+    for dirpath, dirnames, names in os.walk(folder):  # links to folders are listed, not walked
+        for name in dirnames + names:
+            path = Path(dirpath) / name
+            info = path.lstat()
+            plain = stat.S_ISDIR(info.st_mode) or (
+                stat.S_ISREG(info.st_mode) and info.st_nlink == 1
+            )
+            if not plain:
+                path.unlink()
+                removed.append(path.relative_to(folder).as_posix())
+        dirnames[:] = [d for d in dirnames if (Path(dirpath) / d).is_dir()]
+    if removed:
+        log.warning(
+            "The archive held %d links or special files, not unpacked: %s",
+            len(removed),
+            ", ".join(removed[:5]) + (" ..." if len(removed) > 5 else ""),
+        )
+    return removed
 
 
 def find_unpacked_classes(folder: Path) -> dict[str, Path]:
@@ -380,20 +530,36 @@ def find_unpacked_classes(folder: Path) -> dict[str, Path]:
 
 
 @contextmanager
-def unpacked(archive: Path, root: Path, progress: bool, rar_tool: str | None = None) -> Iterator:
-    """The archive unpacked into a scratch folder beside root, removed whatever happens."""
+def unpacked(
+    archive: Path,
+    root: Path,
+    progress: bool,
+    rar_tool: str | None = None,
+    limit: UnpackLimit | None = None,
+) -> Iterator:
+    """The archive unpacked into a scratch folder beside root, its links and special
+    files dropped; removed whatever happens."""
     kind = archive_kind(archive)
     scratch = root.parent / f".{root.name}.unpacking"
-    shutil.rmtree(scratch, ignore_errors=True)
+    _remove(scratch)
     scratch.mkdir(parents=True)
     try:
         if kind == "zip":
-            unpack_zip(archive, scratch, progress)
+            unpack_zip(archive, scratch, progress, limit)
         else:
-            unpack_rar(archive, scratch, rar_tool, progress)
+            unpack_rar(archive, scratch, rar_tool, progress, limit)
+        drop_links(scratch)
         yield scratch
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        _remove(scratch)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder (or a link or file in its place) without following links."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def regular_images(folder: Path, scratch: Path, recursive: bool) -> list[Path]:
@@ -424,13 +590,17 @@ def place(files: Sequence[Path], top: Path, root: Path) -> None:
 
 
 def extract_images(
-    archive: Path, root: Path, progress: bool = True, rar_tool: str | None = None
+    archive: Path,
+    root: Path,
+    progress: bool = True,
+    rar_tool: str | None = None,
+    limit: UnpackLimit | None = None,
 ) -> dict[str, int]:
     """Unpack archive and move its class folders' images to root/Negative, root/Positive.
 
     Returns the number of images moved per class.
     """
-    with unpacked(archive, root, progress, rar_tool) as scratch:
+    with unpacked(archive, root, progress, rar_tool, limit) as scratch:
         counts = {}
         for name, folder in find_unpacked_classes(scratch).items():
             images = regular_images(folder, scratch, recursive=False)
@@ -440,10 +610,12 @@ def extract_images(
         return counts
 
 
-def unpack_layout(archive: Path, spec: SourceSpec, progress: bool) -> None:
+def unpack_layout(
+    archive: Path, spec: SourceSpec, progress: bool, limit: UnpackLimit | None = None
+) -> None:
     """Unpack, find the shallowest folder holding the source's class folders, and move
     their images to spec.root with that folder's layout."""
-    with unpacked(archive, spec.root, progress) as scratch:
+    with unpacked(archive, spec.root, progress, limit=limit) as scratch:
         top = _layout_top(scratch, spec)
         if top is None:
             raise DataError(
@@ -487,7 +659,12 @@ def get_archive(
         if not path.is_file():
             hint = "" if where else f" {OFFLINE_HINT}"  # where: a source's setting
             raise DataError(f"{where}archive={path} does not exist.{hint}")
-        digest = sha256_of(path)
+        try:  # a local archive is held to the same size and sha256 as a downloaded one
+            digest = verify_archive(path, size, sha256, f"{where}archive={path}")
+        except DataError as err:
+            raise DataError(
+                f"{err} Check {where}sha256 and {where}size, or pass the right archive."
+            ) from None
         log.info("Archive %s: sha256 %s", path, digest)
         return path, digest, False
     if not url:
@@ -535,14 +712,16 @@ def ensure_dataset(
     progress: bool = True,
     retries: int = 5,
     retry_wait: float = 2.0,
+    unpack_limit_gib: float = UNPACK_LIMIT_GIB,
 ) -> Path:
     """Make root hold source's (default: METU) images per class: download and/or unpack.
 
     Does nothing when root already holds them. With `archive`, nothing is downloaded: that
-    local RAR or ZIP file (perhaps a repack, so its size is not compared) is unpacked, and
-    unpacking (checksums) and counting tell whether it is whole. Otherwise the archive is
-    downloaded beside root (ROOT.rar), verified, unpacked, and deleted unless
-    `keep_archive`.
+    local RAR or ZIP file (perhaps a repack, so its size is not compared; a sha256 the
+    source pins is) is unpacked, and unpacking (checksums) and counting tell whether it is
+    whole. Otherwise the archive is downloaded beside root (ROOT.rar), verified, unpacked,
+    and deleted unless `keep_archive`. Unpacking writes at most `unpack_limit_gib`
+    (data.unpack_limit_gib).
     """
     root = Path(root)
     source = source or METU
@@ -558,10 +737,12 @@ def ensure_dataset(
             f"download again."
         )
     dest = root.with_name(root.name + source.suffix)
+    size = None if archive else source.size  # a local copy may be a repack (a ZIP)
     path, digest, downloaded = get_archive(
-        "", archive, source.url, dest, source.size, source.sha256, progress, retries, retry_wait
+        "", archive, source.url, dest, size, source.sha256, progress, retries, retry_wait
     )
-    counts = extract_images(path, root, progress=progress)
+    limit = UnpackLimit(unpack_limit_gib, "data.unpack_limit_gib")
+    counts = extract_images(path, root, progress=progress, limit=limit)
     if any(n != expected for n in counts.values()):
         raise DataError(
             f"The archive {path} held {counts} images, not {expected:,} per class: it is not "
@@ -608,7 +789,11 @@ def ensure_source(
         retries,
         retry_wait,
     )
-    unpack_layout(path, spec, progress)
+    limit = UnpackLimit(
+        settings.get("unpack_limit_gib", UNPACK_LIMIT_GIB),
+        f"{spec.where}.download.unpack_limit_gib",
+    )
+    unpack_layout(path, spec, progress, limit)
     counts = {label: len(folders) for label, folders in class_folders(spec).items()}
     marker = {
         "source": str(settings.get("archive") or settings.get("url")),
@@ -620,12 +805,15 @@ def ensure_source(
 
 
 def ensure_sources(
-    specs: Sequence[SourceSpec], archive: str | Path | None = None, download: bool = False
+    specs: Sequence[SourceSpec],
+    archive: str | Path | None = None,
+    download: bool = False,
+    unpack_limit_gib: float = UNPACK_LIMIT_GIB,
 ) -> None:
     """Fetch what the data set lacks before training: data.root's METU archive when
     data.download is true or data.archive is set; each source whose download.enabled is."""
     for spec in specs:
         if spec.shorthand and (download or archive is not None):
-            ensure_dataset(spec.root, archive=archive)
+            ensure_dataset(spec.root, archive=archive, unpack_limit_gib=unpack_limit_gib)
         elif spec.download and spec.download.get("enabled"):
             ensure_source(spec)

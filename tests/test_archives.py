@@ -1,0 +1,274 @@
+"""Archive rules (issue 21): unpacking never leaves a link in the root nor writes through
+one, stops at a stated size bound and cleans up, and checks a local archive's size and
+sha256 as it checks a download's. Every archive kind (ZIP, RAR through unar and bsdtar)
+and both entry points (ensure_dataset for METU, ensure_source for a source)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from crack_lightning.commands.data import main as cli
+from crack_lightning.data import fetch as fetch_module
+from crack_lightning.data.fetch import MARKER_NAME, ensure_source, extract_images
+from crack_lightning.data.sources import SourceSpec
+from crack_lightning.errors import DataError
+from crack_lightning.settings import check_train_settings
+from crack_lightning.training.run import build
+from tests.rar4 import write_rar4
+from tests.test_download import jpeg, layout, make_zip
+
+from .conftest import compose_config
+
+TOOLS = ("unar", "bsdtar")
+SDNET = {  # a source archive in SDNET2018's layout, its class folders at the top
+    "D/CD/7001-1.jpg": jpeg(1),
+    "D/CD/7001-2.jpg": jpeg(2),
+    "D/UD/7002-1.jpg": jpeg(3),
+}
+MIB = 1 << 20
+
+
+def source_spec(root: Path, **download) -> SourceSpec:
+    """data.sources.decks as the shipped sdnet2018 config composes it, download set."""
+    cfg = compose_config(
+        "train",
+        ["+data/sources@data.sources.decks=sdnet2018", f"data.sources.decks.root={root}"]
+        + [f"data.sources.decks.download.{k}={v}" for k, v in download.items()],
+    )
+    return SourceSpec.from_config("decks", cfg.data.sources.decks)
+
+
+def links_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_symlink()] if folder.exists() else []
+
+
+@pytest.fixture
+def outside(tmp_path) -> Path:
+    """A folder beside the data that no archive may touch: a file and two images."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    (folder / "precious.json").write_text('{"mine": true}')
+    for i in range(2):
+        (folder / f"o{i}.jpg").write_bytes(jpeg(20 + i))
+    return folder
+
+
+def untouched(folder: Path) -> bool:
+    return sorted(p.name for p in folder.iterdir()) == ["o0.jpg", "o1.jpg", "precious.json"] and (
+        (folder / "precious.json").read_text() == '{"mine": true}'
+    )
+
+
+# --- 1. no link in the root, nothing written through one ---------------------------------
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_source_rar_with_a_marker_link_overwrites_nothing_outside(
+    tool, outside, tmp_path, monkeypatch
+):
+    """The issue's case: a RAR given as download.archive holds `.download.json` as a link
+    to a file outside; the marker is written in the root, the file outside is intact, and
+    no link is left in the root."""
+    monkeypatch.setattr(fetch_module, "RAR_TOOLS", (tool,))
+    archive = write_rar4(
+        tmp_path / "SDNET2018.rar",
+        SDNET,
+        links={MARKER_NAME: str(outside / "precious.json"), "D/CD/x.jpg": str(outside / "o0.jpg")},
+    )
+    root = tmp_path / "data" / "sdnet2018"
+    ensure_source(source_spec(root, enabled=True, archive=archive), progress=False)
+    assert untouched(outside)
+    assert links_under(root) == []
+    assert json.loads((root / MARKER_NAME).read_text())["source"] == str(archive)
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg")) == sorted(SDNET)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_class_folder_linking_outside_is_not_read_as_the_archive_s(
+    tool, outside, tmp_path, monkeypatch
+):
+    """A class folder that is a link out of the archive is dropped with the other links:
+    the source's archive then lacks that folder (said so), and nothing lands in the root."""
+    monkeypatch.setattr(fetch_module, "RAR_TOOLS", (tool,))
+    archive = write_rar4(
+        tmp_path / "SDNET2018.rar", {"D/UD/7002-1.jpg": jpeg(3)}, links={"D/CD": str(outside)}
+    )
+    root = tmp_path / "data" / "sdnet2018"
+    with pytest.raises(DataError, match=r"SDNET2018.rar holds no folders matching"):
+        ensure_source(source_spec(root, enabled=True, archive=archive), progress=False)
+    assert not root.exists() and untouched(outside)
+    assert not (tmp_path / "data" / ".sdnet2018.unpacking").exists()
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_metu_class_folder_linking_outside_is_refused(tool, outside, tmp_path):
+    files = {k: v for k, v in layout(2).items() if "/Negative/" not in k}
+    link = {"Concrete Crack Images for Classification/Negative": str(outside)}
+    archive = write_rar4(tmp_path / "crack.rar", files, links=link)
+    root = tmp_path / "concrete_crack"
+    with pytest.raises(DataError, match=r"exactly one Negative/ and one Positive/"):
+        extract_images(archive, root, progress=False, rar_tool=tool)
+    assert not root.exists() and untouched(outside)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_file_behind_a_link_in_a_rar_lands_nowhere(tool, outside, tmp_path):
+    """A link to a folder outside, then a file under that link: both tools refuse to write
+    through it, and the archive is refused."""
+    files = layout(1) | {"Concrete Crack Images for Classification/Positive/evil.jpg": b"x"}
+    link = {"Concrete Crack Images for Classification/Positive": str(outside)}
+    archive = write_rar4(tmp_path / "crack.rar", files, links=link)
+    with pytest.raises(DataError):
+        extract_images(archive, tmp_path / "root", progress=False, rar_tool=tool)
+    assert untouched(outside)
+
+
+def test_a_hard_link_an_unpacker_writes_is_not_moved_into_the_root(outside, tmp_path, monkeypatch):
+    """RAR 5 and tools can write hard links; one to a file outside must not end up in the
+    root (where it would be the outside file). Stands in for such a tool: a ZIP unpacker
+    that adds a hard link beside the archive's images."""
+    real_unpack = fetch_module.unpack_zip
+
+    def unpack_with_a_hard_link(archive, dest, *args):
+        real_unpack(archive, dest, *args)
+        os.link(outside / "o0.jpg", dest / "Positive" / "hard.jpg")
+
+    monkeypatch.setattr(fetch_module, "unpack_zip", unpack_with_a_hard_link)
+    root = tmp_path / "root"
+    counts = extract_images(make_zip(tmp_path / "a.zip", layout(2, top="")), root, False)
+    assert counts == {"Negative": 2, "Positive": 2}
+    assert not (root / "Positive" / "hard.jpg").exists()
+    assert (outside / "o0.jpg").stat().st_nlink == 1 and untouched(outside)
+
+
+def test_a_link_in_place_of_the_scratch_folder_is_not_followed(outside, tmp_path):
+    """The scratch folder beside the root is a link to a folder outside (left by someone):
+    it is replaced, not unpacked into, and the folder outside keeps its files."""
+    (tmp_path / ".root.unpacking").symlink_to(outside, target_is_directory=True)
+    archive = make_zip(tmp_path / "a.zip", layout(2, top=""))
+    assert extract_images(archive, tmp_path / "root", progress=False) == {
+        "Negative": 2,
+        "Positive": 2,
+    }
+    assert untouched(outside) and not (tmp_path / ".root.unpacking").exists()
+
+
+def test_a_zip_link_entry_becomes_no_link(outside, tmp_path):
+    """ZIP can store a Unix link (its target as the data); unpacking writes no link, so a
+    ZIP 'link' named like an image is at most a small file, and nothing outside is read."""
+    archive = tmp_path / "a.zip"
+    make_zip(archive, layout(2, top=""))
+    with zipfile.ZipFile(archive, "a") as zf:
+        entry = zipfile.ZipInfo("Positive/linked.jpg")
+        entry.external_attr = 0o120777 << 16
+        zf.writestr(entry, str(outside / "o0.jpg"))
+    root = tmp_path / "root"
+    extract_images(archive, root, progress=False)
+    assert links_under(root) == [] and untouched(outside)
+    assert (root / "Positive" / "linked.jpg").read_bytes() == str(outside / "o0.jpg").encode()
+
+
+# --- 2. a size bound on unpacking -----------------------------------------------------------
+
+
+def test_a_zip_bomb_is_refused_by_its_declared_size_and_cleaned_up(tmp_path):
+    """8 MiB of zeros compress to a few KiB; a 1 MiB bound refuses the archive before
+    anything is written, names the setting, and leaves no scratch folder or root."""
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in SDNET.items():
+            zf.writestr(name, data)
+        zf.writestr("D/CD/7001-3.jpg", bytes(8 * MIB))
+    assert archive.stat().st_size < 64 * 1024
+    root = tmp_path / "data" / "sdnet2018"
+    spec = source_spec(root, enabled=True, archive=archive, unpack_limit_gib=1 / 1024)
+    with pytest.raises(
+        DataError, match=r"declares 8.0 MiB .*download.unpack_limit_gib=0.000976562 GiB"
+    ):
+        ensure_source(spec, progress=False)
+    assert [p.name for p in tmp_path.rglob("*") if not p.is_dir()] == ["bomb.zip"]
+    assert not root.exists() and not list(root.parent.iterdir())  # no scratch left
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_rar_that_unpacks_beyond_the_bound_is_stopped_and_cleaned_up(
+    tool, tmp_path, capsys, monkeypatch
+):
+    """What the RAR tool writes is measured: 3 MiB against a 2 MiB bound (data.root's
+    setting, through crack-data download) is refused, and nothing stays behind."""
+    monkeypatch.setattr(fetch_module, "METU", fetch_module.Source("unused", None, None, 2))
+    files = layout(2) | {
+        "Concrete Crack Images for Classification/Positive/big.jpg": bytes(3 * MIB)
+    }
+    archive = write_rar4(tmp_path / "crack.rar", files)
+    root = tmp_path / "data" / "concrete_crack"
+    monkeypatch.setattr(fetch_module, "RAR_TOOLS", (tool,))
+    args = ["download", f"root={root}", f"archive={archive}", f"unpack_limit_gib={2 / 1024}"]
+    assert cli(args) == 2
+    assert "unpacks to more than" in (err := capsys.readouterr().err)
+    assert "unpack_limit_gib=0.00195312 GiB allows" in err
+    assert [p.name for p in tmp_path.rglob("*") if not p.is_dir()] == ["crack.rar"]
+    assert not root.exists() and not list(root.parent.iterdir())  # no scratch left
+
+
+def test_train_s_unpack_bound_reaches_the_metu_archive(make_cfg, tmp_path):
+    """train.py data.archive=PATH data.unpack_limit_gib=...: the data module unpacks
+    under that bound."""
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in layout(2).items():
+            zf.writestr(name, data)
+        zf.writestr("Concrete Crack Images for Classification/Positive/big.jpg", bytes(4 * MIB))
+    root = tmp_path / "root"
+    overrides = [f"data.root={root}", f"data.archive={archive}", "data.unpack_limit_gib=0.002"]
+    dm = build(make_cfg(*overrides).data)
+    with pytest.raises(DataError, match=r"declares 4.0 MiB .*data.unpack_limit_gib=0.002 GiB"):
+        dm.prepare_data()
+    assert not root.exists() and not (tmp_path / ".root.unpacking").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "setting"),
+    [
+        ("data.unpack_limit_gib=0", "data.unpack_limit_gib=0 must be a number of GiB"),
+        ("data.unpack_limit_gib=-2", "data.unpack_limit_gib=-2 must be a number of GiB"),
+        ("data.unpack_limit_gib=lots", "data.unpack_limit_gib=lots must be"),
+    ],
+)
+def test_the_unpack_bound_is_checked_at_start_up(override, setting):
+    with pytest.raises(DataError, match=setting):
+        check_train_settings(compose_config("train", [override]))
+
+
+def test_a_source_s_unpack_bound_is_checked(tmp_path):
+    with pytest.raises(DataError, match=r"data.sources.decks.download.unpack_limit_gib=-1 must"):
+        source_spec(tmp_path / "root", unpack_limit_gib=-1)
+
+
+# --- 3. a local archive's size and sha256 ---------------------------------------------------
+
+
+def test_a_local_source_archive_with_a_wrong_sha256_is_refused(tmp_path):
+    archive = make_zip(tmp_path / "SDNET2018.zip", SDNET)
+    actual = hashlib.sha256(archive.read_bytes()).hexdigest()
+    root = tmp_path / "data" / "sdnet2018"
+    spec = source_spec(root, enabled=True, archive=archive, sha256="0" * 64)
+    expected = (
+        rf"data.sources.decks.download.archive={archive} has sha256 {actual}, "
+        rf"expected {'0' * 64}"
+    )
+    with pytest.raises(DataError, match=expected):
+        ensure_source(spec, progress=False)
+    spec = source_spec(root, enabled=True, archive=archive, size=5)
+    with pytest.raises(DataError, match=rf"archive={archive} has [\d,]+ bytes.*has 5"):
+        ensure_source(spec, progress=False)
+    assert not root.exists() and archive.exists()
+    spec = source_spec(root, enabled=True, archive=archive, sha256=actual)
+    ensure_source(spec, progress=False)
+    assert json.loads((root / MARKER_NAME).read_text())["sha256"] == actual
