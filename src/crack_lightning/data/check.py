@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from crack_lightning.data.decode import load_rgb
-from crack_lightning.data.sources import SourceSpec, class_folders, scan_source
+from crack_lightning.data.sources import SourceSpec, class_folders, scan_source, walk_files
 from crack_lightning.errors import DataError
 from crack_lightning.progress import track
 from crack_lightning.settings import CLASS_NAMES
@@ -58,6 +58,7 @@ class Report:
     sizes: Counter = field(default_factory=Counter)  # "WxH" -> images (full check)
     modes: Counter = field(default_factory=Counter)  # PIL mode -> images (full check)
     full: bool = False
+    digests: dict[str, bytes] = field(default_factory=dict)  # path -> sha256 of its bytes
 
     @property
     def ok(self) -> bool:
@@ -185,11 +186,13 @@ def check_dataset(
     image_paths = {path for path, _ in samples}
     for folders in class_folders(spec).values():
         for folder in folders:
-            for dirpath, _, filenames in os.walk(folder, followlinks=True):
-                for filename in sorted(filenames):
-                    path = os.path.join(dirpath, filename)
-                    if not filename.startswith(".") and path not in image_paths:
-                        report.ignored.append(_rel(path, root))
+            files, others = walk_files(folder)  # the finder's own walk: loops walked once
+            for path in files:
+                if not os.path.basename(path).startswith(".") and path not in image_paths:
+                    report.ignored.append(_rel(path, root))
+            for path, why in others:
+                if not os.path.basename(path).startswith("."):
+                    report.ignored.append(f"{_rel(path, root)} ({why})")
     report.ignored.sort()
 
     by_hash: dict[bytes, list[tuple[str, int]]] = defaultdict(list)
@@ -211,7 +214,9 @@ def check_dataset(
         if full:
             report.sizes[size] += 1
             report.modes[mode] += 1
-        by_hash[hashlib.sha256(data).digest()].append((path, label))
+        digest = hashlib.sha256(data).digest()
+        report.digests[path] = digest
+        by_hash[digest].append((path, label))
 
     for group in by_hash.values():
         if len(group) < 2:
