@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from crack_lightning.commands.data import main as cli
 from crack_lightning.data.sources import parse_sources
 from crack_lightning.data.splits import load_sources
 from crack_lightning.errors import DataError
@@ -145,3 +146,24 @@ def test_a_class_emptied_in_val_is_named_too(make_cfg, tmp_path):
         DataError, match=r"data.sources.decks.root=.* no Positive image left in val:"
     ):
         dm._drop_uncached(done)
+
+
+def test_the_check_looks_for_copies_across_sources(tmp_path, capsys):
+    decks, bricks = two_sources(tmp_path)
+    shutil.copy(decks / "Positive" / "7000-0.jpg", bricks / "Positive" / "copy.jpg")
+    shutil.copy(decks / "Positive" / "7000-1.jpg", bricks / "Negative" / "wrong.jpg")
+    sources = [
+        "+data/sources@data.sources.decks=sdnet2018",
+        f"data.sources.decks.root={decks}",
+        "+data/sources@data.sources.bricks=folder",
+        f"data.sources.bricks.root={bricks}",
+    ]
+    assert cli(["check", *sources, "quick=true"]) == 1
+    out = capsys.readouterr().out
+    bricks_report = out[out.index("Source bricks") :]
+    assert "Identical files in an earlier source" in bricks_report
+    assert "  decks:Positive/7000-0.jpg = Positive/copy.jpg" in bricks_report
+    assert "  decks:Positive/7000-1.jpg = Negative/wrong.jpg" in bricks_report
+    assert "FAILED: 1 problems" in bricks_report
+    assert cli(["check", *sources, f"data.sources.bricks.root={decks}"]) == 2
+    assert "data.sources.decks and data.sources.bricks both read" in capsys.readouterr().err

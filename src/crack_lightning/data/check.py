@@ -23,7 +23,13 @@ import numpy as np
 from PIL import Image
 
 from crack_lightning.data.decode import load_rgb
-from crack_lightning.data.sources import SourceSpec, class_folders, scan_source, walk_files
+from crack_lightning.data.sources import (
+    SourceSpec,
+    class_folders,
+    refuse_shared_folders,
+    scan_source,
+    walk_files,
+)
 from crack_lightning.errors import DataError
 from crack_lightning.progress import track
 from crack_lightning.settings import CLASS_NAMES
@@ -55,6 +61,7 @@ class Report:
     ignored: list[str] = field(default_factory=list)  # files training skips (no image name)
     duplicates: list[list[str]] = field(default_factory=list)  # identical files, one class
     conflicts: list[list[str]] = field(default_factory=list)  # identical files, both classes
+    copies: list[list[str]] = field(default_factory=list)  # identical files, an earlier source
     sizes: Counter = field(default_factory=Counter)  # "WxH" -> images (full check)
     modes: Counter = field(default_factory=Counter)  # PIL mode -> images (full check)
     full: bool = False
@@ -87,6 +94,11 @@ class Report:
                 "Exact duplicates within a class (they can straddle train and val; "
                 "data.split=grouped keeps them together)",
                 [" = ".join(g) for g in self.duplicates],
+            ),
+            (
+                "Identical files in an earlier source (training keeps each group in one split; "
+                "remove them to count each image once)",
+                [" = ".join(g) for g in self.copies],
             ),
             ("Files without an image extension (training ignores them)", self.ignored),
         )
@@ -229,6 +241,35 @@ def check_dataset(
     report.conflicts.sort()
     report.duplicates.sort()
     return report
+
+
+def check_sources(
+    specs: Sequence[SourceSpec], full: bool = True, progress: bool = True
+) -> list[Report]:
+    """Every source's report, duplicates looked for across their union: a file identical
+    to one of an earlier source is listed in the later source's report, among its copies
+    (training keeps them in one split) or, with the other label, its conflicts."""
+    refuse_shared_folders(specs)
+    reports, first = [], {}  # digest -> (label, "source:path") of its first copy
+    for spec in specs:
+        samples = scan_source(spec)
+        report = check_dataset(spec, full=full, progress=progress, samples=samples)
+        mine = {}
+        for path, label in samples:
+            digest = report.digests.get(path)
+            if digest is None:
+                continue
+            if digest in first:
+                other_label, other = first[digest]
+                pair = [other, _rel(path, spec.root)]
+                (report.conflicts if other_label != label else report.copies).append(pair)
+            else:
+                mine.setdefault(digest, (label, f"{spec.name}:{_rel(path, spec.root)}"))
+        first = mine | first
+        report.conflicts.sort()
+        report.copies.sort()
+        reports.append(report)
+    return reports
 
 
 def _rel(path: str, root: Path) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +173,27 @@ def class_folders(spec: SourceSpec) -> dict[int, list[Path]]:
             raise _no_match(spec, name, folders)
         result[label] = [spec.root / f for f in matched]
     return result
+
+
+def refuse_shared_folders(specs: Sequence[SourceSpec]) -> None:
+    """Two sources must not read the same folder (the same root twice, or one source's
+    class folder inside another's): every image there would count twice, once per source."""
+    seen: dict[str, SourceSpec] = {}
+    for spec in specs:
+        folders = {
+            os.path.realpath(folder) for group in class_folders(spec).values() for folder in group
+        }
+        for folder in sorted(folders):
+            for other_folder, other in seen.items():
+                inner, outer = sorted((folder, other_folder), key=len)[::-1]
+                if os.path.join(inner, "").startswith(os.path.join(outer, "")):
+                    raise DataError(
+                        f"{other.where} and {spec.where} both read {inner} (roots "
+                        f"{other.root} and {spec.root}): its images would count twice. "
+                        f"Remove one of them, or give them disjoint class folders "
+                        f"({spec.where}.classes or .subsets)."
+                    )
+        seen.update(dict.fromkeys(folders, spec))
 
 
 def is_image_name(name: str | Path) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from crack_lightning.data.check import require_clean
 from crack_lightning.data.grouping import image_hashes, near_duplicate_groups
-from crack_lightning.data.sources import SourceSpec, class_folders, scan_source
+from crack_lightning.data.sources import SourceSpec, refuse_shared_folders, scan_source
 from crack_lightning.errors import DataError
 from crack_lightning.settings import CLASS_NAMES, check_fractions
 
@@ -253,29 +253,6 @@ def load_sources(
         keep_copies_together(result, copies_across_sources(result, digests), check, holdout)
     require_every_source(result, holdout)
     return result
-
-
-def refuse_shared_folders(specs: Sequence[SourceSpec]) -> None:
-    """Two sources must not read the same folder (the same root twice, or one source's
-    class folder inside another's): every image there would count twice, once per source."""
-    seen: dict[str, SourceSpec] = {}
-    for spec in specs:
-        folders = {
-            os.path.realpath(folder) for group in class_folders(spec).values() for folder in group
-        }
-        for folder in sorted(folders):
-            for other_folder, other in seen.items():
-                if other is spec:
-                    continue
-                inner, outer = sorted((folder, other_folder), key=len)[::-1]
-                if os.path.join(inner, "").startswith(os.path.join(outer, "")):
-                    raise DataError(
-                        f"{other.where} and {spec.where} both read {inner} (roots "
-                        f"{other.root} and {spec.root}): its images would count twice. "
-                        f"Remove one of them, or give them disjoint class folders "
-                        f"({spec.where}.classes or .subsets)."
-                    )
-        seen.update(dict.fromkeys(folders, spec))
 
 
 def copies_across_sources(data: SourceSamples, digests: dict[str, bytes] | None) -> list[list[int]]:
