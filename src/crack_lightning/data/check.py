@@ -4,7 +4,8 @@ a data config (`crack-data check +data/sources@data.sources.NAME=sdnet2018 ...`)
 Two depths. The quick check reads every file's bytes once (seconds for the whole METU
 set; docs/data.md): the layout, counts, files that are empty, are
 no image at all or are cut short (JPEG without its end marker, PNG without IEND), and
-identical files, within a class (duplicates) or across classes (label conflicts). The
+identical files, within a class (duplicates), across classes (label conflicts) or
+across sources (copies; check_sources). The
 full check also decodes every image with PIL and reports
 sizes and colour modes. `train.py` runs the quick one (data.check=true) on every source,
 whatever its layout: the files checked are the ones data/sources.py finds.

@@ -5,7 +5,9 @@ class by class: at random (stratified), by near-duplicate groups (`grouped`), or
 file-name pattern (`pattern`: the regex's first group is the group, e.g. SDNET2018's
 photo number before `-`), so that crops of one photo never straddle train and
 validation. The splits are concatenated: each source keeps its share in train, val and
-test. data.root=DIR is one such source (data/sources.py).
+test. data.root=DIR is one such source (data/sources.py). The union is then checked:
+byte-identical copies in two sources are moved into one split, no two sources may read
+one folder, and a source left without images of a class where it is used is an error.
 """
 
 from __future__ import annotations
@@ -360,7 +362,7 @@ def require_every_source(
                     f"(`crack-data check` lists them)"
                 )
             else:
-                why = "its images are copies of another source's, kept in that one's split"
+                why = "its images there are copies of another source's, kept in that one's split"
             fix = "" if spec.shorthand else f", or set {spec.where}=null to leave it out"
             raise DataError(
                 f"{spec.where}.root={spec.root} has no {class_name} image left in "
