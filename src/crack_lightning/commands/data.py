@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from omegaconf import DictConfig
 
 from crack_lightning.cli import run_tool
-from crack_lightning.data.check import check_dataset
+from crack_lightning.data.check import check_sources
 from crack_lightning.data.fetch import ensure_dataset
 from crack_lightning.data.sources import data_sources
 from crack_lightning.errors import DataError
@@ -37,7 +37,7 @@ def run(cfg: DictConfig) -> int:
         raise DataError(f"action={settings.action} must be one of {', '.join(ACTIONS)}.")
     data = cfg.get("data") or {}
     specs = data_sources(settings.root, data.get("sources"), "random", 0)
-    reports = [check_dataset(spec, full=not settings.quick) for spec in specs]
+    reports = check_sources(specs, full=not settings.quick)
     print("\n".join(report.summary() for report in reports))
     return 0 if all(report.ok for report in reports) else 1
 

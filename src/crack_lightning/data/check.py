@@ -4,7 +4,8 @@ a data config (`crack-data check +data/sources@data.sources.NAME=sdnet2018 ...`)
 Two depths. The quick check reads every file's bytes once (seconds for the whole METU
 set; docs/data.md): the layout, counts, files that are empty, are
 no image at all or are cut short (JPEG without its end marker, PNG without IEND), and
-identical files, within a class (duplicates) or across classes (label conflicts). The
+identical files, within a class (duplicates), across classes (label conflicts) or
+across sources (copies; check_sources). The
 full check also decodes every image with PIL and reports
 sizes and colour modes. `train.py` runs the quick one (data.check=true) on every source,
 whatever its layout: the files checked are the ones data/sources.py finds.
@@ -23,7 +24,13 @@ import numpy as np
 from PIL import Image
 
 from crack_lightning.data.decode import load_rgb
-from crack_lightning.data.sources import SourceSpec, class_folders, scan_source
+from crack_lightning.data.sources import (
+    SourceSpec,
+    class_folders,
+    refuse_shared_folders,
+    scan_source,
+    walk_files,
+)
 from crack_lightning.errors import DataError
 from crack_lightning.progress import track
 from crack_lightning.settings import CLASS_NAMES
@@ -55,9 +62,11 @@ class Report:
     ignored: list[str] = field(default_factory=list)  # files training skips (no image name)
     duplicates: list[list[str]] = field(default_factory=list)  # identical files, one class
     conflicts: list[list[str]] = field(default_factory=list)  # identical files, both classes
+    copies: list[list[str]] = field(default_factory=list)  # identical files, an earlier source
     sizes: Counter = field(default_factory=Counter)  # "WxH" -> images (full check)
     modes: Counter = field(default_factory=Counter)  # PIL mode -> images (full check)
     full: bool = False
+    digests: dict[str, bytes] = field(default_factory=dict)  # path -> sha256 of its bytes
 
     @property
     def ok(self) -> bool:
@@ -86,6 +95,11 @@ class Report:
                 "Exact duplicates within a class (they can straddle train and val; "
                 "data.split=grouped keeps them together)",
                 [" = ".join(g) for g in self.duplicates],
+            ),
+            (
+                "Identical files in an earlier source (training keeps each group in one split; "
+                "remove them to count each image once)",
+                [" = ".join(g) for g in self.copies],
             ),
             ("Files without an image extension (training ignores them)", self.ignored),
         )
@@ -185,11 +199,13 @@ def check_dataset(
     image_paths = {path for path, _ in samples}
     for folders in class_folders(spec).values():
         for folder in folders:
-            for dirpath, _, filenames in os.walk(folder, followlinks=True):
-                for filename in sorted(filenames):
-                    path = os.path.join(dirpath, filename)
-                    if not filename.startswith(".") and path not in image_paths:
-                        report.ignored.append(_rel(path, root))
+            files, others = walk_files(folder)  # the finder's own walk: loops walked once
+            for path in files:
+                if not os.path.basename(path).startswith(".") and path not in image_paths:
+                    report.ignored.append(_rel(path, root))
+            for path, why in others:
+                if not os.path.basename(path).startswith("."):
+                    report.ignored.append(f"{_rel(path, root)} ({why})")
     report.ignored.sort()
 
     by_hash: dict[bytes, list[tuple[str, int]]] = defaultdict(list)
@@ -211,7 +227,9 @@ def check_dataset(
         if full:
             report.sizes[size] += 1
             report.modes[mode] += 1
-        by_hash[hashlib.sha256(data).digest()].append((path, label))
+        digest = hashlib.sha256(data).digest()
+        report.digests[path] = digest
+        by_hash[digest].append((path, label))
 
     for group in by_hash.values():
         if len(group) < 2:
@@ -224,6 +242,35 @@ def check_dataset(
     report.conflicts.sort()
     report.duplicates.sort()
     return report
+
+
+def check_sources(
+    specs: Sequence[SourceSpec], full: bool = True, progress: bool = True
+) -> list[Report]:
+    """Every source's report, duplicates looked for across their union: a file identical
+    to one of an earlier source is listed in the later source's report, among its copies
+    (training keeps them in one split) or, with the other label, its conflicts."""
+    refuse_shared_folders(specs)
+    reports, first = [], {}  # digest -> (label, "source:path") of its first copy
+    for spec in specs:
+        samples = scan_source(spec)
+        report = check_dataset(spec, full=full, progress=progress, samples=samples)
+        mine = {}
+        for path, label in samples:
+            digest = report.digests.get(path)
+            if digest is None:
+                continue
+            if digest in first:
+                other_label, other = first[digest]
+                pair = [other, _rel(path, spec.root)]
+                (report.conflicts if other_label != label else report.copies).append(pair)
+            else:
+                mine.setdefault(digest, (label, f"{spec.name}:{_rel(path, spec.root)}"))
+        first = mine | first
+        report.conflicts.sort()
+        report.copies.sort()
+        reports.append(report)
+    return reports
 
 
 def _rel(path: str, root: Path) -> str:

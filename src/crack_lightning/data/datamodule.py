@@ -22,7 +22,12 @@ from crack_lightning.data.decode import (
 from crack_lightning.data.feature_cache import FeatureViews, cached_features
 from crack_lightning.data.fetch import ensure_sources
 from crack_lightning.data.sources import SourceSpec, data_sources
-from crack_lightning.data.splits import SourceSamples, load_sources, write_manifest
+from crack_lightning.data.splits import (
+    SourceSamples,
+    load_sources,
+    require_every_source,
+    write_manifest,
+)
 from crack_lightning.data.synthetic import generate_dataset
 from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import DataError
@@ -131,10 +136,12 @@ class CrackDataModule(L.LightningDataModule):
 
     def _drop_uncached(self, done: torch.Tensor) -> None:
         """Leave out of every split the images the cache could not compute: damaged files
-        skipped under data.on_bad_image=skip (listed at the end of the run)."""
+        skipped under data.on_bad_image=skip (listed at the end of the run); a source
+        left without images of a class where it is used is an error, not a quiet loss."""
         for name, indices in self.split.items():
             self.cache_skipped.update(self.samples[i][0] for i in indices if not done[i])
             self.split[name] = [i for i in indices if done[i]]
+        require_every_source(self.sources, self.hparams.holdout_source, self.cache_skipped)
 
     def augment(self, inputs: torch.Tensor) -> torch.Tensor:
         """A training batch augmented on its device; cached features (N, dim) pass
@@ -183,7 +190,9 @@ class CrackDataModule(L.LightningDataModule):
         return balanced_sampler(labels, sources, self.hparams.seed)
 
     def teardown(self, stage: str) -> None:
-        """List the damaged images skipped (data.on_bad_image=skip) at the end of a run."""
+        """List the damaged images skipped (data.on_bad_image=skip) at the end of a run;
+        a source they left without images of a class was never really trained or
+        evaluated on: an error (the checkpoints are kept)."""
         found = (path for data in self.datasets for path in data.skipped())
         skipped = sorted({*found, *self.cache_skipped})
         new = [path for path in skipped if path not in self.reported]
@@ -194,6 +203,7 @@ class CrackDataModule(L.LightningDataModule):
                 ", ".join(new),
             )
             self.reported.update(new)
+            require_every_source(self.sources, self.hparams.holdout_source, skipped)
 
     def _dataset(self, name: str) -> tuple[Dataset, Callable | None, int]:
         """Split `name` as a dataset, its collate function and its worker count: cached

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.v2.functional import resize as resize_tensor
 
-from crack_lightning.data.sources import IMG_EXTENSIONS, is_image_name
+from crack_lightning.data.sources import IMG_EXTENSIONS, image_files
 from crack_lightning.data.transforms import eval_transform
 from crack_lightning.errors import DamagedImage, UnreadableImage
 from crack_lightning.settings import CLASS_NAMES
@@ -267,10 +267,12 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]
             found = [p for p in found if p.is_file()]
             reason = "the pattern matches no file"
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
+            found = [Path(p) for p in image_files(path)]  # the finder: no FIFO, no loop
             reason = f"the folder holds no images ({', '.join(IMG_EXTENSIONS)})"
         elif path.is_file():
             found, reason = [path], ""
+        elif path.exists():
+            found, reason = [], "not a regular file (a FIFO or device is never read)"
         else:
             found, reason = [], "no such file or folder"
         if not found:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,19 +175,90 @@ def class_folders(spec: SourceSpec) -> dict[int, list[Path]]:
     return result
 
 
+def refuse_shared_folders(specs: Sequence[SourceSpec]) -> None:
+    """Two sources must not read the same folder (the same root twice, or one source's
+    class folder inside another's): every image there would count twice, once per source."""
+    seen: dict[str, SourceSpec] = {}
+    for spec in specs:
+        folders = {
+            os.path.realpath(folder) for group in class_folders(spec).values() for folder in group
+        }
+        for folder in sorted(folders):
+            for other_folder, other in seen.items():
+                inner, outer = sorted((folder, other_folder), key=len)[::-1]
+                if os.path.join(inner, "").startswith(os.path.join(outer, "")):
+                    raise DataError(
+                        f"{other.where} and {spec.where} both read {inner} (roots "
+                        f"{other.root} and {spec.root}): its images would count twice. "
+                        f"Remove one of them, or give them disjoint class folders "
+                        f"({spec.where}.classes or .subsets)."
+                    )
+        seen.update(dict.fromkeys(folders, spec))
+
+
 def is_image_name(name: str | Path) -> bool:
     """Whether training reads the file: an image extension, any letter case."""
     return str(name).lower().endswith(IMG_EXTENSIONS)
 
 
+NOT_REGULAR = "not a regular file or a link to one"
+LOOP = "a link to a folder that holds it (a loop): not followed"
+
+
+def walk_files(folder: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """(regular files, (other entry, why it is not read)) under folder, sub-folders and
+    links included, sorted.
+
+    Only regular files and links to them are worth reading: a FIFO or device named
+    `*.jpg` would block whoever opens it. A link to a folder that holds the one walked
+    (a loop) is not followed; any other real folder is walked once, through its own path
+    before any link to it, and a real file reached by several paths counts once, by its
+    own path if it has one. So links cannot multiply the images or walk forever.
+    """
+    start = os.path.realpath(folder)
+    found: dict[tuple[int, int], tuple[bool, str]] = {}  # real file -> (via a link, path)
+    others: list[tuple[str, str]] = []
+    walked: set[tuple[int, int]] = set()
+    plain, linked = [str(folder)], []  # folders to walk: real ones first
+    while plain or linked:
+        top = plain.pop() if plain else linked.pop(0)
+        try:
+            info = os.stat(top)
+            entries = sorted(os.scandir(top), key=lambda entry: entry.name)
+        except OSError as err:
+            others.append((top, f"cannot be listed ({err.strerror})"))
+            continue
+        if (info.st_dev, info.st_ino) in walked:
+            continue
+        walked.add((info.st_dev, info.st_ino))
+        for entry in entries:
+            try:
+                link = entry.is_symlink()
+                if entry.is_dir():  # follows links
+                    if not link:
+                        plain.append(entry.path)
+                    elif os.path.join(start, "").startswith(
+                        os.path.join(os.path.realpath(entry.path), "")
+                    ):
+                        others.append((entry.path, LOOP))
+                    else:
+                        linked.append(entry.path)
+                    continue
+                regular = entry.is_file()  # a regular file, or a link to one
+                key = (entry.stat().st_dev, entry.stat().st_ino) if regular else None
+            except OSError:
+                regular = False
+            if not regular:
+                others.append((entry.path, NOT_REGULAR))
+            elif key not in found or (link, entry.path) < found[key]:
+                found[key] = (link, entry.path)
+    return sorted(path for _, path in found.values()), sorted(others)
+
+
 def image_files(folder: Path) -> list[str]:
-    """The image files under folder, sub-folders included, sorted."""
-    return sorted(
-        os.path.join(dirpath, filename)
-        for dirpath, _, filenames in os.walk(folder, followlinks=True)
-        for filename in filenames
-        if is_image_name(filename)
-    )
+    """The image files under folder, sub-folders included, sorted: regular files (or links
+    to them) with an image name, each real file and folder once (walk_files)."""
+    return [path for path in walk_files(folder)[0] if is_image_name(os.path.basename(path))]
 
 
 def scan_source(spec: SourceSpec) -> list[tuple[str, int]]:

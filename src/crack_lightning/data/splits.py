@@ -5,23 +5,27 @@ class by class: at random (stratified), by near-duplicate groups (`grouped`), or
 file-name pattern (`pattern`: the regex's first group is the group, e.g. SDNET2018's
 photo number before `-`), so that crops of one photo never straddle train and
 validation. The splits are concatenated: each source keeps its share in train, val and
-test. data.root=DIR is one such source (data/sources.py).
+test. data.root=DIR is one such source (data/sources.py). The union is then checked:
+byte-identical copies in two sources are moved into one split, no two sources may read
+one folder, and a source left without images of a class where it is used is an error.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
+import os
 import random
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from crack_lightning.data.check import require_clean
 from crack_lightning.data.grouping import image_hashes, near_duplicate_groups
-from crack_lightning.data.sources import SourceSpec, scan_source
+from crack_lightning.data.sources import SourceSpec, refuse_shared_folders, scan_source
 from crack_lightning.errors import DataError
 from crack_lightning.settings import CLASS_NAMES, check_fractions
 
@@ -211,7 +215,9 @@ def load_sources(
     """Scan, check and split every source; the split's indices refer to the concatenation.
 
     A `holdout` source goes to the test split whole: trained on the others, tested on it
-    (leave-one-source-out).
+    (leave-one-source-out). Byte-identical copies in different sources are kept in one
+    split (keep_copies_together), and every source must keep images of both classes
+    where it is used (require_every_source).
     """
     names = [s.name for s in specs]
     if holdout is not None and holdout not in names:
@@ -220,11 +226,14 @@ def load_sources(
         )
     if holdout is not None and len(names) < 2:
         raise DataError("data.holdout_source needs at least two sources: one to train on.")
+    refuse_shared_folders(specs)
     result = SourceSamples(list(specs))
+    digests: dict[str, bytes] | None = {} if check else None
     for index, spec in enumerate(specs):
         samples = scan_source(spec)
         if check:
             report = require_clean(spec, samples)
+            digests.update(report.digests)
             if report.duplicates:
                 log.warning(
                     "%s: %d groups of identical images within a class (e.g. %s); split=grouped "
@@ -242,7 +251,123 @@ def load_sources(
             result.split[name] += [offset + i for i in split[name]]
         result.samples += samples
         result.source += [index] * len(samples)
+    if len(specs) > 1:
+        keep_copies_together(result, copies_across_sources(result, digests), check, holdout)
+    require_every_source(result, holdout)
     return result
+
+
+def copies_across_sources(data: SourceSamples, digests: dict[str, bytes] | None) -> list[list[int]]:
+    """Groups of byte-identical samples (indices) that span two or more sources.
+
+    The quick check has hashed every file already (`digests`); without it only files
+    whose size occurs in two sources are read and hashed, which is few.
+    """
+    if digests is None:
+        sizes: dict[int, set[int]] = defaultdict(set)
+        size_of = []
+        for (path, _), source in zip(data.samples, data.source, strict=True):
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                size = -1
+            size_of.append(size)
+            sizes[size].add(source)
+        digests = {}
+        for (path, _), size in zip(data.samples, size_of, strict=True):
+            if size >= 0 and len(sizes[size]) > 1:
+                with open(path, "rb") as handle:
+                    digests[path] = hashlib.sha256(handle.read()).digest()
+    by_digest: dict[bytes, list[int]] = defaultdict(list)
+    for index, (path, _) in enumerate(data.samples):
+        if path in digests:
+            by_digest[digests[path]].append(index)
+    return [group for group in by_digest.values() if len({data.source[i] for i in group}) > 1]
+
+
+def keep_copies_together(
+    data: SourceSamples, groups: list[list[int]], check: bool, holdout: str | None
+) -> None:
+    """Move every group of copies into one split: the split of its first copy, or test
+    when a copy is in the held-out source; copies with different labels are refused
+    (under data.check=false, warned about)."""
+    if not groups:
+        return
+    where = {i: name for name, indices in data.split.items() for i in indices}
+    conflicts = []
+    for group in groups:
+        if len({data.samples[i][1] for i in group}) > 1:
+            conflicts.append(group)
+        held = [i for i in group if data.specs[data.source[i]].name == holdout]
+        target = "test" if held else where[group[0]]
+        for i in group:
+            where[i] = target
+    data.split = {name: sorted(i for i, s in where.items() if s == name) for name in SPLITS}
+
+    def show(group: list[int]) -> str:
+        return " = ".join(f"{data.specs[data.source[i]].where}:{data.samples[i][0]}" for i in group)
+
+    if conflicts:
+        message = (
+            f"{len(conflicts)} image(s) are in two sources with different labels "
+            f"(e.g. {show(conflicts[0])}): delete the copy in the wrong class"
+        )
+        if check:
+            raise DataError(message + ", or set data.check=false to train anyway.")
+        log.warning(message + ".")
+    counts = Counter(
+        (data.specs[data.source[group[0]]].where, data.specs[data.source[i]].where)
+        for group in groups
+        for i in group[1:]
+        if data.source[i] != data.source[group[0]]
+    )
+    pairs = "; ".join(f"{n} of {b} are copies of images in {a}" for (a, b), n in counts.items())
+    log.warning(
+        "Byte-identical images in more than one source (%s; e.g. %s): each group of copies "
+        "is kept in one split, so none straddles train and val. Remove the copies to "
+        "count each image once.",
+        pairs,
+        show(groups[0]),
+    )
+
+
+def require_every_source(
+    data: SourceSamples, holdout: str | None, skipped: Sequence[str] = ()
+) -> None:
+    """Every source keeps images of both classes in train and val (a held-out source: in
+    test), so none is silently missing from training or from the per-source metrics.
+    `skipped` are damaged files left out since the split (data.on_bad_image=skip): by the
+    feature cache before training, or by the loaders while it ran."""
+    skipped = set(skipped)
+    cells = Counter(
+        (data.source[i], data.samples[i][1], name)
+        for name, indices in data.split.items()
+        for i in indices
+        if data.samples[i][0] not in skipped
+    )
+    for index, spec in enumerate(data.specs):
+        needed = ("test",) if spec.name == holdout else ("train", "val")
+        for label, class_name in enumerate(CLASS_NAMES):
+            empty = [name for name in needed if not cells[index, label, name]]
+            if not empty:
+                continue
+            mine = [
+                path for (path, _), s in zip(data.samples, data.source, strict=True) if s == index
+            ]
+            lost = [path for path in mine if path in skipped]
+            if lost:
+                why = (
+                    f"{len(lost)} of its {len(mine)} images are damaged and were skipped "
+                    f"(data.on_bad_image=skip; e.g. {lost[0]}). Replace or delete them "
+                    f"(`crack-data check` lists them)"
+                )
+            else:
+                why = "its images there are copies of another source's, kept in that one's split"
+            fix = "" if spec.shorthand else f", or set {spec.where}=null to leave it out"
+            raise DataError(
+                f"{spec.where}.root={spec.root} has no {class_name} image left in "
+                f"{' or '.join(empty)}: {why}{fix}."
+            )
 
 
 def write_manifest(path: Path, data: SourceSamples) -> None:

@@ -1,0 +1,169 @@
+"""The sources of a data set as one union: copies across sources never straddle the split,
+no two sources read one folder, and no source silently drops out of training."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from crack_lightning.commands.data import main as cli
+from crack_lightning.data.sources import parse_sources
+from crack_lightning.data.splits import load_sources
+from crack_lightning.errors import DataError
+from crack_lightning.training.run import build
+
+from .test_sources import sdnet_like, source, write_images
+
+
+def two_sources(tmp_path: Path) -> tuple[Path, Path]:
+    decks = sdnet_like(tmp_path / "sdnet", photos=10)
+    bricks = tmp_path / "bricks"
+    write_images(bricks / "Positive", [f"{i}.jpg" for i in range(20)])
+    write_images(bricks / "Negative", [f"{i}.jpg" for i in range(20)], shade=100)
+    return decks, bricks
+
+
+def config(decks: Path, bricks: Path) -> dict:
+    return {"decks": source(decks), "bricks": source(bricks, "bricks", "folder", split="random")}
+
+
+def split_of(result, index: int) -> str:
+    return next(name for name, indices in result.split.items() if index in indices)
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_copies_in_two_sources_land_in_one_split_with_a_warning(tmp_path, caplog, check):
+    decks, bricks = two_sources(tmp_path)
+    # every bricks image also sits in the decks source, under another name
+    for label, folder in (("Positive", "Positive"), ("Negative", "Negative")):
+        for image in sorted((bricks / label).iterdir()):
+            shutil.copy(image, decks / folder / f"9{image.stem}-0.jpg")
+    caplog.set_level(logging.WARNING)
+    for seed in range(3):
+        result = load_sources(parse_sources(config(decks, bricks)), 0.25, 0.0, seed, check=check)
+        by_bytes: dict[bytes, set[str]] = {}
+        for index, (path, _) in enumerate(result.samples):
+            by_bytes.setdefault(Path(path).read_bytes(), set()).add(split_of(result, index))
+        assert all(len(splits) == 1 for splits in by_bytes.values()), f"seed {seed}: a leak"
+        everything = [i for indices in result.split.values() for i in indices]
+        assert sorted(everything) == list(range(len(result.samples)))
+    assert "40 of data.sources.bricks are copies of images in data.sources.decks" in caplog.text
+
+
+def test_a_copy_with_the_other_label_in_another_source_is_refused(tmp_path):
+    decks, bricks = two_sources(tmp_path)
+    shutil.copy(bricks / "Positive" / "3.jpg", decks / "Negative" / "7099-0.jpg")
+    with pytest.raises(DataError, match="in two sources with different labels"):
+        load_sources(parse_sources(config(decks, bricks)), 0.25, 0.0, 0, check=True)
+
+
+def test_two_sources_reading_one_folder_are_refused(tmp_path):
+    decks, bricks = two_sources(tmp_path)
+    again = {"bricks": source(bricks, "bricks", "folder", split="random")}
+    twice = config(decks, bricks) | {"copy": again["bricks"]}
+    with pytest.raises(DataError) as info:
+        load_sources(parse_sources(twice), 0.25, 0.0, 0, check=False)
+    assert "data.sources.bricks and data.sources.copy both read" in str(info.value)
+    linked = tmp_path / "linked"
+    linked.symlink_to(bricks, target_is_directory=True)
+    twice["copy"] = twice["copy"] | {"root": str(linked)}
+    with pytest.raises(DataError, match="both read"):
+        load_sources(parse_sources(twice), 0.25, 0.0, 0, check=False)
+
+
+def test_a_source_whose_images_the_cache_skips_is_an_error_naming_it(make_cfg, tmp_path):
+    """Every bricks file damaged beyond what the quick check sees: the feature cache skips
+    them all (data.on_bad_image=skip); the source must not silently drop out."""
+    decks, bricks = two_sources(tmp_path)
+    cfg = make_cfg(
+        "+data/sources@data.sources.decks=sdnet2018",
+        f"data.sources.decks.root={decks}",
+        "+data/sources@data.sources.bricks=folder",
+        f"data.sources.bricks.root={bricks}",
+        "data.sources.bricks.split=random",
+        "data.on_bad_image=skip",
+    )
+    dm = build(cfg.data)
+    dm.setup("fit")
+    bricks_index = dm.sources.names.index("bricks")
+    done = torch.tensor([source != bricks_index for source in dm.sources.source])
+    with pytest.raises(DataError) as info:
+        dm._drop_uncached(done)
+    message = str(info.value)
+    assert message.startswith(f"data.sources.bricks.root={bricks} has no Negative image left")
+    assert "40 of its 40 images are damaged and were skipped" in message
+    assert "data.sources.bricks=null" in message
+
+
+def test_a_source_whose_images_the_loaders_skip_is_an_error_at_the_end(make_cfg, tmp_path):
+    decks, bricks = two_sources(tmp_path)
+    cfg = make_cfg(
+        "+data/sources@data.sources.decks=sdnet2018",
+        f"data.sources.decks.root={decks}",
+        "+data/sources@data.sources.bricks=folder",
+        f"data.sources.bricks.root={bricks}",
+        "data.sources.bricks.split=random",
+        "data.on_bad_image=skip",
+        "data.decode_on_device=false",
+    )
+    dm = build(cfg.data)
+    dm.setup("fit")
+    loader = dm.val_dataloader()
+    bricks_index = dm.sources.names.index("bricks")
+    _, sources = dm.split_sources("val")
+    for position, source_index in enumerate(sources):
+        if source_index == bricks_index:
+            loader.dataset.bad[position] = True  # as a worker marks a file it cannot read
+    with pytest.raises(DataError, match="data.sources.bricks.root=.* has no .* image left in val"):
+        dm.teardown("fit")
+
+
+def test_a_class_emptied_in_val_is_named_too(make_cfg, tmp_path):
+    decks, bricks = two_sources(tmp_path)
+    cfg = make_cfg(
+        "+data/sources@data.sources.decks=sdnet2018",
+        f"data.sources.decks.root={decks}",
+        "+data/sources@data.sources.bricks=folder",
+        f"data.sources.bricks.root={bricks}",
+        "data.sources.bricks.split=random",
+    )
+    dm = build(cfg.data)
+    dm.setup("fit")
+    val = set(dm.split["val"])
+    done = torch.tensor(
+        [
+            not (i in val and source == 0 and label == 1)
+            for i, (source, (_, label)) in enumerate(
+                zip(dm.sources.source, dm.samples, strict=True)
+            )
+        ]
+    )
+    with pytest.raises(
+        DataError, match=r"data.sources.decks.root=.* no Positive image left in val:"
+    ):
+        dm._drop_uncached(done)
+
+
+def test_the_check_looks_for_copies_across_sources(tmp_path, capsys):
+    decks, bricks = two_sources(tmp_path)
+    shutil.copy(decks / "Positive" / "7000-0.jpg", bricks / "Positive" / "copy.jpg")
+    shutil.copy(decks / "Positive" / "7000-1.jpg", bricks / "Negative" / "wrong.jpg")
+    sources = [
+        "+data/sources@data.sources.decks=sdnet2018",
+        f"data.sources.decks.root={decks}",
+        "+data/sources@data.sources.bricks=folder",
+        f"data.sources.bricks.root={bricks}",
+    ]
+    assert cli(["check", *sources, "quick=true"]) == 1
+    out = capsys.readouterr().out
+    bricks_report = out[out.index("Source bricks") :]
+    assert "Identical files in an earlier source" in bricks_report
+    assert "  decks:Positive/7000-0.jpg = Positive/copy.jpg" in bricks_report
+    assert "  decks:Positive/7000-1.jpg = Negative/wrong.jpg" in bricks_report
+    assert "FAILED: 1 problems" in bricks_report
+    assert cli(["check", *sources, f"data.sources.bricks.root={decks}"]) == 2
+    assert "data.sources.decks and data.sources.bricks both read" in capsys.readouterr().err
