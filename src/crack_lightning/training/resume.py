@@ -172,7 +172,8 @@ def reference_run(ckpt_path: str | None, output_dir: Path, manifest_name: str) -
     a manifest (a fresh run, or a checkpoint from elsewhere)."""
     if ckpt_path is None:
         return None
-    for run in (output_dir, Path(ckpt_path).resolve().parents[1]):
+    # RUN/checkpoints/NAME.ckpt was written in RUN
+    for run in (output_dir, *Path(ckpt_path).resolve().parents[1:2]):
         if (run / manifest_name).is_file():
             return run
     return None
