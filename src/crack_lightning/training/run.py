@@ -21,6 +21,7 @@ from crack_lightning.data.datamodule import CrackDataModule
 from crack_lightning.data.feature_cache import cache_wanted
 from crack_lightning.data.splits import manifest_rows
 from crack_lightning.errors import CrackLightningError
+from crack_lightning.io import write_errors, write_text
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.models.finetuning import BackboneUnfreeze
 from crack_lightning.settings import check_train_settings
@@ -89,14 +90,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         if split_changed and resumed_run == output_dir:
             keep_old_manifest(output_dir / MANIFEST_NAME)
-        datamodule.write_manifest(output_dir / MANIFEST_NAME)
+        with write_errors(output_dir / MANIFEST_NAME):  # a full disk: one line
+            datamodule.write_manifest(output_dir / MANIFEST_NAME)
     log_hyperparameters(trainer, model, cfg)
 
     with ddp_job(trainer):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = evaluate_best(trainer, model, datamodule, test=cfg.get("test", True))
     if trainer.is_global_zero:
-        (output_dir / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text(output_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
         log.info("Best checkpoint's metrics: %s", json.dumps(metrics))
     return metrics
 
