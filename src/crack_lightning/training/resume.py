@@ -157,7 +157,15 @@ def resume_step(ckpt_path: str) -> int:
 
 # data settings that decide which images a run has and where they go; paths (root, archive)
 # are left to the manifest, since moving a data set's folder changes nothing
-SPLIT_SETTINGS = ("sources", "split", "val_fraction", "test_fraction", "seed", "group_distance")
+SPLIT_SETTINGS = (
+    "sources",
+    "split",
+    "val_fraction",
+    "test_fraction",
+    "seed",
+    "group_distance",
+    "holdout_source",
+)
 PATH_SETTINGS = ("root", "archive", "download", "cache_dir")
 CHANGED_HINT = (
     "Resuming would train on another split than the run's epochs so far (and replace its "
