@@ -3,6 +3,7 @@ mid-save never corrupts last.ckpt, even with $TMPDIR on another filesystem."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from crack_lightning.io import AtomicCheckpointIO, write_atomically
+from crack_lightning.errors import WriteError
+from crack_lightning.io import AtomicCheckpointIO, write_atomically, write_text
 from crack_lightning.training.run import train
 
 
@@ -67,3 +69,45 @@ def test_temp_files_left_by_a_killed_run_are_cleaned_up(tmp_path):
     AtomicCheckpointIO().save_checkpoint({"epoch": 2}, target)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     assert torch.load(target, weights_only=True)["epoch"] == 2
+
+
+def test_a_write_the_disk_refuses_is_a_write_error_naming_the_file(tmp_path):
+    """A full disk (as torch.save reports it: a RuntimeError raised while handling the
+    OSError) becomes one line naming the file; the previous file stays whole."""
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(b"previous")
+
+    def disk_full(handle) -> None:
+        handle.write(b"half")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("unexpected pos 1854848 vs 1854736") from None
+
+    with pytest.raises(WriteError) as refused:
+        write_atomically(target, disk_full)
+    assert str(refused.value).startswith(f"cannot write {target}: No space left on device")
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(WriteError, match=f"{blocker} is a file, not a folder"):
+        write_text(blocker / "sub" / "x.txt", "text")
+
+
+def test_other_failures_while_writing_keep_their_type(tmp_path):
+    """Only causes in the disk or the place become user errors: a bug keeps its traceback."""
+
+    def bug(handle) -> None:
+        raise ValueError("a bug")
+
+    def bad_descriptor(handle) -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    with pytest.raises(ValueError, match="a bug"):
+        write_atomically(tmp_path / "x", bug)
+    with pytest.raises(OSError, match="Bad file descriptor") as raised:
+        write_atomically(tmp_path / "x", bad_descriptor)
+    assert not isinstance(raised.value, WriteError)
+    assert not list(tmp_path.iterdir())

@@ -17,6 +17,7 @@ from crack_lightning.data.check import check_dataset
 from crack_lightning.data.decode import DecodedImages, jpeg_problem, load_rgb
 from crack_lightning.errors import DamagedImage, UnreadableImage
 from crack_lightning.inference.classifiers import ImageFiles
+from crack_lightning.io import load_error_reason
 from crack_lightning.training.run import build, train
 
 from .damaged import grey16, plant_damaged, random_bytes_mid_scan
@@ -106,6 +107,22 @@ def test_damaged_files_are_unreadable_with_a_reason(damaged):
     for key in ("random_bytes", "flipped_idat"):
         with pytest.raises(UnreadableImage, match="corrupt or truncated"):
             load_rgb(damaged[key])
+
+
+def test_a_missing_or_unreadable_file_is_not_called_corrupt(tmp_path):
+    with pytest.raises(UnreadableImage, match=r"^does not exist$"):
+        load_rgb(tmp_path / "missing.jpg")
+    link = tmp_path / "link.jpg"
+    link.symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(UnreadableImage, match=f"^a broken link: its target {tmp_path}/gone.jpg"):
+        load_rgb(link)
+    (tmp_path / "folder.jpg").mkdir()
+    with pytest.raises(UnreadableImage, match=r"^cannot be read: Is a directory$"):
+        load_rgb(tmp_path / "folder.jpg")
+    # torch.load's failures to open a file are not the file's bytes either
+    assert load_error_reason(PermissionError(13, "Permission denied")) == (
+        "cannot be read (Permission denied)."
+    )
 
 
 def test_a_corrupt_jpeg_scan_is_refused_even_where_pillow_decodes_garbage(sample_root):

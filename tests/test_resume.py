@@ -4,6 +4,7 @@ and `ckpt_path=last` continues in the same run directory without repeated steps.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -12,11 +13,12 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from crack_lightning.data.synthetic import generate_dataset
 from crack_lightning.errors import ModelConfigError, RunDirError
 from crack_lightning.training.resume import latest_run, resume_argv
 from crack_lightning.training.run import train
 
-from .conftest import CONF_DIR, QUIET, run_train_py, start_paused_train_py
+from .conftest import CONF_DIR, QUIET, SMALL, run_train_py, start_paused_train_py
 
 FAST = [
     "data.image_size=64",
@@ -155,3 +157,63 @@ def test_train_py_reports_ckpt_path_last_with_no_run_to_continue(tmp_path):
     assert "error: ckpt_path=last: no run under" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.rglob(".hydra"))  # stopped before Hydra made a run directory
+
+
+def test_resume_with_other_images_refuses_and_keeps_the_manifest_unless_allowed(make_cfg, tmp_path):
+    """Images added after the first session would change the split: ckpt_path=last stops,
+    naming them, and leaves split_manifest.csv alone; resume_data_changed=allow goes on and
+    keeps the old manifest beside the new one."""
+    root = generate_dataset(tmp_path / "data", images_per_class=12, image_size=64, seed=0)
+    common = [f"data.root={root}", *SMALL]
+    train(make_cfg(*common))
+    run_dir = tmp_path / "run"
+    manifest = run_dir / "split_manifest.csv"
+    before = manifest.read_bytes()
+    other = generate_dataset(tmp_path / "other", images_per_class=1, image_size=64, seed=5)
+    shutil.copy(next((other / "Positive").iterdir()), root / "Positive" / "added.jpg")
+
+    resume = [*common, "trainer.max_epochs=2", "ckpt_path=last"]
+    with pytest.raises(RunDirError) as refused:
+        train(make_cfg(*resume))
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "1 image(s) added (e.g. root:Positive/added.jpg)" in message
+    assert "resume_data_changed=allow" in message
+    assert manifest.read_bytes() == before
+    assert last_ckpt(run_dir)["epoch"] == 0
+
+    train(make_cfg(*resume, "resume_data_changed=allow"))
+    assert last_ckpt(run_dir)["epoch"] == 1
+    assert "Positive/added.jpg" in manifest.read_text()
+    (kept,) = run_dir.glob("split_manifest.until_*.csv")
+    assert kept.read_bytes() == before
+
+
+def test_resume_with_unchanged_data_needs_no_setting(synthetic_cfg, tmp_path):
+    train(synthetic_cfg())
+    train(synthetic_cfg("trainer.max_epochs=2", "ckpt_path=last", "data.batch_size=4"))
+    assert last_ckpt(tmp_path / "run")["epoch"] == 1
+    assert not list((tmp_path / "run").glob("split_manifest.until_*"))
+
+
+def test_train_py_resume_with_an_added_source_names_it_before_reading_data(
+    synthetic_root, tmp_path
+):
+    run_dir = tmp_path / "run"
+    first = [
+        "+data/sources@data.sources.a=folder",
+        f"data.sources.a.root={synthetic_root}",
+        f"paths.output_dir={run_dir}",
+        *FAST,
+        "trainer.max_epochs=1",
+    ]
+    assert run_train_py(*first).returncode == 0
+    before = (run_dir / "split_manifest.csv").read_bytes()
+    added = ["+data/sources@data.sources.b=folder", f"data.sources.b.root={tmp_path / 'b'}"]
+    result = run_train_py(*first, *added, "trainer.max_epochs=2", "ckpt_path=last")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"error: Resuming {run_dir}: the data settings differ" in line
+    assert "data.sources.b added" in line
+    assert (run_dir / "split_manifest.csv").read_bytes() == before

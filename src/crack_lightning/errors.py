@@ -33,6 +33,11 @@ class RunDirError(CrackLightningError):
     """A run or sweep directory (or its checkpoint) is missing or not what was expected."""
 
 
+class WriteError(CrackLightningError):
+    """A file cannot be written where the settings put it: a full disk, no permission, a
+    read-only folder, a file where a folder should be (io.py names the file and cause)."""
+
+
 class DamagedImage(DataError):
     """A training image cannot be decoded and data.on_bad_image=stop."""
 

@@ -7,30 +7,122 @@
 - Moves into place (downloads, unpacked folders, staged data sets) are one rename.
 - PyTorch files are read with `weights_only=True`: tensors and plain containers only,
   never pickled code.
+- A write that the disk or the place explains (full, read-only, no permission, a file
+  where a folder should be) is a WriteError naming the file and the cause, so commands
+  print one `error:` line; any other failure (a bug) keeps its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from crack_lightning.errors import CrackLightningError
+from crack_lightning.errors import CrackLightningError, WriteError
 
 TEMP_SUFFIX = ".partial"
+# causes of a failed write that lie in the disk or the place, not in the code
+WRITE_FAILURES = {
+    errno.ENOSPC,  # a full disk
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EROFS,  # a read-only file system
+    errno.EACCES,  # no permission
+    errno.EPERM,
+    errno.ENOTDIR,  # a file where a folder should be
+    errno.EEXIST,
+    errno.EISDIR,
+    errno.ENOENT,  # a folder that cannot hold files (/proc) or vanished
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
+    errno.EIO,  # a failing disk
+}
 
 
 def temp_path(path: Path) -> Path:
     """Where path is written before it is renamed into place: same folder, hidden, unique
     to this writer (two processes, or two objects of one, may write the same target)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def write_cause(err: BaseException) -> OSError | None:
+    """The OSError with a WRITE_FAILURES cause behind err, if any (torch.save reports a
+    full disk as a RuntimeError raised while handling it)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in WRITE_FAILURES:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing parent of path that is not a folder, if one is."""
+    for parent in Path(path).parents:
+        if parent.exists() or parent.is_symlink():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def write_failure(path: Path, cause: OSError, setting: str | None = None) -> str:
+    """One line: which file could not be written, and why."""
+    where = f"{setting}={path}" if setting else str(path)
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        reason = f"{blocker} is a file, not a folder"
+    elif cause.errno == errno.ENOENT:
+        reason = f"{path.parent} cannot hold new files ({cause.strerror})"
+    else:
+        reason = cause.strerror or os.strerror(cause.errno)
+    if setting:
+        return f"cannot write {where}: {reason}; choose another place."
+    return (
+        f"cannot write {where}: {reason}; free space or fix the folder and run again (any "
+        f"earlier {path.name} is unchanged)."
+    )
+
+
+@contextmanager
+def write_errors(path: Path, setting: str | None = None) -> Iterator[None]:
+    """Failures to write path that the disk or the place explains, as a WriteError naming
+    path (and the setting that chose it); every other error passes unchanged."""
+    try:
+        yield
+    except CrackLightningError:
+        raise
+    except Exception as err:
+        cause = write_cause(err)
+        if cause is None:
+            raise
+        raise WriteError(write_failure(Path(path), cause, setting)) from err
+
+
+def check_writable(path: Path, setting: str, folder: bool = False) -> None:
+    """Stop before any slow step if the file `setting` names (or, with folder=True, files
+    inside the folder it names) cannot be written: the folder is made and a probe file
+    created in it and removed at once."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise WriteError(f"{setting}={path} is a folder; name a file (inside it).")
+    if folder and (path.exists() or path.is_symlink()) and not path.is_dir():
+        raise WriteError(f"{setting}={path} is a file, not a folder; name a folder.")
+    where = path if folder else path.parent
+    with write_errors(path, setting):
+        where.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(where / "probe")
+        probe.open("xb").close()
+        probe.unlink()
 
 
 def write_atomically(
@@ -40,16 +132,18 @@ def write_atomically(
     files of the same target (from killed runs) are removed afterwards unless other live
     writers may own them (`clean_leftovers=False`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = temp_path(path)
     try:
-        with open(partial, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
+        with write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
     except BaseException:
-        partial.unlink(missing_ok=True)
+        with suppress(OSError):  # its folder could not be made: there is nothing to remove
+            partial.unlink(missing_ok=True)
         raise
     sync_folder(path.parent)
     if clean_leftovers:
@@ -132,6 +226,8 @@ def load_safely(
 def load_error_reason(err: Exception) -> str:
     """torch.load's error in one line, without its advice to load with weights_only=False
     (which would run whatever code the file holds)."""
+    if isinstance(err, FileNotFoundError | PermissionError | IsADirectoryError):
+        return f"cannot be read ({err.strerror})."  # not a fault of the file's bytes
     if isinstance(err, EOFError):
         return "the file ends early (cut short while being written or copied)."
     if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):

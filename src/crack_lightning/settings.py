@@ -357,9 +357,25 @@ def validate(values: Mapping | DictConfig, schema: type[S], section: str, exact:
     return OmegaConf.to_object(merged)
 
 
+class ResumeDataChanged(str, enum.Enum):
+    """What a resumed run does when its data differ from the run's (training/resume.py)."""
+
+    refuse = "refuse"
+    allow = "allow"
+
+
+@dataclass
+class RunSettings:
+    """train.py's own top-level settings with a type or range (conf/train.yaml)."""
+
+    error: ClassVar[type[CrackLightningError]] = ConfigError
+    resume_data_changed: ResumeDataChanged = MISSING
+
+
 def check_train_settings(cfg: DictConfig) -> None:
     """Every data, model, trainer and callback setting a schema covers, and the keywords
     of the optimizer, scheduler and callbacks, before anything slow."""
+    validate(cfg, RunSettings, "")
     validate(cfg.data, DataSettings, "data")
     augmentation = cfg.data.get("augmentation")
     if augmentation is None:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from crack_lightning.cli import run_tool
 from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.inference.export import FORMATS, export_int8, export_model
+from crack_lightning.io import check_writable, write_errors
 from crack_lightning.settings import check_export_settings
 
 
@@ -20,13 +21,15 @@ def export(cfg: DictConfig) -> None:
     settings, calibration = check_export_settings(cfg)
     fmt = settings.format.value
     quantize = settings.quantize.value if settings.quantize else None
-    model = load_classifier(settings.ckpt_path, "cpu")
     suffix = (".int8" if quantize else "") + FORMATS[fmt]
     output = Path(settings.output or Path(settings.ckpt_path).with_suffix(suffix))
-    if calibration is not None:
-        path = export_int8(model, output, calibration, settings.progress)
-    else:
-        path = export_model(model, fmt, output)
+    model = load_classifier(settings.ckpt_path, "cpu")
+    check_writable(output, "output")
+    with write_errors(output, "output"):  # a disk that fills up while exporting
+        if calibration is not None:
+            path = export_int8(model, output, calibration, settings.progress)
+        else:
+            path = export_model(model, fmt, output)
     kind = f"{fmt}, {quantize}" if quantize else fmt
     print(
         f"Exported {settings.ckpt_path} as {kind} to {path} "

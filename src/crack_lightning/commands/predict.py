@@ -4,7 +4,9 @@ scan whole photos (settings: conf/predict.yaml)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,20 +24,25 @@ from crack_lightning.evaluation.plots import image_grid_figure, save
 from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import classify_files, load_classifier
 from crack_lightning.inference.scan import scan_figure, scan_files, write_scan_csv
+from crack_lightning.io import check_writable, write_text
 from crack_lightning.settings import CLASS_NAMES, PredictSettings, ScanSettings, validate
+
+log = logging.getLogger(__name__)
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:
     """CSV or JSON (by extension, checked at start-up) with path, label, prob_crack[,
-    true_label]."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    true_label]; an existing file is replaced, and the log says so."""
+    if path.exists():
+        log.warning("Replacing %s (it held earlier predictions).", path)
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps(rows, indent=1) + "\n")
+        write_text(path, json.dumps(rows, indent=1) + "\n")
         return
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, table.getvalue())
 
 
 def save_prediction_grid(rows: list[dict], path: Path, size: int, limit: int) -> None:
@@ -129,7 +136,7 @@ def scan(cfg: DictConfig, classifier, files: list[Path], window: ScanSettings) -
     for result in scan_files(
         classifier, files, window, cfg.batch_size, cfg.threshold, report_dir, skipped
     ):
-        figure = scan_figure(report_dir, result.path)
+        figure = scan_figure(report_dir, result.name)
         table = figure.with_suffix(".csv")
         write_scan_csv(result, table)
         share = result.cracked_area_share()
@@ -162,6 +169,10 @@ def run(cfg: DictConfig) -> dict:
     validate(cfg, PredictSettings, "")
     window = validate(cfg.scan, ScanSettings, "scan")
     classifier = load_classifier(cfg.ckpt_path, cfg.device)
+    if cfg.mode != "scan":
+        check_writable(Path(cfg.output), "output")
+    if cfg.mode != "predict" or cfg.visualize:
+        check_writable(Path(cfg.report_dir), "report_dir", folder=True)
     with open_dict(cfg):
         cfg.threshold = decision_threshold(cfg.threshold, classifier.threshold)
     inputs = [cfg.inputs] if isinstance(cfg.inputs, str) else list(cfg.inputs)

@@ -44,7 +44,7 @@ def evaluate(cfg: DictConfig) -> None:
         path = result.path
         mask = load_mask(path, (result.width, result.height))
         truth = patch_truth(result, mask, settings.min_share)
-        report[path.name] = patch_scores(result, truth)
+        report[result.name + path.suffix] = patch_scores(result, truth)  # path.name if unique
     for path, reason in skipped:
         print(f"Skipped {path}: {reason}", file=sys.stderr)
     if not report:

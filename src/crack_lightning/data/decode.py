@@ -81,6 +81,15 @@ def load_rgb(path: str | Path) -> Image.Image:
     path = Path(path)
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise UnreadableImage(
+                f"a broken link: its target {path.readlink()} does not exist"
+            ) from None
+        raise UnreadableImage("does not exist") from None
+    except OSError as err:  # a folder, no permission, a failing disk
+        raise UnreadableImage(f"cannot be read: {err.strerror or err}") from None
+    try:
         if not data:
             raise UnreadableImage("empty file (0 bytes)")
         if data.startswith(b"\xff\xd8") and (problem := jpeg_problem(data)):

@@ -112,8 +112,12 @@ def cache_key(
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     for path in files:
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        try:
+            stat = os.stat(path)
+            state = f"{stat.st_size}\0{stat.st_mtime_ns}"
+        except OSError as err:  # missing, a broken link: the fill skips or stops on it
+            state = f"unreadable {err.errno}"
+        digest.update(f"{path}\0{state}\n".encode())
     return digest.hexdigest()[:24]
 
 

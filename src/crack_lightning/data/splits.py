@@ -370,9 +370,8 @@ def require_every_source(
             )
 
 
-def write_manifest(path: Path, data: SourceSamples) -> None:
-    """CSV of every image: its source, its path relative to that source's root, its class
-    and its split, sorted; the one record of which file went where."""
+def manifest_rows(data: SourceSamples) -> list[tuple[str, str, str, str]]:
+    """Every image as a manifest row (MANIFEST_COLUMNS), sorted."""
     rows = [
         (
             data.specs[data.source[i]].name,
@@ -383,8 +382,14 @@ def write_manifest(path: Path, data: SourceSamples) -> None:
         for name, indices in data.split.items()
         for i in indices
     ]
+    return sorted(rows)
+
+
+def write_manifest(path: Path, data: SourceSamples) -> None:
+    """CSV of every image: its source, its path relative to that source's root, its class
+    and its split, sorted; the one record of which file went where."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(MANIFEST_COLUMNS)
-        writer.writerows(sorted(rows))
+        writer.writerows(manifest_rows(data))

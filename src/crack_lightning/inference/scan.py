@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Iterator
+import io
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from torchvision.transforms import v2
 from crack_lightning.data.decode import load_rgb, resize
 from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.inference.classifiers import LoadedModel
+from crack_lightning.io import write_atomically, write_text
 from crack_lightning.progress import track
 from crack_lightning.settings import CLASS_NAMES, ScanSettings
 
@@ -35,6 +38,9 @@ class ScanResult:
     # feature statistics; such patches are labelled Unfamiliar, not cracked
     unfamiliar: np.ndarray | None = None
     unfamiliar_limit: float | None = None
+    # the photo's results are named by this (scan_figure; distinct among the photos of a
+    # run even where file names repeat: output_names)
+    name: str = ""
 
     @property
     def is_unfamiliar(self) -> np.ndarray:
@@ -129,9 +135,47 @@ def scan_photo(
     )
 
 
-def scan_figure(out: Path, path: Path) -> Path:
-    """Where scan_files saves a photo's heat map."""
-    return out / f"{path.stem}_scan.png"
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """A distinct name for each photo's results, its stem where that is unique: photos
+    that share one (a/wall.png, b/wall.png) get their folders' names in front (a_wall,
+    b_wall), and those in one folder (wall.png, wall.jpg) their extension after it;
+    a counter settles anything left. Compared without case, as some file systems do."""
+    paths = [Path(path).absolute() for path in paths]
+    same_folder = Counter((p.parent, p.stem.casefold()) for p in paths)
+    bases = [
+        f"{p.stem}_{p.suffix.lstrip('.')}"
+        if same_folder[(p.parent, p.stem.casefold())] > 1
+        else p.stem
+        for p in paths
+    ]
+    folders = [p.parent.parts[1:] for p in paths]  # without the root
+    depth = [0] * len(paths)
+    while True:
+        names = [
+            "_".join([*parts[len(parts) - d :], base]) if d else base
+            for parts, base, d in zip(folders, bases, depth, strict=True)
+        ]
+        counts = Counter(name.casefold() for name in names)
+        clashing = [
+            i
+            for i, name in enumerate(names)
+            if counts[name.casefold()] > 1 and depth[i] < len(folders[i])
+        ]
+        if not clashing:
+            break
+        for i in clashing:
+            depth[i] += 1
+    seen: Counter[str] = Counter()
+    unique = []
+    for name in names:
+        seen[name.casefold()] += 1
+        unique.append(name if seen[name.casefold()] == 1 else f"{name}_{seen[name.casefold()]}")
+    return unique
+
+
+def scan_figure(out: Path, name: str) -> Path:
+    """Where scan_files saves the heat map of the photo whose output name is `name`."""
+    return out / f"{name}_scan.png"
 
 
 def scan_files(
@@ -144,10 +188,12 @@ def scan_files(
     skipped: list[tuple[Path, str]],
 ) -> Iterator[ScanResult]:
     """The one scan loop (predict mode=scan, crack-scan-eval): load each photo, scan it,
-    save its heat map as scan_figure(out, path), and yield its result. Unreadable photos
-    are appended to `skipped` with the reason."""
+    save its heat map as scan_figure(out, result.name) (output_names: photos sharing a
+    file name keep their own results), and yield its result. Unreadable photos are
+    appended to `skipped` with the reason."""
+    files = list(files)
     out.mkdir(parents=True, exist_ok=True)
-    for path in files:
+    for path, name in zip(files, output_names(files), strict=True):
         try:
             photo = load_rgb(path)
         except UnreadableImage as err:
@@ -163,20 +209,28 @@ def scan_files(
             threshold,
             window.unfamiliar_limit,
         )
-        render_scan(result, photo).save(scan_figure(out, path))
+        result.name = name
+        save_png(render_scan(result, photo), scan_figure(out, name))
         yield result
 
 
+def save_png(image: Image.Image, path: Path) -> None:
+    """A PNG file, written atomically (io.py)."""
+    write_atomically(path, lambda handle: image.save(handle, format="PNG"))
+
+
 def write_scan_csv(result: ScanResult, path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["x", "y", "width", "height", "prob_crack", "unfamiliar", "label"])
-        scores = result.unfamiliar if result.unfamiliar is not None else [None] * len(result.probs)
-        for (x, y), prob, score, label in zip(
-            result.boxes, result.probs, scores, result.labels(), strict=True
-        ):
-            odd = "" if score is None else f"{score:.3f}"
-            writer.writerow([x, y, result.patch_size, result.patch_size, f"{prob:.6f}", odd, label])
+    """The patches of one scan as CSV: box, P(crack), unfamiliar score and label."""
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["x", "y", "width", "height", "prob_crack", "unfamiliar", "label"])
+    scores = result.unfamiliar if result.unfamiliar is not None else [None] * len(result.probs)
+    for (x, y), prob, score, label in zip(
+        result.boxes, result.probs, scores, result.labels(), strict=True
+    ):
+        odd = "" if score is None else f"{score:.3f}"
+        writer.writerow([x, y, result.patch_size, result.patch_size, f"{prob:.6f}", odd, label])
+    write_text(path, table.getvalue())
 
 
 def _share_map(result: ScanResult, flags: np.ndarray) -> np.ndarray:

@@ -13,17 +13,27 @@ an interruption.
 
 The first session's .hydra/ files are kept; a resumed session writes its own into
 .hydra/resume_<date_time>/.
+
+A resumed run must train on the data it started with: the data settings that decide the
+split are compared with the run's before anything is read (`changed_data_settings`), and
+the split this session makes with the run's split_manifest.csv before the manifest is
+replaced (`manifest_changes`). A difference stops the run, naming it, unless
+resume_data_changed=allow.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from crack_lightning.errors import ModelConfigError, RunDirError
-from crack_lightning.io import load_safely
+from crack_lightning.io import load_safely, move_into_place
 
 log = logging.getLogger(__name__)
 
@@ -141,3 +151,152 @@ def resume_step(ckpt_path: str) -> int:
         )
     except (KeyError, TypeError):
         return int(checkpoint.get("global_step", 0))
+
+
+# --- the data a resumed run trains on ---------------------------------------------------
+
+# data settings that decide which images a run has and where they go; paths (root, archive)
+# are left to the manifest, since moving a data set's folder changes nothing
+SPLIT_SETTINGS = (
+    "sources",
+    "split",
+    "val_fraction",
+    "test_fraction",
+    "seed",
+    "group_distance",
+    "holdout_source",
+)
+PATH_SETTINGS = ("root", "archive", "download", "cache_dir")
+CHANGED_HINT = (
+    "Resuming would train on another split than the run's epochs so far (and replace its "
+    "split_manifest.csv). Resume with the run's data settings and files, start a new run, "
+    "or pass resume_data_changed=allow to continue on the new data anyway."
+)
+
+
+def reference_run(ckpt_path: str | None, output_dir: Path, manifest_name: str) -> Path | None:
+    """The run directory whose split a resumed session must keep: the run directory it
+    continues in, or the one the checkpoint file was written in; None when neither holds
+    a manifest (a fresh run, or a checkpoint from elsewhere)."""
+    if ckpt_path is None:
+        return None
+    # RUN/checkpoints/NAME.ckpt was written in RUN
+    for run in (output_dir, *Path(ckpt_path).resolve().parents[1:2]):
+        if (run / manifest_name).is_file():
+            return run
+    return None
+
+
+def stored_config(run: Path, manifest_name: str) -> DictConfig | None:
+    """The config of the session that wrote run's manifest: the newest .hydra/config.yaml
+    (or .hydra/resume_*/config.yaml) written before it; None for runs made without Hydra."""
+    manifest_time = (run / manifest_name).stat().st_mtime_ns
+    configs = [
+        path
+        for path in (run / ".hydra").glob("**/config.yaml")
+        if path.stat().st_mtime_ns <= manifest_time
+    ]
+    if not configs:
+        return None
+    newest = max(configs, key=lambda path: path.stat().st_mtime_ns)
+    try:
+        return OmegaConf.load(newest)
+    except Exception:  # an unreadable old config: the manifest comparison still runs
+        log.warning("Cannot read %s; comparing the split manifest only.", newest)
+        return None
+
+
+def _value(cfg: DictConfig, key: str) -> Any:
+    """A data setting, resolved where its interpolations resolve (else as written)."""
+    data = cfg.get("data") or {}
+    if key not in data:
+        return None
+    try:
+        value = OmegaConf.select(cfg, f"data.{key}", throw_on_resolution_failure=True)
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    except Exception:  # an interpolation that resolves only inside Hydra: compare as written
+        return OmegaConf.to_container(data, resolve=False)[key]
+
+
+def _source_changes(old: Mapping | None, new: Mapping | None) -> list[str]:
+    old, new = dict(old or {}), dict(new or {})
+    changes = [f"data.sources.{name} added" for name in sorted(set(new) - set(old))]
+    changes += [f"data.sources.{name} removed" for name in sorted(set(old) - set(new))]
+    for name in sorted(set(old) & set(new)):
+        before, after = dict(old[name] or {}), dict(new[name] or {})
+        for key in sorted(set(before) | set(after)):
+            if key not in PATH_SETTINGS and before.get(key) != after.get(key):
+                changes.append(
+                    f"data.sources.{name}.{key}: {before.get(key)!r} -> {after.get(key)!r}"
+                )
+    return changes
+
+
+def changed_data_settings(stored: DictConfig, cfg: DictConfig) -> list[str]:
+    """The split-deciding data settings (SPLIT_SETTINGS) that differ between a run's
+    stored config and this session's, each as `data.KEY: old -> new`."""
+    changes = []
+    for key in SPLIT_SETTINGS:
+        before, after = _value(stored, key), _value(cfg, key)
+        if key == "sources":
+            changes += _source_changes(before, after)
+        elif before != after:
+            changes.append(f"data.{key}: {before!r} -> {after!r}")
+    return changes
+
+
+def read_manifest(path: Path) -> dict[tuple[str, str], tuple[str, ...]]:
+    """A split manifest as {(source, path): (the row's other columns)}."""
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))[1:]
+    return {(row[0], row[1]): tuple(row[2:]) for row in rows if len(row) >= 2}
+
+
+def manifest_changes(stored: Path, rows: Iterable[Sequence[str]], examples: int = 2) -> list[str]:
+    """How the split `rows` (a manifest's rows) differs from the manifest at `stored`:
+    images added, removed, and moved between classes or splits, with examples."""
+    old = read_manifest(stored)
+    new = {(row[0], row[1]): tuple(row[2:]) for row in rows}
+
+    def named(keys: list[tuple[str, str]]) -> str:
+        shown = ", ".join(f"{source}:{path}" for source, path in keys[:examples])
+        return f"e.g. {shown}" + (", ..." if len(keys) > examples else "")
+
+    changes = []
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    moved = sorted(key for key in set(old) & set(new) if old[key] != new[key])
+    if added:
+        changes.append(f"{len(added)} image(s) added ({named(added)})")
+    if removed:
+        changes.append(f"{len(removed)} image(s) removed ({named(removed)})")
+    if moved:
+        key = moved[0]
+        example = f"{key[0]}:{key[1]} {'/'.join(old[key])} -> {'/'.join(new[key])}"
+        more = ", ..." if len(moved) > 1 else ""
+        changes.append(f"{len(moved)} image(s) in another class or split (e.g. {example}{more})")
+    return changes
+
+
+def refuse_or_warn(run: Path, changes: list[str], allow: bool, what: str) -> None:
+    """Stop naming `changes` (RunDirError), or with allow=True log them and go on."""
+    if not changes:
+        return
+    text = "; ".join(changes)
+    if not allow:
+        raise RunDirError(f"Resuming {run}: {what} differ from the run's: {text}. {CHANGED_HINT}")
+    log.warning(
+        "Resuming %s although %s differ from the run's (resume_data_changed=allow): %s",
+        run,
+        what,
+        text,
+    )
+
+
+def keep_old_manifest(path: Path) -> Path:
+    """Move a replaced manifest aside as split_manifest.until_<date_time>.csv."""
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    kept = path.with_name(f"{path.stem}.until_{stamp}{path.suffix}")
+    move_into_place(path, kept)
+    log.warning("The run's earlier split is kept as %s.", kept)
+    return kept

@@ -19,7 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from crack_lightning.data.datamodule import CrackDataModule
 from crack_lightning.data.feature_cache import cache_wanted
+from crack_lightning.data.splits import manifest_rows
 from crack_lightning.errors import CrackLightningError
+from crack_lightning.io import write_errors, write_text
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.models.finetuning import BackboneUnfreeze
 from crack_lightning.settings import check_train_settings
@@ -31,7 +33,16 @@ from crack_lightning.training.callbacks import (
 )
 from crack_lightning.training.distributed import ddp_job
 from crack_lightning.training.precision import resolve_precision
-from crack_lightning.training.resume import resolve_ckpt_path, resume_step
+from crack_lightning.training.resume import (
+    changed_data_settings,
+    keep_old_manifest,
+    manifest_changes,
+    reference_run,
+    refuse_or_warn,
+    resolve_ckpt_path,
+    resume_step,
+    stored_config,
+)
 from crack_lightning.training.source_metrics import SourceMetrics
 
 log = logging.getLogger(__name__)
@@ -51,10 +62,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    resumed_run = check_resumed_data_settings(cfg, ckpt_path, output_dir)
 
     datamodule: CrackDataModule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    split_changed = check_resumed_split(cfg, resumed_run, datamodule)
     model: CrackClassifier = build(cfg.model)
     counts = model.parameter_counts()
     log.info(
@@ -75,19 +88,46 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     use_feature_cache_if_wanted(datamodule, model, trainer, finetune)
     if trainer.is_global_zero:
-        datamodule.write_manifest(output_dir / MANIFEST_NAME)
+        if split_changed and resumed_run == output_dir:
+            keep_old_manifest(output_dir / MANIFEST_NAME)
+        with write_errors(output_dir / MANIFEST_NAME):  # a full disk: one line
+            datamodule.write_manifest(output_dir / MANIFEST_NAME)
     log_hyperparameters(trainer, model, cfg)
 
     with ddp_job(trainer):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = evaluate_best(trainer, model, datamodule, test=cfg.get("test", True))
     if trainer.is_global_zero:
-        (output_dir / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text(output_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
         log.info("Best checkpoint's metrics: %s", json.dumps(metrics))
     return metrics
 
 
 # --- the steps of train(), in its order -------------------------------------------------
+
+
+def check_resumed_data_settings(
+    cfg: DictConfig, ckpt_path: str | None, output_dir: Path
+) -> Path | None:
+    """When resuming, the run whose split must stay (see resume.py), after its data
+    settings were compared with this session's; None for a fresh run."""
+    run = reference_run(ckpt_path, output_dir, MANIFEST_NAME)
+    stored = stored_config(run, MANIFEST_NAME) if run is not None else None
+    if stored is not None:
+        changes = changed_data_settings(stored, cfg)
+        refuse_or_warn(run, changes, cfg.resume_data_changed == "allow", "the data settings")
+    return run
+
+
+def check_resumed_split(cfg: DictConfig, run: Path | None, datamodule: CrackDataModule) -> bool:
+    """Whether this session's split differs from the resumed run's manifest (refused
+    unless resume_data_changed=allow)."""
+    if run is None:
+        return False
+    changes = manifest_changes(run / MANIFEST_NAME, manifest_rows(datamodule.sources))
+    allow = cfg.resume_data_changed == "allow"
+    refuse_or_warn(run, changes, allow, "the images or their split")
+    return bool(changes)
 
 
 def build(config: DictConfig, **kwargs: Any) -> Any:

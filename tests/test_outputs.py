@@ -1,0 +1,230 @@
+"""Where results go: photos that share a file name keep their own scan results, an
+existing predictions file is replaced with a log line, and an output that cannot be
+written (under a regular file, in /proc, a full disk) is one `error:` line naming it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crack_lightning.cli import USER_ERROR, user_errors
+from crack_lightning.commands.export import main as export_main
+from crack_lightning.commands.predict import run as predict
+from crack_lightning.commands.scan_eval import main as scan_eval_main
+from crack_lightning.inference.scan import output_names
+from crack_lightning.training.run import train
+
+from .conftest import QUIET, SMALL, compose_config
+
+PATCH = ["scan.patch_size=64", "scan.stride=64"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, synthetic_root) -> Path:
+    """A small model trained one epoch on the synthetic images."""
+    run_dir = tmp_path_factory.mktemp("outputs") / "run"
+    train(
+        compose_config(
+            "train",
+            [f"data.root={synthetic_root}", f"paths.output_dir={run_dir}", *SMALL, *QUIET],
+        )
+    )
+    return run_dir / "checkpoints" / "best.ckpt"
+
+
+def predict_cfg(checkpoint: Path, tmp_path: Path, *overrides: str):
+    return compose_config(
+        "predict",
+        [
+            f"ckpt_path={checkpoint}",
+            f"paths.output_dir={tmp_path / 'out'}",
+            "num_workers=0",
+            "progress=false",
+            "device=cpu",
+            *PATCH,
+            *overrides,
+        ],
+    )
+
+
+def photo(path: Path, seed: int, size: int = 128) -> Path:
+    """A random photo (each seed its own pixels) with a crack mask beside it."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[: size // 2] = 255
+    Image.fromarray(mask).save(path.with_name(f"{path.stem}_mask.png"))
+    return path
+
+
+def user_error(capsys, call) -> str:
+    """The one `error:` line a command prints for `call`, which must exit 2."""
+    with pytest.raises(SystemExit) as stop, user_errors():
+        call()
+    assert stop.value.code == USER_ERROR
+    return error_line(capsys)
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    return line
+
+
+# --- photos that share a name ------------------------------------------------------------
+
+
+def test_output_names_are_the_stems_made_unique_by_folder_then_extension():
+    assert output_names([Path("/p/a/wall.png"), Path("/p/b/wall.png"), Path("/p/c.png")]) == [
+        "a_wall",
+        "b_wall",
+        "c",
+    ]
+    assert output_names([Path("/x/a/wall.png"), Path("/y/a/wall.png")]) == [
+        "x_a_wall",
+        "y_a_wall",
+    ]
+    assert output_names([Path("/a/wall.png"), Path("/a/wall.jpg")]) == ["wall_png", "wall_jpg"]
+    assert output_names([Path("/a/Wall.png"), Path("/b/wall.png")]) == ["a_Wall", "b_wall"]
+
+
+def test_scan_keeps_the_results_of_photos_that_share_a_name(checkpoint, tmp_path):
+    first = photo(tmp_path / "a" / "wall.png", 1)  # 2 x 2 patches
+    second = photo(tmp_path / "b" / "wall.png", 2, size=192)  # 3 x 3
+    report = tmp_path / "scan"
+    cfg = predict_cfg(
+        checkpoint, tmp_path, f"inputs=[{first},{second}]", "mode=scan", f"report_dir={report}"
+    )
+    summary = predict(cfg)
+    assert [p["path"] for p in summary["photos"]] == [str(first), str(second)]
+    for name, size, patches in (("a_wall", 128, 4), ("b_wall", 192, 9)):
+        assert Image.open(report / f"{name}_scan.png").size == (size, size)
+        rows = (report / f"{name}_scan.csv").read_text().splitlines()
+        assert rows[0].startswith("x,y,width,height,prob_crack") and len(rows) == 1 + patches
+    assert not (report / "wall_scan.png").exists()
+
+
+def test_scan_eval_reports_photos_that_share_a_name_apart(checkpoint, tmp_path, capsys):
+    first, second = photo(tmp_path / "a" / "wall.png", 1), photo(tmp_path / "b" / "wall.png", 2)
+    out = tmp_path / "scan_eval"
+    args = [f"ckpt_path={checkpoint}", f"out={out}", "device=cpu", *PATCH]
+    assert scan_eval_main([*args, f"photos=[{first},{second}]"]) == 0
+    assert set(json.loads((out / "scan_eval.json").read_text())) == {"a_wall.png", "b_wall.png"}
+    assert (out / "a_wall_scan.png").is_file() and (out / "b_wall_scan.png").is_file()
+
+
+def test_predict_says_when_it_replaces_a_predictions_file(checkpoint, tmp_path, caplog):
+    image = photo(tmp_path / "in" / "img.png", 3, size=64)
+    output = tmp_path / "preds.csv"
+    output.write_text("earlier results\n")
+    with caplog.at_level(logging.WARNING):
+        predict(predict_cfg(checkpoint, tmp_path, f"inputs=[{image}]", f"output={output}"))
+    assert f"Replacing {output}" in caplog.text
+    assert output.read_text().startswith("path,label,prob_crack")
+
+
+# --- outputs that cannot be written ---------------------------------------------------------
+
+
+def test_predict_output_under_a_file_or_in_proc_is_one_error_line(checkpoint, tmp_path, capsys):
+    image = photo(tmp_path / "in" / "img.png", 3, size=64)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cfg = predict_cfg(checkpoint, tmp_path, f"inputs=[{image}]", f"output={blocker / 'p.csv'}")
+    line = user_error(capsys, lambda: predict(cfg))
+    assert line.startswith(f"error: cannot write output={blocker / 'p.csv'}: ")
+    assert f"{blocker} is a file, not a folder" in line
+
+    scan = predict_cfg(checkpoint, tmp_path, f"inputs=[{image}]", "mode=scan")
+    scan.report_dir = str(blocker)
+    assert f"report_dir={blocker} is a file" in user_error(capsys, lambda: predict(scan))
+
+    if Path("/proc/self").is_dir():
+        cfg = predict_cfg(checkpoint, tmp_path, f"inputs=[{image}]", "output=/proc/p.csv")
+        line = user_error(capsys, lambda: predict(cfg))
+        assert line.startswith("error: cannot write output=/proc/p.csv: /proc cannot hold")
+
+
+def test_export_output_under_a_file_or_in_proc_is_one_error_line(checkpoint, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    outputs = [blocker / "model.onnx"]
+    if Path("/proc/self").is_dir():
+        outputs.append(Path("/proc/model.onnx"))
+    for output in outputs:
+        for fmt in ("onnx", "torchscript"):
+            code = export_main([f"ckpt_path={checkpoint}", f"format={fmt}", f"output={output}"])
+            assert code == USER_ERROR
+            assert error_line(capsys).startswith(f"error: cannot write output={output}: ")
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_error_line_and_keeps_the_last(
+    synthetic_root, tmp_path, capsys, monkeypatch
+):
+    """torch.save reports ENOSPC as a RuntimeError raised while handling it; the epoch-0
+    checkpoints stay whole, no temp file is left, and the line says how to go on."""
+    saves = []
+    real_save = torch.save
+
+    def save_until_the_disk_is_full(value, handle, *args, **kwargs):
+        saves.append(getattr(handle, "name", handle))
+        if len(saves) <= 2:  # epoch 0: best.ckpt and last.ckpt
+            return real_save(value, handle, *args, **kwargs)
+        handle.write(b"part of a checkpoint")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from None
+
+    cfg = compose_config(
+        "train",
+        [
+            f"data.root={synthetic_root}",
+            f"paths.output_dir={tmp_path / 'run'}",
+            *SMALL,
+            *QUIET,
+            "trainer.max_epochs=3",
+            "callbacks.model_checkpoint.monitor=epoch",  # every epoch writes both files
+        ],
+    )
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    line = user_error(capsys, lambda: train(cfg))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert line.startswith(f"error: cannot write {checkpoints}/")
+    assert "No space left on device" in line
+    monkeypatch.setattr(torch, "save", real_save)
+    for name in ("best.ckpt", "last.ckpt"):
+        assert torch.load(checkpoints / name, weights_only=True)["epoch"] == 0
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_a_dangling_link_without_the_data_check_is_skipped_or_one_error_line(
+    synthetic_root, tmp_path, capsys
+):
+    """With data.check=false nothing looks at the files before the feature cache does: a
+    link to a missing file is a damaged image there, named, like any other."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    link = root / "Positive" / "gone.jpg"
+    link.symlink_to(tmp_path / "missing.jpg")
+    common = [f"data.root={root}", "data.check=false", *SMALL, *QUIET]
+
+    def cfg(*extra: str):
+        return compose_config("train", [*common, f"paths.output_dir={tmp_path / 'run'}", *extra])
+
+    line = user_error(capsys, lambda: train(cfg("data.on_bad_image=stop")))
+    assert line.startswith(f"error: {link}: a broken link: its target {tmp_path / 'missing.jpg'}")
+    assert "does not exist" in line
+
+    metrics = train(cfg("data.on_bad_image=skip", f"paths.output_dir={tmp_path / 'run2'}"))
+    assert "val/acc" in metrics
