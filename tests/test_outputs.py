@@ -208,23 +208,27 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_error_line_and_keeps_the_l
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
-def test_a_dangling_link_without_the_data_check_is_skipped_or_one_error_line(
-    synthetic_root, tmp_path, capsys
+def test_a_dangling_link_without_the_data_check_is_named_and_left_out(
+    synthetic_root, tmp_path, caplog
 ):
-    """With data.check=false nothing looks at the files before the feature cache does: a
-    link to a missing file is a damaged image there, named, like any other."""
+    """With data.check=false no report looks at the files first: a link to a missing file
+    named like an image is never opened (the one finder reads regular files and links to
+    them only), and a warning names it, whatever data.on_bad_image says."""
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root)
     link = root / "Positive" / "gone.jpg"
     link.symlink_to(tmp_path / "missing.jpg")
     common = [f"data.root={root}", "data.check=false", *SMALL, *QUIET]
-
-    def cfg(*extra: str):
-        return compose_config("train", [*common, f"paths.output_dir={tmp_path / 'run'}", *extra])
-
-    line = user_error(capsys, lambda: train(cfg("data.on_bad_image=stop")))
-    assert line.startswith(f"error: {link}: a broken link: its target {tmp_path / 'missing.jpg'}")
-    assert "does not exist" in line
-
-    metrics = train(cfg("data.on_bad_image=skip", f"paths.output_dir={tmp_path / 'run2'}"))
-    assert "val/acc" in metrics
+    for policy in ("stop", "skip"):
+        caplog.clear()
+        cfg = compose_config(
+            "train",
+            [*common, f"paths.output_dir={tmp_path / policy}", f"data.on_bad_image={policy}"],
+        )
+        with caplog.at_level(logging.WARNING):
+            metrics = train(cfg)
+        assert "val/acc" in metrics
+        said = [r.getMessage() for r in caplog.records if "not read" in r.getMessage()]
+        assert said and f"{link} (not a regular file or a link to one)" in said[0]
+        with (tmp_path / policy / "split_manifest.csv").open() as handle:
+            assert "Positive/gone.jpg" not in handle.read()

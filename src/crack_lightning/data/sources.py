@@ -11,6 +11,7 @@ only its messages differ (they name data.root and point at the METU data set).
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ DATA_HINT = (
     "Positive/ sit directly under data.root, or point data.root=/path/to/folder at a copy. "
     "To try the framework without it, use data=synthetic."
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -257,8 +260,16 @@ def walk_files(folder: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
 
 def image_files(folder: Path) -> list[str]:
     """The image files under folder, sub-folders included, sorted: regular files (or links
-    to them) with an image name, each real file and folder once (walk_files)."""
-    return [path for path in walk_files(folder)[0] if is_image_name(os.path.basename(path))]
+    to them) with an image name, each real file and folder once (walk_files). Entries
+    named like images that are not read (a broken link, a FIFO) are named in a warning,
+    so that nothing is left out silently (data.check=false runs no report)."""
+    files, others = walk_files(folder)
+    unread = [f"{path} ({why})" for path, why in others if is_image_name(os.path.basename(path))]
+    if unread:
+        log.warning(
+            "%d image name(s) under %s not read: %s", len(unread), folder, "; ".join(unread)
+        )
+    return [path for path in files if is_image_name(os.path.basename(path))]
 
 
 def scan_source(spec: SourceSpec) -> list[tuple[str, int]]:

@@ -11,7 +11,6 @@ ever written.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from crack_lightning.io import write_json, write_text
 from crack_lightning.settings import CLASS_NAMES
 
 # the figures binary_scores returns, under the names training logs them by
@@ -309,8 +309,8 @@ def write_evaluation(
             "pr_curve.png",
         )
     ]
-    written[0].write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-    written[1].write_text(format_report(metrics) + "\n")
+    write_json(written[0], metrics)
+    write_text(written[1], format_report(metrics) + "\n")
     save(confusion_matrix_figure(np.array(metrics["confusion_matrix"]["counts"])), written[2])
     fpr, tpr = roc_curve(labels, probs)
     save(curve_figure(fpr, tpr, "roc", metrics["roc_auc"]), written[3])
