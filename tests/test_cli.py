@@ -138,7 +138,7 @@ def test_scan_eval_names_its_settings_in_one_line(capsys):
 
 
 FEATURE_STATS = (
-    "callbacks.feature_stats={_target_: crack_lightning.inference.unfamiliar.FeatureStatistics,"
+    "callbacks.feature_stats={_target_: crack_lightning.training.feature_stats.FeatureStatistics,"
     " max_images: %s}"
 )
 

@@ -75,9 +75,8 @@ def test_two_sources_reading_one_folder_are_refused(tmp_path):
         load_sources(parse_sources(twice), 0.25, 0.0, 0, check=False)
 
 
-def test_a_source_whose_images_the_cache_skips_is_an_error_naming_it(make_cfg, tmp_path):
-    """Every bricks file damaged beyond what the quick check sees: the feature cache skips
-    them all (data.on_bad_image=skip); the source must not silently drop out."""
+def two_sources_set_up(make_cfg, tmp_path: Path, *extra: str) -> tuple[Path, object]:
+    """The decks and bricks sources of two_sources, split, damaged files skipped."""
     decks, bricks = two_sources(tmp_path)
     cfg = make_cfg(
         "+data/sources@data.sources.decks=sdnet2018",
@@ -86,9 +85,17 @@ def test_a_source_whose_images_the_cache_skips_is_an_error_naming_it(make_cfg, t
         f"data.sources.bricks.root={bricks}",
         "data.sources.bricks.split=random",
         "data.on_bad_image=skip",
+        *extra,
     )
     dm = build(cfg.data)
     dm.setup("fit")
+    return bricks, dm
+
+
+def test_a_source_whose_images_the_cache_skips_is_an_error_naming_it(make_cfg, tmp_path):
+    """Every bricks file damaged beyond what the quick check sees: the feature cache skips
+    them all (data.on_bad_image=skip); the source must not silently drop out."""
+    bricks, dm = two_sources_set_up(make_cfg, tmp_path)
     bricks_index = dm.sources.names.index("bricks")
     done = torch.tensor([source != bricks_index for source in dm.sources.source])
     with pytest.raises(DataError) as info:
@@ -100,18 +107,7 @@ def test_a_source_whose_images_the_cache_skips_is_an_error_naming_it(make_cfg, t
 
 
 def test_a_source_whose_images_the_loaders_skip_is_an_error_at_the_end(make_cfg, tmp_path):
-    decks, bricks = two_sources(tmp_path)
-    cfg = make_cfg(
-        "+data/sources@data.sources.decks=sdnet2018",
-        f"data.sources.decks.root={decks}",
-        "+data/sources@data.sources.bricks=folder",
-        f"data.sources.bricks.root={bricks}",
-        "data.sources.bricks.split=random",
-        "data.on_bad_image=skip",
-        "data.decode_on_device=false",
-    )
-    dm = build(cfg.data)
-    dm.setup("fit")
+    _, dm = two_sources_set_up(make_cfg, tmp_path, "data.decode_on_device=false")
     loader = dm.val_dataloader()
     bricks_index = dm.sources.names.index("bricks")
     _, sources = dm.split_sources("val")
