@@ -59,7 +59,7 @@ def require(ok: bool, setting: str, value: Any, allowed: str, error: type[Except
 CLASS_NAMES = ("Negative", "Positive")
 SOURCE_HINT = (
     "Add a source from a shipped config with `+data/sources@data.sources.NAME=folder` "
-    "(or metu, sdnet2018) and set data.sources.NAME.root=DIR."
+    "(or metu, sdnet2018, masks) and set data.sources.NAME.root=DIR."
 )
 
 
@@ -215,6 +215,104 @@ class SourceSettings:
             )
         values = {**config, "download": config.get("download"), "name": name}
         return validate(values, cls, where)
+
+
+class MaskValue(str, enum.Enum):
+    """What a grey level of a crack mask stands for (data.sources.NAME.mask_values)."""
+
+    crack = "crack"
+    not_crack = "not_crack"
+    ignore = "ignore"
+
+
+# the `kind` of a data.sources entry that is photos with crack masks (data/tiles.py)
+MASKS_KIND = "masks"
+MASKS_SPLIT = "photo"
+
+
+@dataclass
+class MasksSourceSettings:
+    """A data.sources entry of photos with crack masks (conf/data/sources/masks.yaml),
+    cut into labelled tiles by data/tiles.py; messages name data.sources.NAME.KEY."""
+
+    error: ClassVar[type[CrackLightningError]] = DataError
+    kind: str = MISSING
+    root: str = MISSING
+    mask_dir: str | None = MISSING  # null: each mask beside its photo
+    mask_suffix: str = MISSING
+    tile_size: int = MISSING
+    stride: int = MISSING
+    min_share: float = MISSING
+    ambiguous: list[float] | None = MISSING  # [low, high] crack shares left out
+    mask_values: dict[int, MaskValue] | None = MISSING  # grey level -> what it stands for
+    split: str = MISSING
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        where, err = f"data.sources.{self.name}", DataError
+        require(self.tile_size >= 1, f"{where}.tile_size", self.tile_size, "pixels >= 1", err)
+        require(self.stride >= 1, f"{where}.stride", self.stride, "pixels >= 1", err)
+        share = self.min_share
+        require(0 < share <= 1, f"{where}.min_share", share, "a share of a tile in (0, 1]", err)
+        band = self.ambiguous
+        require(
+            band is None or (len(band) == 2 and 0 <= band[0] < band[1] <= 1),
+            f"{where}.ambiguous",
+            band,
+            "null or [low, high] with 0 <= low < high <= 1 (tiles whose crack share lies "
+            "strictly between are left out)",
+            err,
+        )
+        for level in self.mask_values or {}:
+            require(
+                0 <= level <= 255,
+                f"{where}.mask_values",
+                {k: v.value for k, v in self.mask_values.items()},
+                "a mapping of grey levels 0..255 to crack, not_crack or ignore",
+                err,
+            )
+        require(
+            bool(self.mask_suffix) and "/" not in self.mask_suffix,
+            f"{where}.mask_suffix",
+            self.mask_suffix,
+            "a file-name ending such as _mask.png",
+            err,
+        )
+        require(
+            self.split == MASKS_SPLIT,
+            f"{where}.split",
+            self.split,
+            f"{MASKS_SPLIT} (the tiles of one photo always stay on one side of every split)",
+            err,
+        )
+
+    @classmethod
+    def of(cls, name: str, config: Any) -> MasksSourceSettings:
+        """data.sources.NAME checked: exactly the known keys, then types and ranges."""
+        where = f"data.sources.{name}"
+        keys = {f.name for f in fields(cls)} - {"name"}
+        if unknown := set(config) - keys:
+            raise DataError(
+                f"{where} has unknown settings {sorted(unknown)}; a masks source takes "
+                f"{', '.join(sorted(keys))}."
+            )
+        if config.get("root") is None:
+            raise DataError(f"{where}.root is not set: point it at the folder of photos.")
+        return validate({**config, "name": name}, cls, where)
+
+
+def source_settings(name: str, config: Any) -> SourceSettings | MasksSourceSettings:
+    """data.sources.NAME checked by its kind's schema: a masks source (`kind: masks`) or
+    a folder of class folders (no kind)."""
+    config = plain(config)
+    if isinstance(config, Mapping) and config.get("kind") == MASKS_KIND:
+        return MasksSourceSettings.of(name, config)
+    if isinstance(config, Mapping) and config.get("kind") is not None:
+        raise DataError(
+            f"data.sources.{name}.kind={config['kind']} must be {MASKS_KIND} (photos with "
+            f"crack masks) or absent (class folders). {SOURCE_HINT}"
+        )
+    return SourceSettings.of(name, config)
 
 
 @dataclass

@@ -8,7 +8,8 @@ identical files, within a class (duplicates), across classes (label conflicts) o
 across sources (copies; check_sources). The
 full check also decodes every image with PIL and reports
 sizes and colour modes. `train.py` runs the quick one (data.check=true) on every source,
-whatever its layout: the files checked are the ones data/sources.py finds.
+whatever its layout: the files checked are the ones data/sources.py finds. A masks
+source's report checks its photos and every photo's mask, and counts its tiles.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from crack_lightning.data.sources import (
     scan_source,
     walk_files,
 )
+from crack_lightning.data.tiles import find_photos, photo_tiles
 from crack_lightning.errors import DataError
 from crack_lightning.progress import track
 from crack_lightning.settings import CLASS_NAMES
@@ -67,6 +69,8 @@ class Report:
     modes: Counter = field(default_factory=Counter)  # PIL mode -> images (full check)
     full: bool = False
     digests: dict[str, bytes] = field(default_factory=dict)  # path -> sha256 of its bytes
+    photos: int | None = None  # a masks source's photos (counts are then of tiles)
+    ignored_tiles: int = 0  # a masks source's tiles left out (ambiguous, ignore pixels)
 
     @property
     def ok(self) -> bool:
@@ -83,16 +87,30 @@ class Report:
         counts = ", ".join(f"{n:,} {name}" for name, n in self.counts.items())
         what = f"Source {self.name} ({self.root})" if self.name else f"Data set {self.root}"
         lines = [f"{what}: {total:,} images ({counts})."]
+        if self.photos is not None:
+            lines = [
+                f"{what}: {self.photos:,} photos with masks, {total:,} tiles ({counts}); "
+                f"{self.ignored_tiles:,} tiles left out (ambiguous crack share or ignore "
+                f"pixels)."
+            ]
         if self.full:
             lines.append(f"Sizes: {_top(self.sizes)}. Modes: {_top(self.modes)}.")
+        tiles = self.photos is not None
         sections = (
-            ("Unreadable, truncated or not images (training would fail)", self.errors),
+            (
+                "Unreadable photos, missing or unusable masks (training would fail)"
+                if tiles
+                else "Unreadable, truncated or not images (training would fail)",
+                self.errors,
+            ),
             (
                 "Label conflicts: identical files in both classes (contradictory labels)",
                 [" = ".join(g) for g in self.conflicts],
             ),
             (
-                "Exact duplicates within a class (they can straddle train and val; "
+                "Identical photos (their tiles can straddle train and val: remove the copies)"
+                if tiles
+                else "Exact duplicates within a class (they can straddle train and val; "
                 "data.split=grouped keeps them together)",
                 [" = ".join(g) for g in self.duplicates],
             ),
@@ -101,7 +119,12 @@ class Report:
                 "remove them to count each image once)",
                 [" = ".join(g) for g in self.copies],
             ),
-            ("Files without an image extension (training ignores them)", self.ignored),
+            (
+                "Files that are neither photos nor masks (training ignores them)"
+                if tiles
+                else "Files without an image extension (training ignores them)",
+                self.ignored,
+            ),
         )
         for title, items in sections:
             if items:
@@ -189,6 +212,8 @@ def check_dataset(
     `samples` are the source's (path, label) pairs when the caller has scanned them already.
     """
     spec = source if isinstance(source, SourceSpec) else SourceSpec.from_root(source, "random", 0)
+    if spec.tiles is not None:
+        return check_masks_source(spec, full, progress, samples)
     root = spec.root
     if samples is None:
         samples = scan_source(spec)  # the exact files training would read
@@ -211,26 +236,39 @@ def check_dataset(
     by_hash: dict[bytes, list[tuple[str, int]]] = defaultdict(list)
     desc = "Checking images" if full else "Checking files"
     for path, label in track(samples, desc, "img", progress):
-        try:
-            with open(path, "rb") as handle:
-                data = handle.read()
-        except OSError as err:
-            report.errors.append(f"{_rel(path, root)}: cannot be read ({err.strerror})")
-            continue
-        problem = file_problem(data)
-        size = mode = None
-        if problem is None and full:
-            problem, size, mode = decode_problem(path)
-        if problem:
-            report.errors.append(f"{_rel(path, root)}: {problem}")
-            continue
-        if full:
-            report.sizes[size] += 1
-            report.modes[mode] += 1
-        digest = hashlib.sha256(data).digest()
-        report.digests[path] = digest
-        by_hash[digest].append((path, label))
+        if (digest := check_file(path, report)) is not None:
+            by_hash[digest].append((path, label))
+    _copies_within(report, by_hash)
+    return report
 
+
+def check_file(path: str, report: Report) -> bytes | None:
+    """Read (and in a full check decode) one image file, adding what is wrong with it, or
+    its size and mode, to the report; the sha256 of its bytes if it is usable."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as err:
+        report.errors.append(f"{_rel(path, report.root)}: cannot be read ({err.strerror})")
+        return None
+    problem = file_problem(data)
+    size = mode = None
+    if problem is None and report.full:
+        problem, size, mode = decode_problem(path)
+    if problem:
+        report.errors.append(f"{_rel(path, report.root)}: {problem}")
+        return None
+    if report.full:
+        report.sizes[size] += 1
+        report.modes[mode] += 1
+    digest = hashlib.sha256(data).digest()
+    report.digests[path] = digest
+    return digest
+
+
+def _copies_within(report: Report, by_hash: dict[bytes, list[tuple[str, int]]]) -> None:
+    """Identical files of one source: duplicates (one label) or label conflicts."""
+    root = report.root
     for group in by_hash.values():
         if len(group) < 2:
             continue
@@ -241,6 +279,51 @@ def check_dataset(
             report.duplicates.append(names)
     report.conflicts.sort()
     report.duplicates.sort()
+
+
+def check_masks_source(
+    spec: SourceSpec,
+    full: bool = True,
+    progress: bool = True,
+    samples: Sequence[tuple[str, int]] | None = None,
+) -> Report:
+    """A masks source's report: every photo's file as check_dataset checks images, every
+    photo's mask found, checked and cut into tiles (a missing or unusable mask is one
+    error line naming it), and the counts of crack, not-crack and left-out tiles.
+
+    `samples` are its tiles when the caller has labelled them already (training's quick
+    check): the masks were checked then, and are not read again."""
+    settings = spec.tiles
+    report = Report(root=spec.root, name=spec.name, full=full)
+    report.counts = {name: 0 for name in CLASS_NAMES}
+    photos = find_photos(spec)
+    report.photos = len(photos)
+    suffix = settings.mask_suffix.lower()
+    files, others = walk_files(spec.root)
+    used = set(photos)
+    report.ignored = sorted(
+        [_rel(p, spec.root) for p in files if p not in used and not p.lower().endswith(suffix)]
+        + [f"{_rel(p, spec.root)} ({why})" for p, why in others]
+    )
+    by_hash: dict[bytes, list[tuple[str, int]]] = defaultdict(list)
+    desc = "Checking photos and masks" if samples is None else "Checking photos"
+    for photo in track(photos, desc, "photo", progress):
+        if (digest := check_file(photo, report)) is None:
+            continue
+        by_hash[digest].append((photo, 0))
+        if samples is not None:
+            continue
+        try:
+            tiles = photo_tiles(spec, photo)
+        except DataError as err:
+            report.errors.append(str(err))
+            continue
+        report.ignored_tiles += tiles.ignored
+        for _, label in tiles.samples:
+            report.counts[CLASS_NAMES[label]] += 1
+    for _, label in samples or ():
+        report.counts[CLASS_NAMES[label]] += 1
+    _copies_within(report, by_hash)
     return report
 
 
@@ -253,6 +336,9 @@ def check_sources(
     refuse_shared_folders(specs)
     reports, first = [], {}  # digest -> (label, "source:path") of its first copy
     for spec in specs:
+        if spec.tiles is not None:  # its tiles are no files: copies of photos not sought
+            reports.append(check_masks_source(spec, full=full, progress=progress))
+            continue
         samples = scan_source(spec)
         report = check_dataset(spec, full=full, progress=progress, samples=samples)
         mine = {}

@@ -6,14 +6,19 @@ the same pixels for the same file everywhere; also decoding on the training devi
 A file is decoded fully (truncation is caught), its EXIF orientation applied, converted
 to 8-bit RGB (16-bit greys rescaled, transparency shown over white) and resized to a
 uint8 CHW tensor. JPEG scan data is also checked for markers that cannot occur in an
-intact file, which libjpeg would only warn about while decoding garbage.
+intact file, which libjpeg would only warn about while decoding garbage. A sample may also
+be a tile of a photo (`PHOTO#x,y,size`, a masks source's): decoded the same way, cropped,
+then resized like any image.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import logging
+import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 # part of the feature cache key: bump it whenever decoding changes what pixels a file gives
 DECODE_VERSION = 2
 ON_BAD_IMAGE = ("skip", "stop")
+EXIF_ORIENTATION = 0x0112
 
 _JPEG_SCAN_MARKERS = {0x00, 0xFF, 0xD9} | set(range(0xD0, 0xD8))  # stuffing, fill, EOI, RSTn
 # markers that may sit between the scans of a progressive or multi-scan JPEG
@@ -122,9 +128,78 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# --- tiles of a photo as samples ----------------------------------------------------------
+# A masks source (data/tiles.py) cuts photos into tiles; a tile is a sample string like a
+# file's, `PHOTO#x,y,size` (top-left corner and side in the photo's pixels, after EXIF
+# orientation), so the datamodule, the feature cache (keyed by sample strings) and the
+# manifest treat tiles and files alike. This is the one place that reads such a string.
+# No image file is named like that: the finder only reads names that end in an image
+# extension.
+_TILE = re.compile(r"^(?P<photo>.+)#(?P<x>\d+),(?P<y>\d+),(?P<size>\d+)$")
+
+
+def tile_sample(photo: str | Path, x: int, y: int, size: int) -> str:
+    """The sample string of the size x size tile at (x, y) of a photo."""
+    return f"{photo}#{int(x)},{int(y)},{int(size)}"
+
+
+def split_tile(sample: str | Path) -> tuple[str, tuple[int, int, int] | None]:
+    """(the file a sample reads, its tile (x, y, size) or None for a whole file)."""
+    match = _TILE.match(str(sample))
+    if match is None:
+        return str(sample), None
+    return match["photo"], (int(match["x"]), int(match["y"]), int(match["size"]))
+
+
+def sample_file(sample: str | Path) -> str:
+    """The file a sample (a file, or a tile of a photo) reads."""
+    return split_tile(sample)[0]
+
+
+def oriented_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the image load_rgb would give, from the file's header (its EXIF
+    orientation applied), without decoding it; UnreadableImage if it cannot be opened."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            turned = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        raise UnreadableImage(f"cannot be opened as an image ({err})") from None
+    return (height, width) if turned else (width, height)
+
+
+@functools.lru_cache(maxsize=1)
+def _photo(path: str, size: int, mtime_ns: int) -> Image.Image:
+    """The last photo decoded, kept while its file is unchanged: consecutive tiles of one
+    photo (in order: the feature cache's fill, validation, a batch's share of a worker)
+    decode it once; a shuffled epoch decodes about once per tile. One photo per process."""
+    return load_rgb(path)
+
+
+def load_sample(sample: str | Path) -> Image.Image:
+    """A sample's RGB pixels: a whole file (load_rgb), or a tile cropped from its photo;
+    UnreadableImage if the file cannot be read or the tile is not inside it."""
+    path, tile = split_tile(sample)
+    if tile is None:
+        return load_rgb(path)
+    try:
+        stat = os.stat(path)
+        photo = _photo(path, stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        photo = load_rgb(path)  # names why it cannot be read
+    x, y, size = tile
+    if x + size > photo.width or y + size > photo.height:
+        raise UnreadableImage(
+            f"tile {x},{y},{size} reaches outside the {photo.width}x{photo.height} photo "
+            f"(has it changed since the split?)"
+        )
+    return photo.crop((x, y, x + size, y + size))
+
+
 def decode(path: str | Path, image_size: int) -> torch.Tensor:
-    """The model input for a file: uint8 (3, image_size, image_size); UnreadableImage if none."""
-    return resize(load_rgb(path), image_size)
+    """The model input for a sample (a file, or a tile of a photo: `PHOTO#x,y,size`):
+    uint8 (3, image_size, image_size); UnreadableImage if none."""
+    return resize(load_sample(path), image_size)
 
 
 def resize(image: Image.Image | torch.Tensor, image_size: int) -> torch.Tensor:
@@ -209,6 +284,8 @@ class EncodedImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
+        if split_tile(path)[1] is not None:  # a tile: cropped and resized here
+            return decode(path, self.image_size), label
         with warnings.catch_warnings():  # torchvision 0.29 marks its io deprecated
             warnings.simplefilter("ignore")
             data = read_file(path)

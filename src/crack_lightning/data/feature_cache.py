@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from crack_lightning.data.decode import DECODE_VERSION, DecodedImages
+from crack_lightning.data.decode import DECODE_VERSION, DecodedImages, sample_file
 from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import ModelConfigError
 from crack_lightning.io import save_torch
@@ -111,9 +111,9 @@ def cache_key(
     for name, tensor in backbone.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    for path in files:
+    for path in files:  # a tile's string names its box; its photo's state is stat'ed
         try:
-            stat = os.stat(path)
+            stat = os.stat(sample_file(path))
             state = f"{stat.st_size}\0{stat.st_mtime_ns}"
         except OSError as err:  # missing, a broken link: the fill skips or stops on it
             state = f"unreadable {err.errno}"

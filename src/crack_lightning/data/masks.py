@@ -9,10 +9,13 @@ one of the same aspect ratio but another size (e.g. 256x256 for a 768x768 photo)
 to the photo's size (nearest neighbour, so it stays black and white); any other size is an
 error, never a stretch. A file that is not a black-and-white image (colour, or grey levels
 spread like a photo's) is refused, so a photo given by mistake is not read as a mask.
+A masks source may name a mask folder and another suffix, and map grey levels to crack,
+not crack or ignore (mask_classes); tiles are placed as a scan's windows (tile_boxes).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -36,15 +39,24 @@ NOT_CRACK, CRACK, IGNORE = 0, 1, -1
 HOW = "a crack mask is a black-and-white PNG (white = crack) named PHOTO_mask.png"
 
 
-def mask_path(photo: Path) -> Path:
-    """Where a photo's mask is expected: PHOTO_mask.png beside it."""
-    return photo.with_name(photo.stem + MASK_SUFFIX)
+def mask_path(
+    photo: Path, suffix: str = MASK_SUFFIX, folder: Path | None = None, root: Path | None = None
+) -> Path:
+    """Where a photo's mask is expected: PHOTO_mask.png (PHOTO + suffix) beside it, or,
+    with a mask folder, at the photo's place under root mirrored into that folder."""
+    photo = Path(photo)
+    if folder is None:
+        return photo.with_name(photo.stem + suffix)
+    relative = photo.relative_to(root) if root is not None else Path(photo.name)
+    return Path(folder) / relative.parent / (photo.stem + suffix)
 
 
-def find_mask(photo: Path) -> Path:
+def find_mask(
+    photo: Path, suffix: str = MASK_SUFFIX, folder: Path | None = None, root: Path | None = None
+) -> Path:
     """The photo's mask file (a regular file: a FIFO or folder of that name would hang or
     fail later), or a DataError naming the photo and the path expected."""
-    path = mask_path(Path(photo))
+    path = mask_path(Path(photo), suffix, folder, root)
     if not path.is_file():
         raise DataError(f"No crack mask for {photo}: expected {path} ({HOW}).")
     return path
@@ -101,6 +113,41 @@ def load_mask(photo: Path, size: tuple[int, int]) -> np.ndarray:
     return fit_to_photo(read_mask(path, photo), path, photo, size) > CRACK_LEVEL
 
 
+def mask_classes(grey: np.ndarray, values: Mapping[int, str]) -> tuple[np.ndarray, np.ndarray]:
+    """(crack, ignore) boolean masks from a mask's grey levels: a level named in `values`
+    (grey level -> crack, not_crack or ignore) stands for that; any other level is crack
+    above CRACK_LEVEL (white) and not crack below."""
+    crack = grey > CRACK_LEVEL
+    ignore = np.zeros_like(crack)
+    for level, meaning in values.items():
+        at = grey == level
+        meaning = getattr(meaning, "value", meaning)
+        crack[at] = meaning == "crack"
+        ignore[at] = meaning == "ignore"
+    return crack, ignore
+
+
+def window_starts(length: int, patch: int, stride: int) -> list[int]:
+    """Start offsets covering [0, length): every stride, plus one flush with the far edge."""
+    starts = list(range(0, length - patch + 1, stride))
+    if starts[-1] + patch < length:
+        starts.append(length - patch)
+    return starts
+
+
+def tile_boxes(width: int, height: int, tile_size: int, stride: int) -> np.ndarray:
+    """(N, 2) top-left x, y of the tiles covering a width x height photo, row by row (the
+    windows of a scan; the last of each row and column flush with the edge)."""
+    return np.array(
+        [
+            (x, y)
+            for y in window_starts(height, tile_size, stride)
+            for x in window_starts(width, tile_size, stride)
+        ],
+        dtype=np.int64,
+    ).reshape(-1, 2)
+
+
 def crack_shares(mask: np.ndarray, boxes: np.ndarray, tile_size: int) -> np.ndarray:
     """The share of crack pixels in each tile_size tile at (x, y) in boxes (the part of a
     tile inside the mask where it reaches past an edge)."""
@@ -116,14 +163,20 @@ def tile_is_crack(
     tile_size: int,
     min_share: float,
     ambiguous: tuple[float, float] | None = None,
+    ignore: np.ndarray | None = None,
 ) -> np.ndarray:
     """Each tile's label (int8): CRACK when at least min_share of it is crack in the mask,
     else NOT_CRACK; with `ambiguous=(low, high)`, tiles whose share lies strictly between
-    the two are IGNORE (too little crack to call cracked, too much to call clean).
+    the two are IGNORE (too little crack to call cracked, too much to call clean). With
+    an `ignore` mask (pixels of unknown class, mask_classes), a tile that is not cracked
+    but holds any of them is IGNORE too: they could hide a crack.
     Scan evaluation scores patches with it; a masks source labels its tiles with it."""
     shares = crack_shares(mask, boxes, tile_size)
     labels = np.where(shares >= min_share, CRACK, NOT_CRACK).astype(np.int8)
     if ambiguous is not None:
         low, high = ambiguous
         labels[(shares > low) & (shares < high)] = IGNORE
+    if ignore is not None:
+        unknown = crack_shares(ignore, boxes, tile_size) > 0
+        labels[unknown & (labels == NOT_CRACK)] = IGNORE
     return labels

@@ -6,6 +6,9 @@ and how to split it (settings.SplitKind). `data.root=DIR` is shorthand for one s
 named `root` whose classes are DIR/Negative and DIR/Positive, split per data.split: it is
 found, checked, split, recorded and cached by exactly the same code as data.sources, and
 only its messages differ (they name data.root and point at the METU data set).
+A masks source (`kind: masks`, conf/data/sources/masks.yaml) is photos with crack masks
+cut into labelled tiles instead: data/tiles.py finds its photos (with image_files) and
+labels its tiles.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from pathlib import Path
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from crack_lightning.errors import DataError
-from crack_lightning.settings import CLASS_NAMES, SOURCE_HINT, SourceSettings, check_distance
+from crack_lightning.settings import (
+    CLASS_NAMES,
+    SOURCE_HINT,
+    MasksSourceSettings,
+    check_distance,
+    source_settings,
+)
 
 # the name of the one source data.root=DIR stands for (the manifest's `source` column)
 ROOT_SOURCE = "root"
@@ -47,11 +56,25 @@ class SourceSpec:
     group_distance: int
     download: dict | None = None
     shorthand: bool = False  # data.root=DIR rather than an entry of data.sources
+    # a masks source's settings (photos with crack masks, cut into tiles: data/tiles.py)
+    tiles: MasksSourceSettings | None = None
 
     @classmethod
     def from_config(cls, name: str, config: Mapping) -> SourceSpec:
-        """data.sources.NAME, checked by its schema (settings.SourceSettings)."""
-        settings = SourceSettings.of(name, config)
+        """data.sources.NAME, checked by its schema (settings.SourceSettings, or
+        MasksSourceSettings for `kind: masks`)."""
+        settings = source_settings(name, config)
+        if isinstance(settings, MasksSourceSettings):
+            return cls(
+                name=name,
+                root=Path(settings.root),
+                classes={label: [] for label in CLASS_NAMES},
+                subsets=None,
+                split=settings.split,
+                group_pattern=None,
+                group_distance=0,
+                tiles=settings,
+            )
         return cls(
             name=name,
             root=Path(settings.root),
@@ -136,6 +159,11 @@ def _missing_root(spec: SourceSpec) -> DataError:
     if spec.shorthand:
         state = "does not exist" if not root.exists() else "is not a folder"
         return DataError(f"data.root={root} {state}. {DATA_HINT}")
+    if spec.tiles is not None:
+        return DataError(
+            f"{spec.where}.root={root} is not a folder. Point it at a folder of photos "
+            f"with PHOTO{spec.tiles.mask_suffix} beside each (or set {spec.where}.mask_dir)."
+        )
     return DataError(
         f"{spec.where}.root={root} is not a folder. Point it at the source's images "
         f"(folders {', '.join(spec.classes['Positive'] + spec.classes['Negative'])})."
@@ -178,14 +206,21 @@ def class_folders(spec: SourceSpec) -> dict[int, list[Path]]:
     return result
 
 
+def source_folders(spec: SourceSpec) -> list[Path]:
+    """The folders a source reads: its class folders, or a masks source's root."""
+    if spec.tiles is None:
+        return [folder for group in class_folders(spec).values() for folder in group]
+    if not spec.root.is_dir():
+        raise _missing_root(spec)
+    return [spec.root]
+
+
 def refuse_shared_folders(specs: Sequence[SourceSpec]) -> None:
     """Two sources must not read the same folder (the same root twice, or one source's
     class folder inside another's): every image there would count twice, once per source."""
     seen: dict[str, SourceSpec] = {}
     for spec in specs:
-        folders = {
-            os.path.realpath(folder) for group in class_folders(spec).values() for folder in group
-        }
+        folders = {os.path.realpath(folder) for folder in source_folders(spec)}
         for folder in sorted(folders):
             for other_folder, other in seen.items():
                 inner, outer = sorted((folder, other_folder), key=len)[::-1]

@@ -3,11 +3,12 @@
 Every source is scanned, checked and split on its own, with the same seed and fractions,
 class by class: at random (stratified), by near-duplicate groups (`grouped`), or by a
 file-name pattern (`pattern`: the regex's first group is the group, e.g. SDNET2018's
-photo number before `-`), so that crops of one photo never straddle train and
-validation. The splits are concatenated: each source keeps its share in train, val and
-test. data.root=DIR is one such source (data/sources.py). The union is then checked:
-byte-identical copies in two sources are moved into one split, no two sources may read
-one folder, and a source left without images of a class where it is used is an error.
+photo number before `-`; a masks source's tiles by their photo), so that crops of one
+photo never straddle train and validation. The splits are concatenated: each source keeps
+its share in train, val and test. data.root=DIR is one such source (data/sources.py). The
+union is then checked: byte-identical copies in two sources are moved into one split, no
+two sources may read one folder, and a source left without images of a class where it is
+used is an error.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from crack_lightning.data.check import require_clean
 from crack_lightning.data.grouping import image_hashes, near_duplicate_groups
 from crack_lightning.data.sources import SourceSpec, refuse_shared_folders, scan_source
+from crack_lightning.data.tiles import photo_groups, tile_source
 from crack_lightning.errors import DataError
 from crack_lightning.settings import CLASS_NAMES, check_fractions
 
@@ -176,7 +178,10 @@ def split_source(
     paths = [path for path, _ in samples]
     if spec.split == "random":
         return stratified_split(labels, val_fraction, test_fraction, seed)
-    if spec.split == "pattern":
+    if spec.tiles is not None:  # a masks source: split by photo
+        groups = photo_groups(paths)
+        hint = f"Add photos to {spec.where}.root, or lower data.val_fraction."
+    elif spec.split == "pattern":
         groups = pattern_groups(paths, spec.group_pattern, spec.where)
         hint = f"Use fewer, smaller groups in {spec.where}.group_pattern or split=random."
     else:
@@ -230,7 +235,7 @@ def load_sources(
     result = SourceSamples(list(specs))
     digests: dict[str, bytes] | None = {} if check else None
     for index, spec in enumerate(specs):
-        samples = scan_source(spec)
+        samples = scan_source(spec) if spec.tiles is None else tile_source(spec)
         if check:
             report = require_clean(spec, samples)
             digests.update(report.digests)

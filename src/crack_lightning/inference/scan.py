@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from crack_lightning.data.decode import load_rgb, resize
+from crack_lightning.data.masks import window_starts
 from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.io import write_atomically, write_text
@@ -74,14 +75,6 @@ class ScanResult:
         for x, y in self.boxes[self.cracked]:
             mask[y : y + self.patch_size, x : x + self.patch_size] = True
         return float(mask.mean())
-
-
-def window_starts(length: int, patch: int, stride: int) -> list[int]:
-    """Start offsets covering [0, length): every stride, plus one flush with the far edge."""
-    starts = list(range(0, length - patch + 1, stride))
-    if starts[-1] + patch < length:
-        starts.append(length - patch)
-    return starts
 
 
 def scan_photo(
