@@ -368,3 +368,27 @@ def test_bad_settings_name_the_setting(tmp_path, override, message):
 def test_a_root_that_is_not_a_folder_is_named(tmp_path):
     with pytest.raises(DataError, match=r"data.sources.tiles.root=.*missing is not a folder"):
         tile_source(spec(tmp_path / "missing"))
+
+
+def test_tiles_are_cut_from_the_photo_as_shown_exif_turned(tmp_path):
+    """A JPEG stored 32x16 with EXIF orientation 6 shows 16x32: its tiles and its mask
+    are in the turned photo's pixels, as every decode gives it."""
+    stored = np.zeros((16, 32, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[decoding.EXIF_ORIENTATION] = 6
+    Image.fromarray(stored).save(tmp_path / "p.jpg", exif=exif)
+    assert (
+        decoding.oriented_size(tmp_path / "p.jpg") == (16, 32) == load_rgb(tmp_path / "p.jpg").size
+    )
+    write_mask(tmp_path / "p_mask.png", np.zeros((32, 16)))
+    tiles = labelled(tile_source(spec(tmp_path, "tile_size=16", "stride=16")))
+    assert sorted(tiles) == [(0, 0), (0, 16)]
+
+
+def test_tiles_decode_in_the_workers_when_decoding_on_the_device(tmp_path):
+    from crack_lightning.data.decode import EncodedImages
+
+    photo = write_photo(tmp_path, "p.png", 40, 30)
+    images = EncodedImages([(f"{photo}#8,2,24", 1)], 16)
+    image, label = images[0]
+    assert label == 1 and torch.equal(image, decode(f"{photo}#8,2,24", 16))
