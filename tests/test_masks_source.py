@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import json
 import os
 import shutil
 from collections import defaultdict
@@ -144,6 +145,8 @@ def test_masks_in_a_mask_folder(tmp_path):
         spec(photos, f"mask_dir={masks}", "mask_suffix=.gt.png", "tile_size=8", "stride=8")
     )
     assert len(samples) == 4 and {label for _, label in samples} == {1}
+    with pytest.raises(DataError, match=r"data.sources.tiles.mask_dir=\S+ is not a folder"):
+        tile_source(spec(photos, f"mask_dir={tmp_path / 'elsewhere'}"))
 
 
 def test_a_tile_decodes_as_its_crop_of_the_photo_once_per_photo(tmp_path):
@@ -227,9 +230,10 @@ def test_the_feature_cache_keys_and_computes_tiles(tmp_path, backbone_weights):
     assert distance > 0.2  # distinct crops, distinct features
 
 
-def test_a_short_training_run_on_a_masks_source(tmp_path):
-    """Real cracktile photos in 64 px tiles, frozen random-init backbone (the feature cache
-    path), one epoch: it trains, and the manifest lists every tile by photo."""
+def test_a_short_training_run_on_a_masks_source(tmp_path, synthetic_root):
+    """Real cracktile photos in 64 px tiles beside a folder source, frozen random-init
+    backbone (the feature cache path), one epoch: it trains, scores each source, and the
+    manifest lists every tile by photo."""
     from crack_lightning.training.run import train
 
     root = copy_cracktile(tmp_path / "ct", 10)
@@ -246,26 +250,30 @@ def test_a_short_training_run_on_a_masks_source(tmp_path):
             f"data.sources.tiles.root={root}",
             "data.sources.tiles.tile_size=64",
             "data.sources.tiles.stride=64",
+            "+data/sources@data.sources.synth=folder",
+            f"data.sources.synth.root={synthetic_root}",
             "+trainer.limit_train_batches=3",
         ],
     )
     train(cfg)
     assert (run / "checkpoints" / "best.ckpt").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"val/tiles/bal_acc", "val/synth/bal_acc"} <= set(metrics)
     assert list((tmp_path / "cache" / "features").glob("features_*.pt"))  # cached tiles
     with (run / "split_manifest.csv").open() as handle:
         rows = list(csv.DictReader(handle))
+    assert {row["source"] for row in rows} == {"tiles", "synth"}
+    rows = [row for row in rows if row["source"] == "tiles"]
     expected = tile_source(spec(root, "tile_size=64", "stride=64"))
-    assert len(rows) == len(expected) > 10 * 4
-    assert {row["source"] for row in rows} == {"tiles"}
+    assert len(expected) > 10 * 8  # of 16 tiles a photo, few left out
+    label_of = {path: ("Negative", "Positive")[label] for path, label in expected}
+    assert {f"{root}/{row['path']}": row["label"] for row in rows} == label_of
     by_photo = defaultdict(set)
     for row in rows:
         photo, tile = split_tile(row["path"])
         assert tile is not None and tile[2] == 64
         by_photo[photo].add(row["split"])
     assert len(by_photo) == 10 and all(len(splits) == 1 for splits in by_photo.values())
-    labels = {split_tile(path)[0]: None for path, _ in expected}
-    assert {f"{root}/{row['path']}" for row in rows} == {path for path, _ in expected}
-    assert len(labels) == 10
 
 
 def test_crack_data_check_counts_tiles_and_names_a_missing_mask(tmp_path, capsys):

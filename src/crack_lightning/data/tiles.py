@@ -45,6 +45,11 @@ def find_photos(spec: SourceSpec) -> list[str]:
     masks (names ending in mask_suffix) and anything under mask_dir; none is an error."""
     settings = spec.tiles
     root = source_folders(spec)[0]
+    if settings.mask_dir is not None and not Path(settings.mask_dir).is_dir():
+        raise DataError(
+            f"{spec.where}.mask_dir={settings.mask_dir} is not a folder: point it at the "
+            f"masks' folder, or set it to null for masks beside their photos."
+        )
     suffix = settings.mask_suffix.lower()
     masks = os.path.join(os.path.realpath(settings.mask_dir), "") if settings.mask_dir else None
     photos = [
