@@ -241,11 +241,13 @@ def load_sources(
             digests.update(report.digests)
             if report.duplicates:
                 log.warning(
-                    "%s: %d groups of identical images within a class (e.g. %s); split=grouped "
-                    "keeps each group on one side of the split",
+                    "%s: %d groups of identical images within a class (e.g. %s); %s",
                     spec.root,
                     len(report.duplicates),
                     " = ".join(report.duplicates[0]),
+                    "split=grouped keeps each group on one side of the split"
+                    if spec.tiles is None
+                    else "their tiles can straddle train and val: remove the copies",
                 )
         if spec.name == holdout:
             split = {"train": [], "val": [], "test": list(range(len(samples)))}
