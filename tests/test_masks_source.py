@@ -1,4 +1,4 @@
-"""Photos with crack masks as a data source (data/tiles.py, `data/sources=masks`): tiles and
+"""Photos with crack masks as a data source (data/masks.py, `data/sources=masks`): tiles and
 their labels from hand-made masks, tiles of one photo on one side of every split, tiles
 decoded and cached like files, a real training run, `crack-data check`, and each bad
 input named in one line."""
@@ -21,9 +21,9 @@ from PIL import Image
 
 from crack_lightning.data.decode import decode, load_rgb, resize, sample_file, split_tile
 from crack_lightning.data.feature_cache import cache_key, cached_features
+from crack_lightning.data.masks import tile_source
 from crack_lightning.data.sources import SourceSpec
 from crack_lightning.data.splits import load_sources
-from crack_lightning.data.tiles import tile_source
 from crack_lightning.errors import DataError
 
 from .conftest import QUIET, SHARED, SMALL, compose_config, shared_path

@@ -225,7 +225,7 @@ class MaskValue(str, enum.Enum):
     ignore = "ignore"
 
 
-# the `kind` of a data.sources entry that is photos with crack masks (data/tiles.py)
+# the `kind` of a data.sources entry that is photos with crack masks (data/masks.py)
 MASKS_KIND = "masks"
 MASKS_SPLIT = "photo"
 
@@ -233,7 +233,7 @@ MASKS_SPLIT = "photo"
 @dataclass
 class MasksSourceSettings:
     """A data.sources entry of photos with crack masks (conf/data/sources/masks.yaml),
-    cut into labelled tiles by data/tiles.py; messages name data.sources.NAME.KEY."""
+    cut into labelled tiles by data/masks.py; messages name data.sources.NAME.KEY."""
 
     error: ClassVar[type[CrackLightningError]] = DataError
     kind: str = MISSING

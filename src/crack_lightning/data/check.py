@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from crack_lightning.data.decode import load_rgb
+from crack_lightning.data.masks import find_photos, photo_tiles
 from crack_lightning.data.sources import (
     SourceSpec,
     class_folders,
@@ -32,7 +33,6 @@ from crack_lightning.data.sources import (
     scan_source,
     walk_files,
 )
-from crack_lightning.data.tiles import find_photos, photo_tiles
 from crack_lightning.errors import DataError
 from crack_lightning.progress import track
 from crack_lightning.settings import CLASS_NAMES

@@ -129,7 +129,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 # --- tiles of a photo as samples ----------------------------------------------------------
-# A masks source (data/tiles.py) cuts photos into tiles; a tile is a sample string like a
+# A masks source (data/masks.py) cuts photos into tiles; a tile is a sample string like a
 # file's, `PHOTO#x,y,size` (top-left corner and side in the photo's pixels, after EXIF
 # orientation), so the datamodule, the feature cache (keyed by sample strings) and the
 # manifest treat tiles and files alike. This is the one place that reads such a string.

@@ -7,7 +7,7 @@ named `root` whose classes are DIR/Negative and DIR/Positive, split per data.spl
 found, checked, split, recorded and cached by exactly the same code as data.sources, and
 only its messages differ (they name data.root and point at the METU data set).
 A masks source (`kind: masks`, conf/data/sources/masks.yaml) is photos with crack masks
-cut into labelled tiles instead: data/tiles.py finds its photos (with image_files) and
+cut into labelled tiles instead: data/masks.py finds its photos (with image_files) and
 labels its tiles.
 """
 
@@ -56,7 +56,7 @@ class SourceSpec:
     group_distance: int
     download: dict | None = None
     shorthand: bool = False  # data.root=DIR rather than an entry of data.sources
-    # a masks source's settings (photos with crack masks, cut into tiles: data/tiles.py)
+    # a masks source's settings (photos with crack masks, cut into tiles: data/masks.py)
     tiles: MasksSourceSettings | None = None
 
     @classmethod

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from crack_lightning.data.check import require_clean
 from crack_lightning.data.grouping import image_hashes, near_duplicate_groups
+from crack_lightning.data.masks import photo_groups, tile_source
 from crack_lightning.data.sources import SourceSpec, refuse_shared_folders, scan_source
-from crack_lightning.data.tiles import photo_groups, tile_source
 from crack_lightning.errors import DataError
 from crack_lightning.settings import CLASS_NAMES, check_fractions
 
