@@ -256,6 +256,36 @@ class ModelSettings:
 
 
 @dataclass
+class TimmSettings:
+    """model.name when model.backbone=timm (conf/model/timm.yaml): a model timm knows."""
+
+    error: ClassVar[type[CrackLightningError]] = ModelConfigError
+    name: str = MISSING
+
+    def __post_init__(self) -> None:
+        check_timm_name(self.name)
+
+
+TIMM_INSTALL = "model=timm needs the timm package: pip install -e '.[timm]' (or pip install timm)."
+TIMM_FIND_NAMES = (
+    "List the names timm knows with "
+    "`python -c \"import timm; print(timm.list_models('convnext*'))\"`."
+)
+
+
+def check_timm_name(name: str) -> None:
+    """Refuse a model name timm does not know, saying how to find the names."""
+    if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        return  # a hub repository or a local folder: timm resolves it when building
+    try:
+        import timm
+    except ImportError:
+        raise ModelConfigError(TIMM_INSTALL) from None
+    if not timm.is_model(name):
+        raise ModelConfigError(f"model.name={name!r} is not a timm model. {TIMM_FIND_NAMES}")
+
+
+@dataclass
 class TrainerSettings:
     """Epoch counts: Lightning reads max_epochs=-1 as "forever", which no run here wants."""
 
@@ -385,6 +415,8 @@ def check_train_settings(cfg: DictConfig) -> None:
         )
     validate(augmentation, AugmentationSettings, "data.augmentation")
     validate(cfg.model, ModelSettings, "model")
+    if cfg.model.backbone == "timm":
+        validate(cfg.model, TimmSettings, "model")
     validate(cfg.trainer, TrainerSettings, "trainer")
     check_target(plain(cfg.model.get("optimizer")), "model.optimizer", ModelConfigError)
     scheduler = plain(cfg.model.get("scheduler"))
