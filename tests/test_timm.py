@@ -10,11 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 timm = pytest.importorskip("timm")
 
+from crack_lightning.commands.export import main as export_main  # noqa: E402
 from crack_lightning.errors import ModelConfigError, WeightsError  # noqa: E402
 from crack_lightning.inference.classifiers import load_classifier  # noqa: E402
 from crack_lightning.models.backbones import build_feature_extractor  # noqa: E402
@@ -154,7 +156,7 @@ def test_pretrained_without_network_is_one_line_pointing_to_weights_path(monkeyp
     assert "model.weights_path=/path/to/model.safetensors" in message
 
 
-def test_frozen_timm_model_trains_on_cached_features_and_predicts(
+def test_frozen_timm_model_trains_on_cached_features_predicts_and_exports(
     timm_cfg, saved_weights, tmp_path
 ):
     path, state = saved_weights
@@ -176,6 +178,13 @@ def test_frozen_timm_model_trains_on_cached_features_and_predicts(
     with torch.inference_mode():
         expected = module(images).softmax(-1)[:, 1].numpy()
     assert np.allclose(classifier.predict(images), expected, atol=1e-5)
+    # crack-export: the whole network as ONNX and TorchScript, the same probabilities
+    for fmt in ("onnx", "torchscript"):
+        output = tmp_path / f"model.{fmt}"
+        assert export_main([f"ckpt_path={ckpt_path}", f"format={fmt}", f"output={output}"]) == 0
+        assert np.allclose(load_classifier(output, "cpu").predict(images), expected, atol=1e-5)
+    metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    assert metadata["backbone"] == f"timm:{NAME}"
 
 
 def test_top_timm_stages_fine_tune_on_cached_stage_outputs(timm_cfg, saved_weights, tmp_path):
