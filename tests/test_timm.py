@@ -129,6 +129,7 @@ def test_an_unknown_name_is_one_line_saying_how_to_find_names(timm_cfg):
     cfg = timm_cfg("model.name=convnext_tinyy")
     with pytest.raises(ModelConfigError, match=r"model.name='convnext_tinyy' is not a timm") as err:
         train(cfg)
+    assert "Did you mean convnext_tiny" in str(err.value)
     assert "timm.list_models('convnext*')" in str(err.value) and "\n" not in str(err.value)
     assert not Path(cfg.paths.output_dir, "checkpoints").exists()
 

@@ -8,6 +8,7 @@ defaults stay in conf/: every field is required here (MISSING) and comes from th
 
 from __future__ import annotations
 
+import difflib
 import enum
 import inspect
 import re
@@ -282,7 +283,9 @@ def check_timm_name(name: str) -> None:
     except ImportError:
         raise ModelConfigError(TIMM_INSTALL) from None
     if not timm.is_model(name):
-        raise ModelConfigError(f"model.name={name!r} is not a timm model. {TIMM_FIND_NAMES}")
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        guess = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ModelConfigError(f"model.name={name!r} is not a timm model.{guess} {TIMM_FIND_NAMES}")
 
 
 @dataclass
