@@ -221,6 +221,12 @@ def test_top_timm_stages_fine_tune_on_cached_stage_outputs(timm_cfg, saved_weigh
     assert scores.shape == (3,) and np.isfinite(scores).all()
 
 
+def test_an_image_size_a_fixed_size_model_cannot_take_is_one_line(timm_cfg):
+    with pytest.raises(ModelConfigError, match="takes 160x160 images only") as err:
+        train(timm_cfg("model.name=test_vit"))
+    assert "set data.image_size=160" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_a_timm_model_without_stages_is_refused_for_fine_tuning_by_stages(timm_cfg):
     cfg = timm_cfg(
         "model.name=test_vit",

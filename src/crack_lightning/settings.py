@@ -258,13 +258,15 @@ class ModelSettings:
 
 @dataclass
 class TimmSettings:
-    """model.name when model.backbone=timm (conf/model/timm.yaml): a model timm knows."""
+    """model.name when model.backbone=timm (conf/model/timm.yaml): a model timm knows,
+    at an image size it takes."""
 
     error: ClassVar[type[CrackLightningError]] = ModelConfigError
     name: str = MISSING
+    image_size: int = MISSING
 
     def __post_init__(self) -> None:
-        check_timm_name(self.name)
+        check_timm_name(self.name, self.image_size)
 
 
 TIMM_INSTALL = "model=timm needs the timm package: pip install -e '.[timm]' (or pip install timm)."
@@ -274,8 +276,9 @@ TIMM_FIND_NAMES = (
 )
 
 
-def check_timm_name(name: str) -> None:
-    """Refuse a model name timm does not know, saying how to find the names."""
+def check_timm_name(name: str, image_size: int | None = None) -> None:
+    """Refuse a model name timm does not know, saying how to find the names, and an
+    image size a model with a fixed input size (vision transformers) cannot take."""
     if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
         return  # a hub repository or a local folder: timm resolves it when building
     try:
@@ -286,6 +289,14 @@ def check_timm_name(name: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         guess = f" Did you mean {', '.join(close)}?" if close else ""
         raise ModelConfigError(f"model.name={name!r} is not a timm model.{guess} {TIMM_FIND_NAMES}")
+    config = timm.get_pretrained_cfg(name)
+    if image_size is not None and config is not None and config.fixed_input_size:
+        size = config.input_size[-1]
+        if image_size != size:
+            raise ModelConfigError(
+                f"timm model {name!r} takes {size}x{size} images only, but "
+                f"data.image_size={image_size}; set data.image_size={size}."
+            )
 
 
 @dataclass
