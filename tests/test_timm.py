@@ -227,6 +227,16 @@ def test_an_image_size_a_fixed_size_model_cannot_take_is_one_line(timm_cfg):
     assert "set data.image_size=160" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_timm_model_without_stages_trains_whole_on_cached_pooled_features(timm_cfg, tmp_path):
+    cfg = timm_cfg("model.name=test_vit", "data.image_size=160", "data.cache_features=true")
+    model = build(cfg.model)
+    assert model.net.backbone.no_stages_reason is not None
+    assert not hasattr(model.net.backbone, "features")
+    train(cfg)
+    [cache] = (tmp_path / "cache" / "features").glob("features_*.pt")
+    assert torch.load(cache, weights_only=True)["features"].shape[-1] == 64  # pooled
+
+
 def test_a_timm_model_without_stages_is_refused_for_fine_tuning_by_stages(timm_cfg):
     cfg = timm_cfg(
         "model.name=test_vit",

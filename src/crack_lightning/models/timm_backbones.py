@@ -148,7 +148,7 @@ def _cut_checked(
             return "its forward does more between the stem and the stages than running them in turn"
         return None
     except Exception as err:  # any failure means: use it whole
-        return f"running its stages one by one fails ({type(err).__name__}: {err})"
+        return f"running its stem and stages in turn fails ({type(err).__name__}: {err})"
     finally:
         for name, module in saved.items():
             setattr(model, name, module)
@@ -175,6 +175,8 @@ def build(name: str, pretrained: bool, weights_path: str | Path | None) -> tuple
     backbone = TimmBackbone(model, name)
     if backbone.no_stages_reason is not None:
         log.info("timm model %s is used whole: %s", name, backbone.no_stages_reason)
+    else:
+        log.info("timm model %s: a stem and %d stages", name, len(backbone.features) - 1)
     # the pooled width: after the head convolution of MobileNetV3 and the like
     return backbone, int(getattr(model, "head_hidden_size", None) or model.num_features)
 
