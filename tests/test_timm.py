@@ -248,3 +248,9 @@ def test_a_timm_model_without_stages_is_refused_for_fine_tuning_by_stages(timm_c
     with pytest.raises(ModelConfigError, match="timm model 'test_vit' is used whole") as err:
         train(cfg)
     assert "callbacks.finetune.blocks=all" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_pretrained_for_a_model_timm_has_no_weights_for_is_one_line():
+    with pytest.raises(WeightsError, match="timm has no pretrained weights for") as err:
+        build_feature_extractor("timm", True, None, "botnet50ts_256")
+    assert "model.pretrained=false" in str(err.value) and "\n" not in str(err.value)

@@ -160,6 +160,8 @@ def build(name: str, pretrained: bool, weights_path: str | Path | None) -> tuple
     timm = import_timm()
     check_timm_name(name)
     download = pretrained and weights_path is None
+    if download:
+        check_has_weights(timm, name)
     try:
         model = timm.create_model(name, pretrained=download, num_classes=0)
     except (OSError, RuntimeError) as err:
@@ -181,10 +183,22 @@ def build(name: str, pretrained: bool, weights_path: str | Path | None) -> tuple
     return backbone, int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
+def check_has_weights(timm, name: str) -> None:
+    """Refuse model.pretrained=true for a model timm has no pretrained weights for."""
+    config = timm.get_pretrained_cfg(name)
+    if config is not None and not (config.hf_hub_id or config.url or config.file):
+        raise WeightsError(
+            f"timm has no pretrained weights for model.name={name!r}: set "
+            f"model.pretrained=false (random initialisation) or model.weights_path=FILE, "
+            f"or pick a model with weights (timm.list_models(pretrained=True))."
+        )
+
+
 def _download_failed(name: str, err: Exception) -> str:
     """One line: why the hub download failed and how to use model.weights_path instead."""
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    repo = getattr(import_timm().get_pretrained_cfg(name), "hf_hub_id", None) or name
+    config = import_timm().get_pretrained_cfg(name)
+    repo = (config.hf_hub_id if config is not None else None) or name.split(":", 1)[-1]
     return (
         f"Could not download pretrained weights for timm model {name!r} from the Hugging "
         f"Face hub ({reason}). If this machine is offline, download model.safetensors from "
