@@ -11,6 +11,7 @@ from torchvision import models
 from crack_lightning.errors import ModelConfigError, WeightsError
 from crack_lightning.models.backbones import (
     BACKBONES,
+    TIMM,
     build_feature_extractor,
     download_state_dict,
     get_spec,
@@ -28,7 +29,7 @@ def test_every_registered_backbone_has_a_model_config():
         for line in (CONF_DIR / "model" / f"{name}.yaml").read_text().splitlines()
         if line.startswith("backbone:")
     }
-    assert configured == set(BACKBONES)
+    assert configured == set(BACKBONES) | {TIMM}  # model=timm: any timm model (test_timm.py)
 
 
 @pytest.mark.parametrize("option", MODEL_OPTIONS)

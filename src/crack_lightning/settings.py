@@ -8,6 +8,7 @@ defaults stay in conf/: every field is required here (MISSING) and comes from th
 
 from __future__ import annotations
 
+import difflib
 import enum
 import inspect
 import re
@@ -354,6 +355,49 @@ class ModelSettings:
 
 
 @dataclass
+class TimmSettings:
+    """model.name when model.backbone=timm (conf/model/timm.yaml): a model timm knows,
+    at an image size it takes."""
+
+    error: ClassVar[type[CrackLightningError]] = ModelConfigError
+    name: str = MISSING
+    image_size: int = MISSING
+
+    def __post_init__(self) -> None:
+        check_timm_name(self.name, self.image_size)
+
+
+TIMM_INSTALL = "model=timm needs the timm package: pip install -e '.[timm]' (or pip install timm)."
+TIMM_FIND_NAMES = (
+    "List the names timm knows with "
+    "`python -c \"import timm; print(timm.list_models('convnext*'))\"`."
+)
+
+
+def check_timm_name(name: str, image_size: int | None = None) -> None:
+    """Refuse a model name timm does not know, saying how to find the names, and an
+    image size a model with a fixed input size (vision transformers) cannot take."""
+    if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        return  # a hub repository or a local folder: timm resolves it when building
+    try:
+        import timm
+    except ImportError:
+        raise ModelConfigError(TIMM_INSTALL) from None
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        guess = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ModelConfigError(f"model.name={name!r} is not a timm model.{guess} {TIMM_FIND_NAMES}")
+    config = timm.get_pretrained_cfg(name)
+    if image_size is not None and config is not None and config.fixed_input_size:
+        size = config.input_size[-1]
+        if image_size != size:
+            raise ModelConfigError(
+                f"timm model {name!r} takes {size}x{size} images only, but "
+                f"data.image_size={image_size}; set data.image_size={size}."
+            )
+
+
+@dataclass
 class TrainerSettings:
     """Epoch counts: Lightning reads max_epochs=-1 as "forever", which no run here wants."""
 
@@ -483,6 +527,8 @@ def check_train_settings(cfg: DictConfig) -> None:
         )
     validate(augmentation, AugmentationSettings, "data.augmentation")
     validate(cfg.model, ModelSettings, "model")
+    if cfg.model.backbone == "timm":
+        validate(cfg.model, TimmSettings, "model")
     validate(cfg.trainer, TrainerSettings, "trainer")
     check_target(plain(cfg.model.get("optimizer")), "model.optimizer", ModelConfigError)
     scheduler = plain(cfg.model.get("scheduler"))

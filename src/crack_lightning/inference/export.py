@@ -65,10 +65,12 @@ def export_model(model: LoadedModel, fmt: Literal["onnx", "torchscript"], output
 def export_metadata(model: LoadedModel) -> dict[str, str]:
     """What an exported file says about itself; the loader reads back image_size and
     decision_threshold."""
+    hparams = model.checkpoint_module.hparams
     metadata = {
         "image_size": str(model.image_size),
         "classes": ",".join(CLASS_NAMES),
-        "backbone": model.checkpoint_module.hparams.backbone,
+        # a timm model with its name: timm:convnext_tiny
+        "backbone": ":".join(filter(None, (hparams.backbone, hparams.get("name")))),
         "input": "uint8 RGB, shape (N, 3, image_size, image_size), resized with antialiasing",
         "output": "probabilities (N, 2): P(Negative), P(Positive = crack)",
     }

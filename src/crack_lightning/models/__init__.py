@@ -1,4 +1,4 @@
-"""Models: torchvision backbones with a new two-class head, and their fine-tuning schedule.
+"""Models: torchvision or timm backbones with a new two-class head, and their fine-tuning schedule.
 
 Public API: `CrackClassifier` (the LightningModule), `CrackNet` (the deployable network),
 `BackboneUnfreeze` (the fine-tuning callback).

@@ -1,4 +1,6 @@
-"""torchvision ImageNet backbones, cut below their classifier to serve as feature extractors.
+"""Backbones cut below their classifier to serve as feature extractors: torchvision's
+ImageNet models, and any timm model (model.backbone=timm, named by model.name:
+models/timm_backbones.py).
 
 One registry maps our backbone names to torchvision's model and weight enums, so that
 building, weight loading and preprocessing constants all come from one place.
@@ -6,6 +8,8 @@ building, weight loading and preprocessing constants all come from one place.
 
 from __future__ import annotations
 
+import copy
+import logging
 import socket
 import urllib.error
 from collections.abc import Mapping
@@ -20,8 +24,12 @@ from torchvision import models
 from crack_lightning.errors import ModelConfigError, WeightsError
 from crack_lightning.io import load_safely
 
+log = logging.getLogger(__name__)
+
 # a download that gets no answer for this long is treated as offline
 DOWNLOAD_TIMEOUT_S = 60.0
+# model.backbone of every timm model; model.name says which (conf/model/timm.yaml)
+TIMM = "timm"
 
 
 @dataclass(frozen=True)
@@ -59,24 +67,39 @@ def get_spec(name: str) -> BackboneSpec:
         known = ", ".join(sorted(BACKBONES))
         raise ModelConfigError(
             f"Unknown backbone model.backbone={name!r}. Choose one of: {known} "
-            f"(or a config file from conf/model/, e.g. model=mobilenetv2)."
+            f"(or a config file from conf/model/, e.g. model=mobilenetv2), or any timm "
+            f"model with model=timm model.name=NAME."
         ) from None
 
 
-def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std the backbone's ImageNet weights were trained with."""
+def normalization(
+    name: str, extractor: nn.Module | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std the backbone's ImageNet weights were trained with (a timm model's
+    own, read from the built `extractor`)."""
+    if name == TIMM:
+        return extractor.normalization()
     preset = models.get_weight(get_spec(name).weights).transforms()
     return tuple(preset.mean), tuple(preset.std)
 
 
 def build_feature_extractor(
-    name: str, pretrained: bool, weights_path: str | Path | None
+    name: str, pretrained: bool, weights_path: str | Path | None, model_name: str | None = None
 ) -> tuple[nn.Module, int]:
     """Return the backbone without its ImageNet head, and the width of its pooled features.
 
-    Weights come from `weights_path` when given, else from torchvision's download when
-    `pretrained`, else the backbone keeps its random initialisation.
+    Weights come from `weights_path` when given, else from torchvision's (timm's) download
+    when `pretrained`, else the backbone keeps its random initialisation. `model_name`
+    names the timm model when `name` is TIMM.
     """
+    if name == TIMM:
+        from crack_lightning.models import timm_backbones
+
+        if not model_name:
+            raise ModelConfigError(
+                "model.backbone=timm needs model.name, the timm model (model=timm model.name=NAME)."
+            )
+        return timm_backbones.build(model_name, pretrained, weights_path)
     spec = get_spec(name)
     model = models.get_model(spec.name, weights=None)
     head = model.get_submodule(spec.head)
@@ -95,8 +118,13 @@ def build_feature_extractor(
 def fold_batchnorm(extractor: nn.Module) -> nn.Module:
     """A copy of a frozen (eval-mode) extractor with every BatchNorm folded into the
     convolution before it (traced with torch.fx): the same function with a third fewer
-    passes over the activations, so faster on CPU (docs/speed.md)."""
-    return fuse(extractor.eval(), inplace=False)
+    passes over the activations, so faster on CPU (docs/speed.md). A model torch.fx
+    cannot trace (some timm models) runs as it is, from a copy."""
+    try:
+        return fuse(extractor.eval(), inplace=False)
+    except Exception as err:  # tracing fails in many ways; folding is optional
+        log.debug("BatchNorm not folded (%s: %s)", type(err).__name__, err)
+        return copy.deepcopy(extractor.eval())
 
 
 def load_weights_file(path: str | Path) -> Mapping[str, torch.Tensor]:
@@ -144,7 +172,28 @@ def load_backbone_state(
 ) -> None:
     """Load a full or backbone-only torchvision state dict, refusing any mismatch by name."""
     head_prefix = spec.head + "."
-    state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
+    load_matching_state(
+        model,
+        state,
+        drop=(head_prefix,),
+        source=source,
+        hint=f"Use weights saved from torchvision's models.{spec.name}() (full or without "
+        f"{head_prefix}*), or pick the matching model.backbone.",
+        label=f"backbone {spec.name!r}",
+    )
+
+
+def load_matching_state(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    drop: tuple[str, ...],
+    source: str,
+    hint: str,
+    label: str,
+) -> None:
+    """Load `state` without its keys under the `drop` prefixes (the classifier), refusing
+    any mismatch by name or shape in one line that ends with `hint`."""
+    state = {k: v for k, v in state.items() if not k.startswith(drop)}
     expected = model.state_dict()
     # BatchNorm's batch counters are unused by a frozen backbone; some exporters drop them
     missing = sorted(
@@ -168,10 +217,6 @@ def load_backbone_state(
     ]
     if problems:
         raise WeightsError(
-            f"Weights from {source} do not fit backbone {spec.name!r}: "
-            + "; ".join(problems)
-            + ". Use weights saved from torchvision's "
-            f"models.{spec.name}() (full or without {head_prefix}*), or pick the matching "
-            f"model.backbone."
+            f"Weights from {source} do not fit {label}: " + "; ".join(problems) + ". " + hint
         )
     model.load_state_dict(state, strict=False)

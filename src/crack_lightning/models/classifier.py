@@ -163,12 +163,14 @@ class CrackClassifier(L.LightningModule):
         # `_target_` + `_partial_` configs (models/optimizers.py); optimizer is None only in
         # checkpoints saved before it was configurable (they predict, but do not train)
         optimizer: Mapping | None = None,
+        # the timm model when backbone is "timm" (conf/model/timm.yaml)
+        name: str | None = None,
     ) -> None:
         super().__init__()
         # plain values only, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(logger=False)
-        extractor, feature_dim = build_feature_extractor(backbone, pretrained, weights_path)
-        mean, std = normalization(backbone)
+        extractor, feature_dim = build_feature_extractor(backbone, pretrained, weights_path, name)
+        mean, std = normalization(backbone, extractor)
         self.net = CrackNet(
             extractor,
             feature_dim,

@@ -47,8 +47,9 @@ def backbone_blocks(backbone: nn.Module) -> list[list[nn.Module]]:
     """The backbone's stages from input to output, each a list of modules.
 
     torchvision's MobileNets, EfficientNet and ConvNeXt keep their stages in `features`;
-    ResNets in layer1..layer4 after a stem (conv1 + bn1). Modules with parameters after
-    the last stage (ConvNeXt's final LayerNorm) belong to the last block.
+    ResNets in layer1..layer4 after a stem (conv1 + bn1); timm models cut into stages
+    (models/timm_backbones.py) in `features` too, after their stem. Modules with
+    parameters after the last stage (ConvNeXt's final LayerNorm) belong to the last block.
     """
 
     def has_parameters(module: nn.Module) -> bool:
@@ -98,12 +99,21 @@ class BackboneUnfreeze(BaseFinetuning):
                 "already trains whole. Set model.freeze_backbone=true for a frozen first "
                 "phase, or callbacks.finetune=null."
             )
-        available = len(backbone_blocks(pl_module.net.backbone))
+        backbone = pl_module.net.backbone
+        name = pl_module.hparams.get("name") or pl_module.hparams.backbone
+        no_stages = getattr(backbone, "no_stages_reason", None)  # a timm model used whole
+        if self.blocks != ALL and no_stages is not None:
+            raise ModelConfigError(
+                f"callbacks.finetune.blocks={self.blocks} needs a backbone built of stages, "
+                f"but timm model {name!r} is used whole ({no_stages}); use "
+                f"callbacks.finetune.blocks=all, or a timm model with stages (ResNets, "
+                f"ConvNeXt, EfficientNet, MobileNetV3, RegNet, ...)."
+            )
+        available = len(backbone_blocks(backbone))
         if self.blocks != ALL and self.blocks > available:
             raise ModelConfigError(
                 f"callbacks.finetune.blocks={self.blocks}, but backbone "
-                f"{pl_module.hparams.backbone!r} has {available} blocks; use at most "
-                f"{available}, or 'all'."
+                f"{name!r} has {available} blocks; use at most {available}, or 'all'."
             )
 
     def split(self, backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -118,8 +128,9 @@ class BackboneUnfreeze(BaseFinetuning):
         """Where cached activations can enter the backbone: the index in
         backbone.features of the first stage that trains, when this schedule unfreezes a
         number of top stages from the first epoch on a backbone built as `features`
-        (MobileNets, EfficientNet, ConvNeXt). The stages below then compute the same
-        thing every epoch, so data/feature_cache.py computes it once; None otherwise."""
+        (MobileNets, EfficientNet, ConvNeXt, timm models cut into stages). The stages
+        below then compute the same thing every epoch, so data/feature_cache.py computes
+        it once; None otherwise."""
         stages = getattr(backbone, "features", None)
         if self.epoch != 0 or self.blocks == ALL or not isinstance(stages, nn.Sequential):
             return None
