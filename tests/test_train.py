@@ -129,7 +129,9 @@ def test_multirun_gives_one_run_dir_per_job_with_events_and_metrics(synthetic_ro
 
 def test_cli_reports_a_missing_data_set_without_a_traceback(tmp_path):
     result = run_train_py(
-        f"data.root={tmp_path / 'concrete_crack'}", f"paths.output_dir={tmp_path / 'run'}"
+        f"data.root={tmp_path / 'concrete_crack'}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        "data.download=false",  # the default (auto) would download it: tests/test_download.py
     )
     assert result.returncode == 2
     assert f"error: data.root={tmp_path / 'concrete_crack'} does not exist" in result.stderr

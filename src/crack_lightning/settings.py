@@ -111,7 +111,7 @@ class DataSettings:
     split: SplitKind = MISSING
     group_distance: int = MISSING
     check: bool = MISSING
-    download: bool = MISSING
+    download: Any = MISSING  # auto, true or false
     cache_features: Any = MISSING  # auto, true or false
     decode_on_device: bool = MISSING
     on_bad_image: OnBadImage = MISSING
@@ -130,6 +130,13 @@ class DataSettings:
             "data.cache_views",
             views,
             f"in 1..{MAX_VIEWS}",
+            DataError,
+        )
+        require(
+            self.download in (True, False, "auto"),
+            "data.download",
+            self.download,
+            "auto (download when data.root is missing or empty), true or false",
             DataError,
         )
         cache = self.cache_features
