@@ -9,6 +9,7 @@ defaults stay in conf/: every field is required here (MISSING) and comes from th
 from __future__ import annotations
 
 import enum
+import importlib.util
 import inspect
 import re
 import typing
@@ -405,6 +406,33 @@ def check_train_settings(cfg: DictConfig) -> None:
     for name, entry in callbacks.items():
         if entry is not None and "_target_" in entry:
             check_target(plain(entry), f"callbacks.{name}")
+    check_loggers(cfg.get("logger"))
+
+
+# logger classes (conf/logger/) that need a package not installed by default, and how to
+# get it
+LOGGER_PACKAGES = {
+    "MLFlowLogger": ("mlflow", 'pip install -e ".[mlflow]" (the mlflow-skinny client)'),
+    "WandbLogger": ("wandb", "pip install wandb"),
+}
+
+
+def check_loggers(group: Mapping | None) -> None:
+    """Each logger names a class that takes its settings, and the package it needs is
+    installed: said before any data is read or downloaded."""
+    for name, entry in (group or {}).items():
+        if entry is None:
+            continue
+        config = plain(entry)
+        check_target(config, f"logger.{name}")
+        module, install = LOGGER_PACKAGES.get(
+            str(config["_target_"]).rsplit(".", 1)[-1], (None, "")
+        )
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"logger.{name} needs the `{module}` package, which is not installed: "
+                f"{install}; or choose another logger (logger=tensorboard, logger=csv)."
+            )
 
 
 def check_target(

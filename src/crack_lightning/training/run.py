@@ -14,7 +14,7 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from crack_lightning.data.datamodule import CrackDataModule
@@ -32,6 +32,7 @@ from crack_lightning.training.callbacks import (
     stored_val_metrics,
 )
 from crack_lightning.training.distributed import ddp_job
+from crack_lightning.training.loggers import log_run_files
 from crack_lightning.training.precision import resolve_precision
 from crack_lightning.training.resume import (
     changed_data_settings,
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "split_manifest.csv"
 METRICS_NAME = "metrics.json"
+# the setting that names a run, per logger class (null in conf/logger/: the run dir's name)
+RUN_NAME_SETTINGS = {MLFlowLogger: "run_name", WandbLogger: "name"}
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -79,7 +82,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
 
     callbacks, finetune = build_callbacks(cfg.get("callbacks"), output_dir, model)
-    loggers: list[Logger] = build_loggers(cfg.get("logger"), resume_from=ckpt_path)
+    loggers: list[Logger] = build_loggers(cfg.get("logger"), ckpt_path, output_dir)
     if not loggers:  # nothing to record learning rates in (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     precision = resolve_precision(cfg.trainer.precision)
@@ -100,6 +103,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         write_text(output_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
         log.info("Best checkpoint's metrics: %s", json.dumps(metrics))
+    best = metrics.get("best_checkpoint")
+    log_run_files(
+        trainer,
+        [
+            (Path(best) if best else None, "checkpoints"),
+            (output_dir / METRICS_NAME, "run"),
+            (output_dir / MANIFEST_NAME, "run"),
+            (output_dir / ".hydra" / "config.yaml", "run"),
+        ],
+    )
     return metrics
 
 
@@ -145,20 +158,27 @@ def build_group(group: DictConfig | None) -> list:
     return [build(entry) for entry in (group or {}).values() if entry is not None]
 
 
-def build_loggers(group: DictConfig | None, resume_from: str | None) -> list[Logger]:
+def build_loggers(
+    group: DictConfig | None, resume_from: str | None, output_dir: Path
+) -> list[Logger]:
     """The logger group; on resume, TensorBoard drops the events the resumed run replaces.
 
     An interrupted epoch has logged steps past the checkpoint's. SummaryWriter's
     purge_step marks the restart, so TensorBoard shows each step once: the curve simply
-    continues from the checkpoint.
+    continues from the checkpoint. An MLflow or W&B run left unnamed is named after the
+    run directory (a sweep's job folder, as TensorBoard shows it).
     """
     loggers = []
     for entry in (group or {}).values():
         if entry is None:
             continue
-        extra = {}
-        if resume_from is not None and issubclass(get_class(entry._target_), TensorBoardLogger):
+        cls = get_class(entry._target_)
+        extra: dict[str, Any] = {}
+        if resume_from is not None and issubclass(cls, TensorBoardLogger):
             extra["purge_step"] = resume_step(resume_from)
+        for kind, setting in RUN_NAME_SETTINGS.items():
+            if issubclass(cls, kind) and entry.get(setting, "") is None:
+                extra[setting] = output_dir.name
         loggers.append(build(entry, **extra))
     return loggers
 
