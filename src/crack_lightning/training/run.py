@@ -99,10 +99,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     with ddp_job(trainer):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        metrics = evaluate_best(trainer, model, datamodule, test=cfg.get("test", True))
+        metrics, best_epoch = evaluate_best(trainer, model, datamodule, cfg.get("test", True))
     if trainer.is_global_zero:
         write_text(output_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
-        log.info("Best checkpoint's metrics: %s", json.dumps(metrics))
+        log.info("%s: %s", best_summary(trainer, best_epoch), json.dumps(metrics))
     best = metrics.get("best_checkpoint")
     log_run_files(
         trainer,
@@ -235,12 +235,29 @@ def without_loggers(trainer: L.Trainer) -> Iterator[L.Trainer]:
         trainer.loggers = loggers
 
 
+def best_summary(trainer: L.Trainer, best_epoch: int | None) -> str:
+    """What the run's last line reports: the best epoch (not the last, which may have
+    fallen since), by which metric, and that its model is the one kept."""
+    callback = trainer.checkpoint_callback
+    if best_epoch is None or callback is None or not callback.best_model_path:
+        return "No checkpoint was saved; the last weights' metrics"
+    epochs = [c.epoch for c in trainer.callbacks if isinstance(c, ValidationMetricsInCheckpoints)]
+    last = epochs[0] if epochs else None
+    mode = "lowest" if callback.mode == "min" else "highest"
+    which = "the last one" if last in (None, best_epoch) else f"the last was epoch {last}"
+    return (
+        f"Best epoch {best_epoch} ({mode} {callback.monitor}; {which}): its model is kept "
+        f"as {callback.best_model_path}, its metrics"
+    )
+
+
 def evaluate_best(
     trainer: L.Trainer, model: CrackClassifier, datamodule: CrackDataModule, test: bool
-) -> dict[str, float | str | None]:
-    """The best checkpoint's metrics (the last weights' if none was saved): its validation
-    metrics as stored with it (ValidationMetricsInCheckpoints), its test metrics by a test
-    pass; the validation pass runs again only for a checkpoint without stored metrics.
+) -> tuple[dict[str, float | str | None], int | None]:
+    """The best checkpoint's metrics (the last weights' if none was saved) and its epoch:
+    its validation metrics as stored with it (ValidationMetricsInCheckpoints), its test
+    metrics by a test pass; the validation pass runs again only for a checkpoint without
+    stored metrics.
 
     A separate trainer without loggers evaluates, so TensorBoard's curves end at the
     last training epoch instead of gaining a repeated point. Under DDP every process
@@ -251,6 +268,19 @@ def evaluate_best(
     callback = trainer.checkpoint_callback
     ckpt_path = (callback.best_model_path if callback else "") or None
     checkpoint = saved_checkpoint(ckpt_path)
+    return _evaluate_checkpoint(trainer, model, datamodule, test, checkpoint, ckpt_path), (
+        checkpoint.get("epoch")
+    )
+
+
+def _evaluate_checkpoint(
+    trainer: L.Trainer,
+    model: CrackClassifier,
+    datamodule: CrackDataModule,
+    test: bool,
+    checkpoint: dict[str, Any],
+    ckpt_path: str | None,
+) -> dict[str, float | str | None]:
     stored = stored_val_metrics(checkpoint)
     source_metrics = [c for c in trainer.callbacks if isinstance(c, SourceMetrics)]
     for callback in source_metrics:  # test metrics at the best checkpoint's own threshold
