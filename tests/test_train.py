@@ -168,7 +168,8 @@ def test_bad_settings_stop_before_training(synthetic_cfg, tmp_path, override, er
 
     Image.new("RGB", (8, 8)).save(tmp_path / "empty_class" / "Negative" / "a.png")
     torch.save(resnet18().state_dict(), tmp_path / "resnet.pth")
-    cfg = synthetic_cfg(override.format(tmp=tmp_path))
+    # data.download=false: a missing root is an error here, not a first run's download
+    cfg = synthetic_cfg("data.download=false", override.format(tmp=tmp_path))
     with pytest.raises(error, match=message):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
