@@ -145,3 +145,15 @@ def test_wandb_is_offline_in_the_run_directory_by_default(make_cfg):
     assert list(cfg.logger) == ["tensorboard", "wandb"]
     assert cfg.logger.wandb.offline is True
     assert cfg.logger.wandb.save_dir == cfg.paths.output_dir
+
+
+def test_a_resumed_run_keeps_the_csv_rows_of_its_first_session(synthetic_cfg, tmp_path):
+    """CSVLogger deletes the metrics.csv it finds; a resumed session writes its own."""
+    train(synthetic_cfg("logger=csv"))
+    first = (tmp_path / "run" / "csv" / "metrics.csv").read_text()
+    train(synthetic_cfg("logger=csv", "ckpt_path=last", "trainer.max_epochs=2"))
+    assert (tmp_path / "run" / "csv" / "metrics.csv").read_text() == first
+    (resumed,) = (tmp_path / "run" / "csv").glob("resumed_at_step_*/metrics.csv")
+    with resumed.open(newline="") as handle:
+        epochs = {row["epoch"] for row in csv.DictReader(handle) if row.get("val/acc")}
+    assert epochs == {"1"}

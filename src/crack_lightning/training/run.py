@@ -14,7 +14,13 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
-from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import (
+    CSVLogger,
+    Logger,
+    MLFlowLogger,
+    TensorBoardLogger,
+    WandbLogger,
+)
 from omegaconf import DictConfig, OmegaConf
 
 from crack_lightning.data.datamodule import CrackDataModule
@@ -165,8 +171,10 @@ def build_loggers(
 
     An interrupted epoch has logged steps past the checkpoint's. SummaryWriter's
     purge_step marks the restart, so TensorBoard shows each step once: the curve simply
-    continues from the checkpoint. An MLflow or W&B run left unnamed is named after the
-    run directory (a sweep's job folder, as TensorBoard shows it).
+    continues from the checkpoint. The CSV table of a resumed session goes beside the
+    first (csv/resumed_at_step_N/metrics.csv), which CSVLogger would otherwise delete. An
+    MLflow or W&B run left unnamed is named after the run directory (a sweep's job
+    folder, as TensorBoard shows it).
     """
     loggers = []
     for entry in (group or {}).values():
@@ -176,6 +184,9 @@ def build_loggers(
         extra: dict[str, Any] = {}
         if resume_from is not None and issubclass(cls, TensorBoardLogger):
             extra["purge_step"] = resume_step(resume_from)
+        if resume_from is not None and issubclass(cls, CSVLogger):
+            # a CSVLogger deletes the metrics.csv it finds: each session gets its own
+            extra["version"] = f"resumed_at_step_{resume_step(resume_from)}"
         for kind, setting in RUN_NAME_SETTINGS.items():
             if issubclass(cls, kind) and entry.get(setting, "") is None:
                 extra[setting] = output_dir.name
