@@ -255,10 +255,11 @@ def best_summary(trainer: L.Trainer, best_epoch: int | None) -> str:
     epochs = [c.epoch for c in trainer.callbacks if isinstance(c, ValidationMetricsInCheckpoints)]
     last = epochs[0] if epochs else None
     mode = "lowest" if callback.mode == "min" else "highest"
+    chosen = f"{mode} {callback.monitor}" if callback.monitor else "no metric watched"
     which = "the last one" if last in (None, best_epoch) else f"the last was epoch {last}"
     return (
-        f"Best epoch {best_epoch} ({mode} {callback.monitor}; {which}): its model is kept "
-        f"as {callback.best_model_path}, its metrics"
+        f"Best epoch {best_epoch} ({chosen}; {which}): its model is kept as "
+        f"{callback.best_model_path}, its metrics"
     )
 
 
