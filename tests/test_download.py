@@ -12,6 +12,7 @@ import io
 import json
 import shutil
 import threading
+import time
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
@@ -26,13 +27,15 @@ from crack_lightning.data import fetch as fetch_module
 from crack_lightning.data.fetch import (
     MARKER_NAME,
     Source,
+    count_images,
     ensure_dataset,
     extract_images,
     fetch,
     unpack_rar,
 )
 from crack_lightning.errors import DataError
-from crack_lightning.training.run import build
+from crack_lightning.training.run import build, train
+from tests.conftest import SMALL
 from tests.rar4 import write_rar4
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rar"
@@ -409,6 +412,98 @@ def test_data_archive_unpacks_a_local_file_without_download(make_cfg, monkeypatc
     dm.prepare_data()
     dm.setup("fit")
     assert len(dm.samples) == 2 * PER_CLASS
-    dm = build(make_cfg(f"data.root={tmp_path / 'other'}").data)  # neither: nothing fetched
-    dm.prepare_data()
+    dm = build(make_cfg(f"data.root={tmp_path / 'other'}", "data.download=false").data)
+    dm.prepare_data()  # neither: nothing fetched
     assert not (tmp_path / "other").exists()
+
+
+# --- the first run: data.download=auto (the default) fetches into a missing or empty root ----
+
+
+def file_source(folder: Path, per_class: int) -> Source:
+    """METU's archive as a file:// URL (standing in for Mendeley), with its size and sha256."""
+    folder.mkdir()
+    archive = make_zip(folder / "file_downloaded", layout(per_class))
+    data = archive.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    return Source(archive.as_uri(), len(data), digest, per_class, suffix=".zip")
+
+
+def test_first_training_run_downloads_the_data_set_by_itself(make_cfg, monkeypatch, tmp_path):
+    """`make train` on a fresh machine: no data, no download setting; the archive is fetched,
+    verified, unpacked and deleted, the run trains on its images, and the next run finds
+    them there and fetches nothing."""
+    source = file_source(tmp_path / "mendeley", per_class=6)
+    monkeypatch.setattr(fetch_module, "METU", source)
+    root = tmp_path / "data" / "concrete_crack"
+    metrics = train(make_cfg(f"data.root={root}", *SMALL))
+    marker = json.loads((root / MARKER_NAME).read_text())
+    assert marker == {"source": source.url, "sha256": source.sha256, "Negative": 6, "Positive": 6}
+    assert tree(root / "Positive") == {
+        k.split("/")[-1]: v for k, v in layout(6).items() if "/Positive/" in k
+    }
+    assert sorted(p.name for p in root.parent.iterdir()) == ["concrete_crack"]  # archive gone
+    run = Path(make_cfg().paths.output_dir)
+    rows = (run / "split_manifest.csv").read_text().splitlines()[1:]
+    assert sorted(row.split(",")[1] for row in rows) == sorted(
+        k.split("/", 1)[1] for k in layout(6)
+    )  # every downloaded image, and only those, split for training
+    assert 0 <= metrics["val/acc"] <= 1
+    (tmp_path / "mendeley" / "file_downloaded").unlink()  # a second fetch would fail
+    build(make_cfg(f"data.root={root}").data).prepare_data()
+    assert json.loads((root / MARKER_NAME).read_text()) == marker
+
+
+def test_first_run_offline_stops_at_once_saying_how_to_pass_a_copy(make_cfg, monkeypatch, tmp_path):
+    # .invalid never resolves (RFC 2606): what Mendeley's address does offline
+    monkeypatch.setattr(fetch_module, "METU", Source("http://x.invalid/f", 10, None, PER_CLASS))
+    root = tmp_path / "concrete_crack"
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"does not resolve .*looks offline.*data.archive=PATH"):
+        train(make_cfg(f"data.root={root}", *SMALL))
+    assert time.monotonic() - started < 60  # no retries
+    assert not list(tmp_path.glob("*concrete_crack*"))  # no root, archive or .part left
+
+
+def test_auto_uses_a_root_with_images_as_it_is(make_cfg, monkeypatch, tmp_path):
+    """A folder of one's own images (not METU's 20,000 per class) is trained on, never
+    replaced or refused; data.download=true would refuse it."""
+    monkeypatch.setattr(fetch_module, "METU", Source("http://127.0.0.1:9/x", 10, None, 20_000))
+    root = tmp_path / "mine"
+    make_zip(tmp_path / "mine.zip", layout(2, top=""))
+    extract_images(tmp_path / "mine.zip", root, progress=False)
+    (tmp_path / "mine.zip").unlink()
+    dm = build(make_cfg(f"data.root={root}").data)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.samples) == 4 and not (root / MARKER_NAME).exists()
+    with pytest.raises(DataError, match=r"is not empty but does not hold 20,000"):
+        build(make_cfg(f"data.root={root}", "data.download=true").data).prepare_data()
+
+
+def test_auto_finishes_a_download_left_unfinished_and_refuses_a_half_placed_root(
+    serve, archive_bytes, make_cfg, monkeypatch, tmp_path
+):
+    """An interrupted first run resumes its .part file on the next; a root half filled
+    when unpacking stopped is refused with the fix, not trained on as it is."""
+    server = serve(archive_bytes)
+    monkeypatch.setattr(fetch_module, "METU", server.source())
+    root = tmp_path / "concrete_crack"
+    part = tmp_path / "concrete_crack.zip.part"
+    part.write_bytes(archive_bytes[:100])
+    root.mkdir()
+    build(make_cfg(f"data.root={root}").data).prepare_data()
+    assert server.requests == ["bytes=100-"]
+    assert count_images(root) == {"Negative": PER_CLASS, "Positive": PER_CLASS}
+    shutil.rmtree(root)
+    (tmp_path / "concrete_crack.zip").write_bytes(archive_bytes)  # kept: unpacking stopped
+    (root / "Negative").mkdir(parents=True)
+    (root / "Negative" / "00001.jpg").write_bytes(jpeg(0))
+    with pytest.raises(DataError, match=r"data.root=.* is not empty .*Move or delete it"):
+        build(make_cfg(f"data.root={root}").data).prepare_data()
+
+
+def test_a_wrong_download_setting_is_named_before_anything_is_fetched(make_cfg, tmp_path):
+    with pytest.raises(DataError, match=r"data.download=maybe must be auto .*, true or false"):
+        train(make_cfg(f"data.root={tmp_path / 'none'}", "data.download=maybe", *SMALL))
+    assert not (tmp_path / "none").exists()

@@ -129,7 +129,9 @@ def test_multirun_gives_one_run_dir_per_job_with_events_and_metrics(synthetic_ro
 
 def test_cli_reports_a_missing_data_set_without_a_traceback(tmp_path):
     result = run_train_py(
-        f"data.root={tmp_path / 'concrete_crack'}", f"paths.output_dir={tmp_path / 'run'}"
+        f"data.root={tmp_path / 'concrete_crack'}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        "data.download=false",  # the default (auto) would download it: tests/test_download.py
     )
     assert result.returncode == 2
     assert f"error: data.root={tmp_path / 'concrete_crack'} does not exist" in result.stderr
@@ -166,7 +168,8 @@ def test_bad_settings_stop_before_training(synthetic_cfg, tmp_path, override, er
 
     Image.new("RGB", (8, 8)).save(tmp_path / "empty_class" / "Negative" / "a.png")
     torch.save(resnet18().state_dict(), tmp_path / "resnet.pth")
-    cfg = synthetic_cfg(override.format(tmp=tmp_path))
+    # data.download=false: a missing root is an error here, not a first run's download
+    cfg = synthetic_cfg("data.download=false", override.format(tmp=tmp_path))
     with pytest.raises(error, match=message):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()

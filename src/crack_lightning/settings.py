@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import importlib.util
 import inspect
 import re
 import typing
@@ -112,7 +113,7 @@ class DataSettings:
     split: SplitKind = MISSING
     group_distance: int = MISSING
     check: bool = MISSING
-    download: bool = MISSING
+    download: Any = MISSING  # auto, true or false
     cache_features: Any = MISSING  # auto, true or false
     decode_on_device: bool = MISSING
     on_bad_image: OnBadImage = MISSING
@@ -131,6 +132,13 @@ class DataSettings:
             "data.cache_views",
             views,
             f"in 1..{MAX_VIEWS}",
+            DataError,
+        )
+        require(
+            self.download in (True, False, "auto"),
+            "data.download",
+            self.download,
+            "auto (download when data.root is missing or empty), true or false",
             DataError,
         )
         cache = self.cache_features
@@ -542,6 +550,33 @@ def check_train_settings(cfg: DictConfig) -> None:
     for name, entry in callbacks.items():
         if entry is not None and "_target_" in entry:
             check_target(plain(entry), f"callbacks.{name}")
+    check_loggers(cfg.get("logger"))
+
+
+# logger classes (conf/logger/) that need a package not installed by default, and how to
+# get it
+LOGGER_PACKAGES = {
+    "MLFlowLogger": ("mlflow", 'pip install -e ".[mlflow]" (the mlflow-skinny client)'),
+    "WandbLogger": ("wandb", "pip install wandb"),
+}
+
+
+def check_loggers(group: Mapping | None) -> None:
+    """Each logger names a class that takes its settings, and the package it needs is
+    installed: said before any data is read or downloaded."""
+    for name, entry in (group or {}).items():
+        if entry is None:
+            continue
+        config = plain(entry)
+        check_target(config, f"logger.{name}")
+        module, install = LOGGER_PACKAGES.get(
+            str(config["_target_"]).rsplit(".", 1)[-1], (None, "")
+        )
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"logger.{name} needs the `{module}` package, which is not installed: "
+                f"{install}; or choose another logger (logger=tensorboard, logger=csv)."
+            )
 
 
 def check_target(

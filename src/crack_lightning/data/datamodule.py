@@ -56,7 +56,7 @@ class CrackDataModule(L.LightningDataModule):
         pin_memory: bool | None,
         augmentation: Mapping | None,
         synthetic: Mapping | None,
-        download: bool,
+        download: bool | str,
         archive: str | None,
         split: str,
         group_distance: int,

@@ -804,16 +804,38 @@ def ensure_source(
     return root
 
 
+def download_wanted(root: Path, download: bool | str, source: Source | None = None) -> bool:
+    """data.download: true fetches unless root holds the data set (ensure_dataset checks);
+    auto only on a first run, when root is missing or empty, or when a download beside it
+    was left unfinished (its archive or .part file is there), so a folder of the user's
+    own images is never touched."""
+    if download != "auto":
+        return bool(download)
+    archive = root.with_name(root.name + (source or METU).suffix)
+    unfinished = archive.exists() or archive.with_name(archive.name + ".part").exists()
+    empty = not root.exists() or (root.is_dir() and not any(root.iterdir()))
+    if empty:
+        log.info(
+            "data.root=%s holds no data set: downloading the METU data set (241 MB) into "
+            "it (data.download=auto; data.download=false never downloads)",
+            root,
+        )
+    elif unfinished:
+        log.info("Finishing the download of the data set into data.root=%s", root)
+    return empty or unfinished
+
+
 def ensure_sources(
     specs: Sequence[SourceSpec],
     archive: str | Path | None = None,
-    download: bool = False,
+    download: bool | str = False,
     unpack_limit_gib: float = UNPACK_LIMIT_GIB,
 ) -> None:
     """Fetch what the data set lacks before training: data.root's METU archive when
-    data.download is true or data.archive is set; each source whose download.enabled is."""
+    data.archive is set or data.download asks for it (download_wanted); each source
+    whose download.enabled is."""
     for spec in specs:
-        if spec.shorthand and (download or archive is not None):
+        if spec.shorthand and (archive is not None or download_wanted(spec.root, download)):
             ensure_dataset(spec.root, archive=archive, unpack_limit_gib=unpack_limit_gib)
         elif spec.download and spec.download.get("enabled"):
             ensure_source(spec)

@@ -17,6 +17,7 @@ from crack_lightning.evaluation.metrics import confusion_matrix
 from crack_lightning.evaluation.plots import confusion_matrix_figure, image_grid_figure
 from crack_lightning.io import load_safely
 from crack_lightning.settings import CLASS_NAMES
+from crack_lightning.training.loggers import log_figures, mlflow_loggers
 from crack_lightning.training.resume import LAST_CKPT, read_training_checkpoint
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 class ValidationFigures(L.Callback):
     """After each validation epoch, log the confusion matrix and a grid of misclassified
-    validation images to TensorBoard (Images tab)."""
+    validation images to TensorBoard (Images tab) and MLflow (artifacts, figures/)."""
 
     def __init__(self, max_images: int, threshold: float) -> None:
         self.max_images = max_images
@@ -65,7 +66,8 @@ class ValidationFigures(L.Callback):
             total = trainer.strategy.reduce(torch.as_tensor(self.matrix), reduce_op="sum")
             self.matrix = total.cpu().numpy().astype(np.int64)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if trainer.sanity_checking or not loggers or not trainer.is_global_zero:
+        artifacts = mlflow_loggers(trainer)  # MLflow keeps them as files
+        if trainer.sanity_checking or not (loggers or artifacts) or not trainer.is_global_zero:
             return
         epoch = trainer.current_epoch
         figures = {
@@ -85,6 +87,7 @@ class ValidationFigures(L.Callback):
         for tag, figure in figures.items():
             for logger in loggers:
                 logger.experiment.add_figure(tag, figure, trainer.global_step, close=False)
+        log_figures(trainer, figures, epoch)
 
 
 def _cached_image(trainer: L.Trainer, batch_idx: int, row: int) -> np.ndarray | None:

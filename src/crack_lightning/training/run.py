@@ -14,7 +14,13 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import (
+    CSVLogger,
+    Logger,
+    MLFlowLogger,
+    TensorBoardLogger,
+    WandbLogger,
+)
 from omegaconf import DictConfig, OmegaConf
 
 from crack_lightning.data.datamodule import CrackDataModule
@@ -32,6 +38,7 @@ from crack_lightning.training.callbacks import (
     stored_val_metrics,
 )
 from crack_lightning.training.distributed import ddp_job
+from crack_lightning.training.loggers import log_run_files
 from crack_lightning.training.precision import resolve_precision
 from crack_lightning.training.resume import (
     changed_data_settings,
@@ -49,6 +56,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "split_manifest.csv"
 METRICS_NAME = "metrics.json"
+# the setting that names a run, per logger class (null in conf/logger/: the run dir's name)
+RUN_NAME_SETTINGS = {MLFlowLogger: "run_name", WandbLogger: "name"}
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -79,7 +88,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
 
     callbacks, finetune = build_callbacks(cfg.get("callbacks"), output_dir, model)
-    loggers: list[Logger] = build_loggers(cfg.get("logger"), resume_from=ckpt_path)
+    loggers: list[Logger] = build_loggers(cfg.get("logger"), ckpt_path, output_dir)
     if not loggers:  # nothing to record learning rates in (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     precision = resolve_precision(cfg.trainer.precision)
@@ -96,10 +105,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     with ddp_job(trainer):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        metrics = evaluate_best(trainer, model, datamodule, test=cfg.get("test", True))
+        metrics, best_epoch = evaluate_best(trainer, model, datamodule, cfg.get("test", True))
     if trainer.is_global_zero:
         write_text(output_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
-        log.info("Best checkpoint's metrics: %s", json.dumps(metrics))
+        log.info("%s: %s", best_summary(trainer, best_epoch), json.dumps(metrics))
+    best = metrics.get("best_checkpoint")
+    log_run_files(
+        trainer,
+        [
+            (Path(best) if best else None, "checkpoints"),
+            (output_dir / METRICS_NAME, "run"),
+            (output_dir / MANIFEST_NAME, "run"),
+            (output_dir / ".hydra" / "config.yaml", "run"),
+        ],
+    )
     return metrics
 
 
@@ -145,20 +164,32 @@ def build_group(group: DictConfig | None) -> list:
     return [build(entry) for entry in (group or {}).values() if entry is not None]
 
 
-def build_loggers(group: DictConfig | None, resume_from: str | None) -> list[Logger]:
+def build_loggers(
+    group: DictConfig | None, resume_from: str | None, output_dir: Path
+) -> list[Logger]:
     """The logger group; on resume, TensorBoard drops the events the resumed run replaces.
 
     An interrupted epoch has logged steps past the checkpoint's. SummaryWriter's
     purge_step marks the restart, so TensorBoard shows each step once: the curve simply
-    continues from the checkpoint.
+    continues from the checkpoint. The CSV table of a resumed session goes beside the
+    first (csv/resumed_at_step_N/metrics.csv), which CSVLogger would otherwise delete. An
+    MLflow or W&B run left unnamed is named after the run directory (a sweep's job
+    folder, as TensorBoard shows it).
     """
     loggers = []
     for entry in (group or {}).values():
         if entry is None:
             continue
-        extra = {}
-        if resume_from is not None and issubclass(get_class(entry._target_), TensorBoardLogger):
+        cls = get_class(entry._target_)
+        extra: dict[str, Any] = {}
+        if resume_from is not None and issubclass(cls, TensorBoardLogger):
             extra["purge_step"] = resume_step(resume_from)
+        if resume_from is not None and issubclass(cls, CSVLogger):
+            # a CSVLogger deletes the metrics.csv it finds: each session gets its own
+            extra["version"] = f"resumed_at_step_{resume_step(resume_from)}"
+        for kind, setting in RUN_NAME_SETTINGS.items():
+            if issubclass(cls, kind) and entry.get(setting, "") is None:
+                extra[setting] = output_dir.name
         loggers.append(build(entry, **extra))
     return loggers
 
@@ -215,12 +246,30 @@ def without_loggers(trainer: L.Trainer) -> Iterator[L.Trainer]:
         trainer.loggers = loggers
 
 
+def best_summary(trainer: L.Trainer, best_epoch: int | None) -> str:
+    """What the run's last line reports: the best epoch (not the last, which may have
+    fallen since), by which metric, and that its model is the one kept."""
+    callback = trainer.checkpoint_callback
+    if best_epoch is None or callback is None or not callback.best_model_path:
+        return "No checkpoint was saved; the last weights' metrics"
+    epochs = [c.epoch for c in trainer.callbacks if isinstance(c, ValidationMetricsInCheckpoints)]
+    last = epochs[0] if epochs else None
+    mode = "lowest" if callback.mode == "min" else "highest"
+    chosen = f"{mode} {callback.monitor}" if callback.monitor else "no metric watched"
+    which = "the last one" if last in (None, best_epoch) else f"the last was epoch {last}"
+    return (
+        f"Best epoch {best_epoch} ({chosen}; {which}): its model is kept as "
+        f"{callback.best_model_path}, its metrics"
+    )
+
+
 def evaluate_best(
     trainer: L.Trainer, model: CrackClassifier, datamodule: CrackDataModule, test: bool
-) -> dict[str, float | str | None]:
-    """The best checkpoint's metrics (the last weights' if none was saved): its validation
-    metrics as stored with it (ValidationMetricsInCheckpoints), its test metrics by a test
-    pass; the validation pass runs again only for a checkpoint without stored metrics.
+) -> tuple[dict[str, float | str | None], int | None]:
+    """The best checkpoint's metrics (the last weights' if none was saved) and its epoch:
+    its validation metrics as stored with it (ValidationMetricsInCheckpoints), its test
+    metrics by a test pass; the validation pass runs again only for a checkpoint without
+    stored metrics.
 
     A separate trainer without loggers evaluates, so TensorBoard's curves end at the
     last training epoch instead of gaining a repeated point. Under DDP every process
@@ -231,6 +280,19 @@ def evaluate_best(
     callback = trainer.checkpoint_callback
     ckpt_path = (callback.best_model_path if callback else "") or None
     checkpoint = saved_checkpoint(ckpt_path)
+    return _evaluate_checkpoint(trainer, model, datamodule, test, checkpoint, ckpt_path), (
+        checkpoint.get("epoch")
+    )
+
+
+def _evaluate_checkpoint(
+    trainer: L.Trainer,
+    model: CrackClassifier,
+    datamodule: CrackDataModule,
+    test: bool,
+    checkpoint: dict[str, Any],
+    ckpt_path: str | None,
+) -> dict[str, float | str | None]:
     stored = stored_val_metrics(checkpoint)
     source_metrics = [c for c in trainer.callbacks if isinstance(c, SourceMetrics)]
     for callback in source_metrics:  # test metrics at the best checkpoint's own threshold
