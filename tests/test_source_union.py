@@ -119,16 +119,7 @@ def test_a_source_whose_images_the_loaders_skip_is_an_error_at_the_end(make_cfg,
 
 
 def test_a_class_emptied_in_val_is_named_too(make_cfg, tmp_path):
-    decks, bricks = two_sources(tmp_path)
-    cfg = make_cfg(
-        "+data/sources@data.sources.decks=sdnet2018",
-        f"data.sources.decks.root={decks}",
-        "+data/sources@data.sources.bricks=folder",
-        f"data.sources.bricks.root={bricks}",
-        "data.sources.bricks.split=random",
-    )
-    dm = build(cfg.data)
-    dm.setup("fit")
+    _, dm = two_sources_set_up(make_cfg, tmp_path)
     val = set(dm.split["val"])
     done = torch.tensor(
         [
