@@ -15,7 +15,7 @@ import pytest
 
 from crack_lightning.commands.data import main as cli
 from crack_lightning.data import fetch as fetch_module
-from crack_lightning.data.fetch import MARKER_NAME, ensure_source, extract_images
+from crack_lightning.data.fetch import MARKER_NAME, ensure_source, ensure_sources, extract_images
 from crack_lightning.data.sources import SourceSpec
 from crack_lightning.errors import DataError
 from crack_lightning.settings import check_train_settings
@@ -194,6 +194,32 @@ def test_a_zip_bomb_is_refused_by_its_declared_size_and_cleaned_up(tmp_path):
         ensure_source(spec, progress=False)
     assert [p.name for p in tmp_path.rglob("*") if not p.is_dir()] == ["bomb.zip"]
     assert not root.exists() and not list(root.parent.iterdir())  # no scratch left
+
+
+def test_a_source_without_its_own_bound_takes_data_s(tmp_path):
+    """A source config that sets no download.unpack_limit_gib is held to
+    data.unpack_limit_gib (ensure_sources passes it on), not to a bound of its own."""
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in SDNET.items():
+            zf.writestr(name, data)
+        zf.writestr("D/CD/7001-3.jpg", bytes(8 * MIB))
+    root = tmp_path / "data" / "sdnet2018"
+    cfg = compose_config(
+        "train",
+        [
+            "+data/sources@data.sources.decks=sdnet2018",
+            f"data.sources.decks.root={root}",
+            "data.sources.decks.download.enabled=true",
+            f"data.sources.decks.download.archive={archive}",
+            "~data.sources.decks.download.unpack_limit_gib",
+        ],
+    )
+    spec = SourceSpec.from_config("decks", cfg.data.sources.decks)
+    assert "unpack_limit_gib" not in spec.download
+    with pytest.raises(DataError, match=r"declares 8.0 MiB .*=0.000976562 GiB"):
+        ensure_sources([spec], unpack_limit_gib=1 / 1024)
+    assert not root.exists()
 
 
 @pytest.mark.parametrize("tool", TOOLS)

@@ -66,10 +66,10 @@ class CrackDataModule(L.LightningDataModule):
         cache_dir: str,
         decode_on_device: bool,
         on_bad_image: str,
+        unpack_limit_gib: float,
         sources: Mapping | None = None,
         balanced_sampling: bool = False,
         holdout_source: str | None = None,
-        unpack_limit_gib: float = 4.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)

@@ -763,11 +763,16 @@ def is_ready(spec: SourceSpec) -> bool:
 
 
 def ensure_source(
-    spec: SourceSpec, progress: bool = True, retries: int = 5, retry_wait: float = 2.0
+    spec: SourceSpec,
+    progress: bool = True,
+    retries: int = 5,
+    retry_wait: float = 2.0,
+    unpack_limit_gib: float = UNPACK_LIMIT_GIB,
 ) -> Path:
     """Make spec.root hold the source (data.sources.NAME.download): download (resumable)
     or take a local archive, verify, unpack with the archive's layout. A no-op when root
-    holds it already."""
+    holds it already. A source that sets no download.unpack_limit_gib unpacks at most
+    `unpack_limit_gib` (data.unpack_limit_gib)."""
     settings = spec.download or {}
     root = spec.root
     if is_ready(spec):
@@ -790,7 +795,7 @@ def ensure_source(
         retry_wait,
     )
     limit = UnpackLimit(
-        settings.get("unpack_limit_gib", UNPACK_LIMIT_GIB),
+        settings.get("unpack_limit_gib", unpack_limit_gib),
         f"{spec.where}.download.unpack_limit_gib",
     )
     unpack_layout(path, spec, progress, limit)
@@ -838,4 +843,4 @@ def ensure_sources(
         if spec.shorthand and (archive is not None or download_wanted(spec.root, download)):
             ensure_dataset(spec.root, archive=archive, unpack_limit_gib=unpack_limit_gib)
         elif spec.download and spec.download.get("enabled"):
-            ensure_source(spec)
+            ensure_source(spec, unpack_limit_gib=unpack_limit_gib)
