@@ -57,6 +57,12 @@ def require(ok: bool, setting: str, value: Any, allowed: str, error: type[Except
         raise error(f"{setting}={value} must be {allowed}.")
 
 
+def require_threshold(value: float | None, setting: str, error: type[Exception]) -> None:
+    """A decision threshold on P(crack), when set, lies strictly between 0 and 1."""
+    if value is not None:
+        require(0 < value < 1, setting, value, "strictly between 0 and 1", error)
+
+
 # index = class label: Negative (no crack) = 0, Positive (crack) = 1
 CLASS_NAMES = ("Negative", "Positive")
 SOURCE_HINT = (
@@ -450,10 +456,7 @@ class PredictSettings:
 
     def __post_init__(self) -> None:
         err = PredictionError
-        if self.threshold is not None:
-            require(
-                0 < self.threshold < 1, "threshold", self.threshold, "strictly between 0 and 1", err
-            )
+        require_threshold(self.threshold, "threshold", err)
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1", err)
         require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0", err)
         suffix = self.output.rsplit(".", 1)[-1].lower()
@@ -763,13 +766,7 @@ class ValidationFiguresSettings:
     def __post_init__(self) -> None:
         name, err = "callbacks.validation_figures", ConfigError
         require(self.max_images >= 0, f"{name}.max_images", self.max_images, ">= 0", err)
-        require(
-            0 < self.threshold < 1,
-            f"{name}.threshold",
-            self.threshold,
-            "strictly between 0 and 1",
-            err,
-        )
+        require_threshold(self.threshold, f"{name}.threshold", err)
 
 
 # callbacks with a schema, by their name under `callbacks` in conf/callbacks/
@@ -883,14 +880,7 @@ class ScanEvalSettings:
     def __post_init__(self) -> None:
         err = PredictionError
         require(0 < self.min_share <= 1, "min_share", self.min_share, "in (0, 1]", err)
-        if self.threshold is not None:
-            require(
-                0 < self.threshold < 1,
-                "threshold",
-                self.threshold,
-                "strictly between 0 and 1",
-                err,
-            )
+        require_threshold(self.threshold, "threshold", err)
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1", err)
 
 
