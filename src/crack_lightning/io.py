@@ -14,13 +14,15 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
 import pickle
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from io import StringIO
 from pathlib import Path
 from typing import IO, Any
 
@@ -154,6 +156,19 @@ def write_atomically(
 def write_text(path: Path, text: str) -> None:
     """A text file (UTF-8), atomically."""
     write_atomically(Path(path), lambda handle: handle.write(text.encode()))
+
+
+def write_csv(
+    path: Path, header: Sequence[str], rows: Iterable[Sequence[Any] | Mapping[str, Any]]
+) -> None:
+    """A CSV table, atomically; a row given as a mapping is read by the header's names
+    (a name it lacks is an empty cell)."""
+    table = StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([row.get(name, "") for name in header] if isinstance(row, Mapping) else row)
+    write_text(path, table.getvalue())
 
 
 def write_json(path: Path, value: Any) -> None:

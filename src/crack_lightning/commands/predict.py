@@ -3,8 +3,6 @@ scan whole photos (settings: conf/predict.yaml)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import sys
@@ -24,7 +22,7 @@ from crack_lightning.evaluation.plots import image_grid_figure, save
 from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import classify_files, load_classifier
 from crack_lightning.inference.scan import scan_figure, scan_files, write_scan_csv
-from crack_lightning.io import check_writable, write_text
+from crack_lightning.io import check_writable, write_csv, write_text
 from crack_lightning.settings import CLASS_NAMES, PredictSettings, ScanSettings, validate
 
 log = logging.getLogger(__name__)
@@ -38,11 +36,7 @@ def write_predictions(path: Path, rows: list[dict]) -> None:
     if path.suffix.lower() == ".json":
         write_text(path, json.dumps(rows, indent=1) + "\n")
         return
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, table.getvalue())
+    write_csv(path, list(rows[0]), rows)
 
 
 def save_prediction_grid(rows: list[dict], path: Path, size: int, limit: int) -> None:

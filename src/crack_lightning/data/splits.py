@@ -13,7 +13,6 @@ used is an error.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import os
@@ -29,6 +28,7 @@ from crack_lightning.data.grouping import image_hashes, near_duplicate_groups
 from crack_lightning.data.masks import photo_groups, tile_source
 from crack_lightning.data.sources import SourceSpec, refuse_shared_folders, scan_source
 from crack_lightning.errors import DataError
+from crack_lightning.io import write_csv
 from crack_lightning.settings import CLASS_NAMES, check_fractions
 
 log = logging.getLogger(__name__)
@@ -395,8 +395,4 @@ def manifest_rows(data: SourceSamples) -> list[tuple[str, str, str, str]]:
 def write_manifest(path: Path, data: SourceSamples) -> None:
     """CSV of every image: its source, its path relative to that source's root, its class
     and its split, sorted; the one record of which file went where."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(MANIFEST_COLUMNS)
-        writer.writerows(manifest_rows(data))
+    write_csv(path, MANIFEST_COLUMNS, manifest_rows(data))

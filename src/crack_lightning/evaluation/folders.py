@@ -7,8 +7,6 @@ and summary.csv, summary.md and TensorBoard scalars/text (REPORT_DIR/tensorboard
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from crack_lightning.evaluation.metrics import (
     figure,
     write_evaluation,
 )
-from crack_lightning.io import write_text
+from crack_lightning.io import write_csv, write_text
 
 SUMMARY_COLUMNS = ("input", "images", "cracked", *METRICS)
 
@@ -82,11 +80,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
 def write_summary(rows: Sequence[dict], report_dir: Path, threshold: float) -> None:
     """summary.csv, summary.md and TensorBoard (one scalar per input and metric)."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(SUMMARY_COLUMNS))
-    writer.writeheader()
-    writer.writerows({c: row[c] for c in SUMMARY_COLUMNS} for row in rows)
-    write_text(report_dir / "summary.csv", buffer.getvalue())
+    write_csv(report_dir / "summary.csv", SUMMARY_COLUMNS, rows)
     table = markdown_table(rows)
     write_text(report_dir / "summary.md", f"threshold {threshold}\n\n{table}\n")
     from torch.utils.tensorboard import SummaryWriter

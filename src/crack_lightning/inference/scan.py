@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ from crack_lightning.data.decode import load_rgb, resize
 from crack_lightning.data.masks import window_starts
 from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.inference.classifiers import LoadedModel
-from crack_lightning.io import write_atomically, write_text
+from crack_lightning.io import write_atomically, write_csv
 from crack_lightning.progress import track
 from crack_lightning.settings import CLASS_NAMES, ScanSettings
 
@@ -214,16 +212,16 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 def write_scan_csv(result: ScanResult, path: Path) -> None:
     """The patches of one scan as CSV: box, P(crack), unfamiliar score and label."""
-    table = io.StringIO(newline="")
-    writer = csv.writer(table)
-    writer.writerow(["x", "y", "width", "height", "prob_crack", "unfamiliar", "label"])
     scores = result.unfamiliar if result.unfamiliar is not None else [None] * len(result.probs)
-    for (x, y), prob, score, label in zip(
-        result.boxes, result.probs, scores, result.labels(), strict=True
-    ):
-        odd = "" if score is None else f"{score:.3f}"
-        writer.writerow([x, y, result.patch_size, result.patch_size, f"{prob:.6f}", odd, label])
-    write_text(path, table.getvalue())
+    size = result.patch_size
+    rows = [
+        [x, y, size, size, f"{prob:.6f}", "" if score is None else f"{score:.3f}", label]
+        for (x, y), prob, score, label in zip(
+            result.boxes, result.probs, scores, result.labels(), strict=True
+        )
+    ]
+    header = ["x", "y", "width", "height", "prob_crack", "unfamiliar", "label"]
+    write_csv(path, header, rows)
 
 
 def _share_map(result: ScanResult, flags: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from crack_lightning.data.datamodule import CrackDataModule
 from crack_lightning.data.feature_cache import cache_wanted
 from crack_lightning.data.splits import manifest_rows
 from crack_lightning.errors import CrackLightningError
-from crack_lightning.io import write_errors, write_text
+from crack_lightning.io import write_text
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.models.finetuning import BackboneUnfreeze
 from crack_lightning.settings import check_train_settings
@@ -99,8 +99,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         if split_changed and resumed_run == output_dir:
             keep_old_manifest(output_dir / MANIFEST_NAME)
-        with write_errors(output_dir / MANIFEST_NAME):  # a full disk: one line
-            datamodule.write_manifest(output_dir / MANIFEST_NAME)
+        datamodule.write_manifest(output_dir / MANIFEST_NAME)  # io: a full disk is one line
     log_hyperparameters(trainer, model, cfg)
 
     with ddp_job(trainer):

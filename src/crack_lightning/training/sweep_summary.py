@@ -14,7 +14,6 @@ interrupted) are listed last.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -30,6 +29,7 @@ from omegaconf import DictConfig
 
 from crack_lightning.errors import CrackLightningError, RunDirError
 from crack_lightning.evaluation.metrics import figure
+from crack_lightning.io import write_csv, write_text
 from crack_lightning.training.distributed import process_rank
 from crack_lightning.training.run import METRICS_NAME
 
@@ -213,12 +213,9 @@ def write_summary(
         metric = metric or default_metric
         direction = direction or default_direction
     rows = summary_rows(jobs, metric, direction)
-    with (sweep_dir / CSV_NAME).open("w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(sweep_dir / CSV_NAME, list(rows[0]), rows)
     table = markdown_table(rows, metric, direction)
-    (sweep_dir / MARKDOWN_NAME).write_text(table)
+    write_text(sweep_dir / MARKDOWN_NAME, table)
     return table
 
 
