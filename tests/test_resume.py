@@ -19,6 +19,7 @@ from crack_lightning.training.resume import latest_run, resume_argv
 from crack_lightning.training.run import train
 
 from .conftest import CONF_DIR, QUIET, SMALL, run_train_py, start_paused_train_py
+from .damaged import random_bytes_mid_scan
 
 FAST = [
     "data.image_size=64",
@@ -192,6 +193,22 @@ def test_resume_with_other_images_refuses_and_keeps_the_manifest_unless_allowed(
 def test_resume_with_unchanged_data_needs_no_setting(synthetic_cfg, tmp_path):
     train(synthetic_cfg())
     train(synthetic_cfg("trainer.max_epochs=2", "ckpt_path=last", "data.batch_size=4"))
+    assert last_ckpt(tmp_path / "run")["epoch"] == 1
+    assert not list((tmp_path / "run").glob("split_manifest.until_*"))
+
+
+def test_resume_after_the_cache_skipped_a_damaged_image_needs_no_setting(make_cfg, tmp_path):
+    """The stored manifest leaves out what the feature cache skipped (data.on_bad_image=
+    skip); the resumed session compares its split after the same skip, so the same data
+    is not taken for changed data."""
+    root = generate_dataset(tmp_path / "data", images_per_class=12, image_size=64, seed=0)
+    jpeg = next((root / "Positive").iterdir()).read_bytes()
+    (root / "Positive" / "damaged.jpg").write_bytes(random_bytes_mid_scan(jpeg))
+    common = [f"data.root={root}", *SMALL, "data.cache_features=true"]
+    train(make_cfg(*common))
+    manifest = tmp_path / "run" / "split_manifest.csv"
+    assert "damaged.jpg" not in manifest.read_text()
+    train(make_cfg(*common, "trainer.max_epochs=2", "ckpt_path=last"))
     assert last_ckpt(tmp_path / "run")["epoch"] == 1
     assert not list((tmp_path / "run").glob("split_manifest.until_*"))
 

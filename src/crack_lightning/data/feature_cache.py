@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from crack_lightning.data.decode import DECODE_VERSION, DecodedImages, sample_file
 from crack_lightning.data.transforms import Augmentation, augment_batch
-from crack_lightning.errors import ModelConfigError
+from crack_lightning.errors import DamagedImage, ModelConfigError
 from crack_lightning.io import save_torch
 from crack_lightning.progress import progress
 from crack_lightning.settings import MAX_VIEWS
@@ -192,19 +192,25 @@ class FeatureCache:
             progress(int(missing.sum()), "Caching backbone features") as bar,
             _saved_on_interrupt(self),
         ):
-            for images, indices in loader:
-                images = images.to(device)
-                for view in range(self.features.shape[0]):
-                    rows = missing[view, indices]
-                    if rows.any():
-                        with torch.inference_mode():
-                            feats = encode(make_view(images[rows], view, augmentation))
-                        self.features[view, indices[rows]] = feats.to("cpu", torch.float16)
-                        self.done[view, indices[rows]] = True
-                        bar.update(int(rows.sum()))
-                if time.monotonic() - last_save >= SAVE_EVERY_S:
-                    self.save()
-                    last_save = time.monotonic()
+            try:
+                for images, indices in loader:
+                    images = images.to(device)
+                    for view in range(self.features.shape[0]):
+                        rows = missing[view, indices]
+                        if rows.any():
+                            with torch.inference_mode():
+                                feats = encode(make_view(images[rows], view, augmentation))
+                            self.features[view, indices[rows]] = feats.to("cpu", torch.float16)
+                            self.done[view, indices[rows]] = True
+                            bar.update(int(rows.sum()))
+                    if time.monotonic() - last_save >= SAVE_EVERY_S:
+                        self.save()
+                        last_save = time.monotonic()
+            except DamagedImage:
+                # under skip the loader gives up only when every image left is damaged
+                # (a second run on a cache that holds all but those): they stay not done
+                if on_bad != "skip":
+                    raise
         self.save()
 
     def save(self) -> None:

@@ -76,7 +76,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: CrackDataModule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    split_changed = check_resumed_split(cfg, resumed_run, datamodule)
     model: CrackClassifier = build(cfg.model)
     counts = model.parameter_counts()
     log.info(
@@ -96,6 +95,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False
     )
     use_feature_cache_if_wanted(datamodule, model, trainer, finetune)
+    # after the cache left out the files it could not read, as the stored manifest did
+    split_changed = check_resumed_split(cfg, resumed_run, datamodule)
     if trainer.is_global_zero:
         if split_changed and resumed_run == output_dir:
             keep_old_manifest(output_dir / MANIFEST_NAME)
