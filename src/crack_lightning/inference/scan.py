@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from crack_lightning.data.decode import load_rgb, resize
-from crack_lightning.data.masks import window_starts
+from crack_lightning.data.masks import tile_boxes
 from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.io import write_atomically, write_csv
@@ -95,13 +95,7 @@ def scan_photo(
             f"classify it with mode=predict, or lower scan.patch_size."
         )
     pixels = v2.functional.pil_to_tensor(photo)
-    boxes = np.array(
-        [
-            (x, y)
-            for y in window_starts(height, patch_size, stride)
-            for x in window_starts(width, patch_size, stride)
-        ]
-    )
+    boxes = tile_boxes(width, height, patch_size, stride)
     probs, scores = [], []
     for start in track(range(0, len(boxes), batch_size), f"Scanning {path.name}", "batch"):
         crops = [
