@@ -26,7 +26,7 @@ system-tools:
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,timm,mlflow]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,timm,mlflow,app,submitit]"
 	touch $(STAMP)
 
 # download (resumable), verify and unpack the data set into data/concrete_crack/ (a no-op once
