@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-tools data train demo search test faults lint format clean
+.PHONY: setup system-tools browser-tools data train demo search app test faults lint format clean
 
 setup: system-tools $(STAMP)
 
@@ -21,6 +21,23 @@ system-tools:
 	else \
 		echo "note: unpacking the data set's RAR archive needs unar or bsdtar; install$$missing" \
 			"(Debian/Ubuntu: sudo apt-get install$$missing; macOS: brew install unar)" >&2; \
+	fi
+
+# Debian's Chromium and its driver, for the test that drives the inspector's page in a real
+# browser (tests/test_app.py; skipped without them, except under CI=true). Installed with
+# apt-get when run as root; otherwise printed.
+browser-tools:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "Installing$$missing (the browser test of the inspector's page)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
+	else \
+		echo "note: the browser test of the inspector's page needs Chromium and chromedriver;" \
+			"install$$missing (Debian/Ubuntu: sudo apt-get install$$missing)" >&2; \
 	fi
 
 $(STAMP): pyproject.toml constraints.txt
@@ -47,7 +64,11 @@ demo: setup
 search: setup
 	$(PY) train.py hparams_search=optuna $(ARGS)
 
-test: setup
+# the inspector's page (docs/app.md): make app ARGS="ckpt_path=RUN/checkpoints/best.ckpt"
+app: setup
+	$(PY) -m crack_lightning.commands.app $(ARGS)
+
+test: setup browser-tools
 	$(PY) -m pytest $(ARGS)
 
 # fault injection (slow, not part of `make test`): SIGKILL training at random moments, resume

@@ -22,6 +22,7 @@ TOOLS = {  # console script -> its settings file in conf/
     "crack-summarize": "summarize",
     "crack-bench": "bench",
     "crack-scan-eval": "scan_eval",
+    "crack-app": "app",
 }
 
 

@@ -884,6 +884,29 @@ class ScanEvalSettings:
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1", err)
 
 
+@dataclass
+class AppSettings:
+    """conf/app.yaml: crack-app, the inspector's page (its scan.* are ScanSettings)."""
+
+    error: ClassVar[type[CrackLightningError]] = PredictionError
+    labels_dir: str = MISSING
+    files_dir: str | None = MISSING  # null: a new folder in the system's temp dir
+    threshold: float | None = MISSING  # null: the model's stored threshold
+    max_pixels: int = MISSING
+    batch_size: int = MISSING
+    host: str = MISSING
+    port: int | None = MISSING  # null: the first free port from 7860
+    open_browser: bool = MISSING
+
+    def __post_init__(self) -> None:
+        err = PredictionError
+        require_threshold(self.threshold, "threshold", err)
+        require(self.max_pixels >= 1, "max_pixels", self.max_pixels, "an integer >= 1", err)
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1", err)
+        port = self.port
+        require(port is None or 1 <= port <= 65535, "port", port, "in [1, 65535] or null", err)
+
+
 class Direction(str, enum.Enum):
     maximize = "maximize"
     minimize = "minimize"

@@ -1,0 +1,261 @@
+"""What the inspector's page does, without the page: scan the dropped photos (the one scan
+loop, inference/scan.py), keep every patch's P(crack) so a new threshold needs no model
+call, say each photo's verdict, and save an inspector's marks as a labelled folder that a
+folder source trains on (`Positive/`, `Negative/`: data.sources.NAME.root=labels_dir).
+
+The Gradio page (inference/page.py) only wires these to its widgets, so they are tested
+without a browser too.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from crack_lightning.data.decode import load_rgb, oriented_size
+from crack_lightning.errors import UnreadableImage
+from crack_lightning.inference.classifiers import LoadedModel
+from crack_lightning.inference.scan import (
+    MAX_FIGURE_SIDE,
+    ScanResult,
+    render_scan,
+    save_png,
+    scan_figure,
+    scan_files,
+    write_scan_csv,
+)
+from crack_lightning.settings import CLASS_NAMES, ScanSettings
+
+PATCH_COLUMNS = ["patch", "x", "y", "size", "P(crack)", "unfamiliar", "label", "mark"]
+SUMMARY_COLUMNS = ["photo", "verdict", "patches", "cracked", "unfamiliar", "cracked area"]
+# what a click on a patch does: mark it as one class, or take its mark back
+MARK_CHOICES = {"crack": CLASS_NAMES[1], "not crack": CLASS_NAMES[0], "clear mark": None}
+# the outline of a marked patch on the page (not in the downloaded overlay)
+MARK_COLOURS = {CLASS_NAMES[1]: (255, 0, 255), CLASS_NAMES[0]: (0, 200, 80)}
+
+
+@dataclass
+class Inspection:
+    """One scanned photo: its pixels (for the overlay and the crops), its scan (every
+    patch's P(crack): a new threshold is applied without the model) and its marks."""
+
+    name: str  # unique among the photos of the page (scan.output_names)
+    photo: Image.Image
+    result: ScanResult
+    marks: dict[int, str] = field(default_factory=dict)  # patch index -> class name
+
+    @property
+    def figure_scale(self) -> float:
+        """Overlay pixels per photo pixel (render_scan shrinks large photos)."""
+        return min(1.0, MAX_FIGURE_SIDE / max(self.result.width, self.result.height))
+
+
+def check_photo(path: Path, max_pixels: int, patch_size: int) -> None:
+    """Refuse, from the file's header alone, a photo too large to decode safely or too
+    small for one patch: an UnreadableImage naming the reason and the setting."""
+    width, height = oriented_size(path)
+    if width * height > max_pixels:
+        raise UnreadableImage(
+            f"{width}x{height} pixels ({width * height / 1e6:.0f} Mpx) is more than "
+            f"max_pixels={max_pixels}; shrink the photo or start crack-app with a higher "
+            f"max_pixels"
+        )
+    if width < patch_size or height < patch_size:
+        raise UnreadableImage(
+            f"{width}x{height} is smaller than one patch (scan.patch_size={patch_size}); "
+            f"start crack-app with a lower scan.patch_size"
+        )
+
+
+class Inspector:
+    """The page's model and settings, shared by its sessions; scans one batch at a time
+    (the model is not run by two threads at once)."""
+
+    def __init__(
+        self,
+        classifier: LoadedModel,
+        window: ScanSettings,
+        batch_size: int,
+        max_pixels: int,
+        labels_dir: Path,
+    ) -> None:
+        self.classifier = classifier
+        self.window = window
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.labels_dir = Path(labels_dir)
+        self._lock = threading.Lock()
+
+    def use(self, classifier: LoadedModel) -> None:
+        """Scan with another model from now on (after a scan in progress)."""
+        with self._lock:
+            self.classifier = classifier
+
+    def scan(
+        self, paths: Sequence[Path], threshold: float, out: Path
+    ) -> tuple[list[Inspection], list[tuple[str, str]]]:
+        """Scan the photos (their overlay PNG and patch CSV written into `out`); the
+        refused and unreadable ones come back as (file name, reason)."""
+        refused: list[tuple[str, str]] = []
+        accepted = []
+        for path in map(Path, paths):
+            try:
+                check_photo(path, self.max_pixels, self.window.patch_size)
+            except UnreadableImage as err:
+                refused.append((path.name, str(err)))
+            else:
+                accepted.append(path)
+        skipped: list[tuple[Path, str]] = []
+        inspections = []
+        with self._lock:
+            results = list(
+                scan_files(
+                    self.classifier, accepted, self.window, self.batch_size, threshold, out, skipped
+                )
+            )
+        for result in results:
+            inspection = Inspection(result.name, load_rgb(result.path), result)
+            write_scan_csv(result, scan_table(out, result.name))
+            inspections.append(inspection)
+        refused += [(path.name, reason) for path, reason in skipped]
+        return inspections, refused
+
+    def mark(self, inspection: Inspection, index: int, label: str | None) -> Path | None:
+        """Save patch `index` of the photo as a crop in labels_dir/<label>/ (replacing its
+        crop under the other label), or with label None remove its crop; returns the crop
+        written."""
+        result = inspection.result
+        x, y = (int(v) for v in result.boxes[index])
+        size = result.patch_size
+        name = f"{inspection.name}_x{x:04d}_y{y:04d}_s{size}.png"
+        for other in CLASS_NAMES:
+            if other != label:
+                (self.labels_dir / other / name).unlink(missing_ok=True)
+        if label is None:
+            inspection.marks.pop(index, None)
+            return None
+        crop = self.labels_dir / label / name
+        save_png(inspection.photo.crop((x, y, x + size, y + size)), crop)
+        inspection.marks[index] = label
+        return crop
+
+
+def scan_table(out: Path, name: str) -> Path:
+    """The patch CSV beside the photo's overlay PNG (predict mode=scan's names)."""
+    return scan_figure(out, name).with_suffix(".csv")
+
+
+def rethreshold(inspections: Sequence[Inspection], threshold: float, out: Path) -> list[Path]:
+    """Apply a new threshold to the kept P(crack) of every patch (no model call) and
+    rewrite each photo's overlay PNG and patch CSV; returns those files."""
+    for inspection in inspections:
+        inspection.result.threshold = threshold
+        save_png(
+            render_scan(inspection.result, inspection.photo), scan_figure(out, inspection.name)
+        )
+        write_scan_csv(inspection.result, scan_table(out, inspection.name))
+    return downloads(inspections, out)
+
+
+def downloads(inspections: Sequence[Inspection], out: Path) -> list[Path]:
+    """Each photo's overlay PNG and patch CSV."""
+    return [
+        path
+        for inspection in inspections
+        for path in (scan_figure(out, inspection.name), scan_table(out, inspection.name))
+    ]
+
+
+def verdict(result: ScanResult) -> str:
+    """The photo in one line: crack or not, how much of it, and what the model could not
+    judge (unfamiliar patches are never counted as cracks)."""
+    cracked, odd, total = (
+        int(result.cracked.sum()),
+        int(result.is_unfamiliar.sum()),
+        len(result.probs),
+    )
+    head = "Crack" if cracked else "No crack"
+    text = (
+        f"{head}: {cracked} of {total} patches cracked "
+        f"({result.cracked_area_share():.1%} of the photo) at threshold {result.threshold:.3f}"
+    )
+    if odd:
+        text += f"; {odd} unfamiliar (unlike the training images: not judged)"
+    return text
+
+
+def patch_rows(inspection: Inspection) -> list[list]:
+    """The patch table: index, box, P(crack), unfamiliar score, label and mark."""
+    result = inspection.result
+    scores = result.unfamiliar if result.unfamiliar is not None else [None] * len(result.probs)
+    return [
+        [
+            index,
+            int(x),
+            int(y),
+            result.patch_size,
+            round(float(prob), 4),
+            "" if score is None else round(float(score), 3),
+            label,
+            inspection.marks.get(index, ""),
+        ]
+        for index, ((x, y), prob, score, label) in enumerate(
+            zip(result.boxes, result.probs, scores, result.labels(), strict=True)
+        )
+    ]
+
+
+def summary_rows(inspections: Iterable[Inspection]) -> list[list]:
+    """One row per photo: its verdict and counts."""
+    return [
+        [
+            inspection.name,
+            "Crack" if inspection.result.cracked.any() else "No crack",
+            len(inspection.result.probs),
+            int(inspection.result.cracked.sum()),
+            int(inspection.result.is_unfamiliar.sum()),
+            f"{inspection.result.cracked_area_share():.1%}",
+        ]
+        for inspection in inspections
+    ]
+
+
+def patch_at(inspection: Inspection, x: float, y: float) -> int | None:
+    """The patch under pixel (x, y) of the overlay (scaled to the photo): of the windows
+    covering it, the one whose centre is nearest; None outside every window."""
+    scale = inspection.figure_scale
+    px, py = x / scale, y / scale
+    result = inspection.result
+    boxes, size = result.boxes, result.patch_size
+    inside = (
+        (boxes[:, 0] <= px)
+        & (px < boxes[:, 0] + size)
+        & (boxes[:, 1] <= py)
+        & (py < boxes[:, 1] + size)
+    )
+    if not inside.any():
+        return None
+    centres = boxes + size / 2
+    distance = np.where(inside, np.hypot(centres[:, 0] - px, centres[:, 1] - py), np.inf)
+    return int(distance.argmin())
+
+
+def overlay(inspection: Inspection) -> Image.Image:
+    """The scan overlay (render_scan) with the marked patches outlined: magenta crack,
+    green not crack."""
+    image = render_scan(inspection.result, inspection.photo)
+    if not inspection.marks:
+        return image
+    draw = ImageDraw.Draw(image)
+    scale, size = inspection.figure_scale, inspection.result.patch_size
+    line = max(2, round(4 * scale))
+    for index, label in inspection.marks.items():
+        x, y = inspection.result.boxes[index] * scale
+        side = size * scale
+        draw.rectangle((x, y, x + side - 1, y + side - 1), outline=MARK_COLOURS[label], width=line)
+    return image
