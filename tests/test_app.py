@@ -10,6 +10,7 @@ import csv
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -91,6 +92,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def forget_gradio_settings(patch: pytest.MonkeyPatch) -> None:
+    """The page sets Gradio's environment variables; they are restored after the test."""
+    for name in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED"):
+        patch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="module")
 def app(page_model, tmp_path_factory) -> Iterator[App]:
     """crack-app served in this process on a free 127.0.0.1 port; every batch the model
@@ -118,8 +125,9 @@ def app(page_model, tmp_path_factory) -> Iterator[App]:
         ],
     )
     with pytest.MonkeyPatch.context() as patch:
+        forget_gradio_settings(patch)
         patch.setattr(classifiers.LoadedModel, "predict_unfamiliar", counted)
-        page = start(cfg, block=False)
+        page, _ = start(cfg)
         try:
             yield App(page.local_url, folder / "labels", folder / "files", lambda: len(calls))
         finally:
@@ -347,9 +355,10 @@ def test_bad_input_is_a_message_and_the_page_goes_on(app, wall, page_model, tmp_
     assert outputs[-1] == "Scanned 1 photo(s)."
 
 
-def test_a_bad_checkpoint_at_start_is_one_error_line(tmp_path, capsys):
+def test_a_bad_checkpoint_at_start_is_one_error_line(tmp_path, capsys, monkeypatch):
     from crack_lightning.commands.app import main
 
+    forget_gradio_settings(monkeypatch)
     fake = tmp_path / "model.ckpt"
     fake.write_bytes(b"not a checkpoint")
     folders = [f"labels_dir={tmp_path / 'labels'}", f"files_dir={tmp_path / 'files'}"]
@@ -358,6 +367,19 @@ def test_a_bad_checkpoint_at_start_is_one_error_line(tmp_path, capsys):
     assert err.strip().startswith("error:") and str(fake) in err and "Traceback" not in err
     assert main(["ckpt_path=x.ckpt", "max_pixels=0"]) == 2
     assert "error: max_pixels=0 must be an integer >= 1." in capsys.readouterr().err
+
+
+def test_without_the_app_extra_crack_app_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    from crack_lightning.commands.app import main
+
+    forget_gradio_settings(monkeypatch)
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed
+    folders = [f"labels_dir={tmp_path / 'labels'}", f"files_dir={tmp_path / 'files'}"]
+    assert main(["ckpt_path=/nowhere.ckpt", *folders]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: crack-app needs the `app` extra (Gradio): pip install -e '.[app]' "
+        "(or pip install gradio gradio_client)."
+    )
 
 
 # --- what the page does, without a page -------------------------------------------------

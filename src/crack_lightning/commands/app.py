@@ -6,22 +6,29 @@ crack-app ckpt_path=RUN/checkpoints/best.ckpt [labels_dir=DIR] [port=7860]
 
 from __future__ import annotations
 
+import shutil
+import signal
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
-from crack_lightning.cli import run_tool
+from crack_lightning.cli import STOPPED, run_tool
 from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.inference.inspection import Inspector
 from crack_lightning.io import check_writable
 from crack_lightning.settings import AppSettings, ScanSettings, validate
 
+INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C before the page was served, as a shell reports it
 
-def start(cfg: DictConfig, block: bool = True):
-    """Check the settings, the folders and the model, then serve the page; returns the
-    served page when `block` is False (tests), else when it is stopped."""
+
+def start(cfg: DictConfig) -> tuple[Any, Path | None]:
+    """Check the settings, the folders and the model, then serve the page in the
+    background; returns the served page and the temp folder made for its files (None
+    where files_dir was chosen)."""
     settings = validate(cfg, AppSettings, "")
     window = validate(cfg.scan, ScanSettings, "scan")
     from crack_lightning.inference import page
@@ -29,22 +36,49 @@ def start(cfg: DictConfig, block: bool = True):
     labels_dir = Path(settings.labels_dir)
     check_writable(labels_dir, "labels_dir", folder=True)
     if settings.files_dir is None:
-        files_dir = Path(tempfile.mkdtemp(prefix="crack-app-"))
+        files_dir = temporary = Path(tempfile.mkdtemp(prefix="crack-app-"))
     else:
-        files_dir = Path(settings.files_dir)
+        files_dir, temporary = Path(settings.files_dir), None
         check_writable(files_dir, "files_dir", folder=True)
-    page.use_files_dir(files_dir)
-    page.gradio()  # the install line, before the model is read
-    classifier = load_classifier(cfg.ckpt_path, cfg.device)
-    inspector = Inspector(classifier, window, settings.batch_size, settings.max_pixels, labels_dir)
-    built = page.build_page(inspector, settings.threshold, files_dir, cfg.device)
-    print(f"Marks go to {labels_dir}; the page's files to {files_dir}.")
-    return page.serve(built, settings.host, settings.port, settings.open_browser, block)
+    try:
+        page.use_files_dir(files_dir)
+        page.gradio()  # the install line, before the model is read
+        classifier = load_classifier(cfg.ckpt_path, cfg.device)
+        inspector = Inspector(
+            classifier, window, settings.batch_size, settings.max_pixels, labels_dir
+        )
+        built = page.build_page(inspector, settings.threshold, files_dir, cfg.device)
+        address = page.serve(built, settings.host, settings.port, settings.open_browser)
+    except BaseException:
+        remove(temporary)
+        raise
+    print(f"The inspector's page: {address} (Ctrl-C stops it). Marks go to {labels_dir}.")
+    return built, temporary
 
 
-def serve_until_stopped(cfg: DictConfig) -> None:
-    """The page, served until Ctrl-C."""
-    start(cfg)
+def remove(temporary: Path | None) -> None:
+    """The temp folder of the page's files, once the page is stopped."""
+    if temporary is not None:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def serve_until_stopped(cfg: DictConfig) -> int | None:
+    """The page, served until Ctrl-C (exit 0 once served, 130 before) or SIGTERM (exit
+    143), then closed and its temp folder removed."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(STOPPED))
+    try:
+        try:
+            served, temporary = start(cfg)
+        except KeyboardInterrupt:
+            return INTERRUPTED
+        try:
+            served.block_thread()  # returns on Ctrl-C
+        finally:
+            served.close()
+            remove(temporary)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

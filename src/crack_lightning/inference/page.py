@@ -10,6 +10,7 @@ serves) go under the folder chosen with files_dir (GRADIO_TEMP_DIR), not the cur
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import uuid
 from collections.abc import Callable
@@ -67,6 +68,8 @@ class Session:
 
     out: Path
     inspections: dict[str, Inspection] = field(default_factory=dict)
+    # (uploaded file, model) pairs already scanned: a drop onto the list re-sends them all
+    seen: set[tuple[str, str]] = field(default_factory=set)
 
     def current(self, name: str | None) -> Inspection | None:
         return self.inspections.get(name) if name else None
@@ -118,8 +121,10 @@ def build_page(
     def scan(files: list[str] | None, level: float, session: Session | None) -> tuple:
         if session is None:
             session = Session(downloads_root / uuid.uuid4().hex)
-        files = files or []
+        model = inspector.classifier.source
+        files = [f for f in files or [] if (f, model) not in session.seen]
         scanned, refused = inspector.scan([Path(f) for f in files], level, session.out)
+        session.seen.update((f, model) for f in files)
         for inspection in scanned:
             session.inspections[inspection.name] = inspection
         for name, reason in refused:
@@ -269,18 +274,19 @@ def build_page(
     return page
 
 
-def serve(page: Any, host: str, port: int | None, open_browser: bool, block: bool = True) -> Any:
-    """Serve the page on this machine (no share link, no telemetry); block until stopped
-    unless `block` is False (tests)."""
+def serve(page: Any, host: str, port: int | None, open_browser: bool) -> str:
+    """Serve the page on this machine in the background (no share link, no telemetry);
+    returns its address."""
     gr = gradio()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's calls to itself
     page.launch(
         server_name=host,
         server_port=port,
         share=False,
         inbrowser=open_browser,
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,
         show_error=True,
-        quiet=not block,
+        quiet=True,
         theme=gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS),
         footer_links=[],
         run_history=False,
@@ -288,4 +294,4 @@ def serve(page: Any, host: str, port: int | None, open_browser: bool, block: boo
         mcp_server=False,
         ssr_mode=False,
     )
-    return page
+    return page.local_url
