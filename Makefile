@@ -8,37 +8,37 @@ STAMP := $(VENV)/.installed
 
 setup: system-tools $(STAMP)
 
+# The Debian packages in $$missing (set by the recipe before it), installed with apt-get when
+# run as root ($(1): what for); otherwise a note ($(2): what needs what) with the command
+# ($(3) after it).
+define install_missing
+if [ -z "$$missing" ]; then exit 0; fi; \
+if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	echo "Installing$$missing ($(1))"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
+else \
+	echo "note: $(2); install$$missing (Debian/Ubuntu: sudo apt-get install$$missing$(3))" >&2; \
+fi
+endef
+
 # RAR unpackers for the data set's archive (unar first, bsdtar from libarchive-tools as the
-# fallback, see docs/data.md). Installed with apt-get when run as root; otherwise printed.
+# fallback, see docs/data.md).
 system-tools:
 	@missing=""; \
 	command -v unar >/dev/null 2>&1 || missing="$$missing unar"; \
 	command -v bsdtar >/dev/null 2>&1 || missing="$$missing libarchive-tools"; \
-	if [ -z "$$missing" ]; then exit 0; fi; \
-	if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		echo "Installing$$missing (to unpack the data set's RAR archive)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
-	else \
-		echo "note: unpacking the data set's RAR archive needs unar or bsdtar; install$$missing" \
-			"(Debian/Ubuntu: sudo apt-get install$$missing; macOS: brew install unar)" >&2; \
-	fi
+	$(call install_missing,to unpack the data set's RAR archive,unpacking the data set's RAR \
+		archive needs unar or bsdtar,; macOS: brew install unar)
 
 # Debian's Chromium and its driver, for the test that drives the inspector's page in a real
-# browser (tests/test_app.py; skipped without them, except under CI=true). Installed with
-# apt-get when run as root; otherwise printed.
+# browser (tests/test_app.py; skipped without them, except under CI=true).
 browser-tools:
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 		missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
-	if [ -z "$$missing" ]; then exit 0; fi; \
-	if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		echo "Installing$$missing (the browser test of the inspector's page)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
-	else \
-		echo "note: the browser test of the inspector's page needs Chromium and chromedriver;" \
-			"install$$missing (Debian/Ubuntu: sudo apt-get install$$missing)" >&2; \
-	fi
+	$(call install_missing,the browser test of the inspector's page,the browser test of the \
+		inspector's page needs Chromium and chromedriver,)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

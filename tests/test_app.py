@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from crack_lightning.data.sources import scan_samples
 from crack_lightning.data.synthetic import concrete_texture, draw_crack
 from crack_lightning.inference import classifiers
 from crack_lightning.inference.classifiers import load_classifier
@@ -268,13 +269,19 @@ def test_the_page_in_a_browser_scans_rethresholds_and_saves_marks(app, wall, pag
         browser.find_element(By.CSS_SELECTOR, "#mark-as input[value='not crack']").click()
         click(250, 250)
         wait_for((app.labels / "Negative" / "wall_x0200_y0200_s100.png").exists, "crop 8")
+        # what a folder source (data.sources.NAME.root=labels_dir) will train on
+        assert scan_samples(app.labels) == [
+            (str(app.labels / "Negative" / "wall_x0200_y0200_s100.png"), 0),
+            (str(crop), 1),
+        ]
         click(150, 50)
         wait_for((app.labels / "Negative" / "wall_x0100_y0000_s100.png").exists, "crop 1")
         assert not crop.exists()
         assert app.model_calls() == scanned_calls
         if screenshot := os.environ.get("CRACK_APP_SCREENSHOT"):
             browser.find_element(By.CSS_SELECTOR, "#mark-as input[value='crack']").click()
-            click(150, 150)  # the middle patch marked crack, for the picture
+            click(150, 50)  # patches 1 and 4 (cracked) marked crack, for the picture
+            click(150, 150)
             box.send_keys(Keys.CONTROL, "a")
             box.send_keys("0.5", Keys.TAB)
             wait_for(lambda: "Crack: 3 of 9" in browser.find_element(By.ID, "verdict").text, "")
