@@ -7,6 +7,7 @@ export; bad input is a message, never a dead page."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import shutil
 import socket
@@ -36,7 +37,10 @@ from crack_lightning.settings import ScanSettings
 
 from .conftest import QUIET, compose_config, in_ci
 
-pytest.importorskip("gradio", reason="the inspector's page needs the `app` extra")
+if importlib.util.find_spec("gradio") is None:  # make setup installs the `app` extra
+    if in_ci():
+        pytest.fail("the inspector's page needs the `app` extra (Gradio)", pytrace=False)
+    pytest.skip("the inspector's page needs the `app` extra (Gradio)", allow_module_level=True)
 
 PATCH = 100  # the test photo is 3 x 3 patches of 100 px
 CRACKED_TILES = (1, 4, 5)

@@ -270,7 +270,12 @@ def build_page(
         figure.select(
             mark, [mark_as, shown, session], [figure, table, status], api_visibility="private"
         )
-        model_file.upload(load_model, [model_file], [level, model_info], api_name="model")
+        model_file.upload(load_model, [model_file], [level, model_info], api_name="model").then(
+            change_threshold,  # the photos on the page relabelled at the new model's threshold
+            [level, shown, session],
+            [*view, summary, files_out],
+            api_visibility="private",
+        )
     return page
 
 
