@@ -30,6 +30,7 @@ from crack_lightning.inference.inspection import (
     Inspector,
     patch_at,
     patch_rows,
+    rethreshold,
     verdict,
 )
 from crack_lightning.inference.scan import ScanResult, scan_photo
@@ -434,3 +435,21 @@ def test_a_mark_moves_between_the_class_folders_and_can_be_cleared(tmp_path):
     # a new threshold changes labels and the verdict, from the kept probabilities
     item.result.threshold = 0.95
     assert verdict(item.result).startswith("No crack: 0 of")
+
+
+def test_a_new_threshold_rewrites_the_files_of_the_photos_it_relabels(tmp_path):
+    item = inspection()  # P(crack) from 0.1 to 0.9, at threshold 0.5
+
+    def labels() -> list[str]:
+        with (tmp_path / "wall_scan.csv").open() as handle:
+            return [row["label"] for row in csv.DictReader(handle)]
+
+    files = rethreshold([item], 0.05, tmp_path)
+    assert files == [tmp_path / "wall_scan.png", tmp_path / "wall_scan.csv"]
+    assert labels() == ["Positive"] * len(item.result.probs)
+    written = [path.stat().st_mtime_ns for path in files]
+    rethreshold([item], 0.08, tmp_path)  # no patch changes label: nothing to rewrite
+    assert [path.stat().st_mtime_ns for path in files] == written
+    rethreshold([item], 0.95, tmp_path)
+    assert labels() == ["Negative"] * len(item.result.probs)
+    assert Image.open(files[0]).size == (300, 200)

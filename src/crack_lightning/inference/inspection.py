@@ -152,9 +152,13 @@ def scan_table(out: Path, name: str) -> Path:
 
 def rethreshold(inspections: Sequence[Inspection], threshold: float, out: Path) -> list[Path]:
     """Apply a new threshold to the kept P(crack) of every patch (no model call) and
-    rewrite each photo's overlay PNG and patch CSV; returns those files."""
+    rewrite the overlay PNG and patch CSV of each photo whose labels it changed (the heat
+    map itself does not depend on it); returns every photo's files."""
     for inspection in inspections:
+        before = inspection.result.cracked
         inspection.result.threshold = threshold
+        if np.array_equal(before, inspection.result.cracked):
+            continue
         save_png(
             render_scan(inspection.result, inspection.photo), scan_figure(out, inspection.name)
         )
