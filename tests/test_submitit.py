@@ -4,12 +4,10 @@ SLURM settings as the sbatch script submitit would submit (no SLURM needed)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -20,24 +18,13 @@ from omegaconf import OmegaConf
 from crack_lightning.training.resume import LAST_CKPT
 
 from .conftest import CONF_DIR, ROOT, run_train_py
+from .test_sweeps import TINY, read_csv
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 launchers = pytest.importorskip("hydra_plugins.crack_lightning_submitit")
 
-FAST = [
-    "data.image_size=64",
-    "data.num_workers=0",
-    "data.batch_size=16",
-    "model=mobilenetv3_small",
-    "model.pretrained=false",
-    "trainer.max_epochs=1",
-    "callbacks.progress_bar.refresh_rate=0",
-]
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open() as stream:
-        return list(csv.DictReader(stream))
+# test_sweeps' tiny settings, with the smallest backbone
+FAST = [*TINY, "data.batch_size=16", "model=mobilenetv3_small"]
 
 
 def test_a_submitit_local_sweep_runs_its_jobs_as_processes_and_summarises(synthetic_root, tmp_path):

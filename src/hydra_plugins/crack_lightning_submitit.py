@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 REQUEUED = -1
 
 
-class SweepJobFailed(CrackLightningError, CompactHydraException):
-    """A job of the sweep failed; Hydra prints it as its message alone (no traceback)."""
+class LauncherError(CrackLightningError, CompactHydraException):
+    """A job of the sweep failed, or the launcher cannot start; Hydra prints the message
+    alone (no traceback) and exits 1."""
 
 
 def rank_overrides(rank: int, task_name: str) -> list[str]:
@@ -70,7 +71,7 @@ def resume_overrides(overrides: Sequence[str], run_dir: Path) -> list[str]:
 def failed_return(overrides: Sequence[str], message: str) -> JobReturn:
     """A JobReturn for a job that ended without one of its own."""
     ret = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
-    ret.return_value = SweepJobFailed(message)
+    ret.return_value = LauncherError(message)
     return ret
 
 
@@ -201,3 +202,25 @@ if plugin is not None:
 
     class SlurmLauncher(_WaitForEveryJob, plugin.SlurmLauncher):
         """`hydra/launcher=submitit_slurm`: every job a SLURM job (one job array)."""
+
+else:
+    from hydra.plugins.launcher import Launcher
+
+    class _NotInstalled(Launcher):
+        def __init__(self, **params: Any) -> None:
+            raise LauncherError(
+                "hydra/launcher=submitit_local and submitit_slurm need hydra-submitit-launcher, "
+                "which is not installed: pip install -e .[submitit] (make setup installs it)."
+            )
+
+        def setup(self, **kwargs: Any) -> None:  # never reached: __init__ refuses
+            raise NotImplementedError
+
+        def launch(self, job_overrides: Any, initial_job_idx: int) -> Any:
+            raise NotImplementedError
+
+    class LocalLauncher(_NotInstalled):
+        """`hydra/launcher=submitit_local` without the plugin: says what to install."""
+
+    class SlurmLauncher(_NotInstalled):
+        """`hydra/launcher=submitit_slurm` without the plugin: says what to install."""
