@@ -24,6 +24,8 @@ job runs or the sweep ends.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -119,6 +121,11 @@ except ImportError:  # the `submitit` extra is not installed
 if plugin is not None:
 
     class _WaitForEveryJob(plugin.BaseSubmititLauncher):
+        def setup(self, **kwargs: Any) -> None:
+            super().setup(**kwargs)
+            # train.py (or crack-train): the command a job's DDP processes run (see __call__)
+            self.entry_point = os.path.abspath(sys.argv[0])
+
         def __call__(
             self,
             sweep_overrides: list[str],
@@ -132,6 +139,12 @@ if plugin is not None:
             from crack_lightning.training.distributed import process_rank
 
             quiet_logs()  # as train.py does before Hydra composes the job's config
+            # Lightning starts the DDP processes of a job on one machine (trainer=ddp under
+            # submitit_local) by running this process's command again: train.py's, not
+            # submitit's (`python -m submitit...`); training/distributed.ddp_job adds the
+            # job's overrides
+            sys.argv = [self.entry_point]
+            sys.modules["__main__"].__spec__ = None
             assert self.config is not None
             rank = process_rank()
             overrides = [*sweep_overrides, *rank_overrides(rank, self.config.task_name)]
