@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from crack_lightning.training.distributed import rank_overrides
 from crack_lightning.training.resume import LAST_CKPT
 
 from .conftest import CONF_DIR, ROOT, run_train_py
@@ -143,8 +144,8 @@ def test_slurm_settings_become_the_sbatch_script_of_a_ddp_job(tmp_path, monkeypa
 
 
 def test_extra_tasks_of_a_job_and_requeued_jobs_get_their_overrides(tmp_path):
-    assert launchers.rank_overrides(0, "train") == []
-    assert launchers.rank_overrides(3, "train") == [
+    assert rank_overrides(0) == []
+    assert rank_overrides(3) == [
         "hydra.output_subdir=null",
         "hydra.job.name=train_rank3",
     ]

@@ -13,6 +13,8 @@ conf/hydra/launcher/ points both at the plugin's launchers with these changes, m
 - a job with several SLURM tasks (DDP, `tasks_per_node` = GPUs) runs in every task; the
   tasks other than rank 0 keep out of the job's .hydra/ files and log to
   train_rank<rank>.log, as train.py does under srun (training/distributed.py);
+- a job's DDP processes on one machine (trainer=ddp under submitit_local) run train.py,
+  as in a sweep of the basic launcher, not submitit's command;
 - a job SLURM requeues after its time-limit warning (`max_num_timeout` > 0) continues from
   its last.ckpt.
 
@@ -27,7 +29,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,26 +49,15 @@ class LauncherError(CrackLightningError, CompactHydraException):
     alone (no traceback) and exits 1."""
 
 
-def rank_overrides(rank: int, task_name: str) -> list[str]:
-    """What a SLURM task other than rank 0 adds to its job's overrides (as launch_argv)."""
-    if rank == 0:
-        return []
-    return ["hydra.output_subdir=null", f"hydra.job.name={task_name}_rank{rank}"]
-
-
 def resume_overrides(overrides: Sequence[str], run_dir: Path) -> list[str]:
     """A requeued job's overrides: from its last.ckpt once an epoch has finished, its first
     session's .hydra/ files kept (as ckpt_path=last on train.py's command line)."""
-    from crack_lightning.training.resume import LAST, LAST_CKPT
+    from crack_lightning.training.resume import LAST, LAST_CKPT, resume_output_subdir
 
     if not (run_dir / LAST_CKPT).is_file():
         return list(overrides)
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
-    return [
-        *(o for o in overrides if not o.startswith("ckpt_path=")),
-        f"ckpt_path={LAST}",
-        f"hydra.output_subdir=.hydra/resume_{stamp}",
-    ]
+    kept = [o for o in overrides if not o.startswith("ckpt_path=")]
+    return [*kept, f"ckpt_path={LAST}", resume_output_subdir()]
 
 
 def failed_return(overrides: Sequence[str], message: str) -> JobReturn:
@@ -136,7 +126,7 @@ if plugin is not None:
         ) -> JobReturn:
             """Run one job, in the job's process (in each of its SLURM tasks)."""
             from crack_lightning.runtime import quiet_logs
-            from crack_lightning.training.distributed import process_rank
+            from crack_lightning.training.distributed import process_rank, rank_overrides
 
             quiet_logs()  # as train.py does before Hydra composes the job's config
             # Lightning starts the DDP processes of a job on one machine (trainer=ddp under
@@ -145,9 +135,7 @@ if plugin is not None:
             # job's overrides
             sys.argv = [self.entry_point]
             sys.modules["__main__"].__spec__ = None
-            assert self.config is not None
-            rank = process_rank()
-            overrides = [*sweep_overrides, *rank_overrides(rank, self.config.task_name)]
+            overrides = [*sweep_overrides, *rank_overrides(process_rank())]
             try:
                 return super().__call__(overrides, job_dir_key, job_num, job_id, singleton_state)
             except SystemExit as stop:  # cli.user_errors: the message went to the job's log
