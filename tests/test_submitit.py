@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -74,12 +75,22 @@ def test_failed_jobs_are_one_line_each_and_the_summary_lists_them(synthetic_root
         f"data.root={synthetic_root}",
         f"hydra.sweep.dir={sweep}",
         *FAST,
-        "data.batch_size=-3,-4",  # both jobs stop at the settings check
+        # job 0 stops at the settings check, job 1 crashes at its first batch
+        "data.batch_size=-3,16",
+        "+callbacks.crash._target_=tests.probes.Crash",
+        "+callbacks.crash.epoch=0",
+        "+callbacks.crash.batch=0",
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    for size in (-3, -4):
-        assert f"data.batch_size={size} must be an integer >= 1." in result.stdout
+    assert "failed: data.batch_size=-3 must be an integer >= 1." in result.stdout
+    crash = "RuntimeError: crash in the middle of an epoch (tests.probes.Crash)"
+    line = next(line for line in result.stdout.splitlines() if "Sweep job 1 (" in line)
+    assert f"failed: {crash} (the traceback: " in line
+    log_file = Path(line.rsplit("(the traceback: ", 1)[1].rstrip(")"))
+    assert log_file.parent.parent == sweep / ".submitit"
+    assert "Traceback (most recent call last)" in log_file.read_text()
+    # the sweeper stops at the first failed job: its message, alone, ends the output
     assert result.stderr.rstrip().endswith(
         "data.batch_size=-3 must be an integer >= 1.\n\n"
         "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
@@ -87,7 +98,7 @@ def test_failed_jobs_are_one_line_each_and_the_summary_lists_them(synthetic_root
     rows = read_csv(sweep / "sweep_summary.csv")
     assert [(r["rank"], r["swept"], r["status"]) for r in rows] == [
         ("", "data.batch_size=-3", "no metrics.json (failed or unfinished)"),
-        ("", "data.batch_size=-4", "no metrics.json (failed or unfinished)"),
+        ("", "data.batch_size=16", "no metrics.json (failed or unfinished)"),
     ]
 
 

@@ -4,8 +4,9 @@ this machine) or `submitit_slurm` (SLURM jobs), through hydra-submitit-launcher.
 conf/hydra/launcher/ points both at the plugin's launchers with these changes, made here:
 
 - the sweep waits for every job, even after one failed: a failed job (our error, a crash,
-  killed, out of time) is one line naming the job, its error and its log, instead of a
-  traceback from the plugin, which stops waiting for the rest at the first failure;
+  killed, out of time) is one line naming the job and its error (for a crash, the log
+  with the traceback), instead of a traceback from the plugin, which stops waiting for
+  the rest at the first failure;
 - when a job failed, the summary (crack_lightning/training/sweep_summary.py) is written
   before the sweep stops, the failed jobs listed last; otherwise the SweepSummary callback
   writes it after the last job, in this (the submitting) process, as for the basic
@@ -28,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,17 @@ def failed_return(overrides: Sequence[str], message: str) -> JobReturn:
     ret = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
     ret.return_value = LauncherError(message)
     return ret
+
+
+def crash_return(ret: JobReturn) -> JobReturn:
+    """A crashed job's JobReturn: the traceback into the job's log, one line to return."""
+    import submitit
+
+    error = ret._return_value
+    traceback.print_exception(error, file=sys.stderr)
+    log_file = submitit.JobEnvironment().paths.stderr
+    message = f"{type(error).__name__}: {error} (the traceback: {log_file})"
+    return failed_return(ret.overrides or [], message)
 
 
 def last_line(text: str) -> str:
@@ -137,7 +150,7 @@ if plugin is not None:
             sys.modules["__main__"].__spec__ = None
             overrides = [*sweep_overrides, *rank_overrides(process_rank())]
             try:
-                return super().__call__(overrides, job_dir_key, job_num, job_id, singleton_state)
+                ret = super().__call__(overrides, job_dir_key, job_num, job_id, singleton_state)
             except SystemExit as stop:  # cli.user_errors: the message went to the job's log
                 if stop.code == REQUEUED:  # submitit requeued the job: no result yet
                     raise
@@ -145,6 +158,9 @@ if plugin is not None:
                 return failed_return(
                     sweep_overrides, str(cause) if cause else f"exited with code {stop.code}"
                 )
+            if ret.status == JobStatus.FAILED:  # a crash: its traceback does not survive pickling
+                return crash_return(ret)
+            return ret
 
         def checkpoint(self, sweep_overrides: list[str], *args: Any) -> Any:
             """What SLURM runs again after the time-limit warning (max_num_timeout > 0)."""
