@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -110,3 +111,12 @@ def validate_by_hand(cfg, state_dict: dict) -> dict[str, float]:
         "acc": float(((probs >= 0.5).long() == labels).float().mean()),
         "auroc": float(pairs / (pos.numel() * neg.numel())),
     }
+
+
+class RecordPid(L.Callback):
+    """Write the id of the process that trains into `<run dir>/pid.json`, to tell which
+    process ran a sweep's job."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        path = Path(trainer.default_root_dir) / "pid.json"
+        path.write_text(json.dumps({"pid": os.getpid(), "parent": os.getppid()}))

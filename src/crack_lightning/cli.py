@@ -53,6 +53,7 @@ def prepare_process() -> None:
     os.environ.setdefault("PROJECT_ROOT", str(project_root()))
     register_resolvers()
     tune_malloc()
+    quiet_logs()  # before Hydra composes the config
 
 
 @contextmanager

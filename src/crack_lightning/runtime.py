@@ -46,6 +46,8 @@ _EXPECTED_WARNINGS = (
     r".*module\(s\) in eval mode at the start of training.*",  # the frozen backbone
     r".*isinstance\(treespec, LeafSpec\).*",  # Lightning 2.6 on torch 2.14
     r".*callbacks used to create the checkpoint need to be provided.*",  # final evaluation
+    # conf/hydra/launcher/submitit_*.yaml replace the plugin's configs of the same names
+    r"\s*'hydra/launcher/submitit_(local|slurm)' is validated against ConfigStore schema",
 )
 
 

@@ -86,10 +86,13 @@ def launch_argv(argv: Sequence[str], env: Mapping[str, str] | None = None) -> li
             f"(srun) or paths.output_dir=logs/train/runs/$RUN_ID with RUN_ID set once for all "
             f"machines (torchrun)."
         )
-    rank = process_rank(env)
-    if rank > 0:
-        argv += ["hydra.output_subdir=null", f"hydra.job.name=train_rank{rank}"]
-    return argv
+    return argv + rank_overrides(process_rank(env))
+
+
+def rank_overrides(rank: int) -> list[str]:
+    """What a process other than rank 0 adds to its overrides: no .hydra/ files (rank 0
+    writes them), its own log file."""
+    return [] if rank == 0 else ["hydra.output_subdir=null", f"hydra.job.name=train_rank{rank}"]
 
 
 @contextmanager

@@ -74,6 +74,11 @@ def runs_dir_of(conf_dir: Path, overrides: Sequence[str]) -> Path:
     return Path(cfg.paths.log_dir) / cfg.task_name / "runs"
 
 
+def resume_output_subdir() -> str:
+    """The override that puts a resumed session's .hydra/ files beside the first's."""
+    return f"hydra.output_subdir=.hydra/resume_{datetime.now():%Y-%m-%d_%H-%M-%S_%f}"
+
+
 def resume_argv(argv: Sequence[str], conf_dir: Path) -> list[str]:
     """train.py's command line, completed for `ckpt_path=last` before Hydra reads it.
 
@@ -87,8 +92,7 @@ def resume_argv(argv: Sequence[str], conf_dir: Path) -> list[str]:
         return argv
     extra = []
     if override_value(args, "hydra.output_subdir") is None:
-        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
-        extra.append(f"hydra.output_subdir=.hydra/resume_{stamp}")
+        extra.append(resume_output_subdir())
     multirun = any(a in MULTIRUN_FLAGS for a in args) or override_value(args, "hydra.mode")
     named = any(override_value(args, k) is not None for k in ("paths.output_dir", "hydra.run.dir"))
     if not multirun and not named:

@@ -219,19 +219,27 @@ def write_summary(
     return table
 
 
+def summarize_sweep(sweep_dir: Path, metric: str | None, direction: str | None) -> None:
+    """Write the summary files and print the table at the end of a sweep; a sweep with
+    nothing to summarise (no job got as far as its folder) is a warning, not an error."""
+    try:
+        table = write_summary(sweep_dir, metric, direction)
+    except CrackLightningError as err:
+        log.warning("No sweep summary: %s", err)
+        return
+    print("\n" + table, flush=True)
+    log.info("Sweep summary written to %s and %s", sweep_dir / CSV_NAME, MARKDOWN_NAME)
+
+
 class SweepSummary(Callback):
-    """Hydra callback: summarise the sweep once its last job has finished."""
+    """Hydra callback: summarise the sweep once its last job has finished (in the process
+    that started the sweep, whichever launcher ran the jobs)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if process_rank() > 0:  # torchrun/srun: each process ran the sweep; one summarises
             return
-        sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            table = write_summary(
-                sweep_dir, config.get("optimized_metric"), config.get("optimized_direction")
-            )
-        except CrackLightningError as err:
-            log.warning("No sweep summary: %s", err)
-            return
-        print("\n" + table, flush=True)
-        log.info("Sweep summary written to %s and %s", sweep_dir / CSV_NAME, MARKDOWN_NAME)
+        summarize_sweep(
+            Path(config.hydra.sweep.dir),
+            config.get("optimized_metric"),
+            config.get("optimized_direction"),
+        )
