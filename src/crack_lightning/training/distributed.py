@@ -5,13 +5,15 @@ Lightning starts the other processes on this machine itself, running train.py ag
 writes checkpoints, TensorBoard events, the split manifest and metrics.json; each other
 process writes only its log, train_ddp_process_<local rank>.log.
 
-Two cases need help, handled here:
+Three cases need help, handled here:
 
 - a sweep (`-m`): Lightning would start the whole sweep again in each new process;
   `ddp_job` makes them run the current job only, in the job's directory;
 - processes started by torchrun or srun run train.py from the start, each on its own,
   and would each pick their own timestamped run directory: `launch_argv` refuses to
-  start unless the command names a directory they all share.
+  start unless the command names a directory they all share;
+- work before training that the processes can share (the feature cache fill):
+  `start_processes` starts them and joins the process group before fit, not in it.
 """
 
 from __future__ import annotations
@@ -143,3 +145,29 @@ def ddp_job(trainer: object) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def start_processes(trainer: object) -> None:
+    """Start the other DDP processes and join the process group now, before fit, so that
+    work before training (the feature cache fill, data/feature_cache.py) is shared out
+    among them instead of done by each. Lightning's fit then finds the processes
+    started (LOCAL_RANK is set) and the group initialized, and goes on as usual.
+
+    Only for the launchers that start processes running this same command (Lightning's
+    for trainer=ddp, torchrun, srun); with one process, or ddp_spawn, nothing changes.
+    Called inside ddp_job, so that a sweep's processes run the current job.
+    """
+    import torch
+    from lightning.pytorch.strategies.launchers.subprocess_script import (
+        _SubprocessScriptLauncher,
+    )
+
+    launcher = getattr(trainer.strategy, "launcher", None)  # type: ignore[attr-defined]
+    processes = trainer.num_devices * trainer.num_nodes  # type: ignore[attr-defined]
+    if (
+        processes <= 1
+        or not isinstance(launcher, _SubprocessScriptLauncher)
+        or torch.distributed.is_initialized()
+    ):
+        return
+    launcher.launch(trainer.strategy.setup_environment)  # type: ignore[attr-defined]
