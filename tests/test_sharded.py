@@ -10,17 +10,23 @@ import re
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from crack_lightning.commands.predict import run as predict
 from crack_lightning.data.feature_cache import cached_features
 from crack_lightning.data.shards import share
 from crack_lightning.data.sources import scan_samples
 from crack_lightning.data.synthetic import generate_dataset
+from crack_lightning.errors import ConfigError, RunDirError
+from crack_lightning.inference.classifiers import LoadedModel
+from crack_lightning.inference.export import export_model
+from crack_lightning.training.distributed import launch_argv
 from crack_lightning.training.run import build
 
-from .conftest import QUIET, SMALL, compose_config, run_train_py
+from .conftest import QUIET, SMALL, compose_config, run_python, run_train_py
 
 VIEWS, SIZE, BATCH = 2, 32, 4
 
@@ -157,3 +163,78 @@ def test_a_ddp_run_through_train_py_fills_the_cache_in_two_shares(synthetic_root
     assert int(torch.load(saved, weights_only=True)["done"].sum()) == 2 * 34 + 14
     assert not list((cache_dir / "features").glob("*.rank*"))
     assert json.loads((run_dir / "metrics.json").read_text())["val/acc"] >= 0
+
+
+def test_predict_py_under_torchrun_writes_one_table_as_one_process_does(tmp_path, backbone_weights):
+    """2 processes (torchrun, gloo on CPU) classify their shares; rank 0 writes the one
+    CSV: byte for byte the one-process CSV (whole batches per process: the same sums),
+    the damaged file skipped and named in input order."""
+    root = generate_dataset(tmp_path / "data", images_per_class=11, image_size=64, seed=1)
+    (root / "Negative" / "0003_damaged.jpg").write_bytes(b"not a JPEG")
+    cfg = compose_config(
+        "train",
+        ["model=mobilenetv2", f"model.weights_path={backbone_weights}", "data.image_size=64"],
+    )
+    torch.manual_seed(0)
+    model = export_model(
+        LoadedModel.from_module(build(cfg.model)), "torchscript", tmp_path / "model.pt"
+    )
+    settings = [
+        f"ckpt_path={model}",
+        f"inputs=[{root}]",
+        "batch_size=4",
+        "num_workers=0",
+        "progress=false",
+        "device=cpu",
+    ]
+    result = run_python(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "predict.py",
+        *settings,
+        f"paths.output_dir={tmp_path / 'sharded'}",
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    # one process, with torchrun's one thread per process: the same float sums
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        predict(compose_config("predict", [*settings, f"paths.output_dir={tmp_path / 'single'}"]))
+    finally:
+        torch.set_num_threads(threads)
+    sharded = (tmp_path / "sharded" / "predictions.csv").read_text()
+    assert sharded == (tmp_path / "single" / "predictions.csv").read_text()
+    rows = sharded.splitlines()[1:]
+    assert len(rows) == 22 and len({row.split(",")[2] for row in rows}) > 10  # varied P(crack)
+    assert "0003_damaged.jpg" in result.stderr
+    shares = [
+        LINE.findall((tmp_path / "sharded" / log).read_text())
+        for log in ("predict.log", "predict_rank1.log")
+    ]
+    assert shares == [[("0", "12")], [("1", "11")]]  # batches of 4 dealt in turn over 23 files
+    assert not (tmp_path / "sharded" / ".hydra" / "predict_rank1.log").exists()
+
+
+LINE = re.compile(r"Process (\d) of 2 classifies (\d+) of 23 files")
+
+
+def test_under_torchrun_predict_names_a_shared_folder_and_does_not_scan(tmp_path, monkeypatch):
+    rank1 = {"RANK": "1", "GROUP_RANK": "0", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    with pytest.raises(RunDirError, match=r"torchrun started 2 processes, each running predict"):
+        launch_argv(["predict.py", "inputs=[d]"], {**rank1, "WORLD_SIZE": "2"}, "predict")
+    argv = launch_argv(
+        ["predict.py", "paths.output_dir=o"], {**rank1, "WORLD_SIZE": "2"}, "predict"
+    )
+    assert argv[2:] == ["hydra.output_subdir=null", "hydra.job.name=predict_rank1"]
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = compose_config(
+        "predict",
+        ["ckpt_path=m.ckpt", f"inputs=[{tmp_path}]", "mode=scan", f"paths.output_dir={tmp_path}"],
+    )
+    with pytest.raises(
+        ConfigError, match="mode=scan runs in one process; start it without torchrun"
+    ):
+        predict(cfg)

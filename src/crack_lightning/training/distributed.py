@@ -55,12 +55,15 @@ def process_rank(env: Mapping[str, str] | None = None) -> int:
     return 0
 
 
-def launch_argv(argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
-    """train.py's command line for a process torchrun or srun started; unchanged otherwise.
+def launch_argv(
+    argv: Sequence[str], env: Mapping[str, str] | None = None, command: str = "train"
+) -> list[str]:
+    """train.py's (or predict.py's) command line for a process torchrun or srun started;
+    unchanged otherwise.
 
     Refuses to go on unless the command names a run (or sweep) directory all processes
     share. Processes other than rank 0 keep out of Hydra's .hydra/ files and log to
-    train_rank<rank>.log, as Lightning's own DDP processes do.
+    <command>_rank<rank>.log, as Lightning's own DDP processes do.
     """
     env = os.environ if env is None else env
     launcher, processes = external_processes(env)
@@ -82,15 +85,15 @@ def launch_argv(argv: Sequence[str], env: Mapping[str, str] | None = None) -> li
         override_value(args, k) is None for k in ("paths.output_dir", "hydra.run.dir")
     ):
         raise RunDirError(
-            f"{launcher} started {processes} processes, each running train.py on its own, so "
-            f"each would create its own timestamped run directory. Name one they share: "
-            f"add paths.output_dir=DIR, e.g. paths.output_dir=logs/train/runs/$SLURM_JOB_ID "
-            f"(srun) or paths.output_dir=logs/train/runs/$RUN_ID with RUN_ID set once for all "
-            f"machines (torchrun)."
+            f"{launcher} started {processes} processes, each running {command}.py on its "
+            f"own, so each would create its own timestamped run directory. Name one they "
+            f"share: add paths.output_dir=DIR, e.g. paths.output_dir=logs/{command}/runs/"
+            f"$SLURM_JOB_ID (srun) or paths.output_dir=logs/{command}/runs/$RUN_ID with RUN_ID "
+            f"set once for all machines (torchrun)."
         )
     rank = process_rank(env)
     if rank > 0:
-        argv += ["hydra.output_subdir=null", f"hydra.job.name=train_rank{rank}"]
+        argv += ["hydra.output_subdir=null", f"hydra.job.name={command}_rank{rank}"]
     return argv
 
 
