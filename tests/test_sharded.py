@@ -27,6 +27,7 @@ from crack_lightning.training.distributed import launch_argv
 from crack_lightning.training.run import build
 
 from .conftest import QUIET, SMALL, compose_config, run_python, run_train_py
+from .test_ddp import TWO_CPU_PROCESSES
 
 VIEWS, SIZE, BATCH = 2, 32, 4
 
@@ -138,9 +139,7 @@ def test_a_ddp_run_through_train_py_fills_the_cache_in_two_shares(synthetic_root
     half the cache; both then train on the complete one."""
     logs, cache_dir = tmp_path / "logs", tmp_path / "cache"
     result = run_train_py(
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
+        *TWO_CPU_PROCESSES,
         f"data.root={synthetic_root}",
         f"paths.log_dir={logs}",
         f"paths.cache_dir={cache_dir}",
