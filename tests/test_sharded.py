@@ -73,15 +73,23 @@ def fill(net, files, train, evaluation, cache_dir: Path) -> tuple[object, int]:
 
 
 def fill_in_process(rank: int, port: int, net, files, train, evaluation, cache_dir, out) -> None:
+    """First a fill that stops on a damaged image in rank 0's share (both processes must
+    stop, neither wait for the other), then the real one."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
+    damaged = [*files[:3], str(out / "damaged.jpg")]
     try:
+        try:
+            fill(net, damaged, [], range(len(damaged)), out / "stopped")
+            stopped = ""
+        except Exception as err:
+            stopped = f"{type(err).__name__}: {err}"
         cache, encoded = fill(net, files, train, evaluation, cache_dir)
     finally:
         dist.destroy_process_group()
     torch.save({"features": cache.features, "done": cache.done}, out / f"rank{rank}.pt")
-    (out / f"rank{rank}.json").write_text(json.dumps({"encoded": encoded}))
+    (out / f"rank{rank}.json").write_text(json.dumps({"encoded": encoded, "stopped": stopped}))
 
 
 def test_two_processes_fill_the_cache_each_its_share(tmp_path, backbone_weights):
@@ -102,13 +110,19 @@ def test_two_processes_fill_the_cache_each_its_share(tmp_path, backbone_weights)
     assert before == VIEWS * 6
     out = tmp_path / "out"
     out.mkdir()
+    (out / "damaged.jpg").write_bytes(b"not a JPEG")
     mp.spawn(
         fill_in_process,
         args=(free_port(), net, files, train, evaluation, shared, out),
         nprocs=2,
         join=True,
     )
-    counts = [json.loads((out / f"rank{r}.json").read_text())["encoded"] for r in (0, 1)]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert (
+        reports[0]["stopped"].startswith("DamagedImage") and "damaged.jpg" in reports[0]["stopped"]
+    )
+    assert reports[1]["stopped"].startswith("DataError: Another process stopped")
+    counts = [report["encoded"] for report in reports]
     # only what was missing, each view once, split in two nearly equal shares
     assert sum(counts) == total - before
     assert min(counts) > 0 and abs(counts[0] - counts[1]) <= VIEWS * BATCH
@@ -123,6 +137,22 @@ def test_two_processes_fill_the_cache_each_its_share(tmp_path, backbone_weights)
         assert torch.equal(cache["features"], ranks[0]["features"])
         assert torch.allclose(cache["features"].float(), single.features.float(), atol=2e-3)
     assert not torch.equal(ranks[0]["features"][1, 0], ranks[0]["features"][0, 0])  # 2 views
+
+
+def test_one_process_takes_over_the_journals_of_a_killed_sharded_fill(tmp_path, backbone_weights):
+    """What a killed 2-process fill saved in its journals is not computed again, whatever
+    the number of processes next time; the journals go into the cache file."""
+    root = generate_dataset(tmp_path / "data", images_per_class=4, image_size=SIZE, seed=0)
+    files = [path for path, _ in scan_samples(root)]
+    cfg = compose_config("train", ["model=mobilenetv2", f"model.weights_path={backbone_weights}"])
+    net = build(cfg.model).net.eval()
+    cache_dir = tmp_path / "cache"
+    cache, _ = fill(net, files, [0, 1, 2], [], cache_dir)  # rank 1's journal, as it was left
+    cache.path.rename(f"{cache.path}.rank1")
+    again, encoded = fill(net, files, range(8), [], cache_dir)
+    assert encoded == VIEWS * (8 - 3)
+    assert bool(again.done.all()) and not list(cache_dir.glob("*.rank*"))
+    assert torch.equal(torch.load(cache.path, weights_only=True)["done"], again.done)
 
 
 def test_shares_are_whole_batches_dealt_in_turn():

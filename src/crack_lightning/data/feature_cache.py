@@ -287,6 +287,7 @@ def cached_features(
         probe = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device)
         shape = tuple(encode(probe).shape[1:])
     cache = FeatureCache(path, len(files), views, shape)
+    journals = _merge_journals(cache)  # a killed sharded fill's work
     needed = torch.zeros(views, len(files), dtype=torch.bool)
     needed[:, list(train_indices)] = True
     needed[0, list(eval_indices)] = True
@@ -307,9 +308,12 @@ def cached_features(
     )
     start = time.perf_counter()
     if group_ranks()[1] > 1:
-        fill_in_shares(cache, fill, needed, batch_size)
+        fill_in_shares(cache, fill, needed, batch_size, journals)
     else:
         fill(needed=needed)
+        if journals:  # kept in the cache file now
+            cache.save()
+            _remove(journals)
     report_fill(int((needed & cache.done).sum()) - reused, time.perf_counter() - start)
     return cache
 
@@ -328,7 +332,11 @@ def report_fill(computed: int, seconds: float) -> None:
 
 
 def fill_in_shares(
-    cache: FeatureCache, fill: Callable[..., None], needed: torch.Tensor, batch_size: int
+    cache: FeatureCache,
+    fill: Callable[..., None],
+    needed: torch.Tensor,
+    batch_size: int,
+    journals: Sequence[Path] = (),
 ) -> None:
     """The fill shared out among the processes of a DDP group: each computes its share
     (data/shards.py) of what is missing everywhere, the shares are summed across the
@@ -339,14 +347,11 @@ def fill_in_shares(
     While filling, a process saves to its own journal beside the cache
     (features_KEY.pt.rank<R>), never to the cache itself: two processes merging into one
     file at once could each overwrite what the other had just saved. A killed fill's
-    journals are merged in the next time (whatever the number of processes), and go once
-    the complete cache is saved.
+    journals (`journals`, merged into `cache` already) go once the complete cache is
+    saved.
     """
     rank, world = group_ranks()
     group = cpu_group()
-    journals = sorted(cache.path.parent.glob(f"{cache.path.name}.rank*"))
-    for journal in journals:
-        _merge_file(cache, journal)
     everywhere = cache.done.to(torch.uint8)
     dist.all_reduce(everywhere, op=dist.ReduceOp.MIN, group=group)
     missing = needed & ~everywhere.bool()
@@ -378,8 +383,7 @@ def fill_in_shares(
     if first_on_host(group):
         cache.save()
     any_failed(False, group)  # the complete cache is saved: the journals may go
-    for journal in {*journals, _journal(cache.path, rank)}:
-        journal.unlink(missing_ok=True)
+    _remove([*journals, _journal(cache.path, rank)])
 
 
 def _journal(path: Path, rank: int) -> Path:
@@ -411,12 +415,23 @@ def _exchange(
         cache.done[:, columns] = everywhere[:, columns] | computed
 
 
-def _merge_file(cache: FeatureCache, path: Path) -> None:
-    """What another cache file (a killed fill's journal) holds and `cache` lacks."""
-    other = FeatureCache(path, cache.done.shape[1], cache.done.shape[0], cache.features.shape[2:])
-    theirs = other.done & ~cache.done
-    cache.features[theirs] = other.features[theirs]
-    cache.done |= theirs
+def _merge_journals(cache: FeatureCache) -> list[Path]:
+    """Merge into `cache` what the journals of a killed sharded fill (any number of
+    processes) hold and it lacks; returns their paths."""
+    journals = sorted(cache.path.parent.glob(f"{cache.path.name}.rank*"))
+    for path in journals:
+        other = FeatureCache(
+            path, cache.done.shape[1], cache.done.shape[0], cache.features.shape[2:]
+        )
+        theirs = other.done & ~cache.done
+        cache.features[theirs] = other.features[theirs]
+        cache.done |= theirs
+    return journals
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 @contextmanager
