@@ -377,7 +377,7 @@ def fill_in_shares(
             raise error
         raise DataError(
             "Another process stopped while filling the feature cache (see its log); "
-            "what every process computed is kept for the next run."
+            "the shares the others finished are kept for the next run."
         )
     _exchange(cache, mine, everywhere.bool(), todo, group)
     if first_on_host(group):
