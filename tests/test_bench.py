@@ -6,10 +6,23 @@ import json
 
 import pytest
 
+from crack_lightning.cli import compose_command
+from crack_lightning.commands.bench import (
+    Bench,
+    main,
+    ratios,
+    repeat_sample,
+    row_backbone_forward,
+    row_fill,
+)
+from crack_lightning.settings import BenchSettings, validate
+
 from .conftest import run_python
 
 FIGURES = {
     "backbone_forward",
+    "fill",
+    "fill_vs_forward",
     "train_lightning",
     "train_loop",
     "lightning_vs_loop",
@@ -49,3 +62,43 @@ def test_bench_prints_a_table_and_a_json_line_with_every_figure(sample_root, bac
     assert set(figures) >= FIGURES
     assert all(figures[name] > 0 for name in FIGURES)
     assert "lightning_vs_loop" in result.stdout  # the table
+
+
+def test_the_fill_row_beside_the_bare_forward_pass(sample_root, tmp_path):
+    """The fill's images/s and its ratio to the bare forward pass (a few tiny images)."""
+    cfg = compose_command("bench", [f"sample={sample_root}", "batch_size=8", "workers=0"])
+    settings = validate(cfg, BenchSettings, "")
+    data = repeat_sample(sample_root, 24, tmp_path / "data")
+    result = row_backbone_forward(Bench(settings, data, 32, tmp_path))
+    result |= row_fill(Bench(settings, data, 32, tmp_path))
+    result |= ratios(result)
+    assert result["fill"] > 0 and result["backbone_forward"] > 0
+    assert result["fill_vs_forward"] == pytest.approx(result["fill"] / result["backbone_forward"])
+    assert list((tmp_path / "fill_32").glob("features_*.pt"))  # a real fill, into its own cache
+
+
+def test_one_run_prints_the_fill_forward_predict_and_the_design_cards_command(
+    sample_root, synthetic_root, backbone_weights, capsys
+):
+    """sizes=[] full_scale=DIR: the design card's command on DIR (1 epoch here) with its
+    own fill rate, the bare forward pass and prediction over the same images, printed as
+    the headline and in the JSON line."""
+    code = main(
+        [
+            f"sample={sample_root}",
+            "sizes=[]",
+            f"full_scale={synthetic_root}",
+            f"weights={backbone_weights}",
+            "epochs=1",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    [line] = report["headline"]
+    assert line["on"] == f"{synthetic_root} (48 images, 224 px)"
+    assert all(line[k] > 0 for k in ("fill", "backbone_forward", "predict", "default_command_s"))
+    assert line["fill_vs_forward"] == pytest.approx(line["fill"] / line["backbone_forward"])
+    assert 0.75 <= line["default_command_val_acc"] <= 1  # the command really trained
+    assert report["default_command"]["fill"] == line["fill"]
+    assert f"{synthetic_root} (48 images, 224 px): fill " in out  # the headline printed

@@ -31,15 +31,15 @@ SETTINGS = [
     *QUIET,
 ]
 LAST_BLOCK = "net.backbone.features.12."
+# two DDP processes on CPU (gloo), started by Lightning
+TWO_CPU_PROCESSES = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
 
 
 def test_two_process_ddp_run_through_train_py(synthetic_root, tmp_path):
     logs = tmp_path / "logs"
     digests = tmp_path / "digests"
     result = run_train_py(
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
+        *TWO_CPU_PROCESSES,
         f"data.root={synthetic_root}",
         f"paths.log_dir={logs}",
         "+callbacks.digest._target_=tests.probes.ParamDigest",
@@ -112,9 +112,7 @@ def test_a_ddp_sweep_runs_each_job_once_in_its_own_folder(synthetic_root, tmp_pa
     result = run_train_py(
         "-m",
         "model.lr=1e-3,3e-4",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
+        *TWO_CPU_PROCESSES,
         f"data.root={synthetic_root}",
         f"paths.log_dir={logs}",
         *[

@@ -3,25 +3,32 @@
 Measures, in one process, on a data set made by repeating the images of `sample`, one
 row (or a few) per function in ROWS:
 - the frozen backbone's forward pass alone (images/s), the ceiling for all below;
+- the feature cache fill (images/s, one view of every image into a fresh cache) and its
+  ratio to the bare forward pass;
 - training throughput (images/s, warm-up excluded) of the Lightning pipeline and of a
   minimal hand-written PyTorch loop doing the same work, and their ratio;
 - validation and prediction throughput: PyTorch, ONNX Runtime, and its int8 model;
 - wall time of a run of `epochs` epochs uncached, and cached (cold and warm cache), next
   to the time of one backbone pass over the data; peak RSS and page faults per second.
-Prints a table and one JSON line; with `reference=FILE`, ratios to another pipeline's
-figures too. Settings: conf/bench.yaml. Measured figures live in docs/speed.md.
+With `full_scale=DIR`, the design card's command (`python train.py model=mobilenetv2
+trainer.max_epochs=10`) on that folder: its wall time beside its own cache fill rate, the
+bare forward pass and prediction over the same images. Prints a table, the headline
+figures and one JSON line; with `reference=FILE`, ratios to another pipeline's figures
+too. Settings: conf/bench.yaml. Measured figures live in docs/speed.md.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,6 +38,7 @@ import yaml
 from omegaconf import DictConfig
 
 from crack_lightning.cli import compose_command, run_tool
+from crack_lightning.data.feature_cache import cached_features
 from crack_lightning.data.sources import scan_samples
 from crack_lightning.errors import ConfigError
 from crack_lightning.inference.classifiers import LoadedModel, classify_files, load_classifier
@@ -149,6 +157,36 @@ def timed(function: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+class FillTimes(logging.Handler):
+    """The feature cache fills' figures (feature_cache.report_fill) while attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.views, self.seconds = 0, 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if hasattr(record, "fill_seconds"):
+            self.views += record.fill_views
+            self.seconds += record.fill_seconds
+
+    def rate(self) -> float:
+        return self.views / self.seconds if self.seconds else float("nan")
+
+
+@contextmanager
+def fill_times() -> Iterator[FillTimes]:
+    """Collect what every cache fill inside reports (a run of train.py fills its own)."""
+    logger = logging.getLogger(cached_features.__module__)
+    handler, level = FillTimes(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def validation_throughput(cfg: DictConfig) -> float:
     datamodule, model = build(cfg.data), build(cfg.model)
     datamodule.setup("fit")
@@ -223,6 +261,28 @@ def row_backbone_forward(bench: Bench) -> dict:
     return {"backbone_forward": forward_throughput(bench.config())}
 
 
+def row_fill(bench: Bench) -> dict:
+    """The feature cache fill alone: one view of every image into a fresh cache, decoding
+    included, as train.py's cold cache fills it (same batch size and workers)."""
+    cfg = bench.config()
+    files = [str(path) for path in bench.files]
+    with fill_times() as fills:
+        cached_features(
+            build(cfg.model).net,
+            files,
+            [],
+            range(len(files)),
+            1,
+            bench.size,
+            bench.work / f"fill_{bench.size}",
+            cfg.data.batch_size,
+            cfg.data.num_workers,
+            torch.device("cpu"),
+            cfg.data.on_bad_image,
+        )
+    return {"fill": fills.rate()}
+
+
 def row_train(bench: Bench) -> dict:
     rate, faults = lightning_throughput(bench.config())
     loop = loop_throughput(bench.config())
@@ -273,6 +333,7 @@ def row_epochs(bench: Bench) -> dict:
 # the table's rows, in order: add a function here to add a row
 ROWS: list[Callable[[Bench], dict]] = [
     row_backbone_forward,
+    row_fill,
     row_train,
     row_validate,
     row_predict,
@@ -301,13 +362,16 @@ def reference_ratios(result: dict, size: int, reference: dict | None) -> dict:
 
 
 def ratios(result: dict) -> dict:
-    """Figures that compare rows: a cold cache fill against one pass of the backbone."""
-    if "cached_1view_cold_s" not in result or "one_backbone_pass_s" not in result:
-        return {}
-    return {
-        "cached_1view_cold_vs_one_pass": result["cached_1view_cold_s"]
-        / result["one_backbone_pass_s"]
-    }
+    """Figures that compare rows: the fill against the bare forward pass (1.0: the fill
+    runs at the bound), a cold cached run against one pass of the backbone."""
+    figures = {}
+    if "fill" in result and "backbone_forward" in result:
+        figures["fill_vs_forward"] = result["fill"] / result["backbone_forward"]
+    if "cached_1view_cold_s" in result and "one_backbone_pass_s" in result:
+        figures["cached_1view_cold_vs_one_pass"] = (
+            result["cached_1view_cold_s"] / result["one_backbone_pass_s"]
+        )
+    return figures
 
 
 def bench_size(bench: Bench, reference: dict | None) -> dict:
@@ -340,15 +404,23 @@ def default_command_row(
     classifier = LoadedModel.from_module(
         build(cfg.model), "cuda" if torch.cuda.is_available() else "cpu"
     )
-    one_pass_s = len(files) / predict_throughput(classifier, files, cfg.data.num_workers)
+    predict_rate = predict_throughput(classifier, files, cfg.data.num_workers)
+    one_pass_s = len(files) / predict_rate
+    forward = forward_throughput(cfg)
     start = time.perf_counter()
-    metrics = train(cfg)
+    with fill_times() as fills:  # the command's own cold cache fill
+        metrics = train(cfg)
     seconds = time.perf_counter() - start
     row = {
         "images": len(files),
+        "image_size": cfg.data.image_size,
         "epochs": epochs,
         "default_command_s": seconds,
         "default_command_val_acc": metrics["val/acc"],
+        "fill": fills.rate(),
+        "backbone_forward": forward,
+        "fill_vs_forward": fills.rate() / forward,
+        "predict": predict_rate,
         "one_backbone_pass_s": one_pass_s,
         "default_command_vs_one_pass": seconds / one_pass_s,
     }
@@ -442,6 +514,40 @@ def full_scale_figures(s: BenchSettings, reference: dict | None, work: Path) -> 
     return extra
 
 
+HEADLINE = ("fill", "backbone_forward", "fill_vs_forward", "predict")
+
+
+def headline(results: list[dict], extra: dict, full_scale: str | None) -> list[dict]:
+    """The figures issue 20 asks for in one run: the fill rate, the bare forward rate
+    and their ratio, prediction (images/s), per image size of the repeated sample, and
+    on the full_scale folder beside the design card's command's wall time."""
+    lines = [
+        {"on": f"sample repeated, {r['image_size']} px"}
+        | {k: r.get(k) for k in HEADLINE[:3]}
+        | {"predict": r.get("predict_torch")}
+        for r in results
+    ]
+    row = extra.get("default_command")
+    if row:
+        lines.append(
+            {"on": f"{full_scale} ({row['images']} images, {row['image_size']} px)"}
+            | {k: row[k] for k in HEADLINE}
+            | {k: row[k] for k in ("default_command_s", "default_command_val_acc")}
+        )
+    return lines
+
+
+def print_headline(lines: list[dict]) -> None:
+    print("\nheadline: images/s; the design card's command's wall time (s) and val accuracy")
+    for line in lines:
+        cells = ", ".join(
+            f"{key} {value:.4f}" if key.endswith("acc") else f"{key} {value:.2f}"
+            for key, value in line.items()
+            if isinstance(value, float)
+        )
+        print(f"  {line['on']}: {cells}")
+
+
 def print_table(results: list[dict]) -> None:
     keys = [k for k in results[0] if k != "image_size"]
     print(f"\n{'':34}" + "".join(f"{r['image_size']:>12} px" for r in results))
@@ -486,6 +592,8 @@ def run(cfg: DictConfig) -> None:
         extra = full_scale_figures(s, reference, work)
     if results:
         print_table(results)
+    lines = headline(results, extra, s.full_scale)
+    print_headline(lines)
     tuned = os.environ.get("CRACK_LIGHTNING_MALLOC") != "default"
     print(
         f"peak RSS {peak_rss_mib():.0f} MiB; torch {torch.__version__}, "
@@ -498,6 +606,7 @@ def run(cfg: DictConfig) -> None:
         "allocator_tuned": tuned,
         "peak_rss_mib": round(peak_rss_mib()),
         "results": results,
+        "headline": lines,
         **extra,
     }
     print(json.dumps(report))

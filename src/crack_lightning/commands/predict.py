@@ -13,17 +13,23 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, open_dict
 
-from crack_lightning.cli import hydra_app, prepare_process
+from crack_lightning.cli import hydra_app, prepare_process, user_errors
 from crack_lightning.data.decode import collect_inputs, label_from_path, load_rgb
 from crack_lightning.errors import PredictionError
 from crack_lightning.evaluation.folders import evaluate_inputs, markdown_table
 from crack_lightning.evaluation.metrics import binary_metrics, format_report, write_evaluation
 from crack_lightning.evaluation.plots import image_grid_figure, save
 from crack_lightning.evaluation.threshold import decision_threshold
-from crack_lightning.inference.classifiers import classify_files, load_classifier
+from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.inference.scan import scan_figure, scan_files, write_scan_csv
+from crack_lightning.inference.sharded import (
+    classify_in_shares,
+    require_one_process,
+    started_processes,
+)
 from crack_lightning.io import check_writable, write_csv, write_text
 from crack_lightning.settings import CLASS_NAMES, PredictSettings, ScanSettings, validate
+from crack_lightning.training.distributed import launch_argv
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +73,10 @@ def print_skipped(skipped: Sequence[tuple[object, str]]) -> None:
 
 def classify(cfg: DictConfig, classifier, files: list[Path]) -> dict:
     """predict and eval modes; returns a summary."""
-    probs, skipped_files = classify_files(
-        classifier, files, cfg.batch_size, cfg.num_workers, progress=cfg.progress
-    )
+    shared = classify_in_shares(classifier, files, cfg.batch_size, cfg.num_workers, cfg.progress)
+    if shared is None:  # a process of a sharded run (torchrun) other than rank 0: it writes
+        return {}
+    probs, skipped_files = shared
     print_skipped(skipped_files)
     ok = ~np.isnan(probs)
     good = [f for f, keep in zip(files, ok, strict=True) if keep]
@@ -155,12 +162,17 @@ def scan(cfg: DictConfig, classifier, files: list[Path], window: ScanSettings) -
 def predict() -> Any:
     """The console script: conf/predict.yaml as a Hydra application."""
     prepare_process()
+    if started_processes() > 1:  # torchrun: one run directory, one writer (rank 0)
+        with user_errors():
+            sys.argv = launch_argv(sys.argv, command="predict")
     return hydra_app("predict", run)()
 
 
 def run(cfg: DictConfig) -> dict:
     """The Hydra task: settings checked, then one mode."""
     validate(cfg, PredictSettings, "")
+    if cfg.mode == "scan":
+        require_one_process(cfg.mode)
     window = validate(cfg.scan, ScanSettings, "scan")
     classifier = load_classifier(cfg.ckpt_path, cfg.device)
     if cfg.mode != "scan":
@@ -177,6 +189,8 @@ def run(cfg: DictConfig) -> dict:
     if cfg.mode == "scan":
         return scan(cfg, classifier, files, window)
     summary = classify(cfg, classifier, files)
+    if not summary:  # rank 0 of a sharded run reports
+        return summary
     print(
         f"Classified {summary['classified']} image(s): {summary['positive']} Positive (crack), "
         f"{summary['classified'] - summary['positive']} Negative; skipped {summary['skipped']}. "

@@ -31,11 +31,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from crack_lightning.data.decode import DECODE_VERSION, DecodedImages, sample_file
+from crack_lightning.data.shards import any_failed, cpu_group, first_on_host, group_ranks, share
 from crack_lightning.data.transforms import Augmentation, augment_batch
-from crack_lightning.errors import DamagedImage, ModelConfigError
+from crack_lightning.errors import DamagedImage, DataError, ModelConfigError
 from crack_lightning.io import save_torch
 from crack_lightning.progress import progress
 from crack_lightning.settings import MAX_VIEWS
@@ -285,6 +287,7 @@ def cached_features(
         probe = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device)
         shape = tuple(encode(probe).shape[1:])
     cache = FeatureCache(path, len(files), views, shape)
+    journals = _merge_journals(cache)  # a killed sharded fill's work
     needed = torch.zeros(views, len(files), dtype=torch.bool)
     needed[:, list(train_indices)] = True
     needed[0, list(eval_indices)] = True
@@ -292,7 +295,150 @@ def cached_features(
     log.info(
         "Feature cache %s: %d of %d image views already computed", path, reused, int(needed.sum())
     )
-    cache.fill(
-        encode, files, needed, image_size, batch_size, num_workers, device, on_bad, augmentation
+    fill = partial(
+        cache.fill,
+        encode,
+        files,
+        image_size=image_size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        on_bad=on_bad,
+        augmentation=augmentation,
     )
+    start = time.perf_counter()
+    if group_ranks()[1] > 1:
+        fill_in_shares(cache, fill, needed, batch_size, journals)
+    else:
+        fill(needed=needed)
+        if journals:  # kept in the cache file now
+            cache.save()
+            _remove(journals)
+    report_fill(int((needed & cache.done).sum()) - reused, time.perf_counter() - start)
     return cache
+
+
+def report_fill(computed: int, seconds: float) -> None:
+    """The fill's rate in the log; the record carries the figures (`fill_views`,
+    `fill_seconds`) for crack-bench, which reads them from the design card's run."""
+    if computed:
+        log.info(
+            "Feature cache: %d image views computed in %.1f s (%.1f img/s)",
+            computed,
+            seconds,
+            computed / seconds,
+            extra={"fill_views": computed, "fill_seconds": seconds},
+        )
+
+
+def fill_in_shares(
+    cache: FeatureCache,
+    fill: Callable[..., None],
+    needed: torch.Tensor,
+    batch_size: int,
+    journals: Sequence[Path] = (),
+) -> None:
+    """The fill shared out among the processes of a DDP group: each computes its share
+    (data/shards.py) of what is missing everywhere, the shares are summed across the
+    processes (each entry comes from one, zeros from the others: exact), and the
+    lowest rank on each machine saves the complete cache, so the folder need not be
+    shared between machines.
+
+    While filling, a process saves to its own journal beside the cache
+    (features_KEY.pt.rank<R>), never to the cache itself: two processes merging into one
+    file at once could each overwrite what the other had just saved. A killed fill's
+    journals (`journals`, merged into `cache` already) go once the complete cache is
+    saved.
+    """
+    rank, world = group_ranks()
+    group = cpu_group()
+    everywhere = cache.done.to(torch.uint8)
+    dist.all_reduce(everywhere, op=dist.ReduceOp.MIN, group=group)
+    missing = needed & ~everywhere.bool()
+    todo = torch.nonzero(missing.any(dim=0)).flatten()
+    mine = torch.zeros_like(missing)
+    columns = todo[share(len(todo), batch_size, rank, world)]
+    mine[:, columns] = missing[:, columns]
+    log.info(
+        "Feature cache: process %d of %d computes %d of the %d image views missing",
+        rank,
+        world,
+        int(mine.sum()),
+        int(missing.sum()),
+    )
+    error: BaseException | None = None
+    try:
+        with _saving_to(cache, _journal(cache.path, rank)):
+            fill(needed=mine)
+    except Exception as err:  # the others must hear of it before they wait for this rank
+        error = err
+    if any_failed(error is not None, group):
+        if error is not None:
+            raise error
+        raise DataError(
+            "Another process stopped while filling the feature cache (see its log); "
+            "the shares the others finished are kept for the next run."
+        )
+    _exchange(cache, mine, everywhere.bool(), todo, group)
+    if first_on_host(group):
+        cache.save()
+    any_failed(False, group)  # the complete cache is saved: the journals may go
+    _remove([*journals, _journal(cache.path, rank)])
+
+
+def _journal(path: Path, rank: int) -> Path:
+    return path.with_name(f"{path.name}.rank{rank}")
+
+
+def _exchange(
+    cache: FeatureCache,
+    mine: torch.Tensor,
+    everywhere: torch.Tensor,
+    todo: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    chunk: int = 1024,
+) -> None:
+    """Every process's computed entries into every process's cache, `chunk` images at a
+    time (a copy of the whole cache could be gigabytes for stage outputs)."""
+    for start in range(0, len(todo), chunk):
+        columns = todo[start : start + chunk]
+        ours = cache.done[:, columns] & mine[:, columns]
+        features = cache.features[:, columns]
+        features[~ours] = 0
+        dist.all_reduce(features, op=dist.ReduceOp.SUM, group=group)
+        computed = ours.to(torch.uint8)
+        dist.all_reduce(computed, op=dist.ReduceOp.MAX, group=group)
+        computed = computed.bool()
+        block = cache.features[:, columns]
+        block[computed] = features[computed]
+        cache.features[:, columns] = block
+        cache.done[:, columns] = everywhere[:, columns] | computed
+
+
+def _merge_journals(cache: FeatureCache) -> list[Path]:
+    """Merge into `cache` what the journals of a killed sharded fill (any number of
+    processes) hold and it lacks; returns their paths."""
+    journals = sorted(cache.path.parent.glob(f"{cache.path.name}.rank*"))
+    for path in journals:
+        other = FeatureCache(
+            path, cache.done.shape[1], cache.done.shape[0], cache.features.shape[2:]
+        )
+        theirs = other.done & ~cache.done
+        cache.features[theirs] = other.features[theirs]
+        cache.done |= theirs
+    return journals
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _saving_to(cache: FeatureCache, path: Path) -> Iterator[None]:
+    """The fill's saves go to `path` meanwhile (a journal only this process writes)."""
+    cache.path, target = path, cache.path
+    try:
+        yield
+    finally:
+        cache.path = target

@@ -5,13 +5,15 @@ Lightning starts the other processes on this machine itself, running train.py ag
 writes checkpoints, TensorBoard events, the split manifest and metrics.json; each other
 process writes only its log, train_ddp_process_<local rank>.log.
 
-Two cases need help, handled here:
+Three cases need help, handled here:
 
 - a sweep (`-m`): Lightning would start the whole sweep again in each new process;
   `ddp_job` makes them run the current job only, in the job's directory;
 - processes started by torchrun or srun run train.py from the start, each on its own,
   and would each pick their own timestamped run directory: `launch_argv` refuses to
-  start unless the command names a directory they all share.
+  start unless the command names a directory they all share;
+- work before training that the processes can share (the feature cache fill):
+  `start_processes` starts them and joins the process group before fit, not in it.
 """
 
 from __future__ import annotations
@@ -53,12 +55,15 @@ def process_rank(env: Mapping[str, str] | None = None) -> int:
     return 0
 
 
-def launch_argv(argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
-    """train.py's command line for a process torchrun or srun started; unchanged otherwise.
+def launch_argv(
+    argv: Sequence[str], env: Mapping[str, str] | None = None, command: str = "train"
+) -> list[str]:
+    """train.py's (or predict.py's) command line for a process torchrun or srun started;
+    unchanged otherwise.
 
     Refuses to go on unless the command names a run (or sweep) directory all processes
     share. Processes other than rank 0 keep out of Hydra's .hydra/ files and log to
-    train_rank<rank>.log, as Lightning's own DDP processes do.
+    <command>_rank<rank>.log, as Lightning's own DDP processes do.
     """
     env = os.environ if env is None else env
     launcher, processes = external_processes(env)
@@ -80,19 +85,19 @@ def launch_argv(argv: Sequence[str], env: Mapping[str, str] | None = None) -> li
         override_value(args, k) is None for k in ("paths.output_dir", "hydra.run.dir")
     ):
         raise RunDirError(
-            f"{launcher} started {processes} processes, each running train.py on its own, so "
-            f"each would create its own timestamped run directory. Name one they share: "
-            f"add paths.output_dir=DIR, e.g. paths.output_dir=logs/train/runs/$SLURM_JOB_ID "
-            f"(srun) or paths.output_dir=logs/train/runs/$RUN_ID with RUN_ID set once for all "
-            f"machines (torchrun)."
+            f"{launcher} started {processes} processes, each running {command}.py on its "
+            f"own, so each would create its own timestamped run directory. Name one they "
+            f"share: add paths.output_dir=DIR, e.g. paths.output_dir=logs/{command}/runs/"
+            f"$SLURM_JOB_ID (srun) or paths.output_dir=logs/{command}/runs/$RUN_ID with RUN_ID "
+            f"set once for all machines (torchrun)."
         )
-    return argv + rank_overrides(process_rank(env))
+    return argv + rank_overrides(process_rank(env), command)
 
 
-def rank_overrides(rank: int) -> list[str]:
+def rank_overrides(rank: int, command: str = "train") -> list[str]:
     """What a process other than rank 0 adds to its overrides: no .hydra/ files (rank 0
     writes them), its own log file."""
-    return [] if rank == 0 else ["hydra.output_subdir=null", f"hydra.job.name=train_rank{rank}"]
+    return [] if rank == 0 else ["hydra.output_subdir=null", f"hydra.job.name={command}_rank{rank}"]
 
 
 @contextmanager
@@ -146,3 +151,29 @@ def ddp_job(trainer: object) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def start_processes(trainer: object) -> None:
+    """Start the other DDP processes and join the process group now, before fit, so that
+    work before training (the feature cache fill, data/feature_cache.py) is shared out
+    among them instead of done by each. Lightning's fit then finds the processes
+    started (LOCAL_RANK is set) and the group initialized, and goes on as usual.
+
+    Only for the launchers that start processes running this same command (Lightning's
+    for trainer=ddp, torchrun, srun); with one process, or ddp_spawn, nothing changes.
+    Called inside ddp_job, so that a sweep's processes run the current job.
+    """
+    import torch
+    from lightning.pytorch.strategies.launchers.subprocess_script import (
+        _SubprocessScriptLauncher,
+    )
+
+    launcher = getattr(trainer.strategy, "launcher", None)  # type: ignore[attr-defined]
+    processes = trainer.num_devices * trainer.num_nodes  # type: ignore[attr-defined]
+    if (
+        processes <= 1
+        or not isinstance(launcher, _SubprocessScriptLauncher)
+        or torch.distributed.is_initialized()
+    ):
+        return
+    launcher.launch(trainer.strategy.setup_environment)  # type: ignore[attr-defined]

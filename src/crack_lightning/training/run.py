@@ -37,7 +37,7 @@ from crack_lightning.training.callbacks import (
     saved_checkpoint,
     stored_val_metrics,
 )
-from crack_lightning.training.distributed import ddp_job
+from crack_lightning.training.distributed import ddp_job, start_processes
 from crack_lightning.training.loggers import log_run_files
 from crack_lightning.training.precision import resolve_precision
 from crack_lightning.training.resume import (
@@ -94,16 +94,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = build(
         cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False
     )
-    use_feature_cache_if_wanted(datamodule, model, trainer, finetune)
-    # after the cache left out the files it could not read, as the stored manifest did
-    split_changed = check_resumed_split(cfg, resumed_run, datamodule)
-    if trainer.is_global_zero:
-        if split_changed and resumed_run == output_dir:
-            keep_old_manifest(output_dir / MANIFEST_NAME)
-        datamodule.write_manifest(output_dir / MANIFEST_NAME)  # io: a full disk is one line
-    log_hyperparameters(trainer, model, cfg)
-
     with ddp_job(trainer):
+        use_feature_cache_if_wanted(datamodule, model, trainer, finetune)
+        # after the cache left out the files it could not read, as the stored manifest did
+        split_changed = check_resumed_split(cfg, resumed_run, datamodule)
+        if trainer.is_global_zero:
+            if split_changed and resumed_run == output_dir:
+                keep_old_manifest(output_dir / MANIFEST_NAME)
+            datamodule.write_manifest(output_dir / MANIFEST_NAME)  # io: a full disk: one line
+        log_hyperparameters(trainer, model, cfg)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics, best_epoch = evaluate_best(trainer, model, datamodule, cfg.get("test", True))
     if trainer.is_global_zero:
@@ -219,6 +218,7 @@ def use_feature_cache_if_wanted(
     stage = finetune.cached_stage(model.net.backbone) if finetune is not None else None
     setting = datamodule.hparams.cache_features
     if cache_wanted(setting, frozen, finetune is not None, quick, top_only=stage is not None):
+        start_processes(trainer)  # under DDP every process fills its share of the cache
         datamodule.use_feature_cache(model.net, trainer.strategy.root_device, stage)
         model.net.input_stage = stage
 
