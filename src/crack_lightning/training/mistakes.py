@@ -38,7 +38,7 @@ from crack_lightning.evaluation.suspects import (
     write_suspects,
 )
 from crack_lightning.settings import CLASS_NAMES
-from crack_lightning.training.loggers import log_figures
+from crack_lightning.training.loggers import log_figures, mlflow_loggers
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ class ValidationMistakes(L.Callback):
 
     def log_worst(self, trainer: L.Trainer, probs: np.ndarray) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not (loggers or mlflow_loggers(trainer)):
+            return  # nobody to show them to: nothing decoded or drawn
         names, source, paths = self.sources(trainer)
         figures = {}
         for number, name in enumerate(names):
