@@ -86,6 +86,15 @@ def test_suspects_are_found_within_each_source():
     assert np.all(np.diff(quality[found]) >= 0)
 
 
+def test_a_source_of_one_class_gets_the_suspects_of_all_images():
+    """inputs=[.../Negative, .../Positive]: each source holds one class."""
+    labels, probs, errors = noisy_scores(seed=3)
+    found, _ = grouped_suspects(labels, probs, labels)  # the source is the class folder
+    assert set(found.tolist()) == set(errors.tolist())
+    negative = labels == 0
+    assert suspect_labels(labels[negative], probs[negative])[0].tolist() == []  # no reference
+
+
 def test_first_source_of_overlapping_inputs():
     assert first_source(5, [("a", [0, 1, 2]), ("b", [2, 3])]).tolist() == [0, 0, 0, 1, -1]
 

@@ -146,7 +146,10 @@ def mistakes_html(run: EvalRun, members: np.ndarray, limit: int) -> str:
 def suspects_html(rows: Sequence[dict], shown: int) -> str:
     """The suspect labels: how many, the first `shown` as thumbnails."""
     if not rows:
-        return '<p class="note">No label looks wrong to the model.</p>'
+        return (
+            '<p class="note">No label looks wrong to the model (where the images are of '
+            "one class only, confident learning has nothing to compare with).</p>"
+        )
     intro = (
         f"<p>{len(rows)} label(s) that confident learning (cleanlab) flags: the model "
         f"disagrees with them more confidently than it usually agrees with that class. "

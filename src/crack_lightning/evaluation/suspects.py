@@ -61,14 +61,14 @@ def _pred_probs(probs: np.ndarray) -> np.ndarray:
 
 def suspect_labels(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(indices of the suspect labels, most confident disagreement first; every image's
-    label quality). Fewer than two images, or a class the model never predicts at all,
-    may give no suspect: confident learning needs something to compare with."""
-    from cleanlab.filter import find_label_issues  # imported where used: ~1 s
-
+    label quality). Labels of one class give none: confident learning compares how sure
+    the model is of each class's images with the other class's."""
     labels = np.asarray(labels).astype(int)
     quality = label_quality(labels, probs)
-    if len(labels) < 2:
+    if len(np.unique(labels)) < 2:
         return np.zeros(0, dtype=int), quality
+    from cleanlab.filter import find_label_issues  # imported where used: ~1 s
+
     with warnings.catch_warnings():  # "too few examples in class": the ranking still holds
         warnings.simplefilter("ignore")
         ranked = find_label_issues(
@@ -85,14 +85,22 @@ def grouped_suspects(
 ) -> tuple[np.ndarray, np.ndarray]:
     """suspect_labels within each source (sources differ in class balance and in how sure
     the model is, so each gets its own per-class thresholds), merged into one ranking by
-    label quality. `sources`: an integer per image."""
-    sources = np.asarray(sources)
+    label quality. `sources`: an integer per image. A source of one class (a Negative/
+    folder given alone) has no threshold of its own for the other class: its suspects
+    are those of all images together."""
+    sources, labels, probs = np.asarray(sources), np.asarray(labels), np.asarray(probs)
     quality = label_quality(labels, probs)
+    pooled = None
     found = []
     for source in np.unique(sources):
         members = np.flatnonzero(sources == source)
-        ranked, _ = suspect_labels(np.asarray(labels)[members], np.asarray(probs)[members])
-        found.append(members[ranked])
+        if len(np.unique(labels[members])) == 2:
+            ranked, _ = suspect_labels(labels[members], probs[members])
+            found.append(members[ranked])
+            continue
+        if pooled is None:
+            pooled, _ = suspect_labels(labels, probs)
+        found.append(pooled[sources[pooled] == source])
     merged = np.concatenate(found) if found else np.zeros(0, dtype=int)
     return merged[np.argsort(quality[merged], kind="stable")], quality
 
