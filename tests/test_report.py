@@ -8,9 +8,12 @@ import csv
 import re
 from io import BytesIO
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+from matplotlib.figure import Figure
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -274,3 +277,60 @@ def test_bad_report_settings_are_one_line_errors(make_cfg, tmp_path):
         ConfigError, match=r"^callbacks\.validation_mistakes\.suspects_shown=-2 must be"
     ):
         check_train_settings(make_cfg("callbacks.validation_mistakes.suspects_shown=-2"))
+
+
+# --- the callback's choices, on a hand-made epoch ---------------------------------------------
+
+
+class FakeData:
+    """Two sources, six validation images in loader order."""
+
+    def split_sources(self, name):
+        return ["a", "b"], [0, 0, 0, 1, 1, 1]
+
+    def split_samples(self, name):
+        return [(f"img{i}.png", 0) for i in range(6)]
+
+
+def test_the_grid_of_each_source_shows_its_most_confident_mistakes(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from crack_lightning.training import mistakes
+
+    shown = []
+
+    def grid(rows, columns):
+        shown.append([row["path"] for row in rows])
+        return Figure(figsize=(1, 1))
+
+    monkeypatch.setattr(mistakes, "mistake_grid", grid)
+    callback = mistakes.ValidationMistakes(2, True, 4, 0.5, str(tmp_path))
+    callback.labels = np.array([0, 0, 1, 1, 0, 1])
+    callback.positions = np.array([5, 4, 3, 2, 1, 0])  # a sampler's order: image i is 5 - i
+    trainer = SimpleNamespace(
+        loggers=[TensorBoardLogger(str(tmp_path))],
+        is_global_zero=True,
+        datamodule=FakeData(),
+        global_step=7,
+        current_epoch=0,
+    )
+    callback.log_worst(trainer, np.array([0.6, 0.9, 0.45, 0.2, 0.7, 0.1]))
+    # source a = predictions 3, 4, 5 (images 2, 1, 0), all wrong: P(given label) 0.2, 0.3,
+    # 0.1; source b = predictions 0, 1, 2 (images 5, 4, 3): 0.4, 0.1, 0.45
+    assert shown == [["img0.png", "img2.png"], ["img4.png", "img5.png"]]
+    trainer.loggers[0].experiment.flush()
+    events = EventAccumulator(trainer.loggers[0].log_dir)
+    events.Reload()
+    assert set(events.Tags()["images"]) == {"val/worst/a", "val/worst/b"}
+
+
+def test_suspects_come_from_the_best_checkpoints_epoch():
+    from crack_lightning.training.mistakes import ValidationMistakes
+
+    callback = ValidationMistakes(0, True, 0, 0.5, "unused")
+    callback.epochs = {0: (np.zeros(1), 0.7), 1: (np.zeros(1), 0.5), 2: (np.zeros(1), 0.6)}
+    best = SimpleNamespace(monitor="val/loss", best_model_score=torch.tensor(0.5))
+    assert callback.chosen_epoch(SimpleNamespace(checkpoint_callback=best)) == 1
+    earlier = SimpleNamespace(monitor="val/loss", best_model_score=torch.tensor(0.4))
+    assert callback.chosen_epoch(SimpleNamespace(checkpoint_callback=earlier)) == 2  # the last
+    assert callback.chosen_epoch(SimpleNamespace(checkpoint_callback=None)) == 2
