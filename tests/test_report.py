@@ -334,3 +334,19 @@ def test_suspects_come_from_the_best_checkpoints_epoch():
     earlier = SimpleNamespace(monitor="val/loss", best_model_score=torch.tensor(0.4))
     assert callback.chosen_epoch(SimpleNamespace(checkpoint_callback=earlier)) == 2  # the last
     assert callback.chosen_epoch(SimpleNamespace(checkpoint_callback=None)) == 2
+
+
+def test_predictions_are_matched_to_the_images_the_sampler_gave():
+    """Under DDP process 0 gets every second image: per-source figures and the pictures
+    follow its sampler, not the split's first images."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from crack_lightning.training.source_metrics import loader_positions
+
+    images = list(range(10))
+    shared = DistributedSampler(images, num_replicas=2, rank=0, shuffle=False)
+    trainer = SimpleNamespace(val_dataloaders=DataLoader(images, sampler=shared))
+    assert loader_positions(trainer, "val", 5).tolist() == [0, 2, 4, 6, 8]
+    assert loader_positions(trainer, "val", 2).tolist() == [0, 2]  # limit_val_batches
+    trainer = SimpleNamespace(test_dataloaders=[DataLoader(images)])
+    assert loader_positions(trainer, "test", 10).tolist() == images

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
@@ -39,6 +38,7 @@ from crack_lightning.evaluation.suspects import (
 )
 from crack_lightning.settings import CLASS_NAMES
 from crack_lightning.training.loggers import log_figures, mlflow_loggers
+from crack_lightning.training.source_metrics import loader_positions
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class ValidationMistakes(L.Callback):
             return
         probs = torch.cat(self._probs).numpy()
         self.labels = torch.cat(self._labels).numpy().astype(int)
-        self.positions = loader_positions(trainer, len(probs))
+        self.positions = loader_positions(trainer, "val", len(probs))
         monitor = getattr(trainer.checkpoint_callback, "monitor", None)
         value = trainer.callback_metrics.get(monitor) if monitor else None
         self.epochs[trainer.current_epoch] = (probs, None if value is None else float(value))
@@ -159,19 +159,10 @@ class ValidationMistakes(L.Callback):
         rows = suspect_rows(indices, paths, self.labels, probs, quality, [names[s] for s in source])
         written = write_suspects(self.output_dir, rows, self.suspects_shown)
         log.info(
-            "%d suspect label(s) among %d validation images (epoch %d's model): %s",
+            "%d suspect label(s) among %d validation images%s (epoch %d's model): %s",
             len(rows),
             len(probs),
+            " (process 0's share)" if trainer.world_size > 1 else "",
             epoch,
             ", ".join(map(str, written)),
         )
-
-
-def loader_positions(trainer: L.Trainer, count: int) -> np.ndarray:
-    """The split positions of the first `count` validation predictions: the loader's
-    order (its sampler's, which under DDP hands each process its share)."""
-    loader = trainer.val_dataloaders
-    loader = loader[0] if isinstance(loader, list | tuple) else loader
-    sampler: Any = getattr(loader, "sampler", None)
-    order = list(iter(sampler)) if sampler is not None else range(count)
-    return np.asarray(order[:count], dtype=int)
