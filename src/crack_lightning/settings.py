@@ -453,10 +453,16 @@ class PredictSettings:
     visualize: bool = MISSING
     max_visualize: int = MISSING
     progress: bool = MISSING
+    html_report: bool = MISSING
+    worst_per_source: int = MISSING
+    suspects_shown: int = MISSING
 
     def __post_init__(self) -> None:
         err = PredictionError
         require_threshold(self.threshold, "threshold", err)
+        for name in ("worst_per_source", "suspects_shown"):
+            value = getattr(self, name)
+            require(value >= 0, name, value, "an integer >= 0 (0: none)", err)
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1", err)
         require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0", err)
         suffix = self.output.rsplit(".", 1)[-1].lower()
@@ -769,10 +775,29 @@ class ValidationFiguresSettings:
         require_threshold(self.threshold, f"{name}.threshold", err)
 
 
+@dataclass
+class ValidationMistakesSettings:
+    """callbacks.validation_mistakes: the worst validation images and the suspect labels."""
+
+    error: ClassVar[type[CrackLightningError]] = ConfigError
+    worst_per_source: int = MISSING  # 0: no grid
+    suspect_labels: bool = MISSING
+    suspects_shown: int = MISSING
+    threshold: float = MISSING
+
+    def __post_init__(self) -> None:
+        name, err = "callbacks.validation_mistakes", ConfigError
+        for key in ("worst_per_source", "suspects_shown"):
+            value = getattr(self, key)
+            require(value >= 0, f"{name}.{key}", value, "an integer >= 0 (0: none)", err)
+        require_threshold(self.threshold, f"{name}.threshold", err)
+
+
 # callbacks with a schema, by their name under `callbacks` in conf/callbacks/
 CALLBACK_SETTINGS: dict[str, type] = {
     "progress_bar": ProgressBarSettings,
     "validation_figures": ValidationFiguresSettings,
+    "validation_mistakes": ValidationMistakesSettings,
     "source_metrics": SourceMetricsSettings,
     "finetune": FineTuneSettings,
     "feature_stats": FeatureStatsSettings,

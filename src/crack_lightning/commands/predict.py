@@ -16,9 +16,10 @@ from omegaconf import DictConfig, open_dict
 from crack_lightning.cli import hydra_app, prepare_process, user_errors
 from crack_lightning.data.decode import collect_inputs, label_from_path, load_rgb
 from crack_lightning.errors import PredictionError
-from crack_lightning.evaluation.folders import evaluate_inputs, markdown_table
+from crack_lightning.evaluation.folders import evaluate_inputs, input_members, markdown_table
 from crack_lightning.evaluation.metrics import binary_metrics, format_report, write_evaluation
 from crack_lightning.evaluation.plots import image_grid_figure, save
+from crack_lightning.evaluation.report import EvalRun, write_review
 from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.inference.scan import scan_figure, scan_files, write_scan_csv
@@ -122,10 +123,18 @@ def classify(cfg: DictConfig, classifier, files: list[Path]) -> dict:
         print(format_report(metrics))
         summary["report"] = [str(p) for p in written]
         inputs = [cfg.inputs] if isinstance(cfg.inputs, str) else list(cfg.inputs)
+        groups = input_members(inputs, good)  # the sources: each input folder
         if len(inputs) > 1:  # cross-dataset: each input on its own, and a table
-            table = evaluate_inputs(inputs, good, true, probs, cfg.threshold, report_dir)
+            table = evaluate_inputs(groups, true, probs, cfg.threshold, report_dir)
             print(markdown_table(table))
             summary["per_input"] = table
+        scored = EvalRun(good, true, probs, cfg.threshold, groups, str(cfg.ckpt_path))
+        reviewed, suspects = write_review(
+            report_dir, scored, cfg.html_report, cfg.worst_per_source, cfg.suspects_shown
+        )
+        print(f"{suspects} suspect label(s); review: {', '.join(map(str, reviewed))}")
+        summary["report"] += [str(p) for p in reviewed]
+        summary["suspect_labels"] = suspects
     return summary
 
 

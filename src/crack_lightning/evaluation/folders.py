@@ -38,22 +38,29 @@ def input_names(inputs: Sequence[str]) -> list[str]:
     return names
 
 
+def input_members(inputs: Sequence[str], files: Sequence[Path]) -> list[tuple[str, list[int]]]:
+    """(name, indices into `files`) of each input that holds any of them: predict's
+    sources (files from several inputs count in each)."""
+    index = {Path(f): i for i, f in enumerate(files)}
+    groups = []
+    for name, item in zip(input_names(inputs), inputs, strict=True):
+        found, _ = collect_inputs([str(item)])
+        members = [index[f] for f in found if f in index]
+        if members:
+            groups.append((name, members))
+    return groups
+
+
 def evaluate_inputs(
-    inputs: Sequence[str],
-    files: Sequence[Path],
+    groups: Sequence[tuple[str, list[int]]],
     labels: np.ndarray,
     probs: np.ndarray,
     threshold: float,
     report_dir: Path,
 ) -> list[dict]:
-    """One row of SUMMARY_COLUMNS per input (files from several inputs count in each)."""
-    index = {Path(f): i for i, f in enumerate(files)}
+    """One row of SUMMARY_COLUMNS per input of `groups` (input_members)."""
     rows = []
-    for name, item in zip(input_names(inputs), inputs, strict=True):
-        found, _ = collect_inputs([str(item)])
-        members = [index[f] for f in found if f in index]
-        if not members:
-            continue
+    for name, members in groups:
         true, scores = labels[members], probs[members]
         write_evaluation(binary_metrics(true, scores, threshold), true, scores, report_dir / name)
         rows.append(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display needed
 
+from crack_lightning.io import write_atomically
 from crack_lightning.settings import CLASS_NAMES
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"
@@ -78,5 +81,14 @@ def image_grid_figure(
     return figure
 
 
+def png_bytes(figure: Figure) -> bytes:
+    """The figure as PNG: for a file, or inlined in an HTML report."""
+    buffer = BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 def save(figure: Figure, path) -> None:
-    figure.savefig(path)
+    """A PNG file, written atomically (crack_lightning.io)."""
+    data = png_bytes(figure)
+    write_atomically(Path(path), lambda handle: handle.write(data))

@@ -2,9 +2,9 @@
 the decision threshold it stores.
 
 Validation and test loaders are not shuffled, so the n-th prediction of an epoch is the
-n-th sample of the split; the data module says which source each one came from. (Under
-DDP each process sees a share of the split: this callback then scores process 0's
-share only, and says so once.)
+sample its loader's sampler gave n-th; the data module says which source each one came
+from. (Under DDP each process sees a share of the split: this callback then scores
+process 0's share only, and says so once.)
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class SourceMetrics(L.Callback):
         probs = torch.cat(self._probs).numpy()
         labels = torch.cat(self._labels).numpy()
         names, sources = datamodule.split_sources(split)
-        sources = np.asarray(sources[: len(probs)])  # limit_*_batches: the first batches
+        sources = np.asarray(sources)[loader_positions(trainer, split, len(probs))]
         stage = "val" if split == "val" else "test"
         several = len(names) > 1
         if trainer.world_size > 1 and (several or self.threshold_rule is not None):
@@ -140,3 +140,14 @@ class SourceMetrics(L.Callback):
                 "target_recall": self.target_recall,
                 "tolerance": self.threshold_tolerance,
             }
+
+
+def loader_positions(trainer: L.Trainer, split: str, count: int) -> np.ndarray:
+    """The split positions of the first `count` predictions of split `split` ("val" or
+    "test"): its loader's order, as its sampler gives it (under DDP each process's
+    share; with limit_*_batches the first batches)."""
+    loader = trainer.val_dataloaders if split == "val" else trainer.test_dataloaders
+    loader = loader[0] if isinstance(loader, list | tuple) else loader
+    sampler: Any = getattr(loader, "sampler", None)
+    order = list(iter(sampler)) if sampler is not None else range(count)
+    return np.asarray(order[:count], dtype=int)
