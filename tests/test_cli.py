@@ -196,8 +196,8 @@ FEATURE_STATS = (
             "callbacks.progress_bar.line_every_s=0.0 must be seconds > 0.",
         ),
         (
-            ["callbacks.validation_figures.max_images=-1"],
-            "callbacks.validation_figures.max_images=-1 must be >= 0.",
+            ["callbacks.validation_figures.threshold=2"],
+            "callbacks.validation_figures.threshold=2",
         ),
     ],
 )

@@ -763,16 +763,13 @@ class ProgressBarSettings:
 
 @dataclass
 class ValidationFiguresSettings:
-    """callbacks.validation_figures: the confusion matrix and misclassified images."""
+    """callbacks.validation_figures: the confusion matrix."""
 
     error: ClassVar[type[CrackLightningError]] = ConfigError
-    max_images: int = MISSING
     threshold: float = MISSING
 
     def __post_init__(self) -> None:
-        name, err = "callbacks.validation_figures", ConfigError
-        require(self.max_images >= 0, f"{name}.max_images", self.max_images, ">= 0", err)
-        require_threshold(self.threshold, f"{name}.threshold", err)
+        require_threshold(self.threshold, "callbacks.validation_figures.threshold", ConfigError)
 
 
 @dataclass

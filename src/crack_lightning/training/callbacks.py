@@ -11,12 +11,10 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from crack_lightning.data.decode import decode
 from crack_lightning.errors import CrackLightningError, RunDirError
 from crack_lightning.evaluation.metrics import confusion_matrix
-from crack_lightning.evaluation.plots import confusion_matrix_figure, image_grid_figure
+from crack_lightning.evaluation.plots import confusion_matrix_figure
 from crack_lightning.io import load_safely
-from crack_lightning.settings import CLASS_NAMES
 from crack_lightning.training.loggers import log_figures, mlflow_loggers
 from crack_lightning.training.resume import LAST_CKPT, read_training_checkpoint
 
@@ -24,18 +22,15 @@ log = logging.getLogger(__name__)
 
 
 class ValidationFigures(L.Callback):
-    """After each validation epoch, log the confusion matrix and a grid of misclassified
-    validation images to TensorBoard (Images tab) and MLflow (artifacts, figures/)."""
+    """After each validation epoch, log the confusion matrix to TensorBoard (Images tab) and
+    MLflow (artifacts, figures/). The worst images per source are training/mistakes.py's."""
 
-    def __init__(self, max_images: int, threshold: float) -> None:
-        self.max_images = max_images
+    def __init__(self, threshold: float) -> None:
         self.threshold = threshold
         self.matrix = np.zeros((2, 2), dtype=np.int64)
-        self.mistakes: list[tuple[np.ndarray, int, float]] = []
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.matrix[:] = 0
-        self.mistakes = []
 
     def on_validation_batch_end(
         self,
@@ -46,23 +41,12 @@ class ValidationFigures(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        images, labels = batch
         probs = outputs["probs"].float().cpu().numpy()
-        labels = labels.cpu().numpy()
-        self.matrix += confusion_matrix(labels, probs >= self.threshold)
-        for i in np.flatnonzero((probs >= self.threshold) != labels):
-            if len(self.mistakes) < self.max_images:
-                if images.ndim == 4 and pl_module.net.input_stage is None:
-                    image = images[i].permute(1, 2, 0).cpu().numpy()
-                else:  # cached features or activations: the picture comes from its file
-                    image = _cached_image(trainer, batch_idx, int(i))
-                if image is not None:
-                    self.mistakes.append((image, int(labels[i]), float(probs[i])))
+        self.matrix += confusion_matrix(batch[1].cpu().numpy(), probs >= self.threshold)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size > 1 and not trainer.sanity_checking:
-            # under DDP each process saw its share of the images: add the matrices up (the
-            # grid of mistakes shows rank 0's share)
+            # under DDP each process saw its share of the images: add the matrices up
             total = trainer.strategy.reduce(torch.as_tensor(self.matrix), reduce_op="sum")
             self.matrix = total.cpu().numpy().astype(np.int64)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
@@ -70,36 +54,12 @@ class ValidationFigures(L.Callback):
         if trainer.sanity_checking or not (loggers or artifacts) or not trainer.is_global_zero:
             return
         epoch = trainer.current_epoch
-        figures = {
-            "val/confusion_matrix": confusion_matrix_figure(
-                self.matrix, title=f"Validation, epoch {epoch}"
+        figure = confusion_matrix_figure(self.matrix, title=f"Validation, epoch {epoch}")
+        for logger in loggers:
+            logger.experiment.add_figure(
+                "val/confusion_matrix", figure, trainer.global_step, close=False
             )
-        }
-        if self.mistakes:
-            figures["val/misclassified"] = image_grid_figure(
-                [image for image, _, _ in self.mistakes],
-                [
-                    f"true {CLASS_NAMES[label]}\nP(crack) {prob:.2f}"
-                    for _, label, prob in self.mistakes
-                ],
-                [False] * len(self.mistakes),
-            )
-        for tag, figure in figures.items():
-            for logger in loggers:
-                logger.experiment.add_figure(tag, figure, trainer.global_step, close=False)
-        log_figures(trainer, figures, epoch)
-
-
-def _cached_image(trainer: L.Trainer, batch_idx: int, row: int) -> np.ndarray | None:
-    """The validation image behind row `row` of batch `batch_idx` when the batches hold
-    cached features (the loader keeps the split's order); None under DDP, where a
-    sampler shares the images out."""
-    datamodule = trainer.datamodule
-    if trainer.world_size > 1 or not hasattr(datamodule, "split_samples"):
-        return None
-    position = batch_idx * trainer.val_dataloaders.batch_size + row
-    path = datamodule.split_samples("val")[position][0]
-    return decode(path, datamodule.hparams.image_size).permute(1, 2, 0).numpy()
+        log_figures(trainer, {"val/confusion_matrix": figure}, epoch)
 
 
 class ValidationMetricsInCheckpoints(L.Callback):
