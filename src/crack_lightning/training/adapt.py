@@ -82,7 +82,8 @@ def prepare_start(cfg: DictConfig) -> Start | None:
                 cfg.data[name] = data[name]
     start.replayed = list(replayed)
     log.info(
-        "Adapting %s to the site %s, replaying %.0f%% of the training images of %s.",
+        "Adapting %s to the site %s, replaying %.0f%% of the training images of %s "
+        "(split with the checkpoint's seed and fractions).",
         path,
         cfg.data.sources[settings.site].root,
         100 * settings.replay,
