@@ -60,6 +60,11 @@ def prepare_start(cfg: DictConfig) -> Start | None:
     site plus the checkpoint's replayed sources and data's split settings and image size to
     the checkpoint's, in cfg, before anything is built. Errors name the setting."""
     if cfg.get("init_from") is None:
+        if cfg.adapt.get("folder_site") is not None:  # set by experiment=adapt only
+            raise ConfigError(
+                "experiment=adapt needs init_from=RUN/checkpoints/best.ckpt: the trained "
+                "model to adapt to the site."
+            )
         return None
     settings = validate(cfg.adapt, AdaptSettings, "adapt")
     path = Path(cfg.init_from)
