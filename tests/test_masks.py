@@ -90,7 +90,9 @@ def test_an_all_black_mask_gives_valid_json_with_null_where_undefined(tiny_ckpt,
     assert all(value is not None for name, value in scores.items() if name != "auroc")
     printed = capsys.readouterr().out
     assert "NaN" not in printed and "nan" not in printed
-    assert printed.splitlines()[-1].split()[-1] == "n/a"  # the photo's ROC-AUC
+    (line,) = [line for line in printed.splitlines() if line.startswith("wall.png ")]
+    assert line.split()[-1] == "n/a"  # the photo's ROC-AUC
+    assert printed.splitlines()[-1].endswith("| n/a |")  # and its folder's in the summary
 
 
 def colour_photo() -> Image.Image:

@@ -529,12 +529,35 @@ class RunSettings:
 
     error: ClassVar[type[CrackLightningError]] = ConfigError
     resume_data_changed: ResumeDataChanged = MISSING
+    init_from: str | None = MISSING  # a checkpoint whose weights training starts from
+    scan_eval_at_end: bool = MISSING
+
+
+@dataclass
+class AdaptSettings:
+    """adapt.* (conf/train.yaml): adapting an init_from checkpoint to a site
+    (experiment=adapt, training/adapt.py)."""
+
+    error: ClassVar[type[CrackLightningError]] = ConfigError
+    site: str = MISSING  # the data.sources entry that is the site
+    replay: float = MISSING  # share of the checkpoint's training images replayed
+    bn_stats: bool = MISSING  # BatchNorm statistics re-estimated on the site's tiles
+
+    def __post_init__(self) -> None:
+        require(
+            0 <= self.replay <= 1,
+            "adapt.replay",
+            self.replay,
+            "a share in [0, 1] of the original training images (0: replay nothing)",
+            ConfigError,
+        )
 
 
 def check_train_settings(cfg: DictConfig) -> None:
     """Every data, model, trainer and callback setting a schema covers, and the keywords
     of the optimizer, scheduler and callbacks, before anything slow."""
     validate(cfg, RunSettings, "")
+    validate(cfg.adapt, AdaptSettings, "adapt")
     validate(cfg.data, DataSettings, "data")
     augmentation = cfg.data.get("augmentation")
     if augmentation is None:
@@ -898,6 +921,7 @@ class ScanEvalSettings:
     threshold: float | None = MISSING  # null: the model's stored threshold
     batch_size: int = MISSING
     out: str = MISSING
+    log_dir: str | None = MISSING  # TensorBoard scalars of the summary; null: none
 
     def __post_init__(self) -> None:
         err = PredictionError

@@ -1,9 +1,11 @@
-"""`crack-scan-eval`: patch-level crack precision and recall of a scan against each
-photo's crack mask, PHOTO_mask.png beside it (settings: conf/scan_eval.yaml); masks are
-found, checked and fitted to their photos by data/masks.py.
+"""`crack-scan-eval`: patch-level crack precision, recall, F1 and ROC-AUC of a scan
+against each photo's crack mask, PHOTO_mask.png beside it (settings: conf/scan_eval.yaml),
+per photo and per folder given (micro figures: every patch of the folder's photos pooled);
+masks are found, checked and fitted to their photos by data/masks.py.
 
 crack-scan-eval ckpt_path=RUN/checkpoints/best.ckpt \
-    photos=[../shared/data/photos/crackconcrete_004.png] scan.stride=76 out=scan_eval
+    photos=[../shared/data/masked/cracktile,../shared/data/photos/crackconcrete_004.png] \
+    scan.patch_size=128 scan.stride=64 out=scan_eval
 """
 
 from __future__ import annotations
@@ -18,39 +20,45 @@ from crack_lightning.cli import run_tool
 from crack_lightning.data.decode import load_rgb
 from crack_lightning.data.masks import load_mask
 from crack_lightning.errors import PredictionError, UnreadableImage
-from crack_lightning.evaluation.scan_masks import format_scores, patch_scores, patch_truth
+from crack_lightning.evaluation.scan_masks import (
+    expand_photos,
+    format_scores,
+    scan_groups,
+    write_scan_summary,
+)
 from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import load_classifier
-from crack_lightning.inference.scan import scan_files
-from crack_lightning.io import write_json
 from crack_lightning.settings import ScanEvalSettings, ScanSettings, validate
 
 
 def evaluate(cfg: DictConfig) -> None:
-    """Scan each photo, score its patches against its mask; write scan_eval.json (null
-    where a figure is undefined) and print the report (n/a there)."""
+    """Scan each photo, score its patches against its mask; write scan_eval.json (per
+    photo, null where a figure is undefined), scan_summary.csv and .md (per folder), and
+    TensorBoard scalars under log_dir if set; print both reports (n/a where undefined)."""
     settings = validate(cfg, ScanEvalSettings, "")
     window = validate(cfg.scan, ScanSettings, "scan")
-    photos = [Path(photo) for photo in settings.photos]
-    check_masks(photos)
+    groups = expand_photos(settings.photos)
+    check_masks([photo for _, photos in groups for photo in photos])
     classifier = load_classifier(cfg.ckpt_path, cfg.device)
     threshold = decision_threshold(settings.threshold, classifier.threshold)
     out = Path(settings.out)
     skipped: list[tuple[Path, str]] = []
-    report = {}
-    for result in scan_files(
-        classifier, photos, window, settings.batch_size, threshold, out, skipped
-    ):
-        path = result.path
-        mask = load_mask(path, (result.width, result.height))
-        truth = patch_truth(result, mask, settings.min_share)
-        report[result.name + path.suffix] = patch_scores(result, truth)  # path.name if unique
+    report, rows = scan_groups(
+        classifier, groups, window, settings.batch_size, threshold, settings.min_share, out, skipped
+    )
     for path, reason in skipped:
         print(f"Skipped {path}: {reason}", file=sys.stderr)
     if not report:
         raise PredictionError("No photo could be scanned (see the skipped files above).")
-    write_json(out / "scan_eval.json", report)
+    if settings.log_dir is None:
+        table = write_scan_summary(out, report, rows, threshold)
+    else:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(settings.log_dir) as writer:
+            table = write_scan_summary(out, report, rows, threshold, writer.add_scalar)
     print(format_scores(report))
+    print(f"\nthreshold {threshold}\n\n{table}")
 
 
 def check_masks(photos: list[Path]) -> None:

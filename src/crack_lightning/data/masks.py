@@ -202,6 +202,19 @@ class PhotoTiles:
     ignored: int
 
 
+def photos_in(root: Path, suffix: str = MASK_SUFFIX, mask_dir: str | None = None) -> list[str]:
+    """The photos under root (the one finder), less its masks (names ending in suffix) and
+    anything under mask_dir."""
+    suffix = suffix.lower()
+    masks = os.path.join(os.path.realpath(mask_dir), "") if mask_dir else None
+    return [
+        path
+        for path in image_files(root)
+        if not path.lower().endswith(suffix)
+        and not (masks and os.path.realpath(path).startswith(masks))
+    ]
+
+
 def find_photos(spec: SourceSpec) -> list[str]:
     """The photos of a masks source: the images under its root (the one finder), less its
     masks (names ending in mask_suffix) and anything under mask_dir; none is an error."""
@@ -212,14 +225,7 @@ def find_photos(spec: SourceSpec) -> list[str]:
             f"{spec.where}.mask_dir={settings.mask_dir} is not a folder: point it at the "
             f"masks' folder, or set it to null for masks beside their photos."
         )
-    suffix = settings.mask_suffix.lower()
-    masks = os.path.join(os.path.realpath(settings.mask_dir), "") if settings.mask_dir else None
-    photos = [
-        path
-        for path in image_files(root)
-        if not path.lower().endswith(suffix)
-        and not (masks and os.path.realpath(path).startswith(masks))
-    ]
+    photos = photos_in(root, settings.mask_suffix, settings.mask_dir)
     if not photos:
         raise DataError(
             f"{spec.where}.root={spec.root} holds no photos (looked for "

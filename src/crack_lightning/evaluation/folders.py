@@ -75,12 +75,12 @@ def _cell(value: float | int | str | None) -> str:
     return figure(value) if value is None or isinstance(value, float) else str(value)
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] = SUMMARY_COLUMNS) -> str:
     lines = [
-        "| " + " | ".join(SUMMARY_COLUMNS) + " |",
-        "|" + "---|" * len(SUMMARY_COLUMNS),
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in SUMMARY_COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 

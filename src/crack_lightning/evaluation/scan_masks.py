@@ -9,11 +9,28 @@ The command that scans photos and scores them is commands/scan_eval.py (crack-sc
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import numpy as np
 
-from crack_lightning.data.masks import CRACK, tile_is_crack
-from crack_lightning.evaluation.metrics import binary_scores, counts, f1, figure, precision, recall
-from crack_lightning.inference.scan import ScanResult
+from crack_lightning.data.masks import CRACK, load_mask, photos_in, tile_is_crack
+from crack_lightning.errors import PredictionError
+from crack_lightning.evaluation.folders import input_names, markdown_table
+from crack_lightning.evaluation.metrics import (
+    binary_scores,
+    counts,
+    f1,
+    figure,
+    precision,
+    recall,
+    roc_auc,
+)
+from crack_lightning.inference.classifiers import LoadedModel
+from crack_lightning.inference.scan import ScanResult, scan_files
+from crack_lightning.io import write_csv, write_json, write_text
+from crack_lightning.settings import ScanSettings
 
 # the figures of a photo's report line, after its name (None prints as n/a)
 REPORT_COLUMNS = ("patches", "cracked_patches", "found_patches", "false_alarms")
@@ -58,3 +75,137 @@ def format_scores(report: dict[str, dict[str, float | int | None]]) -> str:
         cells += [figure(scores[name]) for name in REPORT_FIGURES]
         lines.append(" ".join([f"{photo:<{first}}", *map(str.rjust, cells, widths)]))
     return "\n".join(lines)
+
+
+# --- folders of masked photos: micro figures per folder, a summary table ---------------
+
+# the summary's columns (scan_summary.csv / .md), one row per folder (or photo) given
+SUMMARY_COLUMNS = (
+    "folder",
+    "photos",
+    "patches",
+    "cracked_patches",
+    "found_patches",
+    "false_alarms",
+    "precision",
+    "recall",
+    "f1",
+    "auroc",
+)
+# the row pooling every folder's patches, when there are several
+ALL = "all"
+# how a photo's mask is read: (photo, (width, height)) -> boolean crack mask
+MaskReader = Callable[[Path, tuple[int, int]], np.ndarray]
+
+
+@dataclass
+class PooledPatches:
+    """The patches of a folder's photos, pooled for micro figures."""
+
+    photos: int = 0
+    truth: list[np.ndarray] = field(default_factory=list)
+    cracked: list[np.ndarray] = field(default_factory=list)
+    probs: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, result: ScanResult, truth: np.ndarray) -> None:
+        self.photos += 1
+        self.truth.append(truth)
+        self.cracked.append(result.cracked)
+        self.probs.append(result.probs)
+
+    def row(self, name: str) -> dict[str, float | int | str | None]:
+        """Micro precision, recall and F1 (every patch of every photo counted once) of the
+        scan's cracked patches, and ROC-AUC of P(crack) over the pooled patches."""
+        truth = np.concatenate(self.truth) if self.truth else np.zeros(0, dtype=bool)
+        found = counts(truth, np.concatenate(self.cracked) if self.cracked else truth)
+        probs = np.concatenate(self.probs) if self.probs else np.zeros(0)
+        return {
+            "folder": name,
+            "photos": self.photos,
+            "patches": len(truth),
+            "cracked_patches": int(truth.sum()),
+            "found_patches": found.tp,
+            "false_alarms": found.fp,
+            "precision": precision(found),
+            "recall": recall(found),
+            "f1": f1(found),
+            "auroc": roc_auc(truth, probs),
+        }
+
+
+def expand_photos(items: Sequence[str | Path]) -> list[tuple[str, list[Path]]]:
+    """(name, photos) per item of photos=: a folder's photos (sub-folders included, masks
+    left out), or one photo; names are short and unique (the folder's or file's name)."""
+    groups = []
+    for name, item in zip(input_names([str(i) for i in items]), items, strict=True):
+        path = Path(item)
+        if path.is_dir():
+            photos = [Path(p) for p in photos_in(path)]
+            if not photos:
+                raise PredictionError(
+                    f"photos: folder {path} holds no photos (images not named *_mask.png): "
+                    f"give folders of photos with PHOTO_mask.png beside each."
+                )
+            groups.append((name, photos))
+        elif path.is_file():
+            groups.append((name, [path]))
+        else:
+            raise PredictionError(f"photos: {path} is neither a photo nor a folder of photos.")
+    return groups
+
+
+def scan_groups(
+    classifier: LoadedModel,
+    groups: Sequence[tuple[str, Sequence[Path]]],
+    window: ScanSettings,
+    batch_size: int,
+    threshold: float,
+    min_share: float,
+    out: Path,
+    skipped: list[tuple[Path, str]],
+    mask_of: MaskReader = load_mask,
+) -> tuple[dict[str, dict], list[dict]]:
+    """Scan every photo once (a photo in several groups counts in each), score it
+    against its mask (the tile rule); return the per-photo report and one summary row per
+    group, plus ALL (every photo once) when there are several groups. Unreadable photos
+    go to `skipped`."""
+    owners: dict[Path, list[int]] = {}
+    for index, (_, photos) in enumerate(groups):
+        for photo in photos:
+            owners.setdefault(Path(photo), []).append(index)
+    pooled = [PooledPatches() for _ in groups]
+    everything = PooledPatches()
+    report: dict[str, dict] = {}
+    for result in scan_files(classifier, owners, window, batch_size, threshold, out, skipped):
+        truth = patch_truth(result, mask_of(result.path, (result.width, result.height)), min_share)
+        report[result.name + result.path.suffix] = patch_scores(result, truth)
+        for index in owners[result.path]:
+            pooled[index].add(result, truth)
+        everything.add(result, truth)
+    rows = [patches.row(name) for (name, _), patches in zip(groups, pooled, strict=True)]
+    if len(groups) > 1:
+        rows.append(everything.row(ALL))
+    return report, rows
+
+
+def write_scan_summary(
+    out: Path,
+    report: dict[str, dict],
+    rows: Sequence[dict],
+    threshold: float,
+    add_scalar: Callable[[str, float, int], None] | None = None,
+    step: int = 0,
+) -> str:
+    """scan_eval.json (per photo; null where undefined), scan_summary.csv and .md (per
+    folder) into out, and with add_scalar TensorBoard scalars scan_eval/FOLDER/FIGURE;
+    returns the Markdown table."""
+    write_json(out / "scan_eval.json", report)
+    write_csv(out / "scan_summary.csv", SUMMARY_COLUMNS, rows)
+    table = markdown_table(rows, SUMMARY_COLUMNS)
+    write_text(out / "scan_summary.md", f"threshold {threshold}\n\n{table}\n")
+    if add_scalar is not None:
+        for row in rows:
+            for name in ("precision", "recall", "f1", "auroc"):
+                if row[name] is not None:
+                    add_scalar(f"scan_eval/{row['folder']}/{name}", float(row[name]), step)
+    return table

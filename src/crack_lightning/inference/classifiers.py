@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from crack_lightning.data.decode import DecodedImages
-from crack_lightning.errors import PredictionError
+from crack_lightning.errors import CrackLightningError, PredictionError
 from crack_lightning.evaluation.threshold import METADATA_KEY, stored_threshold
 from crack_lightning.inference.unfamiliar import CHECKPOINT_KEY as FEATURE_STATS_KEY
 from crack_lightning.inference.unfamiliar import stats_stage, unfamiliar_score
@@ -197,8 +197,21 @@ def _load_checkpoint(path: Path, device: torch.device) -> LoadedModel:
     return LoadedModel.from_module(module, device, str(path), threshold, stats)
 
 
+def read_training_checkpoint(
+    path: Path, setting: str, error: type[CrackLightningError], hint: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A training checkpoint (tensors only) and its hyperparameters in this version's
+    terms, for training to start from (init_from); errors name `setting` and give `hint`."""
+    checkpoint = load_safely(path, setting, error, hint)
+    return checkpoint, _read_checkpoint(path, checkpoint, setting, error, hint)[0]
+
+
 def _read_checkpoint(
-    path: Path, checkpoint: Any
+    path: Path,
+    checkpoint: Any,
+    setting: str = "ckpt_path",
+    error: type[CrackLightningError] = PredictionError,
+    hint: str = MODEL_FILES,
 ) -> tuple[dict[str, Any], float | None, dict[str, torch.Tensor] | None]:
     """Hyperparameters, stored threshold and feature statistics of a checkpoint of this
     or an earlier version, in this version's terms. The one place that knows them:
@@ -214,9 +227,9 @@ def _read_checkpoint(
     if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= set(
         checkpoint
     ):
-        raise PredictionError(
-            f"ckpt_path={path} is not a training checkpoint of this framework (it lacks "
-            f"hyper_parameters and state_dict). {MODEL_FILES}"
+        raise error(
+            f"{setting}={path} is not a training checkpoint of this framework (it lacks "
+            f"hyper_parameters and state_dict). {hint}"
         )
     hparams = {
         name: value

@@ -31,6 +31,7 @@ from crack_lightning.io import write_text
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.models.finetuning import BackboneUnfreeze
 from crack_lightning.settings import check_train_settings
+from crack_lightning.training.adapt import begin_from, prepare_start
 from crack_lightning.training.callbacks import (
     ResumeHint,
     ValidationMetricsInCheckpoints,
@@ -39,6 +40,7 @@ from crack_lightning.training.callbacks import (
 )
 from crack_lightning.training.distributed import ddp_job, start_processes
 from crack_lightning.training.loggers import log_run_files
+from crack_lightning.training.photo_scores import SCAN_DIR, scan_validation_photos
 from crack_lightning.training.precision import resolve_precision
 from crack_lightning.training.resume import (
     changed_data_settings,
@@ -72,11 +74,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     resumed_run = check_resumed_data_settings(cfg, ckpt_path, output_dir)
+    start = prepare_start(cfg)  # init_from: may add the site and replayed sources to cfg
 
     datamodule: CrackDataModule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     model: CrackClassifier = build(cfg.model)
+    if start is not None:
+        begin_from(start, datamodule, model, cfg.data)
     counts = model.parameter_counts()
     log.info(
         "Backbone %s: %s frozen, %s trainable parameters; %d train / %d val / %d test images",
@@ -109,6 +114,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         write_text(output_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
         log.info("%s: %s", best_summary(trainer, best_epoch), json.dumps(metrics))
     best = metrics.get("best_checkpoint")
+    if cfg.scan_eval_at_end and trainer.is_global_zero and best:
+        scan_validation_photos(datamodule, trainer, best, output_dir / SCAN_DIR)
     log_run_files(
         trainer,
         [

@@ -1,0 +1,263 @@
+"""Adapting a trained model to a new site (experiment=adapt; docs/generalization.md,
+"Adapting to a new site").
+
+`init_from=CKPT` starts training from a checkpoint's weights instead of ImageNet's. With
+the site source (`data.sources.<adapt.site>`) the run also: labels the site as a masks
+source (photos with PHOTO_mask.png) or, when it holds Positive/ and Negative/ folders of
+tiles, as a folder source; replays `adapt.replay` of the training images of the sources
+the checkpoint was trained on, with their own split (the checkpoint's seed and
+fractions), so they do not regress; and with `adapt.bn_stats` re-estimates the
+backbone's BatchNorm statistics on the site's tiles (unlabelled adaptation) before
+fine-tuning. Fine-tuning, checkpoint choice and the new threshold are the ordinary
+training's (experiment=adapt takes experiment=generalize's recipe).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+from torch.utils.data import DataLoader
+
+from crack_lightning.data.decode import DecodedImages
+from crack_lightning.data.masks import photos_in
+from crack_lightning.data.sources import ROOT_SOURCE
+from crack_lightning.errors import ConfigError, DataError
+from crack_lightning.inference.classifiers import read_training_checkpoint
+from crack_lightning.models.classifier import CrackClassifier
+from crack_lightning.settings import CLASS_NAMES, MASKS_KIND, AdaptSettings, validate
+
+log = logging.getLogger(__name__)
+
+# Lightning stores the data module's hyperparameters (data.*) in every checkpoint here
+DATA_HPARAMS_KEY = "datamodule_hyper_parameters"
+INIT_FILES = "Use a training run's checkpoints/best.ckpt (a .ckpt train.py wrote)."
+# the data settings of the checkpoint's run that fix its sources' split
+SPLIT_SETTINGS = ("seed", "val_fraction", "test_fraction")
+
+
+@dataclass
+class Start:
+    """A checkpoint to start from, and what the adaptation adds (site, replayed sources)."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    hparams: dict[str, Any]
+    settings: AdaptSettings
+    site: str | None = None  # the site source's name; None: weights only
+    replayed: list[str] = field(default_factory=list)
+
+
+def prepare_start(cfg: DictConfig) -> Start | None:
+    """Read init_from (None when unset) and, with a site source, set data.sources to the
+    site plus the checkpoint's replayed sources and data's split settings and image size to
+    the checkpoint's, in cfg, before anything is built. Errors name the setting."""
+    if cfg.get("init_from") is None:
+        if cfg.adapt.get("folder_site") is not None:  # set by experiment=adapt only
+            raise ConfigError(
+                "experiment=adapt needs init_from=RUN/checkpoints/best.ckpt: the trained "
+                "model to adapt to the site."
+            )
+        return None
+    settings = validate(cfg.adapt, AdaptSettings, "adapt")
+    path = Path(cfg.init_from)
+    checkpoint, hparams = read_training_checkpoint(path, "init_from", ConfigError, INIT_FILES)
+    start = Start(path, checkpoint["state_dict"], hparams, settings)
+    check_backbone(start, cfg.model)
+    with open_dict(cfg):
+        cfg.data.image_size = int(hparams["image_size"])
+    sources = cfg.data.get("sources") or {}
+    if sources.get(settings.site) is None:
+        log.info("init_from=%s: training starts from its weights (no site source).", path)
+        return start
+    start.site = settings.site
+    data = checkpoint.get(DATA_HPARAMS_KEY) or {}
+    replayed = replay_sources(data, sources, cfg, settings) if settings.replay > 0 else {}
+    with open_dict(cfg):
+        cfg.data.sources = {**replayed, settings.site: site_source(cfg, settings)}
+        for name in SPLIT_SETTINGS:
+            if data.get(name) is not None:
+                cfg.data[name] = data[name]
+    start.replayed = list(replayed)
+    log.info(
+        "Adapting %s to the site %s, replaying %.0f%% of the training images of %s "
+        "(split with the checkpoint's seed and fractions).",
+        path,
+        cfg.data.sources[settings.site].root,
+        100 * settings.replay,
+        ", ".join(replayed) or "no source",
+    )
+    return start
+
+
+def check_backbone(start: Start, model: DictConfig) -> None:
+    """The configured model must be the checkpoint's architecture, said before building it."""
+    stored = (start.hparams.get("backbone"), start.hparams.get("name"))
+    wanted = (model.get("backbone"), model.get("name"))
+    if stored != wanted:
+        raise ConfigError(
+            f"init_from={start.path} holds a {'/'.join(filter(None, map(str, stored)))} model, "
+            f"but model.backbone is {'/'.join(filter(None, map(str, wanted)))}: choose the "
+            f"model it was trained with (e.g. model=mobilenetv2)."
+        )
+
+
+def site_kind(root: Path, where: str) -> str:
+    """`folder` when root holds Positive/ and Negative/ folders (labelled tiles, e.g. an
+    inspector's marks), else `masks` (photos with masks); a DataError naming the setting
+    when it is not a folder or holds no images."""
+    if not root.is_dir():
+        raise DataError(
+            f"{where}.root={root} is not a folder: point it at the site's photos (each "
+            f"with PHOTO_mask.png beside it) or at Positive/ and Negative/ folders of tiles."
+        )
+    if not photos_in(root):
+        raise DataError(
+            f"{where}.root={root} holds no photos: put the site's photos there with "
+            f"PHOTO_mask.png beside each (white = crack), or Positive/ and Negative/ "
+            f"folders of labelled tiles."
+        )
+    names = {child.name.lower() for child in root.iterdir() if child.is_dir()}
+    return "folder" if {name.lower() for name in CLASS_NAMES} <= names else MASKS_KIND
+
+
+def site_source(cfg: DictConfig, settings: AdaptSettings) -> dict[str, Any]:
+    """The site's data.sources entry: as configured (a masks source) or, for folders of
+    tiles, adapt.folder_site (conf/data/sources/folder.yaml) at the site's root."""
+    where = f"data.sources.{settings.site}"
+    entry = OmegaConf.to_container(cfg.data.sources[settings.site], resolve=True)
+    if site_kind(Path(entry["root"]), where) == MASKS_KIND:
+        return entry
+    folder = cfg.adapt.get("folder_site")
+    if folder is None:
+        raise ConfigError(
+            f"{where}.root holds Positive/ and Negative/ folders but adapt.folder_site is "
+            f"not set: use experiment=adapt (it sets it from conf/data/sources/folder.yaml)."
+        )
+    log.info("%s.root holds Positive/ and Negative/: read as labelled tiles.", where)
+    return {**OmegaConf.to_container(folder, resolve=True), "root": entry["root"]}
+
+
+def replay_sources(
+    data: Mapping[str, Any], configured: Mapping, cfg: DictConfig, settings: AdaptSettings
+) -> dict[str, dict[str, Any]]:
+    """The checkpoint's training sources as data.sources entries. A stored root that is
+    gone (the checkpoint came from another machine) is taken from the configured source of
+    that name (experiment=adapt: generalize's, under paths.data_dir)."""
+    if data.get("sources"):
+        stored = {str(name): dict(entry) for name, entry in data["sources"].items() if entry}
+    elif data.get("root") is not None and data.get("synthetic") is None:
+        folder = OmegaConf.to_container(cfg.adapt.folder_site, resolve=True)
+        stored = {ROOT_SOURCE: {**folder, "root": data["root"], "split": data.get("split")}}
+    else:
+        stored = {}
+    if not stored:
+        log.warning("init_from holds no training sources to replay (data=synthetic?).")
+    replayed = {}
+    for name, entry in stored.items():
+        if not Path(entry["root"]).is_dir():
+            fallback = configured.get(name)
+            if fallback is None or not Path(fallback.root).is_dir():
+                raise DataError(
+                    f"adapt.replay: the source {name} that init_from was trained on was at "
+                    f"{entry['root']}, which is gone: set data.sources.{name}.root (or "
+                    f"paths.data_dir) to where it is now, or adapt.replay=0 to replay nothing."
+                )
+            entry = {**entry, "root": str(fallback.root)}
+        key = name if name != settings.site else f"{name}_before"
+        replayed[key] = entry
+    return replayed
+
+
+def load_start_weights(model: CrackClassifier, start: Start) -> None:
+    """The checkpoint's weights into the freshly built model (same architecture)."""
+    try:
+        model.load_state_dict(start.state_dict)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise ConfigError(
+            f"init_from={start.path} does not fit the configured model ({first}): choose "
+            f"the model settings it was trained with."
+        ) from None
+
+
+def keep_replay_share(datamodule: Any, start: Start, seed: int) -> None:
+    """Keep adapt.replay of each replayed source's training images (a seeded draw); their
+    validation and test images all stay, to show whether they regress."""
+    share = start.settings.replay
+    names = datamodule.sources.names
+    replayed = {names.index(name) for name in start.replayed}
+    if not replayed or share >= 1:
+        return
+    train = datamodule.split["train"]
+    rng = np.random.default_rng(seed)
+    kept = [i for i in train if datamodule.sources.source[i] not in replayed]
+    for index in sorted(replayed):
+        own = [i for i in train if datamodule.sources.source[i] == index]
+        count = max(1, round(share * len(own))) if own else 0
+        kept += rng.choice(own, size=count, replace=False).tolist() if count else []
+    train[:] = sorted(kept)  # in place: the data module's split is its sources' split
+
+
+def begin_from(start: Start, datamodule: Any, model: CrackClassifier, data: DictConfig) -> None:
+    """After the split and the model are built: the replayed share of the training images,
+    init_from's weights, and (adapt.bn_stats) BatchNorm statistics of the site."""
+    if start.site is not None:
+        keep_replay_share(datamodule, start, int(data.seed))
+    load_start_weights(model, start)
+    if start.site is not None and start.settings.bn_stats:
+        samples = site_samples(datamodule, start.site)
+        reestimate_batchnorm(model, samples, int(data.batch_size), str(data.on_bad_image))
+
+
+def site_samples(datamodule: Any, site: str) -> list[str]:
+    """The site's samples (tiles or files) of every split: BatchNorm statistics need no
+    labels."""
+    index = datamodule.sources.names.index(site)
+    return [
+        path
+        for (path, _), source in zip(datamodule.samples, datamodule.sources.source, strict=True)
+        if source == index
+    ]
+
+
+def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def reestimate_batchnorm(
+    model: CrackClassifier, samples: list[str], batch_size: int, on_bad: str
+) -> int:
+    """Replace the backbone's BatchNorm running statistics by the mean and variance of its
+    activations over `samples` (AdaBN: unlabelled adaptation); returns the layers changed.
+    The layers stay in eval mode afterwards, as a frozen backbone's are."""
+    net = model.net
+    layers = batchnorm_layers(net.backbone)
+    images = DecodedImages(samples, [0] * len(samples), int(model.hparams.image_size), on_bad)
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over every batch
+        layer.train()
+    try:
+        for batch, _ in DataLoader(images, batch_size=batch_size):
+            net.backbone(net.normalize(batch))
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+            layer.eval()
+    net.frozen = net.frozen  # new statistics: the BatchNorm-folded copy is built again
+    log.info(
+        "BatchNorm statistics of %d layers re-estimated on %d site tiles.",
+        len(layers),
+        len(samples),
+    )
+    return len(layers)

@@ -1,0 +1,91 @@
+"""Whole-photo scores at the end of training (scan_eval_at_end: true): the validation
+photos of every masks source scanned with the best checkpoint, scored against their masks
+as crack-scan-eval scores them (evaluation/scan_masks.py), into RUN/scan_eval/ and
+TensorBoard (scan_eval/SOURCE/f1, ...)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from crack_lightning.data.decode import sample_file
+from crack_lightning.data.masks import find_mask, fit_to_photo, mask_classes, read_mask
+from crack_lightning.data.sources import SourceSpec
+from crack_lightning.evaluation.scan_masks import scan_groups, write_scan_summary
+from crack_lightning.evaluation.threshold import decision_threshold
+from crack_lightning.inference.classifiers import load_classifier
+from crack_lightning.settings import ScanSettings
+
+log = logging.getLogger(__name__)
+
+SCAN_DIR = "scan_eval"
+
+
+def validation_photos(datamodule: L.LightningDataModule) -> dict[int, list[Path]]:
+    """The photos whose tiles are in the validation split, per masks source (its index)."""
+    photos: dict[int, list[Path]] = {}
+    specs = datamodule.sources.specs
+    for index in datamodule.split["val"]:
+        source = datamodule.sources.source[index]
+        if specs[source].tiles is not None:
+            photo = Path(sample_file(datamodule.samples[index][0]))
+            known = photos.setdefault(source, [])
+            if photo not in known:
+                known.append(photo)
+    return photos
+
+
+def source_mask(spec: SourceSpec):
+    """The mask reader of a masks source: its mask folder, suffix and grey levels."""
+    settings = spec.tiles
+    folder = Path(settings.mask_dir) if settings.mask_dir else None
+
+    def read(photo: Path, size: tuple[int, int]) -> np.ndarray:
+        path = find_mask(photo, settings.mask_suffix, folder, spec.root)
+        grey = fit_to_photo(read_mask(path, photo), path, photo, size)
+        return mask_classes(grey, settings.mask_values or {})[0]
+
+    return read
+
+
+def scan_validation_photos(
+    datamodule: L.LightningDataModule, trainer: L.Trainer, ckpt_path: str, out: Path
+) -> list[dict]:
+    """Scan each masks source's validation photos with the checkpoint (windows of the
+    source's tile_size and stride, its min_share); write the summary; its rows."""
+    photos = validation_photos(datamodule)
+    if not photos:
+        log.info("scan_eval_at_end: no masks source has validation photos; nothing scanned.")
+        return []
+    classifier = load_classifier(ckpt_path)
+    threshold = decision_threshold(None, classifier.threshold)
+    report: dict[str, dict] = {}
+    rows: list[dict] = []
+    skipped: list[tuple[Path, str]] = []
+    for source, files in photos.items():
+        spec = datamodule.sources.specs[source]
+        window = ScanSettings(spec.tiles.tile_size, spec.tiles.stride, None)
+        scored, source_rows = scan_groups(
+            classifier,
+            [(spec.name, files)],
+            window,
+            datamodule.hparams.batch_size,
+            threshold,
+            spec.tiles.min_share,
+            out / spec.name,
+            skipped,
+            source_mask(spec),
+        )
+        report |= {f"{spec.name}/{name}": scores for name, scores in scored.items()}
+        rows += source_rows
+    for path, reason in skipped:
+        log.warning("scan_eval_at_end skipped %s: %s", path, reason)
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    add_scalar = loggers[0].experiment.add_scalar if loggers else None
+    table = write_scan_summary(out, report, rows, threshold, add_scalar, trainer.global_step)
+    log.info("Whole-photo scores of the validation photos (%s):\n%s", out, table)
+    return rows
