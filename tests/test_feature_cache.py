@@ -153,9 +153,18 @@ def small_cache(synthetic_root, tmp_path):
     def make() -> FeatureCache:
         return FeatureCache(path, len(files), 2, (dim,))
 
-    def fill(cache: FeatureCache) -> None:
+    def fill(cache: FeatureCache, num_workers: int = 0) -> None:
         needed = torch.ones(2, len(files), dtype=torch.bool)
-        cache.fill(model.net.eval().features, files, needed, 32, 4, 0, torch.device("cpu"), "stop")
+        cache.fill(
+            model.net.eval().features,
+            files,
+            needed,
+            32,
+            4,
+            num_workers,
+            torch.device("cpu"),
+            "stop",
+        )
 
     return make, fill, model.net, path
 
@@ -273,3 +282,26 @@ def test_ctrl_c_during_a_fill_keeps_what_was_computed(small_cache, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fill(make())  # SAVE_EVERY_S (60 s) has not passed: saved on the way out
     assert int(torch.load(path, weights_only=True)["done"].sum()) == 2 * 4
+
+
+def test_a_fill_in_worker_processes_stores_what_the_main_process_computes(
+    small_cache, monkeypatch, caplog
+):
+    make, fill, net, path = small_cache
+    fill(make())  # num_workers=0: decoding and the backbone in this process
+    alone = torch.load(path, weights_only=True)["features"]
+    path.unlink()
+    calls = []
+    original = net.features
+    monkeypatch.setattr(
+        net, "features", lambda images: calls.append(len(images)) or original(images)
+    )
+    with caplog.at_level("INFO"):
+        fill(make(), num_workers=2)
+    assert calls == [1]  # here only the probe that folds the backbone: the batches ran in workers
+    stored = torch.load(path, weights_only=True)
+    assert bool(stored["done"].all())
+    assert torch.equal(stored["features"], alone)  # the same batches, the same values
+    line = next(r.getMessage() for r in caplog.records if "Feature cache filled" in r.getMessage())
+    assert line.startswith("Feature cache filled: 32 image views")  # 16 images x 2 views
+    assert "forward pass alone" in line

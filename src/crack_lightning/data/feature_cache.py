@@ -31,10 +31,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from crack_lightning.data.decode import DECODE_VERSION, DecodedImages, sample_file
 from crack_lightning.data.transforms import Augmentation, augment_batch
+from crack_lightning.data.workers import compute_in_workers, forward_rate, run_batches
 from crack_lightning.errors import DamagedImage, ModelConfigError
 from crack_lightning.io import save_torch
 from crack_lightning.progress import progress
@@ -179,12 +180,14 @@ class FeatureCache:
         todo = torch.nonzero(missing.any(dim=0)).flatten().tolist()
         if not todo:
             return
-        loader = DataLoader(
-            DecodedImages([files[i] for i in todo], todo, image_size, on_bad),
-            batch_size=batch_size,
-            num_workers=num_workers,
-        )
-        last_save = time.monotonic()
+        images = DecodedImages([files[i] for i in todo], todo, image_size, on_bad)
+        in_workers = compute_in_workers(device, num_workers)
+        if in_workers:  # fold the backbone once, before the workers fork
+            with torch.inference_mode():
+                encode(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device))
+        compute = partial(_encode_views, encode, missing, device, augmentation)
+        last_save = began = time.monotonic()
+        seconds: list[float] = []
         # the loader draws from the global RNG: keep a run's randomness (shuffling, dropout)
         # the same whether or not the cache had to be filled
         with (
@@ -193,16 +196,16 @@ class FeatureCache:
             _saved_on_interrupt(self),
         ):
             try:
-                for images, indices in loader:
-                    images = images.to(device)
-                    for view in range(self.features.shape[0]):
-                        rows = missing[view, indices]
-                        if rows.any():
-                            with torch.inference_mode():
-                                feats = encode(make_view(images[rows], view, augmentation))
-                            self.features[view, indices[rows]] = feats.to("cpu", torch.float16)
-                            self.done[view, indices[rows]] = True
-                            bar.update(int(rows.sum()))
+                for (indices, views), spent in run_batches(
+                    images, batch_size, num_workers, compute, in_workers
+                ):
+                    seconds.append(spent)
+                    for view, feats in enumerate(views):
+                        if feats is not None:
+                            rows = indices[missing[view, indices]]
+                            self.features[view, rows] = feats
+                            self.done[view, rows] = True
+                            bar.update(len(rows))
                     if time.monotonic() - last_save >= SAVE_EVERY_S:
                         self.save()
                         last_save = time.monotonic()
@@ -211,6 +214,18 @@ class FeatureCache:
                 # (a second run on a cache that holds all but those): they stay not done
                 if on_bad != "skip":
                     raise
+        computed = int((missing & self.done).sum())
+        elapsed = time.monotonic() - began
+        forward = forward_rate(computed, seconds, in_workers, num_workers)
+        log.info(
+            "Feature cache filled: %d image views in %.1f s, %.1f/s; the backbone's forward "
+            "pass alone (timed per batch in this fill) %.1f/s: %.2f of it",
+            computed,
+            elapsed,
+            computed / elapsed,
+            forward,
+            computed / elapsed / forward,
+        )
         self.save()
 
     def save(self) -> None:
@@ -234,6 +249,30 @@ def _saved_on_interrupt(cache: FeatureCache) -> Iterator[None]:
     except KeyboardInterrupt:
         cache.save()
         raise
+
+
+def _encode_views(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    missing: torch.Tensor,
+    device: torch.device,
+    augmentation: Augmentation | None,
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """(the batch's image indices, float16 features of the rows of each view still
+    missing, None for a view with none), on the CPU: a fill's work on one batch, run
+    where data/workers.py says."""
+    images, indices = batch
+    images = images.to(device)
+    out: list[torch.Tensor | None] = []
+    for view in range(missing.shape[0]):
+        rows = missing[view, indices]
+        if not rows.any():
+            out.append(None)
+            continue
+        chosen = images if rows.all() else images[rows.to(images.device)]
+        feats = encode(make_view(chosen, view, augmentation))
+        out.append(feats.to("cpu", torch.float16))
+    return indices, out
 
 
 class FeatureViews(Dataset):
