@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -305,3 +306,29 @@ def test_a_fill_in_worker_processes_stores_what_the_main_process_computes(
     line = next(r.getMessage() for r in caplog.records if "Feature cache filled" in r.getMessage())
     assert line.startswith("Feature cache filled: 32 image views")  # 16 images x 2 views
     assert "forward pass alone" in line
+
+
+def test_a_damaged_image_in_a_fill_in_workers_is_named_and_leaves_no_stray_workers(
+    small_cache, sample_root, tmp_path, capfd
+):
+    from crack_lightning.data.feature_cache import FeatureCache
+    from crack_lightning.errors import DamagedImage
+
+    _, _, net, _ = small_cache
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    files = [str(p) for p in sorted(sample_root.rglob("*.jpg"))[:6]]
+    files.insert(3, str(tmp_path / "bad.jpg"))
+    needed = torch.ones(1, len(files), dtype=torch.bool)
+    dim = net.head[-1].in_features
+
+    def fill(on_bad: str) -> FeatureCache:
+        cache = FeatureCache(tmp_path / f"{on_bad}.pt", len(files), 1, (dim,))
+        cache.fill(net.eval().features, files, needed, 32, 2, 2, torch.device("cpu"), on_bad)
+        return cache
+
+    with pytest.raises(DamagedImage, match=r"bad\.jpg: not an image.*on_bad_image=skip"):
+        fill("stop")
+    # its workers are gone: not left to the garbage collector of the next processes forked
+    assert multiprocessing.active_children() == []
+    assert fill("skip").done.tolist() == [[True] * 3 + [False] + [True] * 3]
+    assert "can only test a child process" not in capfd.readouterr().err

@@ -73,25 +73,41 @@ def run_batches(
     leave its result on the CPU when it runs in workers (they hand results back through
     shared memory); anything it needs must exist before this is called (the workers are
     forked), e.g. a folded backbone built by one call on a small batch."""
-    if not in_workers:
+    if in_workers:
+        threads = max(1, torch.get_num_threads() // num_workers)
+        loader = DataLoader(
+            ComputedBatches(dataset, batch_size, collate, compute),
+            batch_size=None,
+            num_workers=num_workers,
+            collate_fn=_unchanged,  # not default_convert: numpy results stay numpy
+            worker_init_fn=partial(_set_threads, threads),
+        )
+    else:
         loader = DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate
         )
-        for items in loader:
-            began = time.perf_counter()
-            with torch.inference_mode():
-                result = compute(items)
-            yield result, time.perf_counter() - began
+    if in_workers:
+        yield from _shut_down_on_error(loader)
         return
-    threads = max(1, torch.get_num_threads() // num_workers)
-    loader = DataLoader(
-        ComputedBatches(dataset, batch_size, collate, compute),
-        batch_size=None,
-        num_workers=num_workers,
-        collate_fn=_unchanged,  # not default_convert: numpy results stay numpy
-        worker_init_fn=partial(_set_threads, threads),
-    )
-    yield from loader
+    for items in _shut_down_on_error(loader):
+        began = time.perf_counter()
+        with torch.inference_mode():
+            result = compute(items)
+        yield result, time.perf_counter() - began
+
+
+def _shut_down_on_error(loader: DataLoader) -> Iterator[Any]:
+    """The loader's items; on an error from a worker (a damaged image; the worker's
+    traceback is in the message) its workers are shut down at once, not when the
+    loader's frames, which the traceback keeps, are collected in a process forked later
+    (a warning from each)."""
+    batches = iter(loader)
+    try:
+        yield from batches
+    except Exception as err:
+        err = err.with_traceback(None)
+        del batches
+        raise err from None
 
 
 def _set_threads(threads: int, worker_id: int) -> None:
