@@ -11,8 +11,9 @@ hands back only the small result (pooled features, probabilities). The main proc
 only collects. On a GPU, or with `num_workers=0`, the workers (if any) decode and the
 main process runs the model, as before.
 
-Results are the same either way: the same batches, the same operations in the same order
-(oneDNN's convolutions give the same values with 1 or 2 threads; tests/test_speed.py).
+Results are the same either way: the same batches through the same operations (oneDNN's
+convolutions gave the same values with 1 and 2 threads: tests/test_feature_cache.py and
+tests/test_predict.py compare the two paths).
 """
 
 from __future__ import annotations
@@ -73,27 +74,25 @@ def run_batches(
     leave its result on the CPU when it runs in workers (they hand results back through
     shared memory); anything it needs must exist before this is called (the workers are
     forked), e.g. a folded backbone built by one call on a small batch."""
-    if in_workers:
-        threads = max(1, torch.get_num_threads() // num_workers)
-        loader = DataLoader(
-            ComputedBatches(dataset, batch_size, collate, compute),
-            batch_size=None,
-            num_workers=num_workers,
-            collate_fn=_unchanged,  # not default_convert: numpy results stay numpy
-            worker_init_fn=partial(_set_threads, threads),
-        )
-    else:
+    if not in_workers:
         loader = DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate
         )
-    if in_workers:
-        yield from _shut_down_on_error(loader)
+        for items in _shut_down_on_error(loader):
+            began = time.perf_counter()
+            with torch.inference_mode():
+                result = compute(items)
+            yield result, time.perf_counter() - began
         return
-    for items in _shut_down_on_error(loader):
-        began = time.perf_counter()
-        with torch.inference_mode():
-            result = compute(items)
-        yield result, time.perf_counter() - began
+    threads = max(1, torch.get_num_threads() // num_workers)
+    loader = DataLoader(
+        ComputedBatches(dataset, batch_size, collate, compute),
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_unchanged,  # not default_convert: numpy results stay numpy
+        worker_init_fn=partial(_set_threads, threads),
+    )
+    yield from _shut_down_on_error(loader)
 
 
 def _shut_down_on_error(loader: DataLoader) -> Iterator[Any]:

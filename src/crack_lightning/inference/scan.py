@@ -124,9 +124,9 @@ def scan_photo(
     score = classifier.unfamiliar_scorer()
     workers = torch.get_num_threads() if num_workers is None else num_workers
     workers = workers if len(boxes) >= 2 * batch_size else 0  # not worth forking for
-    batches = run_batches(
-        windows, batch_size, workers, score, classifier.ready_for_workers(workers, score)
-    )
+    in_workers = classifier.ready_for_workers(workers, score)
+    # else all here, as forking only to cut and resize the windows does not pay
+    batches = run_batches(windows, batch_size, workers if in_workers else 0, score, in_workers)
     probs, scores = [], []
     total = -(-len(boxes) // batch_size)
     for (batch_probs, batch_scores), _ in track(
