@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -153,9 +154,18 @@ def small_cache(synthetic_root, tmp_path):
     def make() -> FeatureCache:
         return FeatureCache(path, len(files), 2, (dim,))
 
-    def fill(cache: FeatureCache) -> None:
+    def fill(cache: FeatureCache, num_workers: int = 0) -> None:
         needed = torch.ones(2, len(files), dtype=torch.bool)
-        cache.fill(model.net.eval().features, files, needed, 32, 4, 0, torch.device("cpu"), "stop")
+        cache.fill(
+            model.net.eval().features,
+            files,
+            needed,
+            32,
+            4,
+            num_workers,
+            torch.device("cpu"),
+            "stop",
+        )
 
     return make, fill, model.net, path
 
@@ -273,3 +283,52 @@ def test_ctrl_c_during_a_fill_keeps_what_was_computed(small_cache, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fill(make())  # SAVE_EVERY_S (60 s) has not passed: saved on the way out
     assert int(torch.load(path, weights_only=True)["done"].sum()) == 2 * 4
+
+
+def test_a_fill_in_worker_processes_stores_what_the_main_process_computes(
+    small_cache, monkeypatch, caplog
+):
+    make, fill, net, path = small_cache
+    fill(make())  # num_workers=0: decoding and the backbone in this process
+    alone = torch.load(path, weights_only=True)["features"]
+    path.unlink()
+    calls = []
+    original = net.features
+    monkeypatch.setattr(
+        net, "features", lambda images: calls.append(len(images)) or original(images)
+    )
+    with caplog.at_level("INFO"):
+        fill(make(), num_workers=2)
+    assert calls == [1]  # here only the probe that folds the backbone: the batches ran in workers
+    stored = torch.load(path, weights_only=True)
+    assert bool(stored["done"].all())
+    assert torch.equal(stored["features"], alone)  # the same batches, the same values
+    line = next(r.getMessage() for r in caplog.records if "Feature cache filled" in r.getMessage())
+    assert line.startswith("Feature cache filled: 32 image views")  # 16 images x 2 views
+    assert "forward pass alone" in line
+
+
+def test_a_damaged_image_in_a_fill_in_workers_is_named_and_leaves_no_stray_workers(
+    small_cache, sample_root, tmp_path, capfd
+):
+    from crack_lightning.data.feature_cache import FeatureCache
+    from crack_lightning.errors import DamagedImage
+
+    _, _, net, _ = small_cache
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    files = [str(p) for p in sorted(sample_root.rglob("*.jpg"))[:6]]
+    files.insert(3, str(tmp_path / "bad.jpg"))
+    needed = torch.ones(1, len(files), dtype=torch.bool)
+    dim = net.head[-1].in_features
+
+    def fill(on_bad: str) -> FeatureCache:
+        cache = FeatureCache(tmp_path / f"{on_bad}.pt", len(files), 1, (dim,))
+        cache.fill(net.eval().features, files, needed, 32, 2, 2, torch.device("cpu"), on_bad)
+        return cache
+
+    with pytest.raises(DamagedImage, match=r"bad\.jpg: not an image.*on_bad_image=skip"):
+        fill("stop")
+    # its workers are gone: not left to the garbage collector of the next processes forked
+    assert multiprocessing.active_children() == []
+    assert fill("skip").done.tolist() == [[True] * 3 + [False] + [True] * 3]
+    assert "can only test a child process" not in capfd.readouterr().err

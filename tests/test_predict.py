@@ -274,3 +274,38 @@ def test_scan_with_overlap_covers_the_far_edges(predict_cfg, sample_root, tmp_pa
     xs = sorted({int(r["x"]) for r in rows})
     ys = sorted({int(r["y"]) for r in rows})
     assert xs == [0, 150, 273] and ys == [0, 73]  # the last window sits flush with the edge
+
+
+def test_workers_classify_and_scan_as_the_main_process_does(
+    trained_run, sample_root, tmp_path, monkeypatch
+):
+    from crack_lightning.inference.classifiers import classify_files, load_classifier
+    from crack_lightning.inference.scan import scan_photo
+
+    classifier = load_classifier(trained_run / "checkpoints" / "best.ckpt", "cpu")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    files = [*sorted(sample_root.rglob("*.jpg"))[::12], tmp_path / "broken.jpg"]
+    alone, skipped_alone = classify_files(classifier, files, 8, 0, progress=False)
+    calls = []
+    original = classifier.predict
+    monkeypatch.setattr(
+        classifier, "predict", lambda images: calls.append(len(images)) or original(images)
+    )
+    shared, skipped = classify_files(classifier, files, 8, 2, progress=False)
+    assert calls == [1]  # here only the probe that folds the backbone: batches ran in workers
+    assert skipped == skipped_alone and [path for path, _ in skipped] == files[-1:]
+    assert np.isnan(shared[-1]) and not np.isnan(shared[:-1]).any()
+    np.testing.assert_allclose(shared, alone, atol=1e-6)
+    assert ((shared[:-1] >= 0.5) == (alone[:-1] >= 0.5)).all()  # the same labels
+
+    photo = Image.new("RGB", (3 * 227, 2 * 227))
+    for tile, path in enumerate(files[:6]):
+        photo.paste(Image.open(path), ((tile % 3) * 227, (tile // 3) * 227))
+    calls.clear()
+    scans = [
+        scan_photo(classifier, photo, tmp_path / "wall.png", 227, 113, 4, 0.5, num_workers=n)
+        for n in (0, 2)
+    ]
+    assert len(scans[0].probs) == 24  # 6 batches of 4 windows each
+    assert calls == [4] * 6 + [1]  # here: all 6 without workers, the probe with them
+    np.testing.assert_allclose(scans[1].probs, scans[0].probs, atol=1e-6)

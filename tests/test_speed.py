@@ -200,3 +200,30 @@ def test_device_decoding_names_a_broken_jpeg_and_keeps_decode_py_pixels_for_othe
     encoded, _ = collate_encoded([EncodedImages([(str(broken), 0)], 32)[0]])
     with pytest.raises(DamagedImage, match="data.decode_on_device=false"):
         decode_batch(encoded, 32, "cpu")
+
+
+@pytest.mark.parametrize(("name", "fused"), [("mobilenet_v2", 35), ("resnet18", 9)])
+def test_the_folded_backbone_clamps_inside_its_convolutions_with_the_same_values(name, fused):
+    from torch.fx.experimental.optimization import fuse
+
+    from crack_lightning.models.backbones import (
+        ConvActivation,
+        build_feature_extractor,
+        fold_batchnorm,
+    )
+
+    torch.manual_seed(0)
+    extractor, _ = build_feature_extractor(name, pretrained=False, weights_path=None)
+    folded = fold_batchnorm(extractor)
+    assert sum(isinstance(m, ConvActivation) for m in folded.modules()) == fused
+    plain = fuse(extractor.eval(), inplace=False)  # BatchNorm folded, activations apart
+    images = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            inputs = images.contiguous(memory_format=layout)
+            expected = plain(inputs)
+            assert torch.allclose(folded(inputs), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # float64, or autograd: the plain modules run
+        assert torch.allclose(
+            folded.double()(images.double()), plain.double()(images.double()), atol=1e-10
+        )

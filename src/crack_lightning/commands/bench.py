@@ -158,7 +158,7 @@ def timed(function: Callable[[], object]) -> float:
 
 
 class FillTimes(logging.Handler):
-    """The feature cache fills' figures (feature_cache.report_fill) while attached."""
+    """The figures of every cache fill (FeatureCache.fill's last line) while attached."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)

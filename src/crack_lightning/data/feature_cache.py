@@ -32,11 +32,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from crack_lightning.data.decode import DECODE_VERSION, DecodedImages, sample_file
 from crack_lightning.data.shards import any_failed, cpu_group, first_on_host, group_ranks, share
 from crack_lightning.data.transforms import Augmentation, augment_batch
+from crack_lightning.data.workers import compute_in_workers, forward_rate, run_batches
 from crack_lightning.errors import DamagedImage, DataError, ModelConfigError
 from crack_lightning.io import save_torch
 from crack_lightning.progress import progress
@@ -181,12 +182,14 @@ class FeatureCache:
         todo = torch.nonzero(missing.any(dim=0)).flatten().tolist()
         if not todo:
             return
-        loader = DataLoader(
-            DecodedImages([files[i] for i in todo], todo, image_size, on_bad),
-            batch_size=batch_size,
-            num_workers=num_workers,
-        )
-        last_save = time.monotonic()
+        images = DecodedImages([files[i] for i in todo], todo, image_size, on_bad)
+        in_workers = compute_in_workers(device, num_workers)
+        if in_workers:  # fold the backbone once, before the workers fork
+            with torch.inference_mode():
+                encode(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device))
+        compute = partial(_encode_views, encode, missing, device, augmentation)
+        last_save = began = time.monotonic()
+        seconds: list[float] = []
         # the loader draws from the global RNG: keep a run's randomness (shuffling, dropout)
         # the same whether or not the cache had to be filled
         with (
@@ -195,16 +198,16 @@ class FeatureCache:
             _saved_on_interrupt(self),
         ):
             try:
-                for images, indices in loader:
-                    images = images.to(device)
-                    for view in range(self.features.shape[0]):
-                        rows = missing[view, indices]
-                        if rows.any():
-                            with torch.inference_mode():
-                                feats = encode(make_view(images[rows], view, augmentation))
-                            self.features[view, indices[rows]] = feats.to("cpu", torch.float16)
-                            self.done[view, indices[rows]] = True
-                            bar.update(int(rows.sum()))
+                for (indices, views), spent in run_batches(
+                    images, batch_size, num_workers, compute, in_workers
+                ):
+                    seconds.append(spent)
+                    for view, feats in enumerate(views):
+                        if feats is not None:
+                            rows = indices[missing[view, indices]]
+                            self.features[view, rows] = feats
+                            self.done[view, rows] = True
+                            bar.update(len(rows))
                     if time.monotonic() - last_save >= SAVE_EVERY_S:
                         self.save()
                         last_save = time.monotonic()
@@ -213,6 +216,21 @@ class FeatureCache:
                 # (a second run on a cache that holds all but those): they stay not done
                 if on_bad != "skip":
                     raise
+        computed = int((missing & self.done).sum())
+        elapsed = time.monotonic() - began
+        if computed:  # none when every image left was damaged (on_bad=skip)
+            forward = forward_rate(computed, seconds, in_workers, num_workers)
+            log.info(
+                "Feature cache filled: %d image views in %.1f s, %.1f/s; the backbone's forward "
+                "pass alone (timed per batch in this fill) %.1f/s: %.2f of it",
+                computed,
+                elapsed,
+                computed / elapsed,
+                forward,
+                computed / elapsed / forward,
+                # for crack-bench, which reads them from the design card's run
+                extra={"fill_views": computed, "fill_seconds": elapsed},
+            )
         self.save()
 
     def save(self) -> None:
@@ -236,6 +254,30 @@ def _saved_on_interrupt(cache: FeatureCache) -> Iterator[None]:
     except KeyboardInterrupt:
         cache.save()
         raise
+
+
+def _encode_views(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    missing: torch.Tensor,
+    device: torch.device,
+    augmentation: Augmentation | None,
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """(the batch's image indices, float16 features of the rows of each view still
+    missing, None for a view with none), on the CPU: a fill's work on one batch, run
+    where data/workers.py says."""
+    images, indices = batch
+    images = images.to(device)
+    out: list[torch.Tensor | None] = []
+    for view in range(missing.shape[0]):
+        rows = missing[view, indices]
+        if not rows.any():
+            out.append(None)
+            continue
+        chosen = images if rows.all() else images[rows.to(images.device)]
+        feats = encode(make_view(chosen, view, augmentation))
+        out.append(feats.to("cpu", torch.float16))
+    return indices, out
 
 
 class FeatureViews(Dataset):
@@ -306,7 +348,6 @@ def cached_features(
         on_bad=on_bad,
         augmentation=augmentation,
     )
-    start = time.perf_counter()
     if group_ranks()[1] > 1:
         fill_in_shares(cache, fill, needed, batch_size, journals)
     else:
@@ -314,21 +355,7 @@ def cached_features(
         if journals:  # kept in the cache file now
             cache.save()
             _remove(journals)
-    report_fill(int((needed & cache.done).sum()) - reused, time.perf_counter() - start)
     return cache
-
-
-def report_fill(computed: int, seconds: float) -> None:
-    """The fill's rate in the log; the record carries the figures (`fill_views`,
-    `fill_seconds`) for crack-bench, which reads them from the design card's run."""
-    if computed:
-        log.info(
-            "Feature cache: %d image views computed in %.1f s (%.1f img/s)",
-            computed,
-            seconds,
-            computed / seconds,
-            extra={"fill_views": computed, "fill_seconds": seconds},
-        )
 
 
 def fill_in_shares(

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from crack_lightning.data.decode import DecodedImages
+from crack_lightning.data.workers import compute_in_workers, run_batches
 from crack_lightning.errors import CrackLightningError, PredictionError
 from crack_lightning.evaluation.threshold import METADATA_KEY, stored_threshold
 from crack_lightning.inference.unfamiliar import CHECKPOINT_KEY as FEATURE_STATS_KEY
@@ -157,12 +158,34 @@ class LoadedModel:
     def predict_unfamiliar(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """P(crack) and the unfamiliar score of each image; without feature statistics,
         no scores, and the reason logged once per model."""
+        return self.unfamiliar_scorer()(images)
+
+    def unfamiliar_scorer(self) -> Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray | None]]:
+        """What predict_unfamiliar runs, to hand to worker processes (data/workers.py):
+        the reason for no scores is logged here, once per model, not in each worker."""
         if self.feature_stats is None or not isinstance(self.network, TorchNetwork):
             if not self._reason_told:
                 log.warning("%s: no unfamiliar score: %s.", self.source, self.no_stats_reason)
                 self._reason_told = True
-            return self.predict(images), None
-        return self.network.with_unfamiliar(images, self.feature_stats)
+            return _without_scores(self.predict)
+        return partial(self.network.with_unfamiliar, stats=self.feature_stats)
+
+    def ready_for_workers(
+        self, num_workers: int, compute: Callable[[torch.Tensor], Any] | None = None
+    ) -> bool:
+        """Whether batches should run through this model in the DataLoader's worker
+        processes (data/workers.py: a checkpoint's network on a CPU; ONNX Runtime and
+        TorchScript keep their own threads here); if so, `compute` (default: predict) has
+        run once on a one-image batch, so that the folded backbone exists before the
+        workers fork."""
+        network = self.network
+        if not isinstance(network, TorchNetwork) or not compute_in_workers(
+            network.device, num_workers
+        ):
+            return False
+        probe = torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        (compute or self.predict)(probe)
+        return True
 
 
 def load_classifier(path: str | Path, device: str = "auto") -> LoadedModel:
@@ -334,19 +357,36 @@ def classify_files(
     num_workers: int,
     progress: bool = True,
 ) -> tuple[np.ndarray, list[tuple[Path, str]]]:
-    """P(crack) per file (NaN where unreadable), and (file, reason) for each skipped file."""
+    """P(crack) per file (NaN where unreadable), and (file, reason) for each skipped file.
+    On a CPU each worker decodes and classifies whole batches (data/workers.py)."""
     probs = np.full(len(paths), np.nan, dtype=np.float32)
     skipped: list[tuple[Path, str]] = []
-    loader = DataLoader(
+    batches = run_batches(
         ImageFiles(paths, classifier.image_size),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
+        batch_size,
+        num_workers,
+        partial(_classify_batch, classifier.predict),
+        classifier.ready_for_workers(num_workers),
+        collate=_collate,
     )
     with progress_of(len(paths), "Classifying", "img", progress) as bar:
-        for images, indices, failed in loader:
-            if images is not None:
-                probs[indices] = classifier.predict(images)
+        for (batch_probs, indices, failed), _ in batches:
+            if batch_probs is not None:
+                probs[indices] = batch_probs
             skipped += [(paths[i], reason) for i, reason in failed]
             bar.update(len(indices) + len(failed))
     return probs, skipped
+
+
+def _classify_batch(
+    predict: Callable[[torch.Tensor], np.ndarray],
+    batch: tuple[torch.Tensor | None, list[int], list[tuple[int, str]]],
+) -> tuple[np.ndarray | None, list[int], list[tuple[int, str]]]:
+    images, indices, failed = batch
+    return (predict(images) if images is not None else None), indices, failed
+
+
+def _without_scores(
+    predict: Callable[[torch.Tensor], np.ndarray],
+) -> Callable[[torch.Tensor], tuple[np.ndarray, None]]:
+    return lambda images: (predict(images), None)

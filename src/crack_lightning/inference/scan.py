@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from crack_lightning.data.decode import load_rgb, resize
 from crack_lightning.data.masks import tile_boxes
+from crack_lightning.data.workers import run_batches
 from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.io import write_atomically, write_csv
@@ -75,6 +77,25 @@ class ScanResult:
         return float(mask.mean())
 
 
+class Windows(Dataset):
+    """The patches of a photo (uint8 CHW pixels) at `boxes` (top-left x, y), each
+    resized exactly as training images are (data.decode)."""
+
+    def __init__(
+        self, pixels: torch.Tensor, boxes: np.ndarray, patch_size: int, image_size: int
+    ) -> None:
+        self.pixels, self.boxes = pixels, boxes
+        self.patch_size, self.image_size = patch_size, image_size
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        x, y = self.boxes[index]
+        size = self.patch_size
+        return resize(self.pixels[:, y : y + size, x : x + size], self.image_size)
+
+
 def scan_photo(
     classifier: LoadedModel,
     photo: Image.Image,
@@ -84,26 +105,33 @@ def scan_photo(
     batch_size: int,
     threshold: float,
     unfamiliar_limit: float | None = None,
+    num_workers: int | None = None,
 ) -> ScanResult:
     """Classify every patch; each is resized exactly as training images are (data.decode). With the
     checkpoint's feature statistics, also score how unfamiliar each patch is. The window
-    settings are checked at start-up (settings.ScanSettings)."""
+    settings are checked at start-up (settings.ScanSettings). A photo of at least two
+    batches of patches is scanned by `num_workers` worker processes on a CPU (None: one
+    per core torch uses; data/workers.py), each cutting, resizing and classifying whole
+    batches."""
     width, height = photo.size
     if width < patch_size or height < patch_size:
         raise PredictionError(
             f"{path} is {width}x{height}, smaller than scan.patch_size={patch_size}: "
             f"classify it with mode=predict, or lower scan.patch_size."
         )
-    pixels = v2.functional.pil_to_tensor(photo)
     boxes = tile_boxes(width, height, patch_size, stride)
+    windows = Windows(v2.functional.pil_to_tensor(photo), boxes, patch_size, classifier.image_size)
+    score = classifier.unfamiliar_scorer()
+    workers = torch.get_num_threads() if num_workers is None else num_workers
+    workers = workers if len(boxes) >= 2 * batch_size else 0  # not worth forking for
+    in_workers = classifier.ready_for_workers(workers, score)
+    # else all here, as forking only to cut and resize the windows does not pay
+    batches = run_batches(windows, batch_size, workers if in_workers else 0, score, in_workers)
     probs, scores = [], []
-    for start in track(range(0, len(boxes), batch_size), f"Scanning {path.name}", "batch"):
-        crops = [
-            pixels[:, y : y + patch_size, x : x + patch_size]
-            for x, y in boxes[start : start + batch_size]
-        ]
-        batch = torch.stack([resize(c, classifier.image_size) for c in crops])
-        batch_probs, batch_scores = classifier.predict_unfamiliar(batch)
+    total = -(-len(boxes) // batch_size)
+    for (batch_probs, batch_scores), _ in track(
+        batches, f"Scanning {path.name}", "batch", total=total
+    ):
         probs.append(batch_probs)
         if batch_scores is not None:
             scores.append(batch_scores)
@@ -171,6 +199,7 @@ def scan_files(
     threshold: float,
     out: Path,
     skipped: list[tuple[Path, str]],
+    num_workers: int | None = None,
 ) -> Iterator[ScanResult]:
     """The one scan loop (predict mode=scan, crack-scan-eval): load each photo, scan it,
     save its heat map as scan_figure(out, result.name) (output_names: photos sharing a
@@ -193,6 +222,7 @@ def scan_files(
             batch_size,
             threshold,
             window.unfamiliar_limit,
+            num_workers,
         )
         result.name = name
         save_png(render_scan(result, photo), scan_figure(out, name))

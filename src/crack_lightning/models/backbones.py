@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 from torchvision import models
 
@@ -121,10 +121,81 @@ def fold_batchnorm(extractor: nn.Module) -> nn.Module:
     passes over the activations, so faster on CPU (docs/speed.md). A model torch.fx
     cannot trace (some timm models) runs as it is, from a copy."""
     try:
-        return fuse(extractor.eval(), inplace=False)
+        folded = fuse(extractor.eval(), inplace=False)
     except Exception as err:  # tracing fails in many ways; folding is optional
         log.debug("BatchNorm not folded (%s: %s)", type(err).__name__, err)
         return copy.deepcopy(extractor.eval())
+    return fuse_activations(folded)
+
+
+def fuse_activations(traced: fx.GraphModule) -> fx.GraphModule:
+    """Each convolution followed by a ReLU or ReLU6 (hardtanh) only, as one module that on
+    a CPU applies the activation while oneDNN writes the convolution's output
+    (ConvActivation): one pass fewer over every activation map, the same values
+    (clamping is exact). In place; returns `traced`."""
+    if not torch.backends.mkldnn.is_available():
+        return traced
+    modules = dict(traced.named_modules())
+    for node in list(traced.graph.nodes):
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if type(conv) is not nn.Conv2d or isinstance(conv.padding, str) or len(node.users) != 1:
+            continue
+        if conv.padding_mode != "zeros":
+            continue
+        (user,) = node.users
+        activation = modules.get(user.target) if user.op == "call_module" else None
+        post = _exact_post_op(activation)
+        if post is None:
+            continue
+        name = f"{node.target.replace('.', '_')}_with_activation"
+        traced.add_submodule(name, ConvActivation(conv, activation, *post))
+        with traced.graph.inserting_after(user):
+            fused = traced.graph.call_module(name, node.args)
+        user.replace_all_uses_with(fused)
+        traced.graph.erase_node(user)
+        traced.graph.erase_node(node)
+    traced.graph.lint()
+    traced.recompile()
+    return traced
+
+
+def _exact_post_op(activation: nn.Module | None) -> tuple[str, list[float]] | None:
+    """oneDNN's name and scalars for an activation it computes bit for bit as torch does
+    (ReLU, hardtanh/ReLU6: clamps); None for any other."""
+    if type(activation) is nn.ReLU:
+        return "relu", []
+    if isinstance(activation, nn.Hardtanh):  # ReLU6 is one
+        return "hardtanh", [float(activation.min_val), float(activation.max_val)]
+    return None
+
+
+class ConvActivation(nn.Module):
+    """conv then activation; on a CPU in float32 without autograd, one oneDNN call
+    (mkldnn._convolution_pointwise, the kernel torch.compile's CPU backend fuses to),
+    elsewhere the two modules as they were."""
+
+    def __init__(self, conv: nn.Conv2d, activation: nn.Module, post: str, scalars: list[float]):
+        super().__init__()
+        self.conv, self.activation = conv, activation
+        self.post, self.scalars = post, scalars
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        fusable = x.device.type == "cpu" and x.dtype == conv.weight.dtype == torch.float32
+        if not fusable or (torch.is_grad_enabled() and conv.weight.requires_grad):
+            return self.activation(conv(x))
+        return torch.ops.mkldnn._convolution_pointwise(
+            x,
+            conv.weight,
+            conv.bias,
+            conv.padding,
+            conv.stride,
+            conv.dilation,
+            conv.groups,
+            self.post,
+            self.scalars,
+            "",
+        )
 
 
 def load_weights_file(path: str | Path) -> Mapping[str, torch.Tensor]:
