@@ -112,11 +112,16 @@ def app(page_model, tmp_path_factory) -> Iterator[App]:
 
     folder = tmp_path_factory.mktemp("app")
     calls = []
-    original = classifiers.LoadedModel.predict_unfamiliar
+    original = classifiers.LoadedModel.unfamiliar_scorer
 
-    def counted(self, images):
-        calls.append(len(images))
-        return original(self, images)
+    def counted(self):
+        score = original(self)
+
+        def run(images):
+            calls.append(len(images))
+            return score(images)
+
+        return run
 
     cfg = compose_config(
         "app",
@@ -132,7 +137,7 @@ def app(page_model, tmp_path_factory) -> Iterator[App]:
     )
     with pytest.MonkeyPatch.context() as patch:
         forget_gradio_settings(patch)
-        patch.setattr(classifiers.LoadedModel, "predict_unfamiliar", counted)
+        patch.setattr(classifiers.LoadedModel, "unfamiliar_scorer", counted)
         page, _ = start(cfg)
         try:
             yield App(page.local_url, folder / "labels", folder / "files", lambda: len(calls))

@@ -114,8 +114,17 @@ class Inspector:
         inspections = []
         with self._lock:
             results = list(
+                # in this process (num_workers=0): the page's server runs on threads, and
+                # forking worker processes from a threaded server can deadlock
                 scan_files(
-                    self.classifier, accepted, self.window, self.batch_size, threshold, out, skipped
+                    self.classifier,
+                    accepted,
+                    self.window,
+                    self.batch_size,
+                    threshold,
+                    out,
+                    skipped,
+                    num_workers=0,
                 )
             )
         for result in results:
