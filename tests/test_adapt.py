@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from crack_lightning.data.masks import load_mask
 from crack_lightning.errors import ConfigError, DataError
-from crack_lightning.evaluation.scan_masks import patch_truth, scan_groups
+from crack_lightning.evaluation.scan_masks import patch_truth, score_groups
 from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.inference.scan import scan_files
 from crack_lightning.settings import ScanSettings
@@ -112,7 +112,8 @@ def held_out_scores(ckpt: Path, photos: list[Path], out: Path) -> tuple[float, f
     cross-entropy of their patches' P(crack)."""
     model = load_classifier(ckpt, "cpu")
     threshold = model.threshold if model.threshold is not None else 0.5
-    _, rows = scan_groups(model, [("held", photos)], WINDOW, 32, threshold, 0.01, out, [])
+    scans = scan_files(model, photos, WINDOW, 32, threshold, out, [])
+    _, rows = score_groups([("held", photos)], scans, 0.01)
     truth, probs = [], []
     for result in scan_files(model, photos, WINDOW, 32, threshold, out, []):
         truth.append(patch_truth(result, load_mask(result.path, (192, 192)), 0.01))

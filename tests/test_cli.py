@@ -239,6 +239,36 @@ def package_imports(path) -> set[str]:
     return {name for name in names if name.startswith("crack_lightning")}
 
 
+def runtime_imports(path) -> set[str]:
+    """package_imports without those under `if TYPE_CHECKING:` (type hints only)."""
+    tree = ast.parse(path.read_text())
+    hints = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in hints:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name for name in names if name.startswith("crack_lightning")}
+
+
+def test_the_libraries_import_only_down():
+    """data/, models/ and evaluation/ run below training/ and inference/: they never
+    import them (a type hint under TYPE_CHECKING aside)."""
+    for sub in ("data", "models", "evaluation"):
+        for path in (PACKAGE / sub).rglob("*.py"):
+            imported = runtime_imports(path)
+            upward = {m for m in imported if m.split(".")[1] in ("training", "inference")}
+            assert not upward, f"{path.relative_to(PACKAGE)} imports {sorted(upward)}"
+
+
 def test_no_import_runs_back_up_the_layers():
     """commands/ -> the wrapper (cli) and the libraries -> settings -> errors: nothing
     below the commands imports them or the wrapper."""

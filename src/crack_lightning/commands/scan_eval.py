@@ -23,11 +23,13 @@ from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.evaluation.scan_masks import (
     expand_photos,
     format_scores,
-    scan_groups,
+    score_groups,
+    unique_photos,
     write_scan_summary,
 )
 from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import load_classifier
+from crack_lightning.inference.scan import scan_files
 from crack_lightning.settings import ScanEvalSettings, ScanSettings, validate
 
 
@@ -43,9 +45,10 @@ def evaluate(cfg: DictConfig) -> None:
     threshold = decision_threshold(settings.threshold, classifier.threshold)
     out = Path(settings.out)
     skipped: list[tuple[Path, str]] = []
-    report, rows = scan_groups(
-        classifier, groups, window, settings.batch_size, threshold, settings.min_share, out, skipped
+    scans = scan_files(
+        classifier, unique_photos(groups), window, settings.batch_size, threshold, out, skipped
     )
+    report, rows = score_groups(groups, scans, settings.min_share)
     for path, reason in skipped:
         print(f"Skipped {path}: {reason}", file=sys.stderr)
     if not report:

@@ -9,9 +9,10 @@ The command that scans photos and scores them is commands/scan_eval.py (crack-sc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,10 +28,10 @@ from crack_lightning.evaluation.metrics import (
     recall,
     roc_auc,
 )
-from crack_lightning.inference.classifiers import LoadedModel
-from crack_lightning.inference.scan import ScanResult, scan_files
 from crack_lightning.io import write_csv, write_json, write_text
-from crack_lightning.settings import ScanSettings
+
+if TYPE_CHECKING:  # inference/ sits above evaluation/: the type only
+    from crack_lightning.inference.scan import ScanResult
 
 # the figures of a photo's report line, after its name (None prints as n/a)
 REPORT_COLUMNS = ("patches", "cracked_patches", "found_patches", "false_alarms")
@@ -154,21 +155,21 @@ def expand_photos(items: Sequence[str | Path]) -> list[tuple[str, list[Path]]]:
     return groups
 
 
-def scan_groups(
-    classifier: LoadedModel,
+def unique_photos(groups: Sequence[tuple[str, Sequence[Path]]]) -> list[Path]:
+    """Every photo of the groups once, in order: what to scan (a photo in several groups
+    is scanned once and counts in each)."""
+    return list(dict.fromkeys(Path(photo) for _, photos in groups for photo in photos))
+
+
+def score_groups(
     groups: Sequence[tuple[str, Sequence[Path]]],
-    window: ScanSettings,
-    batch_size: int,
-    threshold: float,
+    results: Iterable[ScanResult],
     min_share: float,
-    out: Path,
-    skipped: list[tuple[Path, str]],
     mask_of: MaskReader = load_mask,
 ) -> tuple[dict[str, dict], list[dict]]:
-    """Scan every photo once (a photo in several groups counts in each), score it
-    against its mask (the tile rule); return the per-photo report and one summary row per
-    group, plus ALL (every photo once) when there are several groups. Unreadable photos
-    go to `skipped`."""
+    """Score each scanned photo against its mask (the tile rule); return the per-photo
+    report and one summary row per group, plus ALL (every photo once) when there are
+    several groups. `results` are the scans of unique_photos(groups) (scan.scan_files)."""
     owners: dict[Path, list[int]] = {}
     for index, (_, photos) in enumerate(groups):
         for photo in photos:
@@ -176,7 +177,7 @@ def scan_groups(
     pooled = [PooledPatches() for _ in groups]
     everything = PooledPatches()
     report: dict[str, dict] = {}
-    for result in scan_files(classifier, owners, window, batch_size, threshold, out, skipped):
+    for result in results:
         truth = patch_truth(result, mask_of(result.path, (result.width, result.height)), min_share)
         report[result.name + result.path.suffix] = patch_scores(result, truth)
         for index in owners[result.path]:

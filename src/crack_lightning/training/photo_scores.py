@@ -15,9 +15,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from crack_lightning.data.decode import sample_file
 from crack_lightning.data.masks import find_mask, fit_to_photo, mask_classes, read_mask
 from crack_lightning.data.sources import SourceSpec
-from crack_lightning.evaluation.scan_masks import scan_groups, write_scan_summary
+from crack_lightning.evaluation.scan_masks import score_groups, write_scan_summary
 from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import load_classifier
+from crack_lightning.inference.scan import scan_files
 from crack_lightning.settings import ScanSettings
 
 log = logging.getLogger(__name__)
@@ -69,17 +70,17 @@ def scan_validation_photos(
     for source, files in photos.items():
         spec = datamodule.sources.specs[source]
         window = ScanSettings(spec.tiles.tile_size, spec.tiles.stride, None)
-        scored, source_rows = scan_groups(
+        scans = scan_files(
             classifier,
-            [(spec.name, files)],
+            files,
             window,
             datamodule.hparams.batch_size,
             threshold,
-            spec.tiles.min_share,
             out / spec.name,
             skipped,
-            source_mask(spec),
         )
+        groups = [(spec.name, files)]
+        scored, source_rows = score_groups(groups, scans, spec.tiles.min_share, source_mask(spec))
         report |= {f"{spec.name}/{name}": scores for name, scores in scored.items()}
         rows += source_rows
     for path, reason in skipped:
