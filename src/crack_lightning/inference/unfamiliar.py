@@ -4,8 +4,9 @@ features to the training features' mean and (shrunk) covariance.
 When the top stages of the backbone are fine-tuned on cached activations, the
 statistics are of the frozen stages' output (global-average pooled) instead: features
 trained to tell cracks apart forget what is not concrete (leaf-like noise and a sky
-gradient scored 0.76 and 0.71, like concrete, on the fine-tuned features; 2.1 and 3.0 on
-the frozen stages', docs/generalization.md).
+gradient scored 0.76 and 0.71 in the old 99th-percentile units, like concrete, on the
+fine-tuned features; 2.1 and 3.0 on the frozen stages'). The 1280 pooled features of a
+frozen head's backbone tell sky from concrete badly too (docs/generalization.md).
 
 The training callback `FeatureStatistics` (training/feature_stats.py) stores the
 statistics in the checkpoint (checkpoint["feature_stats"]); scan scores a patch as its
@@ -15,8 +16,8 @@ varied the training sources are (METU alone: 99th percentile 1.5x the median; ME
 SDNET decks and brickwork: 2.1x; with masked-photo tiles: 2.4x), so a tail-scaled score
 put concrete from another camera far out after METU-only training and vegetation close in
 after varied training. In median units both stay where they are whatever the sources
-(docs/generalization.md, "Unfamiliar patches"): concrete of other cameras below 3,
-sky, leaves, text and objects above 3.5 (scan.unfamiliar_limit).
+(docs/generalization.md, "Unfamiliar patches"): concrete of other cameras at most 3.4,
+sky, leaves, text and objects from 3.9 up (scan.unfamiliar_limit: 3.5).
 """
 
 from __future__ import annotations
