@@ -231,3 +231,29 @@ def test_scan_eval_scores_patches_against_the_real_masks(trained_run, tmp_path, 
     assert main([*args, f"photos=[{broken},{photos[0]}]", "scan.stride=181"]) == 0
     assert f"Skipped {broken}" in capsys.readouterr().err
     assert set(json.loads((out / "scan_eval.json").read_text())) == {"crackconcrete_004.png"}
+
+
+def test_a_frozen_head_is_described_below_the_backbone_top_stages(synthetic_cfg, tmp_path):
+    """A backbone frozen throughout is described as the recipe's is, by the pooled output
+    below its top 3 stages (its last pooled features score sky like concrete), and scans
+    score that on the way to P(crack)."""
+    from crack_lightning.inference.classifiers import load_classifier
+    from crack_lightning.training.run import train
+
+    cfg = synthetic_cfg(
+        "model.freeze_backbone=true",
+        "callbacks.feature_stats={_target_: "
+        "crack_lightning.training.feature_stats.FeatureStatistics, max_images: 32}",
+    )
+    train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    stats = ckpt["feature_stats"]
+    stages = build(cfg.model).net.backbone.features
+    assert int(stats["stage"]) == len(stages) - 3 and float(stats["quantile"]) == 0.5
+    width = stages[: len(stages) - 3](torch.zeros(1, 3, 64, 64)).shape[1]
+    assert stats["mean"].shape == (width,)
+    classifier = load_classifier(tmp_path / "run" / "checkpoints" / "last.ckpt", device="cpu")
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    probs, scores = classifier.predict_unfamiliar(images)
+    assert np.allclose(probs, classifier.predict(images), atol=1e-4)
+    assert scores.shape == (3,) and np.isfinite(scores).all() and (scores > 0).all()

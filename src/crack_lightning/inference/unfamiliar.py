@@ -5,8 +5,10 @@ When the top stages of the backbone are fine-tuned on cached activations, the
 statistics are of the frozen stages' output (global-average pooled) instead: features
 trained to tell cracks apart forget what is not concrete (leaf-like noise and a sky
 gradient scored 0.76 and 0.71 in the old 99th-percentile units, like concrete, on the
-fine-tuned features; 2.1 and 3.0 on the frozen stages'). The 1280 pooled features of a
-frozen head's backbone tell sky from concrete badly too (docs/generalization.md).
+fine-tuned features; 2.1 and 3.0 on the frozen stages'). The last pooled features of a
+frozen backbone tell sky from concrete badly too, so a backbone frozen throughout is
+described below its top stages as well (training/feature_stats.py,
+docs/generalization.md).
 
 The training callback `FeatureStatistics` (training/feature_stats.py) stores the
 statistics in the checkpoint (checkpoint["feature_stats"]); scan scores a patch as its
