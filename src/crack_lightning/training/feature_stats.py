@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from crack_lightning.data.decode import DecodedImages
 from crack_lightning.inference.unfamiliar import CHECKPOINT_KEY, fit_statistics
+from crack_lightning.models.finetuning import BackboneUnfreeze
+
+# a backbone frozen throughout is described below its top stages, as the recipe's is
+# (MobileNetV2: features[:16]): its last pooled features tell sky from concrete badly
+# (docs/generalization.md, "Unfamiliar patches")
+TOP_STAGES_LEFT_OUT = 3
 
 
 class FeatureStatistics(L.Callback):
@@ -17,8 +24,9 @@ class FeatureStatistics(L.Callback):
     With cached features they are read from the cache; otherwise up to `max_images`
     training images (evenly spread) go through the backbone once. With the top stages
     fine-tuned on cached activations, they are of the frozen stages' pooled output
-    (stats["stage"]). Computed once while what they describe is frozen, again at each
-    save while it trains.
+    (stats["stage"]); with the backbone frozen throughout, of the pooled output below its
+    top TOP_STAGES_LEFT_OUT stages (one pass of up to max_images images through it).
+    Computed once while what they describe is frozen, again at each save while it trains.
     """
 
     def __init__(self, max_images: int) -> None:
@@ -32,20 +40,22 @@ class FeatureStatistics(L.Callback):
         if datamodule is None or not hasattr(datamodule, "split"):
             return
         stage = pl_module.net.input_stage  # set only while training on cached stage outputs
+        if stage is None and not any(isinstance(c, BackboneUnfreeze) for c in trainer.callbacks):
+            stage = below_top_stages(pl_module.net.backbone) if pl_module.net.frozen else None
         if self.stats is None or (stage is None and not pl_module.net.frozen):
-            self.stats = fit_statistics(self._features(datamodule, pl_module))
+            self.stats = fit_statistics(self._features(datamodule, pl_module, stage))
             if stage is not None:
                 self.stats["stage"] = torch.tensor([stage])
         checkpoint[CHECKPOINT_KEY] = self.stats
 
-    def _features(self, datamodule, pl_module) -> torch.Tensor:
-        """Pooled features of up to max_images training images (the plain view): cached
-        pooled features, cached stage outputs averaged over their positions, or the
-        images through the backbone once."""
+    def _features(self, datamodule, pl_module, stage: int | None) -> torch.Tensor:
+        """Pooled features (of `stage`'s output, unless None) of up to max_images training
+        images (the plain view): cached pooled features, cached stage outputs averaged
+        over their positions, or the images through the backbone once."""
         train = datamodule.split["train"]
         step = max(1, len(train) // self.max_images)
         chosen = train[::step][: self.max_images]
-        if datamodule.features is not None:
+        if datamodule.features is not None and stage == pl_module.net.input_stage:
             cached = datamodule.features[0, chosen].float()
             return cached.mean(dim=(-2, -1)) if cached.ndim == 4 else cached
         paths = [datamodule.samples[i][0] for i in chosen]
@@ -60,6 +70,20 @@ class FeatureStatistics(L.Callback):
         outputs = []
         with torch.inference_mode():
             for images, _ in loader:
-                outputs.append(net.features(images.to(pl_module.device)).float().cpu())
+                images = images.to(pl_module.device)
+                if stage is None:
+                    outputs.append(net.features(images).float().cpu())
+                else:
+                    pooled = net.stage_output(images, stage).mean(dim=(2, 3))
+                    outputs.append(pooled.float().cpu())
         net.train(was_training)
         return torch.cat(outputs)
+
+
+def below_top_stages(backbone: nn.Module) -> int | None:
+    """The index in backbone.features below its top TOP_STAGES_LEFT_OUT stages; None for a
+    backbone not built as `features` stages (its pooled features are described)."""
+    stages = getattr(backbone, "features", None)
+    if not isinstance(stages, nn.Sequential) or len(stages) <= TOP_STAGES_LEFT_OUT:
+        return None
+    return len(stages) - TOP_STAGES_LEFT_OUT
