@@ -88,6 +88,14 @@ def test_predict_runs_the_onnx_model_like_the_checkpoint(
     )
 
 
+def counted(monkeypatch, owner, name: str) -> list[int]:
+    """The calls of owner.name made in this process (a forked worker counts in its copy)."""
+    calls: list[int] = []
+    original = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *args: calls.append(1) or original(*args))
+    return calls
+
+
 def test_exported_models_run_in_the_workers_as_in_the_main_process(
     exported, sample_root, tmp_path, monkeypatch
 ):
@@ -105,11 +113,7 @@ def test_exported_models_run_in_the_workers_as_in_the_main_process(
 
     monkeypatch.setattr(classifiers, "onnx_session", logged)
     onnx_model = load_classifier(exported["onnx"])
-    here = []
-    run_here = onnx_model.network.session.run
-    monkeypatch.setattr(
-        onnx_model.network.session, "run", lambda *a: here.append(1) or run_here(*a)
-    )
+    here = counted(monkeypatch, onnx_model.network.session, "run")
     alone, _ = classify_files(onnx_model, files, 8, 0, progress=False)
     assert len(here) == 6
     shared, _ = classify_files(onnx_model, files, 8, 2, progress=False)
@@ -124,13 +128,9 @@ def test_exported_models_run_in_the_workers_as_in_the_main_process(
 
     script = load_classifier(exported["torchscript"], "cpu")
     alone, _ = classify_files(script, files, 8, 0, progress=False)
-    calls = []
-    predict = script.predict
-    monkeypatch.setattr(
-        script, "predict", lambda images: calls.append(len(images)) or predict(images)
-    )
+    calls = counted(monkeypatch, script, "predict")
     shared, _ = classify_files(script, files, 8, 2, progress=False)
-    assert calls == [1]  # here only the probe: the batches ran in the workers
+    assert len(calls) == 1  # here only the probe: the batches ran in the workers
     np.testing.assert_allclose(shared, alone, atol=1e-5)
 
 
