@@ -9,6 +9,7 @@ What checkpoints of earlier versions lack or hold is settled in `_read_checkpoin
 from __future__ import annotations
 
 import logging
+import os
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ MODEL_FILES = (
 )
 # hyperparameters of earlier versions that this version's CrackClassifier no longer takes
 DROPPED_HPARAMS = ("finetune",)  # fine-tuning became a callback (callbacks.finetune)
+# onnxruntime's providers that run nothing on a GPU (Azure's only calls remote endpoints)
+CPU_PROVIDERS = {"CPUExecutionProvider", "AzureExecutionProvider"}
 NO_STATS_IN_CHECKPOINT = (
     "the checkpoint holds no feature statistics; train with callbacks.feature_stats "
     "(on in experiment=generalize) to get the unfamiliar score"
@@ -84,13 +87,53 @@ class TorchNetwork:
 
 @dataclass
 class OnnxNetwork:
-    """An exported ONNX model run by onnxruntime."""
+    """An exported ONNX model (float32 or int8) run by onnxruntime.
 
-    session: Any  # onnxruntime.InferenceSession (imported only when an .onnx is loaded)
+    A session does not survive a fork (its thread pool stays behind), so every process
+    that runs the model builds its own from the same bytes, on its first batch: a
+    DataLoader worker (data/workers.py) with its share of the cores (the torch threads
+    run_batches gives it, one on 2 cores with 2 workers) and no inter-op threads, so that
+    no thread waits for another while the other worker decodes. The loading process keeps
+    the session it loaded, with onnxruntime's default threads.
+    """
+
+    model: bytes  # the file's contents, for the sessions of worker processes
+    session: Any  # the loading process's onnxruntime.InferenceSession
     input_name: str
+    _sessions: dict[int, Any] = field(default_factory=dict, repr=False)  # by process id
+
+    def __post_init__(self) -> None:
+        self._sessions[os.getpid()] = self.session
+
+    @property
+    def device(self) -> torch.device:
+        """cpu when onnxruntime runs it on the CPU only (a GPU session stays here)."""
+        on_cpu = set(self.session.get_providers()) <= CPU_PROVIDERS
+        return torch.device("cpu" if on_cpu else "cuda")
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        return self.session.run(None, {self.input_name: images.numpy()})[0][:, 1]
+        return self._own_session().run(None, {self.input_name: images.numpy()})[0][:, 1]
+
+    def _own_session(self) -> Any:
+        """This process's session; the one inherited from the parent is never run (or
+        freed) here."""
+        pid = os.getpid()
+        if pid not in self._sessions:
+            self._sessions[pid] = onnx_session(self.model, torch.get_num_threads())
+        return self._sessions[pid]
+
+
+def onnx_session(model: bytes, threads: int | None = None) -> Any:
+    """An onnxruntime session for an ONNX model's bytes: on every provider there is by
+    default; with `threads`, on the CPU with that many intra-op threads and one
+    inter-op thread (a worker process's)."""
+    import onnxruntime
+
+    if threads is None:
+        return onnxruntime.InferenceSession(model, providers=onnxruntime.get_available_providers())
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 @dataclass
@@ -174,17 +217,15 @@ class LoadedModel:
         self, num_workers: int, compute: Callable[[torch.Tensor], Any] | None = None
     ) -> bool:
         """Whether batches should run through this model in the DataLoader's worker
-        processes (data/workers.py: a checkpoint's network on a CPU; ONNX Runtime and
-        TorchScript keep their own threads here); if so, `compute` (default: predict) has
-        run once on a one-image batch, so that the folded backbone exists before the
-        workers fork."""
-        network = self.network
-        if not isinstance(network, TorchNetwork) or not compute_in_workers(
-            network.device, num_workers
-        ):
+        processes (data/workers.py: any network on a CPU, with workers). If so, for a
+        checkpoint's or TorchScript network `compute` (default: predict) has run once on
+        a one-image batch, so that the folded backbone (or the optimised graph) exists
+        before the workers fork; an ONNX model's workers build their own sessions."""
+        if not compute_in_workers(self.network.device, num_workers):
             return False
-        probe = torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8)
-        (compute or self.predict)(probe)
+        if not isinstance(self.network, OnnxNetwork):
+            probe = torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8)
+            (compute or self.predict)(probe)
         return True
 
 
@@ -265,15 +306,14 @@ def _read_checkpoint(
 
 def _load_onnx(path: Path) -> LoadedModel:
     try:
-        import onnxruntime
+        import onnxruntime  # noqa: F401  (onnx_session imports it)
     except ImportError:
         raise PredictionError(
             "Running .onnx models needs onnxruntime: pip install onnxruntime"
         ) from None
     try:
-        session = onnxruntime.InferenceSession(
-            str(path), providers=onnxruntime.get_available_providers()
-        )
+        model = path.read_bytes()
+        session = onnx_session(model)
     except Exception as err:  # onnxruntime raises its own exception types
         raise PredictionError(f"ckpt_path={path} is not a loadable ONNX model: {err}") from None
     images = session.get_inputs()[0]
@@ -282,7 +322,7 @@ def _load_onnx(path: Path) -> LoadedModel:
         raise PredictionError(f"ckpt_path={path}: expected a fixed input size, got {images.shape}")
     return LoadedModel(
         str(path),
-        OnnxNetwork(session, images.name),
+        OnnxNetwork(model, session, images.name),
         size,
         exported_threshold(session.get_modelmeta().custom_metadata_map),
         None,
