@@ -80,3 +80,11 @@ def test_experiment_values_win_over_the_config_groups(experiment):
             # the group's package: after an @, else its path
             path = group.split("@", 1)[1] if "@" in group else group.strip("/").replace("/", ".")
             assert (OmegaConf.select(cfg, path) is None) == (option is None), group
+
+
+def test_the_generalising_recipe_reads_every_source_from_the_data_dir():
+    """Issue 18's check runs experiment=generalize paths.data_dir=D with D/metu,
+    D/sdnet2018 and D/brickwork: each source's root is D/<its name>."""
+    cfg = compose_config("train", ["experiment=generalize", "paths.data_dir=/data/D", *QUIET])
+    roots = {name: source.root for name, source in cfg.data.sources.items()}
+    assert roots == {name: f"/data/D/{name}" for name in ("metu", "sdnet2018", "brickwork")}
