@@ -24,6 +24,8 @@ LEVELS = {0.9: 230, 0.8: 204, 0.4: 102, 0.3: 77, 0.2: 51, 0.15: 38, 0.1: 26, 0.0
 class BrightnessNetwork:
     """P(crack) = the patch's mean brightness: figures that can be worked out by hand."""
 
+    device = torch.device("cpu")  # where it runs, as every network says
+
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
         return images.float().mean(dim=(1, 2, 3)).numpy() / 255
 
