@@ -144,7 +144,14 @@ def scan(cfg: DictConfig, classifier, files: list[Path], window: ScanSettings) -
     skipped: list[tuple[Path, str]] = []
     photos = []
     for result in scan_files(
-        classifier, files, window, cfg.batch_size, cfg.threshold, report_dir, skipped
+        classifier,
+        files,
+        window,
+        cfg.batch_size,
+        cfg.threshold,
+        report_dir,
+        skipped,
+        cfg.num_workers,
     ):
         figure = scan_figure(report_dir, result.name)
         table = figure.with_suffix(".csv")
