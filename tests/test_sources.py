@@ -22,6 +22,7 @@ from crack_lightning.data.splits import load_sources, write_manifest
 from crack_lightning.errors import DataError
 from crack_lightning.evaluation.metrics import per_source_scores
 from crack_lightning.evaluation.threshold import choose_threshold
+from crack_lightning.settings import check_train_settings
 from crack_lightning.training.run import build
 
 from .conftest import compose_config
@@ -163,6 +164,60 @@ def test_balanced_sampler_weighs_every_source_and_class_cell_equally():
     drawn = Counter((sources[i], labels[i]) for epoch in epochs for i in epoch)
     shares = np.array(list(drawn.values())) / sum(drawn.values())
     assert len(drawn) == 4 and np.allclose(shares, 0.25, atol=0.02)
+
+
+def test_negative_weights_draw_a_sources_not_crack_cell_that_many_times_as_often():
+    labels = [1] * 10 + [0] * 90 + [1] * 50 + [0] * 50
+    sources = [0] * 100 + [1] * 100
+    sampler = balanced_sampler(labels, sources, 0, {1: 3.0})
+    drawn = Counter((sources[i], labels[i]) for _ in range(40) for i in sampler)
+    total = sum(drawn.values())
+    # weights 1, 1, 1, 3 over the four cells: shares 1/6, 1/6, 1/6, 1/2
+    assert abs(drawn[(1, 0)] / total - 0.5) < 0.02
+    assert all(abs(drawn[cell] / total - 1 / 6) < 0.02 for cell in [(0, 0), (0, 1), (1, 1)])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.negative_weights={brickwork: 2}"],
+            r"^data\.negative_weights weighs cells of the balanced sampler: set "
+            r"data\.balanced_sampling=true",
+        ),
+        (
+            ["data.balanced_sampling=true", "data.negative_weights={brickwork: 0}"],
+            r"^data\.negative_weights\.brickwork=0\.0 must be above 0\.$",
+        ),
+        (
+            ["data.balanced_sampling=true", "data.negative_weights={brickwrok: 2}"],
+            r"^data\.negative_weights names brickwrok, not a source of this run "
+            r"\(data\.sources is not set\)\.$",
+        ),
+    ],
+)
+def test_negative_weights_are_checked_before_any_file(make_cfg, overrides, message):
+    with pytest.raises(DataError, match=message):
+        check_train_settings(make_cfg(*overrides))
+
+
+def test_negative_weights_reach_the_training_sampler(make_cfg, tmp_path):
+    root = sdnet_like(tmp_path / "decks", photos=4, crops=3, layout="plain")
+    cfg = make_cfg(
+        "+data/sources@data.sources.decks=sdnet2018",
+        f"data.sources.decks.root={root}",
+        "data.balanced_sampling=true",
+        "data.negative_weights={decks: 4}",
+    )
+    check_train_settings(cfg)
+    dm = build(cfg.data)
+    dm.setup("fit")
+    sampler = dm._train_sampler()
+    labels = [label for _, label in dm.split_samples("train")]
+    weight = dict.fromkeys((0, 1), 0.0)
+    for w, label in zip(sampler.weights.tolist(), labels, strict=True):
+        weight[label] += w
+    assert weight[0] == pytest.approx(4 * weight[1])
 
 
 def test_sdnet_download_from_a_local_url_keeps_the_layout_and_is_idempotent(tmp_path):

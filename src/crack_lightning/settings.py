@@ -125,9 +125,17 @@ class DataSettings:
     on_bad_image: OnBadImage = MISSING
     balanced_sampling: bool = MISSING
     unpack_limit_gib: float = MISSING
+    negative_weights: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         check_fractions(self.val_fraction, self.test_fraction)
+        for name, factor in (self.negative_weights or {}).items():
+            require(factor > 0, f"data.negative_weights.{name}", factor, "above 0", DataError)
+        if self.negative_weights and not self.balanced_sampling:
+            raise DataError(
+                "data.negative_weights weighs cells of the balanced sampler: set "
+                "data.balanced_sampling=true with it, or data.negative_weights=null."
+            )
         check_unpack_limit(self.unpack_limit_gib, "data.unpack_limit_gib")
         for name, low in (("image_size", 16), ("batch_size", 1), ("num_workers", 0)):
             value = getattr(self, name)
@@ -559,6 +567,7 @@ def check_train_settings(cfg: DictConfig) -> None:
     validate(cfg, RunSettings, "")
     validate(cfg.adapt, AdaptSettings, "adapt")
     validate(cfg.data, DataSettings, "data")
+    check_negative_weights(cfg.data)
     augmentation = cfg.data.get("augmentation")
     if augmentation is None:
         raise DataError(
@@ -583,6 +592,18 @@ def check_train_settings(cfg: DictConfig) -> None:
         if entry is not None and "_target_" in entry:
             check_target(plain(entry), f"callbacks.{name}")
     check_loggers(cfg.get("logger"))
+
+
+def check_negative_weights(data: DictConfig) -> None:
+    """Every name in data.negative_weights is a source of the run: a typo would weigh
+    nothing, silently."""
+    named = set(data.get("negative_weights") or {})
+    sources = {str(k) for k, v in (data.get("sources") or {}).items() if v is not None}
+    if unknown := sorted(named - sources):
+        raise DataError(
+            f"data.negative_weights names {', '.join(unknown)}, not a source of this run "
+            f"({', '.join(sorted(sources)) or 'data.sources is not set'})."
+        )
 
 
 # logger classes (conf/logger/) that need a package not installed by default, and how to

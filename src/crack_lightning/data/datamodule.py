@@ -70,6 +70,7 @@ class CrackDataModule(L.LightningDataModule):
         sources: Mapping | None = None,
         balanced_sampling: bool = False,
         holdout_source: str | None = None,
+        negative_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -187,7 +188,10 @@ class CrackDataModule(L.LightningDataModule):
             return None
         _, sources = self.split_sources("train")
         labels = [label for _, label in self.split_samples("train")]
-        return balanced_sampler(labels, sources, self.hparams.seed)
+        wanted = self.hparams.negative_weights or {}
+        names = self.sources.names
+        weights = {i: float(wanted[name]) for i, name in enumerate(names) if name in wanted}
+        return balanced_sampler(labels, sources, self.hparams.seed, weights)
 
     def teardown(self, stage: str) -> None:
         """List the damaged images skipped (data.on_bad_image=skip) at the end of a run;
@@ -250,12 +254,21 @@ class CrackDataModule(L.LightningDataModule):
 
 
 def balanced_sampler(
-    labels: Sequence[int], sources: Sequence[int], seed: int
+    labels: Sequence[int],
+    sources: Sequence[int],
+    seed: int,
+    negative_weights: Mapping[int, float] | None = None,
 ) -> WeightedRandomSampler:
     """Draws (with replacement, one epoch = as many draws as images) so that every
-    source x class cell is equally likely, however many images it holds."""
+    source x class cell is equally likely, however many images it holds; the not-crack
+    cell of a source in `negative_weights` (source index -> factor) that many times as
+    likely, for sources whose negatives are the hard ones (joints, board patterns)."""
     cells = list(zip(sources, labels, strict=True))
     sizes = Counter(cells)
-    weights = torch.tensor([1.0 / sizes[cell] for cell in cells], dtype=torch.double)
+    factor = negative_weights or {}
+    weights = torch.tensor(
+        [(factor.get(s, 1.0) if label == 0 else 1.0) / sizes[(s, label)] for s, label in cells],
+        dtype=torch.double,
+    )
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(weights, len(cells), replacement=True, generator=generator)
