@@ -240,8 +240,9 @@ def test_training_batches_alone_are_augmented_on_their_device(make_cfg, sample_r
     augmented, same_labels = dm.on_after_batch_transfer((images, labels), 0)
     assert same_labels is labels and augmented.shape == images.shape
     assert augmented.dtype == torch.float32 and not torch.allclose(augmented, images / 255)
-    features = torch.zeros(8, 1280)  # cached features pass through untouched
-    assert dm.on_after_batch_transfer((features, labels), 0)[0] is features
+    dm.features = torch.zeros(1, 481, 1280)  # served from the feature cache:
+    for features in (torch.zeros(8, 1280), torch.rand(8, 160, 7, 7)):  # pooled, a stage's
+        assert dm.on_after_batch_transfer((features, labels), 0)[0] is features
     off = datamodule(make_cfg(f"data.root={sample_root}", "data/augmentation=none"))
     off.trainer = trainer
     assert off.on_after_batch_transfer((images, labels), 0)[0] is images

@@ -145,9 +145,11 @@ class CrackDataModule(L.LightningDataModule):
         require_every_source(self.sources, self.hparams.holdout_source, self.cache_skipped)
 
     def augment(self, inputs: torch.Tensor) -> torch.Tensor:
-        """A training batch augmented on its device; cached features (N, dim) pass
-        unchanged: their dihedral views stand in."""
-        if self.augmentation.enabled and inputs.ndim == 4:
+        """A training batch augmented on its device. Cached features pass unchanged, the
+        pooled (N, dim) ones and a frozen stage's (N, C, H, W) activations alike: their
+        views were augmented as images when cached; flipping or rotating activations
+        would be no image's."""
+        if self.augmentation.enabled and self.features is None:
             return augment_batch(inputs, self.augmentation)
         return inputs
 
