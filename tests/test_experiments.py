@@ -84,7 +84,15 @@ def test_experiment_values_win_over_the_config_groups(experiment):
 
 def test_the_generalising_recipe_reads_every_source_from_the_data_dir():
     """Issue 18's check runs experiment=generalize paths.data_dir=D with D/metu,
-    D/sdnet2018 and D/brickwork: each source's root is D/<its name>."""
+    D/sdnet2018, D/brickwork and the masked surfaces: each source's root is D/<its name>,
+    and the masked photos are tiled at the scan window the drone photos are judged by."""
     cfg = compose_config("train", ["experiment=generalize", "paths.data_dir=/data/D", *QUIET])
     roots = {name: source.root for name, source in cfg.data.sources.items()}
-    assert roots == {name: f"/data/D/{name}" for name in ("metu", "sdnet2018", "brickwork")}
+    masked = ("crackforest", "cracktile", "masonry")
+    assert roots == {
+        name: f"/data/D/{name}" for name in ("metu", "sdnet2018", "brickwork", *masked)
+    }
+    assert all(cfg.data.sources[name].kind == "masks" for name in masked)
+    assert {(cfg.data.sources[n].tile_size, cfg.data.sources[n].stride) for n in masked} == {
+        (128, 64)
+    }

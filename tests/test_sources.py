@@ -312,7 +312,8 @@ def test_a_held_out_source_is_tested_whole_and_an_unknown_one_is_refused(tmp_pat
 def test_experiment_configs_compose_with_three_roots(tmp_path):
     roots = [f"data.sources.{n}.root={tmp_path / n}" for n in ("metu", "sdnet2018", "brickwork")]
     cfg = compose_config("train", ["experiment=generalize", *roots])
-    assert list(cfg.data.sources) == ["metu", "sdnet2018", "brickwork"]
+    masked = ["crackforest", "cracktile", "masonry"]
+    assert list(cfg.data.sources) == ["metu", "sdnet2018", "brickwork", *masked]
     assert cfg.data.sources.brickwork.root == str(tmp_path / "brickwork")
     assert cfg.callbacks.model_checkpoint.monitor == "val/mean_source/bal_acc"
     # the recipe fine-tunes the last 3 stages from the first epoch (on cached activations)
