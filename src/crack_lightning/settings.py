@@ -125,7 +125,7 @@ class DataSettings:
     on_bad_image: OnBadImage = MISSING
     balanced_sampling: bool = MISSING
     unpack_limit_gib: float = MISSING
-    negative_weights: dict[str, float] | None = None
+    negative_weights: dict[str, float] | None = MISSING
 
     def __post_init__(self) -> None:
         check_fractions(self.val_fraction, self.test_fraction)
