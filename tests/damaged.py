@@ -44,7 +44,7 @@ def flipped_idat(image: Image.Image) -> bytes:
 
 
 def plant_damaged(folder: Path, source_jpeg: Path) -> dict[str, Path]:
-    """The three damaged files of issue 12, made from one real JPEG, in folder."""
+    """Three damaged images (the makers above), made from one real JPEG, in folder."""
     folder.mkdir(parents=True, exist_ok=True)
     jpeg = source_jpeg.read_bytes()
     files = {

@@ -1,4 +1,4 @@
-"""Archive rules (issue 21): unpacking never leaves a link in the root nor writes through
+"""Archive rules: unpacking never leaves a link in the root nor writes through
 one, stops at a stated size bound and cleans up, and checks a local archive's size and
 sha256 as it checks a download's. Every archive kind (ZIP, RAR through unar and bsdtar)
 and both entry points (ensure_dataset for METU, ensure_source for a source)."""
@@ -72,7 +72,7 @@ def untouched(folder: Path) -> bool:
 def test_a_source_rar_with_a_marker_link_overwrites_nothing_outside(
     tool, outside, tmp_path, monkeypatch
 ):
-    """The issue's case: a RAR given as download.archive holds `.download.json` as a link
+    """A RAR given as download.archive holds `.download.json` as a link
     to a file outside; the marker is written in the root, the file outside is intact, and
     no link is left in the root."""
     monkeypatch.setattr(fetch_module, "RAR_TOOLS", (tool,))

@@ -83,7 +83,7 @@ def test_experiment_values_win_over_the_config_groups(experiment):
 
 
 def test_the_generalising_recipe_reads_every_source_from_the_data_dir():
-    """Issue 18's check runs experiment=generalize paths.data_dir=D with D/metu,
+    """experiment=generalize paths.data_dir=D reads D/metu,
     D/sdnet2018, D/brickwork and the masked surfaces: each source's root is D/<its name>,
     and the masked photos are tiled at the scan window the drone photos are judged by."""
     cfg = compose_config("train", ["experiment=generalize", "paths.data_dir=/data/D", *QUIET])

@@ -186,7 +186,7 @@ def test_two_runs_saving_the_cache_at_once_both_succeed(small_cache, monkeypatch
             second.save()
 
     monkeypatch.setattr(torch, "save", save_while_the_other_saves)
-    first.save()  # the old code: FileNotFoundError (the shared temp name was renamed away)
+    first.save()  # a shared temp name would be renamed away: FileNotFoundError
     assert overlapped
     assert not list(path.parent.glob("*.partial"))
     assert bool(make().done[:, :8].all())  # a whole file: the last writer's
@@ -206,7 +206,7 @@ def test_a_damaged_cache_file_is_named_and_computed_again(small_cache, caplog, d
         {"empty": b"", "truncated": data[: len(data) // 2], "garbage": b"x" * 1000}[damage]
     )
     with caplog.at_level("WARNING"):
-        cache = make()  # the old code: RuntimeError from PytorchStreamReader
+        cache = make()  # a warning, not a RuntimeError from PytorchStreamReader
     assert str(path) in caplog.text and "damaged" in caplog.text
     assert not bool(cache.done.any())
     fill(cache)
@@ -232,7 +232,7 @@ def test_a_killed_fill_resumes_from_its_last_save(small_cache, monkeypatch):
     monkeypatch.setattr(net, "features", dies_in_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
         fill(make())
-    saved = torch.load(path, weights_only=True)["done"]  # the old code: no file at all
+    saved = torch.load(path, weights_only=True)["done"]  # the progress saved before the interrupt
     assert int(saved.sum()) == 2 * 8  # two batches of 4 images, two views each
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
     calls.clear()
@@ -251,7 +251,7 @@ def test_a_killed_fill_resumes_from_its_last_save(small_cache, monkeypatch):
         ("auto", False, False, False, False),  # a backbone that trains: images
         ("auto", True, True, False, False),  # fine-tuning later: images
         ("auto", True, False, True, False),  # fast_dev_run: no whole-pass fill
-        (False, True, False, False, False),  # the old behaviour on request
+        (False, True, False, False, False),  # images every epoch, on request
         (True, True, False, True, True),
     ],
 )

@@ -115,7 +115,7 @@ def test_the_decision_threshold_is_the_requested_then_the_stored_then_the_defaul
 
 def test_a_one_source_run_logs_each_metric_once(synthetic_cfg):
     """The model logs the pooled figures; with one source there are no per-source or
-    mean_source copies of them (the old code logged val/mean_source/acc beside val/acc)."""
+    mean_source copies of them (no val/mean_source/acc beside val/acc)."""
     metrics = train(
         synthetic_cfg(
             "callbacks.source_metrics.threshold_rule=balanced_accuracy", "data.test_fraction=0.2"

@@ -29,7 +29,7 @@ def test_the_final_report_reuses_the_best_epochs_validation(synthetic_cfg, monke
     datamodule.setup("fit")
     batches = math.ceil(len(datamodule.split["val"]) / cfg.data.batch_size)
     sanity = min(2, batches)
-    assert len(steps) == sanity + 3 * batches  # the old code: one more pass, `batches` more
+    assert len(steps) == sanity + 3 * batches  # no second validation pass of the best checkpoint
     # metrics.json holds the best checkpoint's figures: validate it again by hand
     model = build(cfg.model)
     state = torch.load(metrics["best_checkpoint"], weights_only=True)
@@ -69,7 +69,7 @@ def test_a_log_file_gets_a_few_progress_lines_not_one_per_batch(synthetic_root, 
     output = result.stdout + result.stderr
     lines = [line for line in output.replace("\r", "\n").splitlines() if line.strip()]
     batches = 3 * (34 + 14)  # 3 epochs of 34 training and 14 validation images, 1 a batch
-    assert len(lines) < batches / 4, output[-3000:]  # the old code: a line per batch and more
+    assert len(lines) < batches / 4, output[-3000:]  # not a line per batch
     assert "Caching backbone features: 48/48 img" in output  # the fill's one line
     assert output.count("epoch 2: val/acc=") == 1  # one line per epoch with its metrics
 

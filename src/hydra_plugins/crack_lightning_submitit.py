@@ -173,7 +173,7 @@ if plugin is not None:
             self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
         ) -> Sequence[JobReturn]:
             """Submit the jobs and wait for every one (the plugin's launch, but a failed job
-            no longer stops the waiting)."""
+            does not stop the waiting)."""
             import submitit
 
             from crack_lightning.training.sweep_summary import summarize_sweep

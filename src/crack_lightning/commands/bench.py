@@ -388,7 +388,7 @@ def default_command_row(
     trainer.max_epochs=10`, on a real data set (e.g. ../shared/data/metu-8k), cold cache,
     next to one backbone pass over the same images (decoding included) and, when the
     Keras pipeline's images/s are given ({"train": ..., "predict": ...} at 224 px), the
-    10 epochs those rates imply. Targets (issue 13): <= 1.5x one pass, >= 5x Keras."""
+    10 epochs those rates imply. Targets: <= 1.5x one pass, >= 5x Keras."""
     weights_override = [f"model.weights_path={weights}"] if weights else ["model.pretrained=false"]
     overrides = [
         "model=mobilenetv2",
@@ -518,7 +518,7 @@ HEADLINE = ("fill", "backbone_forward", "fill_vs_forward", "predict")
 
 
 def headline(results: list[dict], extra: dict, full_scale: str | None) -> list[dict]:
-    """The figures issue 20 asks for in one run: the fill rate, the bare forward rate
+    """The headline figures in one run: the fill rate, the bare forward rate
     and their ratio, prediction (images/s), per image size of the repeated sample, and
     on the full_scale folder beside the design card's command's wall time."""
     lines = [

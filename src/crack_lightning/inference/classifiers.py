@@ -37,7 +37,7 @@ MODEL_FILES = (
     "logs/train/runs/<date_time>/checkpoints/best.ckpt), or a file crack-export wrote "
     "(.onnx or .pt)."
 )
-# hyperparameters of earlier versions that this version's CrackClassifier no longer takes
+# hyperparameters that earlier versions' checkpoints hold and CrackClassifier does not take
 DROPPED_HPARAMS = ("finetune",)  # fine-tuning became a callback (callbacks.finetune)
 # onnxruntime's providers that run nothing on a GPU (Azure's only calls remote endpoints)
 CPU_PROVIDERS = {"CPUExecutionProvider", "AzureExecutionProvider"}
@@ -281,7 +281,7 @@ def _read_checkpoint(
     or an earlier version, in this version's terms. The one place that knows them:
 
     - legacy (pre-zip) torch serialisation: read by load_safely like any other;
-    - hyperparameters this version no longer takes (DROPPED_HPARAMS) are dropped; no
+    - hyperparameters CrackClassifier does not take (DROPPED_HPARAMS) are dropped; no
       `optimizer` (before it was configurable): the model predicts but does not train;
     - no decision threshold (before thresholds were stored, or threshold_rule=null):
       None, and predict uses 0.5 (threshold.py);

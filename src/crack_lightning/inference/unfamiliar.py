@@ -4,7 +4,7 @@ features to the training features' mean and (shrunk) covariance.
 When the top stages of the backbone are fine-tuned on cached activations, the
 statistics are of the frozen stages' output (global-average pooled) instead: features
 trained to tell cracks apart forget what is not concrete (leaf-like noise and a sky
-gradient scored 0.76 and 0.71 in the old 99th-percentile units, like concrete, on the
+gradient scored 0.76 and 0.71 in 99th-percentile units, like concrete, on the
 fine-tuned features; 2.1 and 3.0 on the frozen stages'). The last pooled features of a
 frozen backbone tell sky from concrete badly too, so a backbone frozen throughout is
 described below its top stages as well (training/feature_stats.py,
@@ -32,8 +32,8 @@ CHECKPOINT_KEY = "feature_stats"
 # covariance shrinkage towards its mean variance: keeps the inverse stable with few images
 SHRINKAGE = 0.1
 REFERENCE_QUANTILE = 0.5
-# checkpoints from before the median: their "reference" is the 99th percentile, which on
-# the old shared sets (METU, SDNET deck sample, brickwork) was 2.13x the median
+# checkpoints without a "quantile": their "reference" is the 99th percentile, which on
+# the METU, SDNET2018 deck sample and brickwork sets is 2.13x the median
 OLD_REFERENCE_PER_MEDIAN = 2.13
 
 
@@ -79,7 +79,7 @@ def stats_stage(stats: Mapping[str, torch.Tensor]) -> int | None:
 
 def unfamiliar_score(features: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Distance in units of the median distance of unseen training-like images (1: as
-    typical as they are). Old statistics (99th-percentile reference, no "quantile") are
+    typical as they are). Statistics with a 99th-percentile reference (no "quantile") are
     put in the same units with the ratio measured on the sources they were trained on."""
     reference = stats["reference"].to(features.device)
     if "quantile" not in stats:
