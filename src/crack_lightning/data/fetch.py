@@ -41,7 +41,6 @@ from crack_lightning.settings import CLASS_NAMES
 log = logging.getLogger(__name__)
 
 MARKER_NAME = ".download.json"
-CHUNK = 1 << 16
 GIB = 1 << 30
 # what unpacking may write when the caller names no bound: conf/ sets the same
 # (data.unpack_limit_gib, data.sources.NAME.download.unpack_limit_gib)
@@ -49,12 +48,8 @@ UNPACK_LIMIT_GIB = 4.0
 WATCH_SECONDS = 0.5  # how often the size of what a RAR tool wrote is measured
 RAR_TOOLS = ("unar", "bsdtar")
 # what unar and bsdtar print when they cannot read a RAR variant (not: a damaged file)
-UNSUPPORTED_MARKERS = (
-    "Archive parsing failed",
-    "Couldn't recognize the archive format",
-    "support unavailable",
-    "Unrecognized archive format",
-)
+UNSUPPORTED = ("Archive parsing failed", "Couldn't recognize the archive format")
+UNSUPPORTED += ("support unavailable", "Unrecognized archive format")
 INSTALL_HINT = (
     "Install one of them (Debian/Ubuntu: `sudo apt-get install unar`, or `make setup`, which "
     "does it; macOS: `brew install unar`), or unpack the archive yourself and point "
@@ -69,8 +64,7 @@ OFFLINE_HINT = (
 
 @dataclass(frozen=True)
 class Source:
-    """Where an archive comes from and what it must hold (images_per_class: each class's
-    exact count, or None for any)."""
+    """Where an archive comes from; images_per_class: each class's exact count, or None."""
 
     url: str | None
     size: int | None
@@ -84,9 +78,7 @@ class Source:
 METU = Source(
     "https://data.mendeley.com/public-files/datasets/5y9wdsg2zt/files/"
     "8a70d8a5-bce9-4291-bab9-b48cfb3e87c3/file_downloaded",
-    size=241_363_336,
-    sha256=None,
-    images_per_class=20_000,
+    *(241_363_336, None, 20_000),
 )
 
 
@@ -111,8 +103,7 @@ def amount(size: int) -> str:
 
 
 def verify_archive(path: Path, size: int | None, sha256: str | None, label: str = "") -> str:
-    """Check size (cheap) then sha256, naming the file as `label` (e.g. the setting that
-    gave it); return the sha256."""
+    """Check size (cheap) then sha256, naming the file as `label`; return the sha256."""
     label, actual, digest = label or str(path), path.stat().st_size, hashlib.sha256()
     if size is not None and actual != size:
         raise DataError(
@@ -144,12 +135,8 @@ def fetch(
     timeout: float = 60.0,
     progress: bool = True,
 ) -> str:
-    """Download url to dest through dest.part, resuming it with HTTP Range; return sha256.
-
-    A dropped connection is retried (`retries` times, waiting `retry_wait` seconds, doubled
-    each time) from where it stopped; an interrupted process resumes on the next call.
-    The finished file must have `size` bytes and `sha256`, else it is deleted.
-    """
+    """Download url to dest through dest.part (resumed with HTTP Range, retried); return its
+    sha256. The file must have `size` bytes and `sha256`, else it is deleted."""
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(retries + 1):
@@ -218,13 +205,13 @@ def _fetch_once(url: str, part: Path, size: int | None, timeout: float, progress
             part.unlink()
             raise _Retry("the server sent another part of the file than asked for")
         length = response.headers.get("Content-Length")
+        received = offset
         total = offset + int(length) if length is not None else None
         if size is not None and total is not None and total != size:
             raise DataError(
                 f"{url} serves {total:,} bytes, the data set's archive has {size:,}: the "
                 f"address no longer points at the archive. {OFFLINE_HINT}"
             )
-        received = offset
         with (
             part.open("r+b" if offset else "wb") as out,
             progress_of(total or size, "Downloading", "B", progress, initial=offset) as bar,
@@ -232,26 +219,13 @@ def _fetch_once(url: str, part: Path, size: int | None, timeout: float, progress
             out.seek(offset)
             out.truncate()
             try:
-                while block := response.read(CHUNK):
+                while block := response.read(1 << 16):
                     received += out.write(block)
                     bar.update(len(block))
             except (OSError, http.client.HTTPException) as err:
                 raise _Retry(f"connection lost: {err!r}") from None
         if total is not None and received < total:
             raise _Retry(f"connection closed after {received:,} of {total:,} bytes")
-
-
-def archive_kind(path: Path) -> str:
-    """'rar' or 'zip', told by the file's first bytes rather than its name."""
-    with path.open("rb") as handle:
-        head = handle.read(8)
-    for kind, magic in (("rar", b"Rar!\x1a\x07"), ("zip", b"PK\x03\x04")):
-        if head.startswith(magic):
-            return kind
-    raise DataError(
-        f"archive={path} is neither a RAR nor a ZIP file (it starts with {head[:8]!r}). Pass "
-        f"the data set's 'Concrete Crack Images for Classification.rar' or a ZIP of it."
-    )
 
 
 def find_rar_tools(preferred: str | None = None) -> list[tuple[str, str]]:
@@ -266,8 +240,7 @@ def find_rar_tools(preferred: str | None = None) -> list[tuple[str, str]]:
                     [tar, "--version"], capture_output=True, text=True, timeout=10
                 )
                 exe = tar if "bsdtar" in said.stdout else None
-        if exe:
-            found.append((name, exe))
+        found += [(name, exe)] if exe else []
     if not found:
         raise DataError(
             f"Extracting a RAR archive needs the `{'` or `'.join(names)}` program, and none "
@@ -283,13 +256,9 @@ def unpack_rar(
     progress: bool = True,
     limit: UnpackLimit | None = None,
 ) -> str:
-    """Unpack a RAR archive into dest (emptied first); return the tool used.
-
-    Neither tool reads every RAR variant (unar 1.10 fails on some RAR5 archives, bsdtar
-    3.6 on solid RAR4 ones), so one that cannot parse the format hands the archive to the
-    next; a damaged archive (a checksum or length error) stops at once. Both refuse to
-    write through a link or outside dest; what they write is measured while they run.
-    """
+    """Unpack a RAR archive into dest with the first tool that parses its variant (unar 1.10
+    fails on some RAR5, bsdtar 3.6 on solid RAR4); return the tool's name. Both refuse to
+    write through a link or outside dest."""
     limit, failures = limit or UnpackLimit(), []
     for name, exe in find_rar_tools(tool):
         shutil.rmtree(dest, ignore_errors=True)
@@ -307,7 +276,7 @@ def unpack_rar(
             return name
         said = " / ".join(line.rstrip(".") for line in tail) or "no message"
         failures.append(message := f"{name} exit code {code}: {said}")
-        if not any(marker in " ".join(tail) for marker in UNSUPPORTED_MARKERS):
+        if not any(marker in " ".join(tail) for marker in UNSUPPORTED):
             raise DataError(
                 f"archive={archive} is damaged or incomplete ({message}). Delete it and "
                 f"download it again."
@@ -323,8 +292,7 @@ def unpack_rar(
 def _run_watched(
     command: list[str], name: str, progress: bool, dest: Path, limit: int
 ) -> tuple[int, list[str]]:
-    """Run command, measuring dest every WATCH_SECONDS (the progress shown) and killing it
-    once dest holds more than `limit` bytes; return its exit code and last output lines."""
+    """Run command, killing it once dest holds more than `limit` bytes; exit code, last lines."""
     with (
         tempfile.TemporaryFile("w+", errors="replace") as out,
         progress_of(None, f"Unpacking ({name})", "B", progress) as bar,
@@ -334,19 +302,15 @@ def _run_watched(
         except OSError as err:
             raise DataError(f"Could not run {command[0]}: {err}. {INSTALL_HINT}") from None
         with proc:
-            while (code := _wait(proc)) is None:
-                bar.update((size := tree_size(dest)) - bar.n)
-                if size > limit:
+            shown = 0
+            while proc.poll() is None:
+                with suppress(subprocess.TimeoutExpired):
+                    proc.wait(WATCH_SECONDS)
+                bar.update((size := tree_size(dest)) - shown)
+                if (shown := size) > limit:
                     proc.kill()
         out.seek(0)
-        return code, [line.strip() for line in out.read().splitlines()[-3:]]
-
-
-def _wait(proc: subprocess.Popen) -> int | None:
-    """proc's exit code, or None if it still runs after WATCH_SECONDS."""
-    with suppress(subprocess.TimeoutExpired):
-        return proc.wait(WATCH_SECONDS)
-    return None
+        return proc.returncode, [line.strip() for line in out.read().splitlines()[-3:]]
 
 
 def tree_size(folder: Path) -> int:
@@ -362,10 +326,8 @@ def tree_size(folder: Path) -> int:
 def unpack_zip(
     archive: Path, dest: Path, progress: bool = True, limit: UnpackLimit | None = None
 ) -> None:
-    """Unpack a ZIP with zipfile, which checks each CRC, drops '..', drive and root parts of
-    names (no entry lands outside dest), writes a link entry as a file holding its target,
-    and writes no member past the size it declares: so the declared sizes, checked against
-    `limit` first, bound what is written."""
+    """Unpack a ZIP with zipfile: it checks CRCs, keeps every entry inside dest, writes a
+    link as a file and no member past its declared size, so the declared total is bound."""
     limit = limit or UnpackLimit()
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -385,8 +347,7 @@ def unpack_zip(
 
 def drop_links(folder: Path) -> None:
     """Remove from an unpacked folder whatever is not a plain folder or a regular file of
-    its own (links, hard links too, FIFOs, devices), so that nothing read, walked or moved
-    afterwards can lead outside."""
+    its own (links, hard links, FIFOs, devices), so nothing read later leads outside."""
     removed = []
     for dirpath, dirnames, names in os.walk(folder):  # links to folders are listed, not walked
         for path in (Path(dirpath) / name for name in dirnames + names):
@@ -396,12 +357,10 @@ def drop_links(folder: Path) -> None:
             ):
                 path.unlink()
                 removed.append(path.relative_to(folder).as_posix())
-        dirnames[:] = [d for d in dirnames if (Path(dirpath) / d).is_dir()]
     if removed:
-        more = " ..." if len(removed) > 5 else ""
+        shown = ", ".join(removed[:5]) + (" ..." if len(removed) > 5 else "")
         log.warning(
-            "The archive held %d links or special files, not unpacked: %s%s",
-            *(len(removed), ", ".join(removed[:5]), more),
+            "The archive held %d links or special files, not unpacked: %s", len(removed), shown
         )
 
 
@@ -429,17 +388,22 @@ def extract_images(
     rar_tool: str | None = None,
     limit: UnpackLimit | None = None,
 ) -> dict[str, int]:
-    """Unpack archive into a scratch folder beside spec.root (removed afterwards, whatever
-    happens), drop its links, and move the image files of its class folders into spec.root;
-    return how many per class. METU's (data.root's) land flat in ROOT/Negative and
-    ROOT/Positive; another source's keep the layout under the shallowest folder in which
-    its class mapping finds images."""
-    root, kind = spec.root, archive_kind(archive)
+    """Unpack archive into scratch, drop its links, move its class folders' images into
+    spec.root: METU's flat into ROOT/Negative and ROOT/Positive, another source's with the
+    layout under the shallowest folder where its mapping finds images. Images per class."""
+    root = spec.root
+    with archive.open("rb") as handle:
+        head = handle.read(8)
+    if not head.startswith((b"Rar!\x1a\x07", b"PK\x03\x04")):
+        raise DataError(
+            f"archive={archive} is neither a RAR nor a ZIP file (it starts with {head!r}). "
+            f"Pass the data set's 'Concrete Crack Images for Classification.rar' or a ZIP of it."
+        )
     scratch = root.parent / f".{root.name}.unpacking"
     remove(scratch)
     scratch.mkdir(parents=True)
     try:
-        if kind == "zip":
+        if head.startswith(b"PK"):
             unpack_zip(archive, scratch, progress, limit)
         else:
             unpack_rar(archive, scratch, rar_tool, progress, limit)
@@ -451,7 +415,9 @@ def extract_images(
                 images = [p for p in folder.iterdir() if p.is_file() and is_image_name(p.name)]
                 moves[name] = {path: root / name / path.name for path in images}
         else:
-            folders = sorted((Path(d) for d, _, _ in os.walk(scratch)), key=lambda p: len(p.parts))
+            folders = sorted(
+                (Path(d) for d, _, _ in os.walk(scratch)), key=lambda p: (len(p.parts), str(p))
+            )
             top = next((f for f in folders if all(count_images(f, spec).values())), None)
             if top is None:
                 raise DataError(
@@ -459,7 +425,9 @@ def extract_images(
                     f"({spec.classes}); is it the right archive?"
                 )
             for label, found in class_folders(dataclasses.replace(spec, root=top)).items():
-                images = [p for f in found for p in f.rglob("*") if is_image_name(p.name)]
+                images = [
+                    p for f in found for p in f.rglob("*") if p.is_file() and is_image_name(p.name)
+                ]
                 moves[CLASS_NAMES[label]] = {p: root / p.relative_to(top) for p in images}
         for path, target in sorted({k: v for m in moves.values() for k, v in m.items()}.items()):
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -483,8 +451,7 @@ def root_spec(root: str | Path) -> SourceSpec:
 
 
 def count_images(root: Path, spec: SourceSpec | None = None) -> dict[str, int]:
-    """Images per class under root as spec's mapping (default: data.root's) finds them;
-    all 0 when a class lacks them."""
+    """Images per class under root by spec's mapping (default data.root's); 0s if lacking."""
     try:
         samples = scan_source(dataclasses.replace(spec, root=root) if spec else root_spec(root))
     except DataError:
@@ -494,9 +461,8 @@ def count_images(root: Path, spec: SourceSpec | None = None) -> dict[str, int]:
 
 def get_archive(
     where: str, archive: str | Path | None, source: Source, dest: Path, size: int | None, **fetching
-) -> tuple[Path, str, bool]:
-    """(archive path, its sha256, whether it was downloaded): a local archive, held to the
-    same size and sha256 as a download, or one downloaded to dest (or found there)."""
+) -> tuple[Path, str]:
+    """A local archive or one downloaded to dest (or left there), verified; its sha256."""
     if archive is not None:
         if not (path := Path(archive)).is_file():
             hint = "" if where else f" {OFFLINE_HINT}"  # where: a source's setting
@@ -508,7 +474,7 @@ def get_archive(
             raise DataError(f"{err} {fix}") from None
     elif not source.url:
         raise DataError(f"{where}url is not set; set it or {where}archive.")
-    elif (path := dest).exists():  # downloaded before, but unpacking did not finish
+    elif (path := dest).exists():
         try:
             digest = verify_archive(dest, size, source.sha256)
         except DataError as err:
@@ -517,7 +483,7 @@ def get_archive(
         log.info("Downloading %s to %s", source.url, dest)
         digest = fetch(source.url, dest, size, source.sha256, **fetching)
     log.info("Archive %s: sha256 %s", path, digest)
-    return path, digest, archive is None
+    return path, digest
 
 
 def ensure_source(
@@ -530,14 +496,11 @@ def ensure_source(
     retry_wait: float = 2.0,
     unpack_limit_gib: float = UNPACK_LIMIT_GIB,
 ) -> Path:
-    """Make spec.root hold the source, unless it does (data.root: METU's exact count per
-    class): take the local `archive` or download one beside the root, verify it, unpack and
-    place it (extract_images), write the marker, delete a downloaded archive unless kept.
+    """Make spec.root hold the source unless it does: get the archive, verify, extract, mark.
 
-    data.root's archive is `source` (default METU); a local copy may be a repack, so its
-    size is not compared (a pinned sha256 is). A data.sources entry's download settings
-    give its url, size and sha256, and archive, keep_archive, unpack_limit_gib if unset.
-    """
+    data.root's archive is `source` (default METU: its exact count per class is checked; a
+    local copy may be a repack, so its size is not); a data.sources entry's download
+    settings give url, size, sha256, and archive, keep_archive, unpack_limit_gib if unset."""
     root, settings = spec.root, spec.download or {}
     where = "" if spec.shorthand else f"{spec.where}.download."
     if not spec.shorthand:
@@ -564,7 +527,7 @@ def ensure_source(
     size = None if archive and spec.shorthand else source.size
     dest = root.with_name(root.name + source.suffix)
     fetching = {"retries": retries, "retry_wait": retry_wait, "progress": progress}
-    path, digest, downloaded = get_archive(where, archive, source, dest, size, **fetching)
+    path, digest = get_archive(where, archive, source, dest, size, **fetching)
     limit = UnpackLimit(unpack_limit_gib, f"{where or 'data.'}unpack_limit_gib")
     counts = extract_images(path, spec, progress, limit=limit)
     if expected and any(n != expected for n in counts.values()):
@@ -576,22 +539,20 @@ def ensure_source(
     folders = {"folders": {label: len(f) for label, f in class_folders(spec).items()}}
     marker = {"source": str(archive or source.url), "sha256": digest}
     write_json(root / MARKER_NAME, marker | (counts if spec.shorthand else folders))
-    if downloaded and not keep_archive:
+    if archive is None and not keep_archive:
         path.unlink()
     log.info("%s is ready", root)
     return root
 
 
-def download_wanted(root: Path, download: bool | str, source: Source | None = None) -> bool:
-    """data.download: true fetches unless root holds the data set; auto only when root is
-    missing or empty, or a download beside it was left unfinished (its archive or .part
-    file is there), so a folder of the user's own images is never touched."""
+def download_wanted(root: Path, download: bool | str) -> bool:
+    """data.download: auto fetches only into a missing or empty root or to finish a download
+    left beside it, so a folder of the user's own images is never touched."""
     if download != "auto":
         return bool(download)
-    archive = root.with_name(root.name + (source or METU).suffix)
+    archive = root.with_name(root.name + METU.suffix)
     unfinished = archive.exists() or archive.with_name(archive.name + ".part").exists()
-    empty = not root.exists() or (root.is_dir() and not any(root.iterdir()))
-    if empty:
+    if empty := not root.exists() or (root.is_dir() and not any(root.iterdir())):
         log.info(
             "data.root=%s holds no data set: downloading the METU data set (241 MB) into "
             "it (data.download=auto; data.download=false never downloads)",
@@ -608,9 +569,8 @@ def ensure_sources(
     download: bool | str = False,
     unpack_limit_gib: float = UNPACK_LIMIT_GIB,
 ) -> None:
-    """Fetch what the data set lacks before training: data.root's METU archive when
-    data.archive is set or data.download asks for it; each source whose download.enabled
-    is."""
+    """Fetch data.root's archive if data.archive or data.download asks, and each source's
+    whose download.enabled is."""
     for spec in specs:
         if spec.shorthand and (archive is not None or download_wanted(spec.root, download)):
             ensure_source(spec, archive=archive, unpack_limit_gib=unpack_limit_gib)
