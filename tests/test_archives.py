@@ -1,7 +1,7 @@
 """Archive rules: unpacking never leaves a link in the root nor writes through
 one, stops at a stated size bound and cleans up, and checks a local archive's size and
 sha256 as it checks a download's. Every archive kind (ZIP, RAR through unar and bsdtar)
-and both entry points (ensure_dataset for METU, ensure_source for a source)."""
+and both kinds of source (METU's data.root and a data.sources entry, one ensure_source)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ import pytest
 
 from crack_lightning.commands.data import main as cli
 from crack_lightning.data import fetch as fetch_module
-from crack_lightning.data.fetch import MARKER_NAME, ensure_source, ensure_sources, extract_images
+from crack_lightning.data.fetch import (
+    MARKER_NAME,
+    ensure_source,
+    ensure_sources,
+    extract_images,
+    root_spec,
+)
 from crack_lightning.data.sources import SourceSpec
 from crack_lightning.errors import DataError
 from crack_lightning.settings import check_train_settings
@@ -113,7 +119,7 @@ def test_a_metu_class_folder_linking_outside_is_refused(tool, outside, tmp_path)
     archive = write_rar4(tmp_path / "crack.rar", files, links=link)
     root = tmp_path / "concrete_crack"
     with pytest.raises(DataError, match=r"exactly one Negative/ and one Positive/"):
-        extract_images(archive, root, progress=False, rar_tool=tool)
+        extract_images(archive, root_spec(root), progress=False, rar_tool=tool)
     assert not root.exists() and untouched(outside)
 
 
@@ -125,7 +131,7 @@ def test_a_file_behind_a_link_in_a_rar_lands_nowhere(tool, outside, tmp_path):
     link = {"Concrete Crack Images for Classification/Positive": str(outside)}
     archive = write_rar4(tmp_path / "crack.rar", files, links=link)
     with pytest.raises(DataError):
-        extract_images(archive, tmp_path / "root", progress=False, rar_tool=tool)
+        extract_images(archive, root_spec(tmp_path / "root"), progress=False, rar_tool=tool)
     assert untouched(outside)
 
 
@@ -141,7 +147,7 @@ def test_a_hard_link_an_unpacker_writes_is_not_moved_into_the_root(outside, tmp_
 
     monkeypatch.setattr(fetch_module, "unpack_zip", unpack_with_a_hard_link)
     root = tmp_path / "root"
-    counts = extract_images(make_zip(tmp_path / "a.zip", layout(2, top="")), root, False)
+    counts = extract_images(make_zip(tmp_path / "a.zip", layout(2, top="")), root_spec(root), False)
     assert counts == {"Negative": 2, "Positive": 2}
     assert not (root / "Positive" / "hard.jpg").exists()
     assert (outside / "o0.jpg").stat().st_nlink == 1 and untouched(outside)
@@ -152,7 +158,7 @@ def test_a_link_in_place_of_the_scratch_folder_is_not_followed(outside, tmp_path
     it is replaced, not unpacked into, and the folder outside keeps its files."""
     (tmp_path / ".root.unpacking").symlink_to(outside, target_is_directory=True)
     archive = make_zip(tmp_path / "a.zip", layout(2, top=""))
-    assert extract_images(archive, tmp_path / "root", progress=False) == {
+    assert extract_images(archive, root_spec(tmp_path / "root"), progress=False) == {
         "Negative": 2,
         "Positive": 2,
     }
@@ -169,7 +175,7 @@ def test_a_zip_link_entry_becomes_no_link(outside, tmp_path):
         entry.external_attr = 0o120777 << 16
         zf.writestr(entry, str(outside / "o0.jpg"))
     root = tmp_path / "root"
-    extract_images(archive, root, progress=False)
+    extract_images(archive, root_spec(root), progress=False)
     assert links_under(root) == [] and untouched(outside)
     assert (root / "Positive" / "linked.jpg").read_bytes() == str(outside / "o0.jpg").encode()
 

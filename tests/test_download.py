@@ -28,9 +28,10 @@ from crack_lightning.data.fetch import (
     MARKER_NAME,
     Source,
     count_images,
-    ensure_dataset,
+    ensure_source,
     extract_images,
     fetch,
+    root_spec,
     unpack_rar,
 )
 from crack_lightning.errors import DataError
@@ -144,7 +145,7 @@ def archive_bytes() -> bytes:
 
 
 def download(root: Path, source: Source, **kwargs) -> Path:
-    return ensure_dataset(root, source=source, progress=False, retry_wait=0, **kwargs)
+    return ensure_source(root_spec(root), source=source, progress=False, retry_wait=0, **kwargs)
 
 
 # --- download -----------------------------------------------------------------------------
@@ -266,7 +267,9 @@ def test_a_host_that_does_not_resolve_fails_at_once_without_retrying(tmp_path):
     # .invalid never resolves (RFC 2606); a retry_wait this long would stall the test
     offline = Source("http://archive.invalid/concrete.rar", 10, None, PER_CLASS)
     with pytest.raises(DataError, match=r"does not resolve .*looks offline.*pass archive=PATH"):
-        ensure_dataset(tmp_path / "c", source=offline, progress=False, retries=3, retry_wait=600)
+        ensure_source(
+            root_spec(tmp_path / "c"), source=offline, progress=False, retries=3, retry_wait=600
+        )
 
 
 def test_archive_with_too_few_images_is_refused(serve, archive_bytes, tmp_path):
@@ -303,7 +306,7 @@ def test_local_rar_with_the_data_set_layout_unpacks_with_each_tool(tmp_path):
     archive = write_rar4(tmp_path / "crack.rar", files)
     for tool in ("unar", "bsdtar"):
         root = tmp_path / tool
-        assert extract_images(archive, root, progress=False, rar_tool=tool) == {
+        assert extract_images(archive, root_spec(root), progress=False, rar_tool=tool) == {
             "Negative": PER_CLASS,
             "Positive": PER_CLASS,
         }
@@ -378,7 +381,7 @@ def test_damaged_rar_is_rejected_by_its_checksum(tmp_path):
 
 def test_rar_without_class_folders_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"exactly one Negative/ and one Positive/ folder"):
-        extract_images(FIXTURES / "rar3-subdirs.rar", tmp_path / "root", progress=False)
+        extract_images(FIXTURES / "rar3-subdirs.rar", root_spec(tmp_path / "root"), progress=False)
     assert not (tmp_path / ".root.unpacking").exists()
 
 
@@ -471,7 +474,7 @@ def test_auto_uses_a_root_with_images_as_it_is(make_cfg, monkeypatch, tmp_path):
     monkeypatch.setattr(fetch_module, "METU", Source("http://127.0.0.1:9/x", 10, None, 20_000))
     root = tmp_path / "mine"
     make_zip(tmp_path / "mine.zip", layout(2, top=""))
-    extract_images(tmp_path / "mine.zip", root, progress=False)
+    extract_images(tmp_path / "mine.zip", root_spec(root), progress=False)
     (tmp_path / "mine.zip").unlink()
     dm = build(make_cfg(f"data.root={root}").data)
     dm.prepare_data()

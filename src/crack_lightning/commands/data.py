@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from crack_lightning.cli import run_tool
 from crack_lightning.data.check import check_sources
-from crack_lightning.data.fetch import ensure_dataset
+from crack_lightning.data.fetch import ensure_source, root_spec
 from crack_lightning.data.sources import data_sources
 from crack_lightning.errors import DataError
 from crack_lightning.settings import DataToolSettings, validate
@@ -26,8 +26,8 @@ ACTIONS = ("download", "check")
 def run(cfg: DictConfig) -> int:
     settings = validate(cfg, DataToolSettings, "")
     if settings.action == "download":
-        ensure_dataset(
-            settings.root,
+        ensure_source(
+            root_spec(settings.root),
             archive=settings.archive,
             keep_archive=settings.keep_archive,
             unpack_limit_gib=settings.unpack_limit_gib,
