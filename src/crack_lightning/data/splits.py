@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import re
 from collections import Counter, defaultdict
@@ -26,7 +25,13 @@ from pathlib import Path
 from crack_lightning.data.check import require_clean
 from crack_lightning.data.grouping import image_hashes, near_duplicate_groups
 from crack_lightning.data.masks import photo_groups, tile_source
-from crack_lightning.data.sources import SourceSpec, refuse_shared_folders, scan_source
+from crack_lightning.data.sources import (
+    FileState,
+    SourceSpec,
+    list_sources,
+    refuse_shared_folders,
+    source_samples,
+)
 from crack_lightning.errors import DataError
 from crack_lightning.io import write_csv
 from crack_lightning.settings import CLASS_NAMES, check_fractions
@@ -203,6 +208,8 @@ class SourceSamples:
     samples: list[tuple[str, int]] = field(default_factory=list)
     source: list[int] = field(default_factory=list)  # index into specs, per sample
     split: dict[str, list[int]] = field(default_factory=lambda: {name: [] for name in SPLITS})
+    # every file's (size, mtime_ns) from the sources' one listing (the feature cache's key)
+    states: dict[str, FileState] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -231,13 +238,16 @@ def load_sources(
         )
     if holdout is not None and len(names) < 2:
         raise DataError("data.holdout_source needs at least two sources: one to train on.")
-    refuse_shared_folders(specs)
+    sources = list_sources(specs)
+    refuse_shared_folders(sources)
     result = SourceSamples(list(specs))
     digests: dict[str, bytes] | None = {} if check else None
-    for index, spec in enumerate(specs):
-        samples = scan_source(spec) if spec.tiles is None else tile_source(spec)
+    for index, files in enumerate(sources):
+        spec = files.spec
+        samples = source_samples(files) if spec.tiles is None else tile_source(files)
+        result.states.update(files.states())
         if check:
-            report = require_clean(spec, samples)
+            report = require_clean(files, samples)
             digests.update(report.digests)
             if report.duplicates:
                 log.warning(
@@ -268,16 +278,14 @@ def copies_across_sources(data: SourceSamples, digests: dict[str, bytes] | None)
     """Groups of byte-identical samples (indices) that span two or more sources.
 
     The quick check has hashed every file already (`digests`); without it only files
-    whose size occurs in two sources are read and hashed, which is few.
+    whose size (from the listing; a tile has none) occurs in two sources are read and
+    hashed, which is few.
     """
     if digests is None:
         sizes: dict[int, set[int]] = defaultdict(set)
         size_of = []
         for (path, _), source in zip(data.samples, data.source, strict=True):
-            try:
-                size = os.stat(path).st_size
-            except OSError:
-                size = -1
+            size = data.states[path][0] if path in data.states else -1
             size_of.append(size)
             sizes[size].add(source)
         digests = {}
