@@ -35,9 +35,17 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from crack_lightning.data.decode import DECODE_VERSION, DecodedImages, sample_file
-from crack_lightning.data.shards import any_failed, cpu_group, first_on_host, group_ranks, share
 from crack_lightning.data.transforms import Augmentation, augment_batch
-from crack_lightning.data.workers import compute_in_workers, forward_rate, run_batches
+from crack_lightning.data.workers import (
+    any_failed,
+    compute_in_workers,
+    cpu_group,
+    first_on_host,
+    forward_rate,
+    group_ranks,
+    run_batches,
+    share,
+)
 from crack_lightning.errors import DamagedImage, DataError, ModelConfigError
 from crack_lightning.io import save_torch
 from crack_lightning.progress import progress
@@ -374,7 +382,7 @@ def fill_in_shares(
     journals: Sequence[Path] = (),
 ) -> None:
     """The fill shared out among the processes of a DDP group: each computes its share
-    (data/shards.py) of what is missing everywhere, the shares are summed across the
+    (data/workers.py) of what is missing everywhere, the shares are summed across the
     processes (each entry comes from one, zeros from the others: exact), and the
     lowest rank on each machine saves the complete cache, so the folder need not be
     shared between machines.
