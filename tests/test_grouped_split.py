@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crack_lightning.data.grouping import dhash, near_duplicate_groups, neighbour_pairs
-from crack_lightning.data.splits import grouped_split, stratified_split
+from crack_lightning.data.splits import (
+    dhash,
+    grouped_split,
+    near_duplicate_groups,
+    neighbour_pairs,
+    stratified_split,
+)
 from crack_lightning.errors import DataError
 from crack_lightning.settings import check_train_settings
 from crack_lightning.training.run import build

@@ -17,9 +17,9 @@ import torch.multiprocessing as mp
 
 from crack_lightning.commands.predict import run as predict
 from crack_lightning.data.feature_cache import cached_features
-from crack_lightning.data.shards import share
 from crack_lightning.data.sources import scan_samples
 from crack_lightning.data.synthetic import generate_dataset
+from crack_lightning.data.workers import share
 from crack_lightning.errors import ConfigError, RunDirError
 from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.inference.export import export_model

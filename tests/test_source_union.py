@@ -4,18 +4,24 @@ no two sources read one folder, and no source silently drops out of training."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from crack_lightning.commands.data import main as cli
+from crack_lightning.data import feature_cache
+from crack_lightning.data.decode import sample_file
 from crack_lightning.data.sources import parse_sources
 from crack_lightning.data.splits import load_sources
 from crack_lightning.errors import DataError
 from crack_lightning.training.run import build
 
+from .test_masks_source import copy_cracktile
 from .test_sources import sdnet_like, source, write_images
 
 
@@ -154,3 +160,76 @@ def test_the_check_looks_for_copies_across_sources(tmp_path, capsys):
     assert "FAILED: 1 problems" in bricks_report
     assert cli(["check", *sources, f"data.sources.bricks.root={decks}"]) == 2
     assert "data.sources.decks and data.sources.bricks both read" in capsys.readouterr().err
+
+
+class KeyTaken(Exception):
+    """Stops the feature cache once its key is computed: the fill is not what is counted."""
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_a_run_lists_each_folder_once_and_keys_its_cache_without_a_stat(
+    make_cfg, tmp_path, monkeypatch, check
+):
+    """The split, the check, copies across sources and the feature cache's key all read
+    one listing of each source: in prepare_data, setup and the cache's key, every folder
+    of every source (class folders, their sub-folders, a masks source's root) is listed
+    once, and no image is stat-ed again for the key, which is the one fresh stats give."""
+    decks = sdnet_like(tmp_path / "sdnet", photos=6, layout="sdnet")
+    bricks = tmp_path / "bricks"
+    write_images(bricks / "Positive", [f"{i}.jpg" for i in range(12)])
+    write_images(bricks / "Positive" / "wall", [f"w{i}.jpg" for i in range(4)])
+    write_images(bricks / "Negative", [f"{i}.jpg" for i in range(16)], shade=100)
+    tiles = copy_cracktile(tmp_path / "tiles", 4)
+    cfg = make_cfg(
+        "+data/sources@data.sources.decks=sdnet2018",
+        f"data.sources.decks.root={decks}",
+        "+data/sources@data.sources.bricks=folder",
+        f"data.sources.bricks.root={bricks}",
+        "data.sources.bricks.split=random",
+        "+data/sources@data.sources.tiles=masks",
+        f"data.sources.tiles.root={tiles}",
+        "data.sources.tiles.tile_size=64",
+        f"data.check={str(check).lower()}",
+        "data.cache_views=1",
+    )
+    folders = {os.path.realpath(d) for r in (decks, bricks, tiles) for d, _, _ in os.walk(r)}
+    assert len(folders) == 9
+    listed, stat_ed = Counter(), []
+    real_scandir, real_listdir, real_stat = os.scandir, os.listdir, os.stat
+
+    def scandir(path="."):
+        listed[os.path.realpath(path)] += 1
+        return real_scandir(path)
+
+    def listdir(path="."):
+        listed[os.path.realpath(path)] += 1
+        return real_listdir(path)
+
+    def stat(path, *args, **kwargs):
+        if not isinstance(path, int):
+            stat_ed.append(os.path.realpath(path))
+        return real_stat(path, *args, **kwargs)
+
+    keys = []
+    real_key = feature_cache.cache_key
+
+    def key_only(*args, **kwargs):
+        keys.append(real_key(*args, **kwargs))
+        raise KeyTaken
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "listdir", listdir)
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(feature_cache, "cache_key", key_only)
+    dm = build(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    backbone = torch.nn.Linear(2, 2)
+    with pytest.raises(KeyTaken):
+        dm.use_feature_cache(SimpleNamespace(backbone=backbone), torch.device("cpu"))
+    monkeypatch.undo()
+    assert dict(listed) == dict.fromkeys(folders, 1)
+    files = [path for path, _ in dm.samples]
+    assert len(dm.sources.names) == 3 and len(files) > 104  # 72 crops, 32 bricks, tiles
+    assert {os.path.realpath(sample_file(path)) for path in files} & set(stat_ed) == set()
+    assert keys == [feature_cache.cache_key(backbone, files, 224, 1, dm.augmentation)]

@@ -27,11 +27,12 @@ from PIL import Image
 from crack_lightning.data.decode import load_rgb
 from crack_lightning.data.masks import find_photos, photo_tiles
 from crack_lightning.data.sources import (
+    SourceFiles,
     SourceSpec,
-    class_folders,
+    list_sources,
+    listed,
     refuse_shared_folders,
-    scan_source,
-    walk_files,
+    source_samples,
 )
 from crack_lightning.errors import DataError
 from crack_lightning.progress import track
@@ -201,36 +202,35 @@ def block_contrast(image: Image.Image) -> float:
 
 
 def check_dataset(
-    source: str | Path | SourceSpec,
+    source: str | Path | SourceSpec | SourceFiles,
     full: bool = True,
     progress: bool = True,
     samples: Sequence[tuple[str, int]] | None = None,
 ) -> Report:
-    """Inspect a source's class folders file by file (a path: data.root's one source);
-    layout errors raise DataError.
+    """Inspect a source's class folders file by file (a path: data.root's one source; its
+    listing when the caller has one); layout errors raise DataError.
 
-    `samples` are the source's (path, label) pairs when the caller has scanned them already.
+    `samples` are the source's (path, label) pairs when the caller has found them already.
     """
-    spec = source if isinstance(source, SourceSpec) else SourceSpec.from_root(source, "random", 0)
+    files = listed(source)
+    spec = files.spec
     if spec.tiles is not None:
-        return check_masks_source(spec, full, progress, samples)
+        return check_masks_source(files, full, progress, samples)
     root = spec.root
     if samples is None:
-        samples = scan_source(spec)  # the exact files training would read
+        samples = source_samples(files)  # the exact files training would read
     report = Report(root=root, name=None if spec.shorthand else spec.name, full=full)
     report.counts = {name: 0 for name in CLASS_NAMES}
     for _, label in samples:
         report.counts[CLASS_NAMES[label]] += 1
     image_paths = {path for path, _ in samples}
-    for folders in class_folders(spec).values():
-        for folder in folders:
-            files, others = walk_files(folder)  # the finder's own walk: loops walked once
-            for path in files:
-                if not os.path.basename(path).startswith(".") and path not in image_paths:
-                    report.ignored.append(_rel(path, root))
-            for path, why in others:
-                if not os.path.basename(path).startswith("."):
-                    report.ignored.append(f"{_rel(path, root)} ({why})")
+    for walk in files.walks.values():  # the finder's own walk: loops walked once
+        for path in walk.files:
+            if not os.path.basename(path).startswith(".") and path not in image_paths:
+                report.ignored.append(_rel(path, root))
+        for path, why in walk.others:
+            if not os.path.basename(path).startswith("."):
+                report.ignored.append(f"{_rel(path, root)} ({why})")
     report.ignored.sort()
 
     by_hash: dict[bytes, list[tuple[str, int]]] = defaultdict(list)
@@ -282,7 +282,7 @@ def _copies_within(report: Report, by_hash: dict[bytes, list[tuple[str, int]]]) 
 
 
 def check_masks_source(
-    spec: SourceSpec,
+    files: SourceFiles,
     full: bool = True,
     progress: bool = True,
     samples: Sequence[tuple[str, int]] | None = None,
@@ -293,17 +293,17 @@ def check_masks_source(
 
     `samples` are its tiles when the caller has labelled them already (training's quick
     check): the masks were checked then, and are not read again."""
-    settings = spec.tiles
+    spec = files.spec
     report = Report(root=spec.root, name=spec.name, full=full)
     report.counts = {name: 0 for name in CLASS_NAMES}
-    photos = find_photos(spec)
+    photos = find_photos(files)
     report.photos = len(photos)
-    suffix = settings.mask_suffix.lower()
-    files, others = walk_files(spec.root)
+    suffix = spec.tiles.mask_suffix.lower()
+    walk = files.walks[spec.root]
     used = set(photos)
     report.ignored = sorted(
-        [_rel(p, spec.root) for p in files if p not in used and not p.lower().endswith(suffix)]
-        + [f"{_rel(p, spec.root)} ({why})" for p, why in others]
+        [_rel(p, spec.root) for p in walk.files if p not in used and not p.lower().endswith(suffix)]
+        + [f"{_rel(p, spec.root)} ({why})" for p, why in walk.others]
     )
     by_hash: dict[bytes, list[tuple[str, int]]] = defaultdict(list)
     desc = "Checking photos and masks" if samples is None else "Checking photos"
@@ -333,14 +333,16 @@ def check_sources(
     """Every source's report, duplicates looked for across their union: a file identical
     to one of an earlier source is listed in the later source's report, among its copies
     (training keeps them in one split) or, with the other label, its conflicts."""
-    refuse_shared_folders(specs)
+    sources = list_sources(specs)
+    refuse_shared_folders(sources)
     reports, first = [], {}  # digest -> (label, "source:path") of its first copy
-    for spec in specs:
+    for files in sources:
+        spec = files.spec
         if spec.tiles is not None:  # its tiles are no files: copies of photos not sought
-            reports.append(check_masks_source(spec, full=full, progress=progress))
+            reports.append(check_masks_source(files, full=full, progress=progress))
             continue
-        samples = scan_source(spec)
-        report = check_dataset(spec, full=full, progress=progress, samples=samples)
+        samples = source_samples(files)
+        report = check_dataset(files, full=full, progress=progress, samples=samples)
         mine = {}
         for path, label in samples:
             digest = report.digests.get(path)
@@ -366,9 +368,11 @@ def _rel(path: str, root: Path) -> str:
     return Path(path).relative_to(root).as_posix()
 
 
-def require_clean(spec: SourceSpec, samples: Sequence[tuple[str, int]] | None = None) -> Report:
-    """The quick check, raising DataError on problems that would corrupt training."""
-    report = check_dataset(spec, full=False, progress=False, samples=samples)
+def require_clean(files: SourceFiles, samples: Sequence[tuple[str, int]] | None = None) -> Report:
+    """The quick check of a source's listing, raising DataError on problems that would
+    corrupt training."""
+    spec = files.spec
+    report = check_dataset(files, full=False, progress=False, samples=samples)
     problems = report.problems()
     if problems:
         shown = "; ".join(problems[:5]) + (

@@ -131,6 +131,7 @@ class CrackDataModule(L.LightningDataModule):
             self.hparams.on_bad_image,
             self.augmentation,
             stage,
+            self.sources.states,
         )
         self.features = cache.features
         self._drop_uncached(cache.done[0])

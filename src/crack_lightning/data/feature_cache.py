@@ -35,9 +35,17 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from crack_lightning.data.decode import DECODE_VERSION, DecodedImages, sample_file
-from crack_lightning.data.shards import any_failed, cpu_group, first_on_host, group_ranks, share
 from crack_lightning.data.transforms import Augmentation, augment_batch
-from crack_lightning.data.workers import compute_in_workers, forward_rate, run_batches
+from crack_lightning.data.workers import (
+    any_failed,
+    compute_in_workers,
+    cpu_group,
+    first_on_host,
+    forward_rate,
+    group_ranks,
+    run_batches,
+    share,
+)
 from crack_lightning.errors import DamagedImage, DataError, ModelConfigError
 from crack_lightning.io import save_torch
 from crack_lightning.progress import progress
@@ -95,9 +103,11 @@ def cache_key(
     views: int,
     augmentation: Augmentation | None = None,
     stage: int | None = None,
+    states: dict[str, tuple[int, int]] | None = None,
 ) -> str:
     """Changes whenever the weights, image size, view count, photometric augmentation,
-    the stage cached or any file (path, size, mtime) do."""
+    the stage cached or any file (path, size, mtime) do. A file's (size, mtime_ns) is
+    taken from `states` (the run's listing of its sources), else stat'ed."""
     digest = hashlib.sha256()
     settings = {
         "version": FORMAT_VERSION,
@@ -114,12 +124,16 @@ def cache_key(
     for name, tensor in backbone.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    for path in files:  # a tile's string names its box; its photo's state is stat'ed
-        try:
-            stat = os.stat(sample_file(path))
-            state = f"{stat.st_size}\0{stat.st_mtime_ns}"
-        except OSError as err:  # missing, a broken link: the fill skips or stops on it
-            state = f"unreadable {err.errno}"
+    for path in files:  # a tile's string names its box; its photo's state counts
+        file = sample_file(path)
+        if states is not None and file in states:
+            state = "{}\0{}".format(*states[file])
+        else:
+            try:
+                stat = os.stat(file)
+                state = f"{stat.st_size}\0{stat.st_mtime_ns}"
+            except OSError as err:  # missing, a broken link: the fill skips or stops on it
+                state = f"unreadable {err.errno}"
         digest.update(f"{path}\0{state}\n".encode())
     return digest.hexdigest()[:24]
 
@@ -314,12 +328,14 @@ def cached_features(
     on_bad: str,  # data.on_bad_image
     augmentation: Augmentation | None = None,
     stage: int | None = None,
+    states: dict[str, tuple[int, int]] | None = None,
 ) -> FeatureCache:
     """Load or complete the cache: every view of training images, the plain view of the
-    rest; pooled features, or with `stage` the output of backbone.features[:stage]."""
+    rest; pooled features, or with `stage` the output of backbone.features[:stage].
+    `states` are the files' (size, mtime_ns) from the run's listing (cache_key)."""
     if not 1 <= views <= MAX_VIEWS:
         raise ValueError(f"views must lie in 1..{MAX_VIEWS}")
-    key = cache_key(net.backbone, files, image_size, views, augmentation, stage)
+    key = cache_key(net.backbone, files, image_size, views, augmentation, stage, states)
     path = cache_dir / f"features_{key}.pt"
     net = net.to(device).eval()
     if stage is None:
@@ -366,7 +382,7 @@ def fill_in_shares(
     journals: Sequence[Path] = (),
 ) -> None:
     """The fill shared out among the processes of a DDP group: each computes its share
-    (data/shards.py) of what is missing everywhere, the shares are summed across the
+    (data/workers.py) of what is missing everywhere, the shares are summed across the
     processes (each entry comes from one, zeros from the others: exact), and the
     lowest rank on each machine saves the complete cache, so the folder need not be
     shared between machines.

@@ -30,7 +30,13 @@ import numpy as np
 from PIL import Image
 
 from crack_lightning.data.decode import load_rgb, oriented_size, sample_file, tile_sample
-from crack_lightning.data.sources import IMG_EXTENSIONS, SourceSpec, image_files, source_folders
+from crack_lightning.data.sources import (
+    IMG_EXTENSIONS,
+    SourceFiles,
+    SourceSpec,
+    image_files,
+    listed,
+)
 from crack_lightning.errors import DataError, UnreadableImage
 
 MASK_SUFFIX = "_mask.png"
@@ -205,27 +211,30 @@ class PhotoTiles:
 def photos_in(root: Path, suffix: str = MASK_SUFFIX, mask_dir: str | None = None) -> list[str]:
     """The photos under root (the one finder), less its masks (names ending in suffix) and
     anything under mask_dir."""
+    return _photos(image_files(root), suffix, mask_dir)
+
+
+def _photos(images: list[str], suffix: str, mask_dir: str | None) -> list[str]:
     suffix = suffix.lower()
     masks = os.path.join(os.path.realpath(mask_dir), "") if mask_dir else None
     return [
         path
-        for path in image_files(root)
+        for path in images
         if not path.lower().endswith(suffix)
         and not (masks and os.path.realpath(path).startswith(masks))
     ]
 
 
-def find_photos(spec: SourceSpec) -> list[str]:
-    """The photos of a masks source: the images under its root (the one finder), less its
-    masks (names ending in mask_suffix) and anything under mask_dir; none is an error."""
-    settings = spec.tiles
-    root = source_folders(spec)[0]
+def find_photos(files: SourceFiles) -> list[str]:
+    """The photos of a masks source: the images of its listing, less its masks (names
+    ending in mask_suffix) and anything under mask_dir; none is an error."""
+    spec, settings = files.spec, files.spec.tiles
     if settings.mask_dir is not None and not Path(settings.mask_dir).is_dir():
         raise DataError(
             f"{spec.where}.mask_dir={settings.mask_dir} is not a folder: point it at the "
             f"masks' folder, or set it to null for masks beside their photos."
         )
-    photos = photos_in(root, settings.mask_suffix, settings.mask_dir)
+    photos = _photos(files.walks[spec.root].images(), settings.mask_suffix, settings.mask_dir)
     if not photos:
         raise DataError(
             f"{spec.where}.root={spec.root} holds no photos (looked for "
@@ -269,12 +278,14 @@ def photo_tiles(spec: SourceSpec, photo: str) -> PhotoTiles:
     return PhotoTiles(samples, int((labels == IGNORE).sum()))
 
 
-def tile_source(spec: SourceSpec) -> list[tuple[str, int]]:
-    """(tile sample, label) of every photo of a masks source, sorted (a photo's tiles stay
-    next to each other, so decoding in order reads each photo once)."""
+def tile_source(source: SourceSpec | SourceFiles) -> list[tuple[str, int]]:
+    """(tile sample, label) of every photo of a masks source (its listing, or listed now),
+    sorted (a photo's tiles stay next to each other, so decoding in order reads each photo
+    once)."""
+    files = listed(source)
     samples = []
-    for photo in find_photos(spec):
-        samples += photo_tiles(spec, photo).samples
+    for photo in find_photos(files):
+        samples += photo_tiles(files.spec, photo).samples
     return sorted(samples)
 
 

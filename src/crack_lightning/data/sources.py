@@ -7,8 +7,12 @@ named `root` whose classes are DIR/Negative and DIR/Positive, split per data.spl
 found, checked, split, recorded and cached by exactly the same code as data.sources, and
 only its messages differ (they name data.root and point at the METU data set).
 A masks source (`kind: masks`, conf/data/sources/masks.yaml) is photos with crack masks
-cut into labelled tiles instead: data/masks.py finds its photos (with image_files) and
+cut into labelled tiles instead: data/masks.py finds its photos in the source's files and
 labels its tiles.
+
+A run lists each source's folders once (list_sources), each file with the size and mtime
+of that one walk (SourceFiles): the split, the check, the copies across sources and the
+feature cache's key all read that list.
 """
 
 from __future__ import annotations
@@ -140,17 +144,36 @@ def data_sources(
     return [SourceSpec.from_root(root, split, group_distance)]
 
 
-def _subfolders(root: Path, depth: int = 2) -> list[str]:
+FileState = tuple[int, int]  # a file's (size in bytes, mtime_ns): the feature cache's key
+
+
+class Listings:
+    """Folder listings, each made once: finding a source's class folders and walking them
+    read the same listing, however many steps or sources look at a folder."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, list[os.DirEntry]] = {}
+
+    def entries(self, folder: str | Path) -> list[os.DirEntry]:
+        """The folder's entries, sorted by name (OSError if it cannot be listed)."""
+        key = os.fspath(folder)
+        if key not in self._entries:
+            with os.scandir(key) as found:
+                self._entries[key] = sorted(found, key=lambda entry: entry.name)
+        return self._entries[key]
+
+
+def _subfolders(root: Path, listings: Listings, depth: int = 2) -> list[str]:
     """Folders under root up to `depth` levels, as relative POSIX paths."""
-    found, level = [], [root]
+    found, level = [], [str(root)]
     for _ in range(depth):
         level = [
-            p
+            entry.path
             for parent in level
-            for p in sorted(parent.iterdir())
-            if p.is_dir() and not p.name.startswith(".")
+            for entry in listings.entries(parent)
+            if entry.is_dir() and not entry.name.startswith(".")
         ]
-        found += [p.relative_to(root).as_posix() for p in level]
+        found += [Path(path).relative_to(root).as_posix() for path in level]
     return found
 
 
@@ -189,13 +212,13 @@ def _no_match(spec: SourceSpec, name: str, folders: list[str]) -> DataError:
     )
 
 
-def class_folders(spec: SourceSpec) -> dict[int, list[Path]]:
+def class_folders(spec: SourceSpec, listings: Listings | None = None) -> dict[int, list[Path]]:
     """Label -> the folders its patterns match (case-insensitive globs, up to two levels
     deep), each label at least one; a missing root or a mapping that matches nothing is
     a DataError naming the source's setting."""
     if not spec.root.is_dir():
         raise _missing_root(spec)
-    folders = _subfolders(spec.root)
+    folders = _subfolders(spec.root, listings if listings is not None else Listings())
     result: dict[int, list[Path]] = {}
     for label, name in enumerate(CLASS_NAMES):
         patterns = [p.lower() for p in spec.patterns(name)]
@@ -206,21 +229,13 @@ def class_folders(spec: SourceSpec) -> dict[int, list[Path]]:
     return result
 
 
-def source_folders(spec: SourceSpec) -> list[Path]:
-    """The folders a source reads: its class folders, or a masks source's root."""
-    if spec.tiles is None:
-        return [folder for group in class_folders(spec).values() for folder in group]
-    if not spec.root.is_dir():
-        raise _missing_root(spec)
-    return [spec.root]
-
-
-def refuse_shared_folders(specs: Sequence[SourceSpec]) -> None:
+def refuse_shared_folders(sources: Sequence[SourceFiles]) -> None:
     """Two sources must not read the same folder (the same root twice, or one source's
     class folder inside another's): every image there would count twice, once per source."""
     seen: dict[str, SourceSpec] = {}
-    for spec in specs:
-        folders = {os.path.realpath(folder) for folder in source_folders(spec)}
+    for files in sources:
+        spec = files.spec
+        folders = {os.path.realpath(folder) for folder in files.walks}
         for folder in sorted(folders):
             for other_folder, other in seen.items():
                 inner, outer = sorted((folder, other_folder), key=len)[::-1]
@@ -243,9 +258,34 @@ NOT_REGULAR = "not a regular file or a link to one"
 LOOP = "a link to a folder that holds it (a loop): not followed"
 
 
-def walk_files(folder: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """(regular files, (other entry, why it is not read)) under folder, sub-folders and
-    links included, sorted.
+@dataclass
+class Walk:
+    """What one walk of a folder found."""
+
+    folder: Path
+    files: dict[str, FileState]  # regular files (or links to them), sorted by path
+    others: list[tuple[str, str]]  # (entry not read, why), sorted
+
+    def images(self) -> list[str]:
+        """The image files, sorted. Entries named like images that are not read (a broken
+        link, a FIFO) are named in a warning, so that nothing is left out silently
+        (data.check=false runs no report)."""
+        unread = [
+            f"{path} ({why})" for path, why in self.others if is_image_name(os.path.basename(path))
+        ]
+        if unread:
+            log.warning(
+                "%d image name(s) under %s not read: %s",
+                len(unread),
+                self.folder,
+                "; ".join(unread),
+            )
+        return [path for path in self.files if is_image_name(os.path.basename(path))]
+
+
+def walk_files(folder: str | Path, listings: Listings | None = None) -> Walk:
+    """The regular files under folder, sub-folders and links included, each with its
+    state from the walk's own stat, and the other entries with why they are not read.
 
     Only regular files and links to them are worth reading: a FIFO or device named
     `*.jpg` would block whoever opens it. A link to a folder that holds the one walked
@@ -253,8 +293,10 @@ def walk_files(folder: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
     before any link to it, and a real file reached by several paths counts once, by its
     own path if it has one. So links cannot multiply the images or walk forever.
     """
+    listings = listings if listings is not None else Listings()
     start = os.path.realpath(folder)
-    found: dict[tuple[int, int], tuple[bool, str]] = {}  # real file -> (via a link, path)
+    # real file -> (via a link, path, state)
+    found: dict[tuple[int, int], tuple[bool, str, FileState]] = {}
     others: list[tuple[str, str]] = []
     walked: set[tuple[int, int]] = set()
     plain, linked = [str(folder)], []  # folders to walk: real ones first
@@ -262,7 +304,7 @@ def walk_files(folder: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
         top = plain.pop() if plain else linked.pop(0)
         try:
             info = os.stat(top)
-            entries = sorted(os.scandir(top), key=lambda entry: entry.name)
+            entries = listings.entries(top)
         except OSError as err:
             others.append((top, f"cannot be listed ({err.strerror})"))
             continue
@@ -283,38 +325,78 @@ def walk_files(folder: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
                         linked.append(entry.path)
                     continue
                 regular = entry.is_file()  # a regular file, or a link to one
-                key = (entry.stat().st_dev, entry.stat().st_ino) if regular else None
+                stat = entry.stat() if regular else None
             except OSError:
                 regular = False
             if not regular:
                 others.append((entry.path, NOT_REGULAR))
-            elif key not in found or (link, entry.path) < found[key]:
-                found[key] = (link, entry.path)
-    return sorted(path for _, path in found.values()), sorted(others)
+                continue
+            key = (stat.st_dev, stat.st_ino)
+            if key not in found or (link, entry.path) < found[key][:2]:
+                found[key] = (link, entry.path, (stat.st_size, stat.st_mtime_ns))
+    files = dict(sorted((path, state) for _, path, state in found.values()))
+    return Walk(Path(folder), files, sorted(others))
 
 
 def image_files(folder: Path) -> list[str]:
     """The image files under folder, sub-folders included, sorted: regular files (or links
-    to them) with an image name, each real file and folder once (walk_files). Entries
-    named like images that are not read (a broken link, a FIFO) are named in a warning,
-    so that nothing is left out silently (data.check=false runs no report)."""
-    files, others = walk_files(folder)
-    unread = [f"{path} ({why})" for path, why in others if is_image_name(os.path.basename(path))]
-    if unread:
-        log.warning(
-            "%d image name(s) under %s not read: %s", len(unread), folder, "; ".join(unread)
-        )
-    return [path for path in files if is_image_name(os.path.basename(path))]
+    to them) with an image name, each real file and folder once (walk_files)."""
+    return walk_files(folder).images()
 
 
-def scan_source(spec: SourceSpec) -> list[tuple[str, int]]:
+@dataclass
+class SourceFiles:
+    """A source's files as one walk of each folder it reads found them: the run's one list
+    of them, which the split, the check, the copies across sources and the feature
+    cache's key all read."""
+
+    spec: SourceSpec
+    classes: dict[int, list[Path]]  # label -> its class folders; none for a masks source
+    walks: dict[Path, Walk]  # every folder the source reads (a masks source: its root)
+
+    def states(self) -> dict[str, FileState]:
+        """Every file's state, as the walk found it."""
+        return {path: state for walk in self.walks.values() for path, state in walk.files.items()}
+
+
+def list_source(spec: SourceSpec, listings: Listings | None = None) -> SourceFiles:
+    """The source's folders found and walked; a missing root or a class mapping that
+    matches nothing is a DataError naming the source's setting."""
+    listings = listings if listings is not None else Listings()
+    if spec.tiles is not None:
+        if not spec.root.is_dir():
+            raise _missing_root(spec)
+        return SourceFiles(spec, {}, {spec.root: walk_files(spec.root, listings)})
+    classes = class_folders(spec, listings)
+    folders = [folder for group in classes.values() for folder in group]
+    return SourceFiles(spec, classes, {f: walk_files(f, listings) for f in folders})
+
+
+def list_sources(specs: Sequence[SourceSpec]) -> list[SourceFiles]:
+    """Every source listed, in order; a folder two of them look at is listed once."""
+    listings = Listings()
+    return [list_source(spec, listings) for spec in specs]
+
+
+def listed(source: str | Path | SourceSpec | SourceFiles) -> SourceFiles:
+    """A source's files: the listing given, or one made now (a path stands for the one
+    source of data.root=PATH)."""
+    if isinstance(source, SourceFiles):
+        return source
+    if not isinstance(source, SourceSpec):
+        source = SourceSpec.from_root(source, "random", 0)
+    return list_source(source)
+
+
+def source_samples(files: SourceFiles) -> list[tuple[str, int]]:
     """(path, label) of every image in the source's class folders, sorted by path; every
     class folder must hold images."""
+    spec = files.spec
     samples = []
-    for label, folders in class_folders(spec).items():
+    for label, folders in files.classes.items():
         for folder in folders:
-            files = image_files(folder)
-            if not files:
+            images = files.walks[folder].images()
+            if not images:
                 looked = f"looked for {', '.join(IMG_EXTENSIONS)} files"
                 raise DataError(
                     f"Class folder {folder} holds no images ({looked}). Every class needs "
@@ -322,8 +404,13 @@ def scan_source(spec: SourceSpec) -> list[tuple[str, int]]:
                     if spec.shorthand
                     else f"{spec.where}: class folder {folder} holds no images ({looked})."
                 )
-            samples += [(path, label) for path in files]
+            samples += [(path, label) for path in images]
     return sorted(samples)
+
+
+def scan_source(spec: SourceSpec) -> list[tuple[str, int]]:
+    """(path, label) of every image in the source's class folders (source_samples)."""
+    return source_samples(list_source(spec))
 
 
 def scan_samples(root: str | Path) -> list[tuple[str, int]]:

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=4 predict.py ckpt_path=... inputs=[big_dir] paths.output_dir=OUT
 
 Each process started by torchrun (on one machine or several) classifies its share of the
-files: whole batches dealt in turn (data/shards.py), so every batch holds the same
+files: whole batches dealt in turn (data/workers.py), so every batch holds the same
 images as in one process and gives the same numbers. Rank 0 gathers the shares and writes
 the one table, in input order, and the report (mode=eval); the others write nothing but
 their log. Without torchrun (or with one process) this is classify_files itself.
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from crack_lightning.data.shards import group_ranks, share
+from crack_lightning.data.workers import group_ranks, share
 from crack_lightning.errors import ConfigError
 from crack_lightning.inference.classifiers import LoadedModel, classify_files
 
