@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from crack_lightning.errors import WriteError
-from crack_lightning.io import AtomicCheckpointIO, write_atomically, write_text
+from crack_lightning.io import write_atomically, write_text
+from crack_lightning.training.callbacks import AtomicCheckpointIO
 from crack_lightning.training.run import train
 
 

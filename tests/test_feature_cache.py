@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from crack_lightning.data.feature_cache import apply_view, cache_key
 from crack_lightning.errors import ModelConfigError
+from crack_lightning.models.network import Activations
 from crack_lightning.training.run import build, train
 
 
@@ -63,6 +65,33 @@ def test_cached_validation_matches_the_image_path(cached_cfg, synthetic_cfg, bac
             count += len(labels)
     assert float(sum(losses) / count) == pytest.approx(metrics["val/loss"], abs=2e-3)
     assert correct / count == pytest.approx(metrics["val/acc"])
+
+
+@pytest.mark.parametrize("stage", [None, 16])
+def test_cached_batches_say_what_they_hold_and_give_the_image_path_features(cached_cfg, stage):
+    """Pooled features, or the output of features[:16]: the batch says which, and the
+    network finishes it into the features the images give."""
+    cfg = cached_cfg("data/augmentation=none")
+    images_module = build(cfg.data)
+    images_module.setup("fit")
+    images, labels = next(iter(images_module.val_dataloader()))
+    cached_module = build(cfg.data)
+    cached_module.setup("fit")
+    model = build(cfg.model).eval()
+    cached_module.use_feature_cache(model.net, torch.device("cpu"), stage)
+    batch, cached_labels = next(iter(cached_module.val_dataloader()))
+    assert isinstance(batch, Activations) and batch.stage == stage
+    assert torch.equal(cached_labels, labels)
+    assert batch.values.shape == (
+        (len(labels), 1280) if stage is None else (len(labels), 160, 2, 2)
+    )
+    moved = move_data_to_device(batch, torch.device("cpu"))  # as Lightning moves a batch
+    assert isinstance(moved, Activations) and moved.stage == stage
+    with torch.inference_mode():
+        pooled = model.net.pooled(moved)
+        torch.testing.assert_close(pooled, model.net.pooled(images), rtol=2e-2, atol=2e-2)
+    if stage is None:
+        assert pooled is moved.values  # nothing left to run
 
 
 def test_a_learning_rate_sweep_reuses_the_cache(cached_cfg):

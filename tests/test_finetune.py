@@ -14,6 +14,7 @@ from crack_lightning.errors import ConfigError
 from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.models.backbones import BACKBONES, build_feature_extractor
 from crack_lightning.models.finetuning import BackboneUnfreeze, backbone_blocks
+from crack_lightning.models.network import build_network
 from crack_lightning.training.run import build, train
 
 from .conftest import SMALL, compose_config
@@ -223,7 +224,20 @@ def test_stage_outputs_finished_by_the_top_stages_give_the_image_path_features()
         finished = model.net.from_stage(hidden.clone(), stage)
         torch.testing.assert_close(finished, model.net.features(images), rtol=1e-4, atol=1e-4)
     assert isinstance(model.net.backbone.features, nn.Sequential)
-    assert len(model.net.backbone.features) == 13  # put back whole after from_stage
+    assert len(model.net.backbone.features) == 13  # from_stage leaves the backbone whole
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "convnext_tiny"])
+def test_every_staged_torchvision_backbone_finishes_stage_outputs_as_on_images(name):
+    """from_stage runs what each backbone runs after its stages (pooling, ConvNeXt's
+    LayerNorm), so cached stage outputs train the same network on any of them."""
+    torch.manual_seed(0)
+    net = build_network(name, False, None, True, True, 0.0, 32).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    features = net.features(images)
+    for stage in (1, len(net.backbone.features) - 1):
+        finished = net.from_stage(net.stage_output(images, stage).clone(), stage)
+        torch.testing.assert_close(finished, features, rtol=1e-4, atol=1e-4)
 
 
 def test_only_a_top_part_unfrozen_from_the_first_epoch_can_be_cached():

@@ -213,6 +213,51 @@ def test_cli_exits_non_zero_when_nothing_can_be_classified(trained_run, tmp_path
     assert "the folder holds no images" in result.stderr and "name no image files" in result.stderr
 
 
+LIGHTNING_PROBE = """
+import atexit, sys
+atexit.register(lambda: print(
+    "lightning modules:",
+    sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning")),
+))
+sys.argv = ["predict.py", *sys.argv[1:]]
+from crack_lightning.commands.predict import predict
+predict()
+"""
+
+
+@pytest.mark.parametrize("mode", ["predict", "scan"])
+def test_predict_and_scan_run_without_importing_lightning(trained_run, sample_root, tmp_path, mode):
+    """Prediction builds the network from the checkpoint in plain torch: a whole predict
+    or scan run, in its own process, never imports Lightning."""
+    photo = first_image(sample_root, "Positive")
+    result = run_python(
+        "-c",
+        LIGHTNING_PROBE,
+        f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+        f"inputs=[{photo}]",
+        f"mode={mode}",
+        f"paths.output_dir={tmp_path / 'out'}",
+        f"output={tmp_path / 'preds.csv'}",
+        f"report_dir={tmp_path / 'scan'}",
+        "num_workers=0",
+        "progress=false",
+    )
+    assert result.returncode == 0, result.stderr
+    written = tmp_path / ("preds.csv" if mode == "predict" else "scan")
+    assert written.exists() and (mode == "scan" or len(read_csv(written)) == 1)
+    assert "lightning modules: []" in result.stdout
+
+
+def test_the_prediction_commands_import_no_lightning():
+    code = (
+        "import sys, crack_lightning.commands.predict, crack_lightning.commands.scan_eval; "
+        "print('lightning' in sys.modules)"
+    )
+    result = run_python("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 def test_missing_or_foreign_checkpoint_is_a_clear_error(predict_cfg, sample_root, backbone_weights):
     with pytest.raises(PredictionError, match="ckpt_path=.*missing.ckpt does not exist"):
         run(predict_cfg("ckpt_path=/nowhere/missing.ckpt", f"inputs=[{sample_root}]"))

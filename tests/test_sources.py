@@ -16,14 +16,15 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from crack_lightning.data.datamodule import balanced_sampler
+from crack_lightning.data.feature_cache import cache_wanted
 from crack_lightning.data.fetch import ensure_source
 from crack_lightning.data.sources import SourceSpec, class_folders, parse_sources, scan_source
 from crack_lightning.data.splits import load_sources, write_manifest
 from crack_lightning.errors import DataError
-from crack_lightning.evaluation.metrics import per_source_scores
+from crack_lightning.evaluation.metrics import MEAN, METRICS, per_source_scores
 from crack_lightning.evaluation.threshold import choose_threshold
 from crack_lightning.settings import check_train_settings
-from crack_lightning.training.run import build
+from crack_lightning.training.run import build, build_callbacks
 
 from .conftest import compose_config
 
@@ -310,19 +311,27 @@ def test_a_held_out_source_is_tested_whole_and_an_unknown_one_is_refused(tmp_pat
 
 
 def test_experiment_configs_compose_with_three_roots(tmp_path):
-    roots = [f"data.sources.{n}.root={tmp_path / n}" for n in ("metu", "sdnet2018", "brickwork")]
-    cfg = compose_config("train", ["experiment=generalize", *roots])
-    masked = ["crackforest", "cracktile", "masonry"]
-    assert list(cfg.data.sources) == ["metu", "sdnet2018", "brickwork", *masked]
-    assert cfg.data.sources.brickwork.root == str(tmp_path / "brickwork")
-    assert cfg.callbacks.model_checkpoint.monitor == "val/mean_source/bal_acc"
-    # the recipe fine-tunes the last 3 stages from the first epoch (on cached activations)
-    assert (cfg.callbacks.finetune.epoch, cfg.callbacks.finetune.blocks) == (0, 3)
-    assert cfg.callbacks.source_metrics.threshold_tolerance == 0.02
-    frozen = compose_config("train", ["experiment=generalize", *roots, "callbacks.finetune=null"])
-    assert frozen.callbacks.finetune is None
-    loso = compose_config("train", ["experiment=leave_one_source_out", *roots])
-    assert loso.data.balanced_sampling and loso.data.holdout_source is None
+    """Roots given one by one win over paths.data_dir for those sources; the recipe
+    trains its top stages on cached activations and selects checkpoints by a figure the
+    run logs (the mean over sources); without fine-tuning it caches pooled features."""
+    given = {name: tmp_path / name for name in ("metu", "sdnet2018", "brickwork")}
+    common = [f"paths.data_dir={tmp_path / 'D'}", "model.pretrained=false"]
+    roots = [f"data.sources.{name}.root={root}" for name, root in given.items()]
+    cfg = compose_config("train", ["experiment=generalize", *common, *roots])
+    specs = {spec.name: spec.root for spec in build(cfg.data).specs}
+    masked = {name: tmp_path / "D" / name for name in ("crackforest", "cracktile", "masonry")}
+    assert specs == given | masked
+    model = build(cfg.model)
+    _, finetune = build_callbacks(cfg.callbacks, tmp_path, model)
+    assert finetune.cached_stage(model.net.backbone) is not None
+    assert cache_wanted(cfg.data.cache_features, model.hparams.freeze_backbone, True, False, True)
+    for monitor in (cfg.callbacks.model_checkpoint, cfg.callbacks.early_stopping):
+        stage, mean, metric = monitor.monitor.split("/")
+        assert (stage, mean) == ("val", MEAN) and metric in METRICS
+    frozen = compose_config("train", ["experiment=generalize", *common, "callbacks.finetune=null"])
+    _, none = build_callbacks(frozen.callbacks, tmp_path, build(frozen.model))
+    assert none is None
+    assert cache_wanted(frozen.data.cache_features, frozen.model.freeze_backbone, False, False)
 
 
 def test_threshold_tolerance_keeps_the_threshold_near_half_unless_moving_it_pays():

@@ -176,7 +176,7 @@ def test_bars_only_when_both_outputs_are_terminals(monkeypatch, stdout, stderr, 
 
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from crack_lightning.progress import LogProgress, progress_bar
+    from crack_lightning.training.callbacks import LogProgress, progress_bar
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: bool(stdout), raising=False)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: bool(stderr), raising=False)

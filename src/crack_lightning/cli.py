@@ -60,15 +60,22 @@ def prepare_process() -> None:
 def user_errors() -> Iterator[None]:
     """Our errors as one line on stderr and exit 2; SIGTERM (Lightning stopped after the
     current batch) as exit 143."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     try:
         yield
     except CrackLightningError as err:
         print(f"\nerror: {err}", file=sys.stderr)
         raise SystemExit(USER_ERROR) from None
-    except SIGTERMException:
-        raise SystemExit(STOPPED) from None
+    except SystemExit as stop:
+        if stopped_by_sigterm(stop):
+            raise SystemExit(STOPPED) from None
+        raise
+
+
+def stopped_by_sigterm(stop: SystemExit) -> bool:
+    """Whether Lightning stopped on SIGTERM; only a command that imported Lightning can
+    have, so the others (predict, scan) need not import it to tell."""
+    exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    return exceptions is not None and isinstance(stop, exceptions.SIGTERMException)
 
 
 def hydra_app(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], Any]:

@@ -1,9 +1,8 @@
 """Every file written or read with care, in one place.
 
 - Writes are atomic: the file is written beside its final name, synced to disk and renamed
-  over the old one, so a kill (or a full disk) leaves the previous file whole. Lightning's
-  own save goes through $TMPDIR and a move that is a copy when $TMPDIR is another
-  filesystem (tmpfs on many clusters): a SIGKILL during it leaves a truncated last.ckpt.
+  over the old one, so a kill (or a full disk) leaves the previous file whole. Training's
+  checkpoints are saved through here too (training/checkpoint_io.py).
 - Moves into place (downloads, unpacked folders, staged data sets) are one rename.
 - PyTorch files are read with `weights_only=True`: tensors and plain containers only,
   never pickled code.
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from crack_lightning.errors import CrackLightningError, WriteError
 
@@ -200,24 +198,6 @@ def sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(descriptor)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO whose local saves are atomic in place (write_atomically); remote
-    paths (s3://, ...) keep Lightning's own save."""
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
-    ) -> None:
-        if "://" in str(path):
-            super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        if storage_options is not None:
-            raise TypeError(
-                f"{type(self).__name__}.save_checkpoint takes no storage_options "
-                f"(got {storage_options!r})."
-            )
-        save_torch(checkpoint, Path(path))
 
 
 def load_safely(

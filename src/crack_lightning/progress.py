@@ -2,8 +2,8 @@
 in a log file (CI, SLURM, nohup, tee), where a bar writes a line per step.
 
 Long work outside training uses `progress` (a bar to update) or `track` (an iterable);
-training uses `progress_bar`, a Lightning callback of the same style. This is the only
-module that imports tqdm.
+training uses training/callbacks.py's `progress_bar`, a Lightning callback of the same
+style (`interactive` decides for both). This is the only module that imports tqdm.
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
-import lightning as L
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
-from lightning.pytorch.trainer.states import TrainerFn
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
@@ -126,64 +123,3 @@ def track(
         for item in items:
             yield item
             bar.update(1)
-
-
-class LogProgress(ProgressBar):
-    """Training progress in short log lines: the position in the epoch every `every_s`
-    seconds, the validation metrics after each epoch."""
-
-    def __init__(self, every_s: float) -> None:
-        super().__init__()
-        self.every_s = every_s
-        self.enabled = True
-        self.start = self.last = 0.0
-
-    def disable(self) -> None:
-        self.enabled = False
-
-    def enable(self) -> None:
-        self.enabled = True
-
-    @property
-    def is_enabled(self) -> bool:
-        return self.enabled
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.start = self.last = time.monotonic()
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
-    ) -> None:
-        now = time.monotonic()
-        if self.enabled and now - self.last >= self.every_s:
-            self.last = now
-            log.info(
-                "epoch %d: batch %d/%s, %.0f s",
-                trainer.current_epoch,
-                i + 1,
-                self.total_train_batches,
-                now - self.start,
-            )
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.enabled or trainer.sanity_checking:
-            return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        fitting = trainer.state.fn == TrainerFn.FITTING
-        where = f"epoch {trainer.current_epoch}" if fitting else "validation"
-        log.info("%s: %s, %.0f s", where, _format(metrics), time.monotonic() - self.start)
-
-
-def _format(metrics: dict[str, float]) -> str:
-    return " ".join(f"{name}={value:.4f}" for name, value in sorted(metrics.items()))
-
-
-def progress_bar(refresh_rate: int, line_every_s: float) -> ProgressBar:
-    """Lightning's tqdm bar on a terminal, LogProgress elsewhere; refresh_rate=0 silences
-    either."""
-    if interactive():
-        return TQDMProgressBar(refresh_rate=refresh_rate)
-    bar = LogProgress(line_every_s)
-    if refresh_rate == 0:
-        bar.disable()
-    return bar

@@ -79,6 +79,8 @@ class CrackDataModule(L.LightningDataModule):
         self.samples: list[tuple[str, int]] = []
         self.split: dict[str, list[int]] = {}
         self.features: torch.Tensor | None = None  # (views, images, dim) once cached
+        # with cached features: the stage whose output they are (None: pooled features)
+        self.feature_stage: int | None = None
         self.sources: SourceSamples | None = None  # every sample's source, once set up
         self.datasets: list[DecodedImages] = []  # every loader's, to list skipped files
         self.reported: set[str] = set()
@@ -133,7 +135,7 @@ class CrackDataModule(L.LightningDataModule):
             stage,
             self.sources.states,
         )
-        self.features = cache.features
+        self.features, self.feature_stage = cache.features, stage
         self._drop_uncached(cache.done[0])
 
     def _drop_uncached(self, done: torch.Tensor) -> None:
@@ -214,11 +216,13 @@ class CrackDataModule(L.LightningDataModule):
 
     def _dataset(self, name: str) -> tuple[Dataset, Callable | None, int]:
         """Split `name` as a dataset, its collate function and its worker count: cached
-        features are in memory already (no worker processes needed); images are decoded
-        by the workers, or only read there when decoding on the device."""
+        features are in memory already (no worker processes needed), served as batches of
+        Activations that say which they are; images are decoded by the workers, or only
+        read there when decoding on the device."""
         if self.features is not None:
             samples = [(i, self.samples[i][1]) for i in self.split[name]]
-            return FeatureViews(self.features, samples, random_view=name == "train"), None, 0
+            views = FeatureViews(self.features, samples, name == "train", self.feature_stage)
+            return views, views.collate, 0
         samples = self.split_samples(name)
         workers = self.hparams.num_workers
         if self.hparams.decode_on_device:  # on_before_batch_transfer decodes

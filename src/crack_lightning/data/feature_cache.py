@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from crack_lightning.data.decode import DECODE_VERSION, DecodedImages, sample_file
 from crack_lightning.data.transforms import Augmentation, augment_batch
@@ -48,6 +48,7 @@ from crack_lightning.data.workers import (
 )
 from crack_lightning.errors import DamagedImage, DataError, ModelConfigError
 from crack_lightning.io import save_torch
+from crack_lightning.models.network import Activations
 from crack_lightning.progress import progress
 from crack_lightning.settings import MAX_VIEWS
 
@@ -296,14 +297,21 @@ def _encode_views(
 
 class FeatureViews(Dataset):
     """(features, label) of some images; with several views, a random one per draw, so
-    each epoch sees each image under one randomly chosen view."""
+    each epoch sees each image under one randomly chosen view. Its batches (collate)
+    say what they hold: the output of backbone.features[:stage], or pooled features
+    when `stage` is None."""
 
     def __init__(
-        self, features: torch.Tensor, samples: Sequence[tuple[int, int]], random_view: bool
+        self,
+        features: torch.Tensor,
+        samples: Sequence[tuple[int, int]],
+        random_view: bool,
+        stage: int | None,
     ) -> None:
         self.features = features  # (views, all images, dim)
         self.samples = samples  # (index into the cache, label)
         self.random_view = random_view and features.shape[0] > 1
+        self.stage = stage
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -312,6 +320,10 @@ class FeatureViews(Dataset):
         index, label = self.samples[i]
         view = int(torch.randint(self.features.shape[0], ())) if self.random_view else 0
         return self.features[view, index].float(), label
+
+    def collate(self, items: list[tuple[torch.Tensor, int]]) -> tuple[Activations, torch.Tensor]:
+        values, labels = default_collate(items)
+        return Activations(values, self.stage), labels
 
 
 def cached_features(

@@ -1,5 +1,6 @@
 """A trained model loaded from any of its files (Lightning checkpoint, exported ONNX or
-TorchScript), and running it over image files.
+TorchScript), and running it over image files. A checkpoint becomes the plain-torch
+network (models/network.py): prediction never imports Lightning.
 
 Every file becomes one typed `LoadedModel`: the network, the input size, the decision
 threshold stored with it and the training features' statistics (or why there are none).
@@ -8,6 +9,7 @@ What checkpoints of earlier versions lack or hold is settled in `_read_checkpoin
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import zipfile
@@ -15,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,8 +29,11 @@ from crack_lightning.evaluation.threshold import METADATA_KEY, stored_threshold
 from crack_lightning.inference.unfamiliar import CHECKPOINT_KEY as FEATURE_STATS_KEY
 from crack_lightning.inference.unfamiliar import stats_stage, unfamiliar_score
 from crack_lightning.io import load_safely
-from crack_lightning.models.classifier import CrackClassifier
+from crack_lightning.models.network import CrackNet, build_network
 from crack_lightning.progress import progress as progress_of
+
+if TYPE_CHECKING:
+    from crack_lightning.models.classifier import CrackClassifier
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,9 @@ MODEL_FILES = (
     "(.onnx or .pt)."
 )
 # hyperparameters that earlier versions' checkpoints hold and CrackClassifier does not take
-DROPPED_HPARAMS = ("finetune",)  # fine-tuning became a callback (callbacks.finetune)
+DROPPED_HPARAMS = ("finetune",)  # fine-tuning is a callback (callbacks.finetune)
+# a checkpoint's (CrackClassifier's) weights of the network: under net.
+NET_PREFIX = "net."
 # onnxruntime's providers that run nothing on a GPU (Azure's only calls remote endpoints)
 CPU_PROVIDERS = {"CPUExecutionProvider", "AzureExecutionProvider"}
 NO_STATS_IN_CHECKPOINT = (
@@ -53,13 +60,13 @@ NO_STATS_WHEN_EXPORTED = (
 
 @dataclass
 class TorchNetwork:
-    """A checkpoint's CrackClassifier on a device."""
+    """A checkpoint's network on a device."""
 
-    module: CrackClassifier
+    net: CrackNet
     device: torch.device
 
     def __post_init__(self) -> None:
-        self.module = self.module.to(self.device, memory_format=torch.channels_last).eval()
+        self.net = self.net.to(self.device, memory_format=torch.channels_last).eval()
 
     def _on_device(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, memory_format=torch.channels_last, non_blocking=True)
@@ -67,14 +74,14 @@ class TorchNetwork:
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
         """P(crack) of each image."""
-        return self.module(self._on_device(images)).softmax(dim=-1)[:, 1].float().cpu().numpy()
+        return self.net(self._on_device(images)).softmax(dim=-1)[:, 1].float().cpu().numpy()
 
     @torch.inference_mode()
     def with_unfamiliar(
         self, images: torch.Tensor, stats: Mapping[str, torch.Tensor]
     ) -> tuple[np.ndarray, np.ndarray]:
         """P(crack) and the unfamiliar score, in one pass through the backbone."""
-        images, net, stage = self._on_device(images), self.module.net, stats_stage(stats)
+        images, net, stage = self._on_device(images), self.net, stats_stage(stats)
         if stage is None:
             features = described = net.features(images)
         else:  # statistics of the frozen stages' pooled output (unfamiliar.py)
@@ -168,31 +175,33 @@ class LoadedModel:
     @classmethod
     def from_module(
         cls,
-        module: CrackClassifier,
+        module: CrackNet | CrackClassifier,
         device: str | torch.device = "cpu",
         source: str = "the network in memory",
         threshold: float | None = None,
         feature_stats: dict[str, torch.Tensor] | None = None,
     ) -> LoadedModel:
-        """A CrackClassifier (a checkpoint's, or one just built) on `device`."""
+        """A network (a checkpoint's, or one just built, alone or in its CrackClassifier)
+        on `device`."""
+        net = module if isinstance(module, CrackNet) else module.net
         return cls(
             source,
-            TorchNetwork(module, torch.device(device)),
-            int(module.hparams.image_size),
+            TorchNetwork(net, torch.device(device)),
+            int(net.hparams.image_size),
             threshold,
             feature_stats,
             "" if feature_stats is not None else NO_STATS_IN_CHECKPOINT,
         )
 
     @property
-    def checkpoint_module(self) -> CrackClassifier:
+    def checkpoint_module(self) -> CrackNet:
         """The checkpoint's network, which export writes out; exported files have none."""
         if not isinstance(self.network, TorchNetwork):
             raise PredictionError(
                 f"ckpt_path={self.source} is an exported model: export needs the training "
                 f"checkpoint (.ckpt) it came from."
             )
-        return self.network.module
+        return self.network.net
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
         """P(crack) of each image."""
@@ -245,20 +254,31 @@ def load_classifier(path: str | Path, device: str = "auto") -> LoadedModel:
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> LoadedModel:
-    """Rebuild the classifier from a checkpoint's hyperparameters and weights (tensors only).
+    """Rebuild the network from a checkpoint's hyperparameters and weights (tensors only).
 
     The backbone is built without downloading anything: the checkpoint holds its weights.
     """
     checkpoint = load_safely(path, "ckpt_path", PredictionError, MODEL_FILES)
     hparams, threshold, stats = _read_checkpoint(path, checkpoint)
+    state = {
+        name.removeprefix(NET_PREFIX): tensor
+        for name, tensor in checkpoint["state_dict"].items()
+        if name.startswith(NET_PREFIX)
+    }
     try:
-        module = CrackClassifier(**hparams)
-        module.load_state_dict(checkpoint["state_dict"])
+        net = build_network(**_network_settings(hparams))
+        net.load_state_dict(state)
     except (TypeError, RuntimeError) as err:
         raise PredictionError(
             f"ckpt_path={path} does not match this version's model: {err}"
         ) from None
-    return LoadedModel.from_module(module, device, str(path), threshold, stats)
+    return LoadedModel.from_module(net, device, str(path), threshold, stats)
+
+
+def _network_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters build_network takes (the rest are training's: lr, optimizer...)."""
+    taken = inspect.signature(build_network).parameters
+    return {name: value for name, value in hparams.items() if name in taken}
 
 
 def read_training_checkpoint(

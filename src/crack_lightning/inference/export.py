@@ -50,7 +50,7 @@ class ProbabilityModel(nn.Module):
 def export_model(model: LoadedModel, fmt: Literal["onnx", "torchscript"], output: Path) -> Path:
     """Write the model in `fmt` to `output`, creating its folder."""
     size = model.image_size
-    wrapper = ProbabilityModel(model.checkpoint_module.net).cpu().eval()
+    wrapper = ProbabilityModel(model.checkpoint_module).cpu().eval()
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     output.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
@@ -65,12 +65,12 @@ def export_model(model: LoadedModel, fmt: Literal["onnx", "torchscript"], output
 def export_metadata(model: LoadedModel) -> dict[str, str]:
     """What an exported file says about itself; the loader reads back image_size and
     decision_threshold."""
-    hparams = model.checkpoint_module.hparams
+    built = model.checkpoint_module.hparams
     metadata = {
         "image_size": str(model.image_size),
         "classes": ",".join(CLASS_NAMES),
         # a timm model with its name: timm:convnext_tiny
-        "backbone": ":".join(filter(None, (hparams.backbone, hparams.get("name")))),
+        "backbone": ":".join(filter(None, (built.backbone, built.name))),
         "input": "uint8 RGB, shape (N, 3, image_size, image_size), resized with antialiasing",
         "output": "probabilities (N, 2): P(Negative), P(Positive = crack)",
     }

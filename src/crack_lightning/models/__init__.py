@@ -1,10 +1,22 @@
 """Models: torchvision or timm backbones with a new two-class head, and their fine-tuning schedule.
 
-Public API: `CrackClassifier` (the LightningModule), `CrackNet` (the deployable network),
-`BackboneUnfreeze` (the fine-tuning callback).
+Public API: `CrackNet` (the deployable network, plain torch), `CrackClassifier` (the
+LightningModule that trains it), `BackboneUnfreeze` (the fine-tuning callback). Each is
+imported when first asked for, so that prediction builds a CrackNet without Lightning.
 """
 
-from crack_lightning.models.classifier import CrackClassifier, CrackNet
-from crack_lightning.models.finetuning import BackboneUnfreeze
+from importlib import import_module
+from typing import Any
 
-__all__ = ["BackboneUnfreeze", "CrackClassifier", "CrackNet"]
+_HOMES = {
+    "BackboneUnfreeze": "crack_lightning.models.finetuning",
+    "CrackClassifier": "crack_lightning.models.classifier",
+    "CrackNet": "crack_lightning.models.network",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_HOMES[name]), name)

@@ -1,20 +1,26 @@
-"""Callbacks: what the model gets wrong while it trains; how to go on when a run stops."""
+"""Callbacks: what the model gets wrong while it trains; how to go on when a run stops;
+training's progress lines; and the checkpoint plugin that saves through io.py."""
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 
 from crack_lightning.errors import CrackLightningError, RunDirError
 from crack_lightning.evaluation.metrics import confusion_matrix
 from crack_lightning.evaluation.plots import confusion_matrix_figure
-from crack_lightning.io import load_safely
+from crack_lightning.io import load_safely, save_torch
+from crack_lightning.progress import interactive
 from crack_lightning.training.loggers import log_figures, mlflow_loggers
 from crack_lightning.training.resume import LAST_CKPT, read_training_checkpoint
 
@@ -143,3 +149,84 @@ class ResumeHint(L.Callback):
             epoch,
             self.run_dir,
         )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO whose local saves are atomic in place (io.save_torch: beside the
+    target, synced, renamed); remote paths (s3://, ...) keep Lightning's own save, which
+    goes through $TMPDIR and a move that is a copy when $TMPDIR is another filesystem
+    (tmpfs on many clusters): a SIGKILL during it would leave a truncated last.ckpt."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(
+                f"{type(self).__name__}.save_checkpoint takes no storage_options "
+                f"(got {storage_options!r})."
+            )
+        save_torch(checkpoint, Path(path))
+
+
+class LogProgress(ProgressBar):
+    """Training progress in short log lines: the position in the epoch every `every_s`
+    seconds, the validation metrics after each epoch."""
+
+    def __init__(self, every_s: float) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self.enabled = True
+        self.start = self.last = 0.0
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self.enabled
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = self.last = time.monotonic()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        now = time.monotonic()
+        if self.enabled and now - self.last >= self.every_s:
+            self.last = now
+            log.info(
+                "epoch %d: batch %d/%s, %.0f s",
+                trainer.current_epoch,
+                i + 1,
+                self.total_train_batches,
+                now - self.start,
+            )
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.enabled or trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        where = f"epoch {trainer.current_epoch}" if fitting else "validation"
+        log.info("%s: %s, %.0f s", where, _format(metrics), time.monotonic() - self.start)
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return " ".join(f"{name}={value:.4f}" for name, value in sorted(metrics.items()))
+
+
+def progress_bar(refresh_rate: int, line_every_s: float) -> ProgressBar:
+    """Lightning's tqdm bar on a terminal, LogProgress elsewhere; refresh_rate=0 silences
+    either."""
+    if interactive():
+        return TQDMProgressBar(refresh_rate=refresh_rate)
+    bar = LogProgress(line_every_s)
+    if refresh_rate == 0:
+        bar.disable()
+    return bar

@@ -39,7 +39,7 @@ class FeatureStatistics(L.Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "split"):
             return
-        stage = pl_module.net.input_stage  # set only while training on cached stage outputs
+        stage = datamodule.feature_stage  # set only while training on cached stage outputs
         if stage is None and not any(isinstance(c, BackboneUnfreeze) for c in trainer.callbacks):
             stage = below_top_stages(pl_module.net.backbone) if pl_module.net.frozen else None
         if self.stats is None or (stage is None and not pl_module.net.frozen):
@@ -55,9 +55,9 @@ class FeatureStatistics(L.Callback):
         train = datamodule.split["train"]
         step = max(1, len(train) // self.max_images)
         chosen = train[::step][: self.max_images]
-        if datamodule.features is not None and stage == pl_module.net.input_stage:
+        if datamodule.features is not None and stage == datamodule.feature_stage:
             cached = datamodule.features[0, chosen].float()
-            return cached.mean(dim=(-2, -1)) if cached.ndim == 4 else cached
+            return cached if stage is None else cached.mean(dim=(-2, -1))
         paths = [datamodule.samples[i][0] for i in chosen]
         labels = [datamodule.samples[i][1] for i in chosen]
         loader = DataLoader(

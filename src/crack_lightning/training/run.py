@@ -227,7 +227,6 @@ def use_feature_cache_if_wanted(
     if cache_wanted(setting, frozen, finetune is not None, quick, top_only=stage is not None):
         start_processes(trainer)  # under DDP every process fills its share of the cache
         datamodule.use_feature_cache(model.net, trainer.strategy.root_device, stage)
-        model.net.input_stage = stage
 
 
 def log_hyperparameters(trainer: L.Trainer, model: CrackClassifier, cfg: DictConfig) -> None:
