@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crack_lightning.data.check import require_clean
-from crack_lightning.data.grouping import image_hashes, near_duplicate_groups
-from crack_lightning.data.masks import photo_groups, tile_source
 from crack_lightning.data.sources import SourceSpec, refuse_shared_folders, scan_source
 from crack_lightning.errors import DataError
 from crack_lightning.io import write_csv
@@ -151,6 +149,8 @@ def pattern_groups(paths: Sequence[str], pattern: str, where: str) -> list[int]:
 
 def near_duplicates(spec: SourceSpec, paths: Sequence[str]) -> list[int]:
     """Near-duplicate group of every file (perceptual hash neighbours)."""
+    from crack_lightning.data.grouping import image_hashes, near_duplicate_groups  # split=grouped
+
     groups = near_duplicate_groups(image_hashes(paths), spec.group_distance).tolist()
     sizes = Counter(groups)
     log.info(
@@ -179,6 +179,8 @@ def split_source(
     if spec.split == "random":
         return stratified_split(labels, val_fraction, test_fraction, seed)
     if spec.tiles is not None:  # a masks source: split by photo
+        from crack_lightning.data.masks import photo_groups
+
         groups = photo_groups(paths)
         hint = f"Add photos to {spec.where}.root, or lower data.val_fraction."
     elif spec.split == "pattern":
@@ -235,7 +237,12 @@ def load_sources(
     result = SourceSamples(list(specs))
     digests: dict[str, bytes] | None = {} if check else None
     for index, spec in enumerate(specs):
-        samples = scan_source(spec) if spec.tiles is None else tile_source(spec)
+        if spec.tiles is None:
+            samples = scan_source(spec)
+        else:  # a masks source
+            from crack_lightning.data.masks import tile_source
+
+            samples = tile_source(spec)
         if check:
             report = require_clean(spec, samples)
             digests.update(report.digests)

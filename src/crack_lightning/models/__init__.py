@@ -1,10 +1,6 @@
 """Models: torchvision or timm backbones with a new two-class head, and their fine-tuning schedule.
 
-Public API: `CrackClassifier` (the LightningModule), `CrackNet` (the deployable network),
-`BackboneUnfreeze` (the fine-tuning callback).
+Public API: `classifier.CrackClassifier` (the LightningModule), `classifier.CrackNet` (the
+deployable network), `finetuning.BackboneUnfreeze` (the fine-tuning callback). Nothing is
+imported here, so that a command loads only the modules it uses.
 """
-
-from crack_lightning.models.classifier import CrackClassifier, CrackNet
-from crack_lightning.models.finetuning import BackboneUnfreeze
-
-__all__ = ["BackboneUnfreeze", "CrackClassifier", "CrackNet"]

@@ -13,7 +13,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from crack_lightning.errors import CrackLightningError, RunDirError
 from crack_lightning.evaluation.metrics import confusion_matrix
-from crack_lightning.evaluation.plots import confusion_matrix_figure
 from crack_lightning.io import load_safely
 from crack_lightning.training.loggers import log_figures, mlflow_loggers
 from crack_lightning.training.resume import LAST_CKPT, read_training_checkpoint
@@ -53,6 +52,8 @@ class ValidationFigures(L.Callback):
         artifacts = mlflow_loggers(trainer)  # MLflow keeps them as files
         if trainer.sanity_checking or not (loggers or artifacts) or not trainer.is_global_zero:
             return
+        from crack_lightning.evaluation.plots import confusion_matrix_figure  # matplotlib
+
         epoch = trainer.current_epoch
         figure = confusion_matrix_figure(self.matrix, title=f"Validation, epoch {epoch}")
         for logger in loggers:

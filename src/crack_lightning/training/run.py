@@ -40,7 +40,6 @@ from crack_lightning.training.callbacks import (
 )
 from crack_lightning.training.distributed import ddp_job, start_processes
 from crack_lightning.training.loggers import log_run_files
-from crack_lightning.training.photo_scores import SCAN_DIR, scan_validation_photos
 from crack_lightning.training.precision import resolve_precision
 from crack_lightning.training.resume import (
     changed_data_settings,
@@ -115,6 +114,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("%s: %s", best_summary(trainer, best_epoch), json.dumps(metrics))
     best = metrics.get("best_checkpoint")
     if cfg.scan_eval_at_end and trainer.is_global_zero and best:
+        # the scan code (inference, masks scoring) is loaded only when asked for
+        from crack_lightning.training.photo_scores import SCAN_DIR, scan_validation_photos
+
         scan_validation_photos(datamodule, trainer, best, output_dir / SCAN_DIR)
     log_run_files(
         trainer,
