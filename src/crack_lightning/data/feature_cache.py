@@ -228,8 +228,6 @@ class FeatureCache:
                 computed / elapsed,
                 forward,
                 computed / elapsed / forward,
-                # for crack-bench, which reads them from the design card's run
-                extra={"fill_views": computed, "fill_seconds": elapsed},
             )
         self.save()
 
