@@ -51,7 +51,6 @@ from crack_lightning.training.resume import (
     resume_step,
     stored_config,
 )
-from crack_lightning.training.source_metrics import SourceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +302,10 @@ def _evaluate_checkpoint(
     ckpt_path: str | None,
 ) -> dict[str, float | str | None]:
     stored = stored_val_metrics(checkpoint)
-    source_metrics = [c for c in trainer.callbacks if isinstance(c, SourceMetrics)]
-    for callback in source_metrics:  # test metrics at the best checkpoint's own threshold
+    # the callbacks that choose a threshold (SourceMetrics, when configured): test metrics
+    # at the best checkpoint's own threshold
+    source_metrics = [c for c in trainer.callbacks if hasattr(c, "restore_threshold")]
+    for callback in source_metrics:
         callback.restore_threshold(checkpoint)
     if stored is not None and not (test and datamodule.has_test_split):
         return _report(stored, ckpt_path)
