@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from omegaconf import DictConfig
@@ -41,6 +44,16 @@ tune_malloc()
 def _quiet() -> None:
     """The entry points' warning filters (pytest resets filters for every test)."""
     quiet_logs()
+
+
+@functools.cache
+def load_bench() -> ModuleType:
+    """benchmarks/bench.py, the benchmark harness (outside the package, run as a script)."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_python(

@@ -9,14 +9,8 @@ import torch
 from torchvision import models
 
 from crack_lightning.errors import ModelConfigError, WeightsError
-from crack_lightning.models.backbones import (
-    BACKBONES,
-    TIMM,
-    build_feature_extractor,
-    download_state_dict,
-    get_spec,
-    load_weights_file,
-)
+from crack_lightning.models.backbones import BACKBONES, TIMM, build_feature_extractor, get_spec
+from crack_lightning.models.weights import download_state_dict, load_weights_file
 from crack_lightning.training.run import build
 
 from .conftest import CONF_DIR, MODEL_OPTIONS

@@ -139,7 +139,9 @@ def test_training_with_decoding_on_the_device_runs_on_cpu(
 
 
 def test_device_throughput_reports_every_figure_on_cpu(synthetic_cfg):
-    from crack_lightning.commands.bench import device_throughput
+    from .conftest import load_bench
+
+    device_throughput = load_bench().device_throughput
 
     cfg = synthetic_cfg("data.image_size=32")
     figures = device_throughput(cfg, torch.device("cpu"), [2, 4], batches=1)
@@ -152,7 +154,9 @@ def test_device_throughput_reports_every_figure_on_cpu(synthetic_cfg):
 def test_default_command_row_reports_time_to_accuracy_beside_keras(
     synthetic_root, backbone_weights, tmp_path
 ):
-    from crack_lightning.commands.bench import default_command_row
+    from .conftest import load_bench
+
+    default_command_row = load_bench().default_command_row
 
     keras_rates = {"train": 70.0, "predict": 87.0}
     row = default_command_row(synthetic_root, backbone_weights, tmp_path, 1, keras_rates)

@@ -16,13 +16,8 @@ from omegaconf import DictConfig, open_dict
 from crack_lightning.cli import hydra_app, prepare_process, user_errors
 from crack_lightning.data.decode import collect_inputs, label_from_path, load_rgb
 from crack_lightning.errors import PredictionError
-from crack_lightning.evaluation.folders import evaluate_inputs, input_members, markdown_table
-from crack_lightning.evaluation.metrics import binary_metrics, format_report, write_evaluation
-from crack_lightning.evaluation.plots import image_grid_figure, save
-from crack_lightning.evaluation.report import EvalRun, write_review
 from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import load_classifier
-from crack_lightning.inference.scan import scan_figure, scan_files, write_scan_csv
 from crack_lightning.inference.sharded import (
     classify_in_shares,
     require_one_process,
@@ -49,6 +44,8 @@ def write_predictions(path: Path, rows: list[dict]) -> None:
 def save_prediction_grid(rows: list[dict], path: Path, size: int, limit: int) -> None:
     """The Keras projects' figure: inputs with predicted label and P(crack), green/red
     titles when the true label (from the folder name) is known."""
+    from crack_lightning.evaluation.plots import image_grid_figure, save  # visualize only
+
     wrong = [r for r in rows if r.get("true_label") and r["true_label"] != r["label"]]
     rest = [r for r in rows if r not in wrong]
     spread = np.linspace(0, len(rest) - 1, min(len(rest), max(0, limit - len(wrong)))).round()
@@ -111,6 +108,18 @@ def classify(cfg: DictConfig, classifier, files: list[Path]) -> dict:
         save_prediction_grid(rows, grid, classifier.image_size, cfg.max_visualize)
         summary["grid"] = str(grid)
     if cfg.mode == "eval":
+        from crack_lightning.evaluation.folders import (
+            evaluate_inputs,
+            input_members,
+            markdown_table,
+        )
+        from crack_lightning.evaluation.metrics import (
+            binary_metrics,
+            format_report,
+            write_evaluation,
+        )
+        from crack_lightning.evaluation.report import EvalRun, write_review
+
         if not all(known):
             missing = next(f for f, k in zip(good, known, strict=True) if not k)
             raise PredictionError(
@@ -140,6 +149,8 @@ def classify(cfg: DictConfig, classifier, files: list[Path]) -> dict:
 
 def scan(cfg: DictConfig, classifier, files: list[Path], window: ScanSettings) -> dict:
     """scan mode: per photo a heat-map PNG and a CSV of patches; returns a summary."""
+    from crack_lightning.inference.scan import scan_figure, scan_files, write_scan_csv
+
     report_dir = Path(cfg.report_dir)
     skipped: list[tuple[Path, str]] = []
     photos = []

@@ -14,7 +14,6 @@ from omegaconf import DictConfig, open_dict
 from crack_lightning.cli import conf_dir, hydra_app, prepare_process, user_errors
 from crack_lightning.training.distributed import launch_argv
 from crack_lightning.training.resume import resume_argv
-from crack_lightning.training.run import train as train_model
 from crack_lightning.training.run_lock import refuse_busy_run_dir, run_dir_lock
 
 log = logging.getLogger(__name__)
@@ -33,6 +32,8 @@ def train() -> Any:
 def train_task(cfg: DictConfig) -> float | None:
     """One training job in its run directory, under its lock; returns optimized_metric
     for Hydra's sweepers."""
+    from crack_lightning.training.run import train as train_model  # not for --help
+
     if HydraConfig.initialized():  # in a multirun each job has its own directory
         with open_dict(cfg):
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir

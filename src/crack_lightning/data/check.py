@@ -25,7 +25,6 @@ import numpy as np
 from PIL import Image
 
 from crack_lightning.data.decode import load_rgb
-from crack_lightning.data.masks import find_photos, photo_tiles
 from crack_lightning.data.sources import (
     SourceFiles,
     SourceSpec,
@@ -293,6 +292,8 @@ def check_masks_source(
 
     `samples` are its tiles when the caller has labelled them already (training's quick
     check): the masks were checked then, and are not read again."""
+    from crack_lightning.data.masks import find_photos, photo_tiles  # masks sources only
+
     spec = files.spec
     report = Report(root=spec.root, name=spec.name, full=full)
     report.counts = {name: 0 for name in CLASS_NAMES}

@@ -28,7 +28,6 @@ from crack_lightning.data.splits import (
     require_every_source,
     write_manifest,
 )
-from crack_lightning.data.synthetic import generate_dataset
 from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import DataError
 
@@ -94,6 +93,8 @@ class CrackDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.hparams.synthetic is not None:
+            from crack_lightning.data.synthetic import generate_dataset  # data=synthetic only
+
             generate_dataset(Path(self.hparams.root), **self.hparams.synthetic)
         else:
             hp = self.hparams

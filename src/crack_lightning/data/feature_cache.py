@@ -243,8 +243,6 @@ class FeatureCache:
                 computed / elapsed,
                 forward,
                 computed / elapsed / forward,
-                # for crack-bench, which reads them from the design card's run
-                extra={"fill_views": computed, "fill_seconds": elapsed},
             )
         self.save()
 

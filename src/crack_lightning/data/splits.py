@@ -37,7 +37,6 @@ import numpy as np
 from PIL import Image
 
 from crack_lightning.data.check import require_clean
-from crack_lightning.data.masks import photo_groups, tile_source
 from crack_lightning.data.sources import (
     FileState,
     SourceSpec,
@@ -260,6 +259,8 @@ def pattern_groups(paths: Sequence[str], pattern: str, where: str) -> list[int]:
 
 def near_duplicates(spec: SourceSpec, paths: Sequence[str]) -> list[int]:
     """Near-duplicate group of every file (perceptual hash neighbours)."""
+    from crack_lightning.data.grouping import image_hashes, near_duplicate_groups  # split=grouped
+
     groups = near_duplicate_groups(image_hashes(paths), spec.group_distance).tolist()
     sizes = Counter(groups)
     log.info(
@@ -288,6 +289,8 @@ def split_source(
     if spec.split == "random":
         return stratified_split(labels, val_fraction, test_fraction, seed)
     if spec.tiles is not None:  # a masks source: split by photo
+        from crack_lightning.data.masks import photo_groups
+
         groups = photo_groups(paths)
         hint = f"Add photos to {spec.where}.root, or lower data.val_fraction."
     elif spec.split == "pattern":
@@ -348,7 +351,12 @@ def load_sources(
     digests: dict[str, bytes] | None = {} if check else None
     for index, files in enumerate(sources):
         spec = files.spec
-        samples = source_samples(files) if spec.tiles is None else tile_source(files)
+        if spec.tiles is None:
+            samples = source_samples(files)
+        else:  # a masks source
+            from crack_lightning.data.masks import tile_source
+
+            samples = tile_source(files)
         result.states.update(files.states())
         if check:
             report = require_clean(files, samples)

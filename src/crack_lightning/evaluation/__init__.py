@@ -1,9 +1,6 @@
 """Evaluation: binary-classification metrics and the figures drawn from them, shared by
 training (TensorBoard) and prediction (mode=eval reports).
 
-Public API: `binary_metrics`, `confusion_matrix`.
+Public API: `metrics.binary_metrics`, `metrics.confusion_matrix`. Nothing is imported
+here, so that a command loads only the modules it uses.
 """
-
-from crack_lightning.evaluation.metrics import binary_metrics, confusion_matrix
-
-__all__ = ["binary_metrics", "confusion_matrix"]

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from crack_lightning.errors import ModelConfigError, WeightsError
+from crack_lightning.models.weights import load_matching_state, load_weights_file
 from crack_lightning.settings import TIMM_INSTALL, check_timm_name
 
 log = logging.getLogger(__name__)
@@ -211,8 +212,6 @@ def _download_failed(name: str, err: Exception) -> str:
 
 def _read(path: str | Path) -> Mapping[str, torch.Tensor]:
     """A state dict from a .safetensors file, or a torch file read safely."""
-    from crack_lightning.models.backbones import load_weights_file
-
     if Path(path).suffix.lower() != ".safetensors":
         return load_weights_file(path)
     from safetensors import SafetensorError
@@ -230,8 +229,6 @@ def _read(path: str | Path) -> Mapping[str, torch.Tensor]:
 
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], name: str, source: str) -> None:
     """Load a state dict saved from the timm model (with or without its classifier)."""
-    from crack_lightning.models.backbones import load_matching_state
-
     head = model.pretrained_cfg.get("classifier") or "classifier"
     heads = (head,) if isinstance(head, str) else tuple(head)
     load_matching_state(

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,12 +27,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from crack_lightning.data.decode import DecodedImages
-from crack_lightning.data.masks import photos_in
 from crack_lightning.data.sources import ROOT_SOURCE
 from crack_lightning.errors import ConfigError, DataError
-from crack_lightning.inference.classifiers import read_training_checkpoint
-from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.settings import CLASS_NAMES, MASKS_KIND, AdaptSettings, validate
+
+if TYPE_CHECKING:
+    from crack_lightning.models.classifier import CrackClassifier
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ def prepare_start(cfg: DictConfig) -> Start | None:
                 "model to adapt to the site."
             )
         return None
+    from crack_lightning.inference.classifiers import read_training_checkpoint  # init_from only
+
     settings = validate(cfg.adapt, AdaptSettings, "adapt")
     path = Path(cfg.init_from)
     checkpoint, hparams = read_training_checkpoint(path, "init_from", ConfigError, INIT_FILES)
@@ -118,6 +120,8 @@ def site_kind(root: Path, where: str) -> str:
             f"{where}.root={root} is not a folder: point it at the site's photos (each "
             f"with PHOTO_mask.png beside it) or at Positive/ and Negative/ folders of tiles."
         )
+    from crack_lightning.data.masks import photos_in
+
     if not photos_in(root):
         raise DataError(
             f"{where}.root={root} holds no photos: put the site's photos there with "

@@ -18,7 +18,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from crack_lightning.errors import CrackLightningError, RunDirError
 from crack_lightning.evaluation.metrics import confusion_matrix
-from crack_lightning.evaluation.plots import confusion_matrix_figure
 from crack_lightning.io import load_safely, save_torch
 from crack_lightning.progress import interactive
 from crack_lightning.training.loggers import log_figures, mlflow_loggers
@@ -59,6 +58,8 @@ class ValidationFigures(L.Callback):
         artifacts = mlflow_loggers(trainer)  # MLflow keeps them as files
         if trainer.sanity_checking or not (loggers or artifacts) or not trainer.is_global_zero:
             return
+        from crack_lightning.evaluation.plots import confusion_matrix_figure  # matplotlib
+
         epoch = trainer.current_epoch
         figure = confusion_matrix_figure(self.matrix, title=f"Validation, epoch {epoch}")
         for logger in loggers:

@@ -40,7 +40,6 @@ from crack_lightning.training.callbacks import (
 )
 from crack_lightning.training.distributed import ddp_job, start_processes
 from crack_lightning.training.loggers import log_run_files
-from crack_lightning.training.photo_scores import SCAN_DIR, scan_validation_photos
 from crack_lightning.training.precision import resolve_precision
 from crack_lightning.training.resume import (
     changed_data_settings,
@@ -52,7 +51,6 @@ from crack_lightning.training.resume import (
     resume_step,
     stored_config,
 )
-from crack_lightning.training.source_metrics import SourceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +113,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("%s: %s", best_summary(trainer, best_epoch), json.dumps(metrics))
     best = metrics.get("best_checkpoint")
     if cfg.scan_eval_at_end and trainer.is_global_zero and best:
+        # the scan code (inference, masks scoring) is loaded only when asked for
+        from crack_lightning.training.photo_scores import SCAN_DIR, scan_validation_photos
+
         scan_validation_photos(datamodule, trainer, best, output_dir / SCAN_DIR)
     log_run_files(
         trainer,
@@ -300,8 +301,10 @@ def _evaluate_checkpoint(
     ckpt_path: str | None,
 ) -> dict[str, float | str | None]:
     stored = stored_val_metrics(checkpoint)
-    source_metrics = [c for c in trainer.callbacks if isinstance(c, SourceMetrics)]
-    for callback in source_metrics:  # test metrics at the best checkpoint's own threshold
+    # the callbacks that choose a threshold (SourceMetrics, when configured): test metrics
+    # at the best checkpoint's own threshold
+    source_metrics = [c for c in trainer.callbacks if hasattr(c, "restore_threshold")]
+    for callback in source_metrics:
         callback.restore_threshold(checkpoint)
     if stored is not None and not (test and datamodule.has_test_split):
         return _report(stored, ckpt_path)
