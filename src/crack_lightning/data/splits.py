@@ -259,8 +259,6 @@ def pattern_groups(paths: Sequence[str], pattern: str, where: str) -> list[int]:
 
 def near_duplicates(spec: SourceSpec, paths: Sequence[str]) -> list[int]:
     """Near-duplicate group of every file (perceptual hash neighbours)."""
-    from crack_lightning.data.grouping import image_hashes, near_duplicate_groups  # split=grouped
-
     groups = near_duplicate_groups(image_hashes(paths), spec.group_distance).tolist()
     sizes = Counter(groups)
     log.info(
