@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Annotated
 
 import lightning as L
 import torch
@@ -42,9 +43,9 @@ from crack_lightning.data.feature_cache import FeatureCache, cached_features
 from crack_lightning.data.sources import scan_samples
 from crack_lightning.errors import ConfigError
 from crack_lightning.inference.classifiers import LoadedModel, classify_files, load_classifier
-from crack_lightning.inference.export import export_int8, export_model
+from crack_lightning.inference.export import CalibrationSettings, export_int8, export_model
 from crack_lightning.models.optimizers import build_optimizer
-from crack_lightning.settings import CLASS_NAMES, BenchSettings, CalibrationSettings, validate
+from crack_lightning.settings import CLASS_NAMES, Rule, at_least, settings_of
 from crack_lightning.training.run import build, train
 
 WARMUP_BATCHES = 5
@@ -218,8 +219,31 @@ def timed_run(cfg: DictConfig) -> float:
 def calibration(data: Path) -> CalibrationSettings:
     """conf/export.yaml's int8 calibration settings, on 64 of the benchmark's images."""
     cfg = compose_command("export", ["ckpt_path=unused", f"calibration.inputs=[{data}]"])
-    settings = validate(cfg.calibration, CalibrationSettings, "calibration")
+    settings = settings_of(cfg.calibration, CalibrationSettings, "calibration")
     return replace(settings, images=min(64, settings.images))
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """conf/bench.yaml (a wrong type is named before anything runs)."""
+
+    settings_error = ConfigError
+    sample: str
+    weights: str | None
+    images: int
+    sizes: Annotated[
+        list[int], Rule("a list of image sizes >= 16", lambda s: min(s, default=16) >= 16)
+    ]
+    batch_size: Annotated[int, at_least(1)]
+    workers: Annotated[int, at_least(0)]
+    epochs: Annotated[int, at_least(0)]
+    reference: str | None
+    full_scale: str | None
+
+
+def bench_settings(cfg: DictConfig) -> BenchSettings:
+    """conf/bench.yaml's settings, checked."""
+    return settings_of(cfg, BenchSettings, "", others=("paths", "data", "task_name"))
 
 
 @dataclass
@@ -569,7 +593,7 @@ def load_reference(path: str | None) -> dict | None:
     return yaml.safe_load(file.read_text())
 
 
-def check_settings(s: BenchSettings) -> None:
+def check_figures_possible(s: BenchSettings) -> None:
     """Refuse settings that cannot give a figure, before the slow steps."""
     if s.images * 0.7 / s.batch_size < 2 * WARMUP_BATCHES:
         raise ConfigError(
@@ -582,8 +606,8 @@ def check_settings(s: BenchSettings) -> None:
 
 def run(cfg: DictConfig) -> None:
     """The benchmark command's body: conf/bench.yaml's settings."""
-    s = validate(cfg, BenchSettings, "")
-    check_settings(s)
+    s = bench_settings(cfg)
+    check_figures_possible(s)
     reference = load_reference(s.reference)
     L.seed_everything(0)
     with tempfile.TemporaryDirectory(prefix="crack-bench-") as tmp:

@@ -19,8 +19,7 @@ from crack_lightning.data.masks import load_mask
 from crack_lightning.errors import ConfigError, DataError
 from crack_lightning.evaluation.scan_masks import patch_truth, score_groups
 from crack_lightning.inference.classifiers import load_classifier
-from crack_lightning.inference.scan import scan_files
-from crack_lightning.settings import ScanSettings
+from crack_lightning.inference.scan import ScanSettings, scan_files
 
 from .conftest import QUIET, compose_config, run_train_py
 

@@ -33,8 +33,7 @@ from crack_lightning.inference.inspection import (
     rethreshold,
     verdict,
 )
-from crack_lightning.inference.scan import ScanResult, scan_photo
-from crack_lightning.settings import ScanSettings
+from crack_lightning.inference.scan import ScanResult, ScanSettings, scan_photo
 
 from .conftest import QUIET, compose_config, in_ci
 

@@ -24,7 +24,7 @@ from crack_lightning.data.fetch import (
 )
 from crack_lightning.data.sources import SourceSpec
 from crack_lightning.errors import DataError
-from crack_lightning.settings import check_train_settings
+from crack_lightning.training.check import check_train_settings
 from crack_lightning.training.run import build
 from tests.rar4 import write_rar4
 from tests.test_download import jpeg, layout, make_zip

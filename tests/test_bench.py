@@ -8,7 +8,6 @@ import json
 import pytest
 
 from crack_lightning.cli import compose_command
-from crack_lightning.settings import BenchSettings, validate
 
 from .conftest import load_bench, run_python
 
@@ -74,7 +73,7 @@ def test_bench_prints_a_table_and_a_json_line_with_every_figure(sample_root, bac
 def test_the_fill_row_beside_the_bare_forward_pass(sample_root, tmp_path):
     """The fill's images/s and its ratio to the bare forward pass (a few tiny images)."""
     cfg = compose_command("bench", [f"sample={sample_root}", "batch_size=8", "workers=0"])
-    settings = validate(cfg, BenchSettings, "")
+    settings = bench.bench_settings(cfg)
     data = bench.repeat_sample(sample_root, 24, tmp_path / "data")
     result = bench.row_backbone_forward(bench.Bench(settings, data, 32, tmp_path))
     result |= bench.row_fill(bench.Bench(settings, data, 32, tmp_path))

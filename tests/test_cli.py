@@ -206,7 +206,7 @@ FEATURE_STATS = (
 )
 def test_training_settings_are_named_before_anything_runs(overrides, message):
     from crack_lightning.errors import CrackLightningError
-    from crack_lightning.settings import check_train_settings
+    from crack_lightning.training.check import check_train_settings
 
     cfg = compose_command("train", overrides)
     with pytest.raises(CrackLightningError, match=re.escape(message)):

@@ -17,7 +17,7 @@ from crack_lightning.data.sources import scan_samples
 from crack_lightning.data.splits import stratified_split
 from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import DataError
-from crack_lightning.settings import check_train_settings
+from crack_lightning.training.check import check_train_settings
 from crack_lightning.training.run import build
 
 from .conftest import ROOT
@@ -249,7 +249,7 @@ def test_training_batches_alone_are_augmented_on_their_device(make_cfg, sample_r
 
 
 def test_unknown_augmentation_setting_is_refused():
-    with pytest.raises(DataError, match="data.augmentation must set exactly"):
+    with pytest.raises(DataError, match="data.augmentation: Augmentation takes no setting"):
         Augmentation.from_config({"horizontal_flip": True, "vertical_flip": True, "zoom": 0.1})
 
 

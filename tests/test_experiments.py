@@ -16,7 +16,7 @@ from crack_lightning.data.decode import sample_file
 from crack_lightning.data.synthetic import generate_dataset
 from crack_lightning.errors import CrackLightningError
 from crack_lightning.models.classifier import CrackClassifier
-from crack_lightning.settings import check_train_settings
+from crack_lightning.training.check import check_train_settings
 from crack_lightning.training.run import build, build_callbacks, train
 
 from .conftest import QUIET, ROOT, compose_config

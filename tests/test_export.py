@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from crack_lightning.cli import compose_command
+from crack_lightning.commands.export import check_export_settings
 from crack_lightning.commands.export import main as export_main
 from crack_lightning.commands.predict import run
 from crack_lightning.data.decode import decode
@@ -23,7 +24,6 @@ from crack_lightning.errors import PredictionError
 from crack_lightning.inference import classifiers
 from crack_lightning.inference.classifiers import classify_files, load_classifier
 from crack_lightning.inference.export import export_int8, export_model
-from crack_lightning.settings import check_export_settings
 
 
 @pytest.fixture(scope="module")

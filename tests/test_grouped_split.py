@@ -19,7 +19,7 @@ from crack_lightning.data.splits import (
     stratified_split,
 )
 from crack_lightning.errors import DataError
-from crack_lightning.settings import check_train_settings
+from crack_lightning.training.check import check_train_settings
 from crack_lightning.training.run import build
 
 # crops of one crack in the real sample that overlap (found by eye after hashing)

@@ -28,7 +28,7 @@ from crack_lightning.evaluation.suspects import (
     suspect_labels,
     worst_mistakes,
 )
-from crack_lightning.settings import check_train_settings
+from crack_lightning.training.check import check_train_settings
 from crack_lightning.training.run import train
 
 from .conftest import compose_config

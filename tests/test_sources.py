@@ -23,7 +23,7 @@ from crack_lightning.data.splits import load_sources, write_manifest
 from crack_lightning.errors import DataError
 from crack_lightning.evaluation.metrics import MEAN, METRICS, per_source_scores
 from crack_lightning.evaluation.threshold import choose_threshold
-from crack_lightning.settings import check_train_settings
+from crack_lightning.training.check import check_train_settings
 from crack_lightning.training.run import build, build_callbacks
 
 from .conftest import compose_config

@@ -11,26 +11,46 @@ import signal
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 from omegaconf import DictConfig
 
 from crack_lightning.cli import STOPPED, run_tool
+from crack_lightning.errors import PredictionError
 from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.inference.inspection import Inspector
+from crack_lightning.inference.scan import ScanSettings
 from crack_lightning.io import check_writable
-from crack_lightning.settings import AppSettings, ScanSettings, validate
+from crack_lightning.settings import OPEN_UNIT, Rule, at_least, settings_of
 
 INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C before the page was served, as a shell reports it
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """conf/app.yaml: crack-app, the inspector's page (its scan.* are ScanSettings)."""
+
+    settings_error: ClassVar[type[Exception]] = PredictionError
+    ckpt_path: str
+    labels_dir: str
+    files_dir: str | None  # null: a new folder in the system's temp dir
+    threshold: Annotated[float | None, OPEN_UNIT]  # null: the model's stored threshold
+    max_pixels: Annotated[int, at_least(1)]
+    batch_size: Annotated[int, at_least(1)]
+    device: str
+    host: str
+    port: Annotated[int | None, Rule("in [1, 65535] or null", lambda v: 1 <= v <= 65535)]
+    open_browser: bool
 
 
 def start(cfg: DictConfig) -> tuple[Any, Path | None]:
     """Check the settings, the folders and the model, then serve the page in the
     background; returns the served page and the temp folder made for its files (None
     where files_dir was chosen)."""
-    settings = validate(cfg, AppSettings, "")
-    window = validate(cfg.scan, ScanSettings, "scan")
+    settings = settings_of(cfg, AppSettings, "", others=("paths", "scan", "task_name"))
+    window = settings_of(cfg.scan, ScanSettings, "scan")
     from crack_lightning.inference import page
 
     labels_dir = Path(settings.labels_dir)
@@ -43,11 +63,11 @@ def start(cfg: DictConfig) -> tuple[Any, Path | None]:
     try:
         page.use_files_dir(files_dir)
         page.gradio()  # the install line, before the model is read
-        classifier = load_classifier(cfg.ckpt_path, cfg.device)
+        classifier = load_classifier(settings.ckpt_path, settings.device)
         inspector = Inspector(
             classifier, window, settings.batch_size, settings.max_pixels, labels_dir
         )
-        built = page.build_page(inspector, settings.threshold, files_dir, cfg.device)
+        built = page.build_page(inspector, settings.threshold, files_dir, settings.device)
         address = page.serve(built, settings.host, settings.port, settings.open_browser)
     except BaseException:
         remove(temporary)

@@ -10,21 +10,36 @@ would corrupt training, 2 a setting or the data set is wrong as the message expl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, ClassVar
 
 from omegaconf import DictConfig
 
 from crack_lightning.cli import run_tool
 from crack_lightning.data.check import check_sources
-from crack_lightning.data.fetch import ensure_source, root_spec
+from crack_lightning.data.fetch import UNPACK_LIMIT, ensure_source, root_spec
 from crack_lightning.data.sources import data_sources
 from crack_lightning.errors import DataError
-from crack_lightning.settings import DataToolSettings, validate
+from crack_lightning.settings import settings_of
 
 ACTIONS = ("download", "check")
 
 
+@dataclass(frozen=True)
+class DataToolSettings:
+    """`crack-data` (conf/data_tool.yaml)."""
+
+    settings_error: ClassVar[type[Exception]] = DataError
+    action: str
+    root: str
+    archive: str | None
+    keep_archive: bool
+    quick: bool
+    unpack_limit_gib: Annotated[float, UNPACK_LIMIT]
+
+
 def run(cfg: DictConfig) -> int:
-    settings = validate(cfg, DataToolSettings, "")
+    settings = settings_of(cfg, DataToolSettings, "", others=("paths", "data", "task_name"))
     if settings.action == "download":
         ensure_source(
             root_spec(settings.root),

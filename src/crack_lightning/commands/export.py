@@ -5,22 +5,58 @@ itself: inference/export.py)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Literal
 
 from omegaconf import DictConfig
 
 from crack_lightning.cli import run_tool
+from crack_lightning.errors import PredictionError
 from crack_lightning.inference.classifiers import load_classifier
-from crack_lightning.inference.export import FORMATS, export_int8, export_model
+from crack_lightning.inference.export import FORMATS, CalibrationSettings, export_int8, export_model
 from crack_lightning.io import check_writable, write_errors
-from crack_lightning.settings import check_export_settings
+from crack_lightning.settings import settings_of
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """conf/export.yaml (its calibration.* are CalibrationSettings)."""
+
+    settings_error: ClassVar[type[Exception]] = PredictionError
+    ckpt_path: str
+    format: Literal["onnx", "torchscript"]
+    output: str | None  # null: beside the checkpoint
+    quantize: Literal["int8"] | None  # null: float32
+    progress: bool
+
+    @staticmethod
+    def check_together(settings: dict, section: str) -> None:
+        quantize, fmt = settings["quantize"], settings["format"]
+        if quantize is not None and fmt != "onnx":
+            raise PredictionError(f"quantize={quantize} needs format=onnx (got format={fmt}).")
+
+
+def check_export_settings(cfg: DictConfig) -> tuple[ExportSettings, CalibrationSettings | None]:
+    """The export settings; the calibration ones (and their images) only for int8."""
+    settings = settings_of(cfg, ExportSettings, "", others=("paths", "calibration", "task_name"))
+    if settings.quantize is None:
+        return settings, None
+    calibration = settings_of(cfg.calibration, CalibrationSettings, "calibration")
+    if not calibration.inputs:
+        raise PredictionError(
+            "quantize=int8 needs calibration.inputs: training images (a folder with "
+            "Positive/ and Negative/, files or glob patterns), e.g. "
+            "calibration.inputs=[data/concrete_crack]. Use images the model was trained on, "
+            "not those you evaluate it on."
+        )
+    return settings, calibration
 
 
 def export(cfg: DictConfig) -> None:
     """Settings checked, then the checkpoint exported (and quantised)."""
     settings, calibration = check_export_settings(cfg)
-    fmt = settings.format.value
-    quantize = settings.quantize.value if settings.quantize else None
+    fmt, quantize = settings.format, settings.quantize
     suffix = (".int8" if quantize else "") + FORMATS[fmt]
     output = Path(settings.output or Path(settings.ckpt_path).with_suffix(suffix))
     model = load_classifier(settings.ckpt_path, "cpu")

@@ -7,27 +7,56 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from crack_lightning.cli import hydra_app, prepare_process, user_errors
 from crack_lightning.data.decode import collect_inputs, label_from_path, load_rgb
 from crack_lightning.errors import PredictionError
 from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import load_classifier
+from crack_lightning.inference.scan import ScanSettings
 from crack_lightning.inference.sharded import (
     classify_in_shares,
     require_one_process,
     started_processes,
 )
 from crack_lightning.io import check_writable, write_csv, write_text
-from crack_lightning.settings import CLASS_NAMES, PredictSettings, ScanSettings, validate
+from crack_lightning.settings import CLASS_NAMES, OPEN_UNIT, Rule, at_least, settings_of
 from crack_lightning.training.distributed import launch_argv
 
 log = logging.getLogger(__name__)
+
+NONE_IS_OFF = "an integer >= 0 (0: none)"
+
+
+@dataclass
+class PredictSettings:
+    """predict.py's settings (conf/predict.yaml; its scan.* are ScanSettings)."""
+
+    settings_error: ClassVar[type[Exception]] = PredictionError
+    ckpt_path: str
+    inputs: Any  # a file, folder or glob pattern, or a list of them
+    mode: Literal["predict", "eval", "scan"]
+    output: Annotated[
+        str,
+        Rule("a .csv or .json file", lambda v: v.rsplit(".", 1)[-1].lower() in ("csv", "json")),
+    ]
+    report_dir: str
+    threshold: Annotated[float | None, OPEN_UNIT]  # null: the checkpoint's stored threshold
+    batch_size: Annotated[int, at_least(1)]
+    num_workers: Annotated[int, at_least(0)]
+    device: str
+    html_report: bool
+    worst_per_source: Annotated[int, Rule(NONE_IS_OFF, lambda v: v >= 0)]
+    suspects_shown: Annotated[int, Rule(NONE_IS_OFF, lambda v: v >= 0)]
+    visualize: bool
+    max_visualize: int
+    progress: bool
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:
@@ -69,7 +98,7 @@ def print_skipped(skipped: Sequence[tuple[object, str]]) -> None:
             print(f"  {item}: {reason}", file=sys.stderr)
 
 
-def classify(cfg: DictConfig, classifier, files: list[Path]) -> dict:
+def classify(cfg: PredictSettings, classifier, files: list[Path]) -> dict:
     """predict and eval modes; returns a summary."""
     shared = classify_in_shares(classifier, files, cfg.batch_size, cfg.num_workers, cfg.progress)
     if shared is None:  # a process of a sharded run (torchrun) other than rank 0: it writes
@@ -147,7 +176,7 @@ def classify(cfg: DictConfig, classifier, files: list[Path]) -> dict:
     return summary
 
 
-def scan(cfg: DictConfig, classifier, files: list[Path], window: ScanSettings) -> dict:
+def scan(cfg: PredictSettings, classifier, files: list[Path], window: ScanSettings) -> dict:
     """scan mode: per photo a heat-map PNG and a CSV of patches; returns a summary."""
     from crack_lightning.inference.scan import scan_figure, scan_files, write_scan_csv
 
@@ -195,19 +224,26 @@ def predict() -> Any:
     return hydra_app("predict", run)()
 
 
+# predict.yaml's sections checked on their own (scan.*) or not settings of the command
+SECTIONS = ("paths", "scan", "task_name")
+
+
 def run(cfg: DictConfig) -> dict:
     """The Hydra task: settings checked, then one mode."""
-    validate(cfg, PredictSettings, "")
+    settings = settings_of(cfg, PredictSettings, "", others=SECTIONS)
+    return predict_with(settings, settings_of(cfg.scan, ScanSettings, "scan"))
+
+
+def predict_with(cfg: PredictSettings, window: ScanSettings) -> dict:
+    """One mode, with checked settings."""
     if cfg.mode == "scan":
         require_one_process(cfg.mode)
-    window = validate(cfg.scan, ScanSettings, "scan")
     classifier = load_classifier(cfg.ckpt_path, cfg.device)
     if cfg.mode != "scan":
         check_writable(Path(cfg.output), "output")
     if cfg.mode != "predict" or cfg.visualize:
         check_writable(Path(cfg.report_dir), "report_dir", folder=True)
-    with open_dict(cfg):
-        cfg.threshold = decision_threshold(cfg.threshold, classifier.threshold)
+    cfg.threshold = decision_threshold(cfg.threshold, classifier.threshold)
     inputs = [cfg.inputs] if isinstance(cfg.inputs, str) else list(cfg.inputs)
     files, problems = collect_inputs(inputs)
     print_skipped(problems)

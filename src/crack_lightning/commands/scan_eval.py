@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, ClassVar
 
 from omegaconf import DictConfig
 
@@ -29,19 +31,35 @@ from crack_lightning.evaluation.scan_masks import (
 )
 from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import load_classifier
-from crack_lightning.inference.scan import scan_files
-from crack_lightning.settings import ScanEvalSettings, ScanSettings, validate
+from crack_lightning.inference.scan import ScanSettings, scan_files
+from crack_lightning.settings import OPEN_UNIT, Rule, at_least, settings_of
+
+
+@dataclass(frozen=True)
+class ScanEvalSettings:
+    """conf/scan_eval.yaml (its scan.* are ScanSettings)."""
+
+    settings_error: ClassVar[type[Exception]] = PredictionError
+    ckpt_path: str
+    photos: list[str]
+    # a patch is crack in the mask when at least this share of its pixels is
+    min_share: Annotated[float, Rule("in (0, 1]", lambda v: 0 < v <= 1)]
+    threshold: Annotated[float | None, OPEN_UNIT]  # null: the model's stored threshold
+    batch_size: Annotated[int, at_least(1)]
+    device: str
+    out: str
+    log_dir: str | None  # TensorBoard scalars of the summary; null: none
 
 
 def evaluate(cfg: DictConfig) -> None:
     """Scan each photo, score its patches against its mask; write scan_eval.json (per
     photo, null where a figure is undefined), scan_summary.csv and .md (per folder), and
     TensorBoard scalars under log_dir if set; print both reports (n/a where undefined)."""
-    settings = validate(cfg, ScanEvalSettings, "")
-    window = validate(cfg.scan, ScanSettings, "scan")
+    settings = settings_of(cfg, ScanEvalSettings, "", others=("paths", "scan", "task_name"))
+    window = settings_of(cfg.scan, ScanSettings, "scan")
     groups = expand_photos(settings.photos)
     check_masks([photo for _, photos in groups for photo in photos])
-    classifier = load_classifier(cfg.ckpt_path, cfg.device)
+    classifier = load_classifier(settings.ckpt_path, settings.device)
     threshold = decision_threshold(settings.threshold, classifier.threshold)
     out = Path(settings.out)
     skipped: list[tuple[Path, str]] = []

@@ -4,19 +4,31 @@ sweep's jobs (settings: conf/summarize.yaml; the table: training/sweep_summary.p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from omegaconf import DictConfig
 
 from crack_lightning.cli import run_tool
-from crack_lightning.settings import SummarizeSettings, validate
+from crack_lightning.errors import RunDirError
+from crack_lightning.settings import settings_of
 from crack_lightning.training.sweep_summary import write_summary
+
+
+@dataclass(frozen=True)
+class SummarizeSettings:
+    """conf/summarize.yaml."""
+
+    settings_error: ClassVar[type[Exception]] = RunDirError
+    sweep_dir: str
+    metric: str | None  # null: the jobs' optimized_metric
+    direction: Literal["maximize", "minimize"] | None  # null: the jobs' optimized_direction
 
 
 def summarize(cfg: DictConfig) -> None:
     """Write the sweep's summary files and print the table."""
-    settings = validate(cfg, SummarizeSettings, "")
-    direction = settings.direction.value if settings.direction else None
-    print(write_summary(settings.sweep_dir, settings.metric, direction), end="")
+    settings = settings_of(cfg, SummarizeSettings, "", others=("task_name",))
+    print(write_summary(settings.sweep_dir, settings.metric, settings.direction), end="")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import lightning as L
 import torch
@@ -16,22 +16,31 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from crack_lightning.data.decode import (
     DecodedImages,
     EncodedImages,
+    OnBadImage,
     collate_encoded,
     decode_batch,
 )
-from crack_lightning.data.feature_cache import FeatureViews, cached_features
-from crack_lightning.data.fetch import ensure_sources
-from crack_lightning.data.sources import SourceSpec, data_sources
+from crack_lightning.data.feature_cache import MAX_VIEWS, FeatureViews, cached_features
+from crack_lightning.data.fetch import UNPACK_LIMIT, ensure_sources
+from crack_lightning.data.sources import GROUP_DISTANCE, SourceSpec, data_sources
 from crack_lightning.data.splits import (
+    TEST_FRACTION,
+    VAL_FRACTION,
     SourceSamples,
+    check_fractions,
     load_sources,
     require_every_source,
     write_manifest,
 )
 from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import DataError
+from crack_lightning.settings import Rule, at_least, within
 
 log = logging.getLogger(__name__)
+
+# auto, true or false (not 1 or "yes")
+AUTO = Rule("auto, true or false", lambda v: v == "auto" or isinstance(v, bool))
+DOWNLOAD = Rule("auto (download when data.root is missing or empty), true or false", AUTO.ok)
 
 
 class CrackDataModule(L.LightningDataModule):
@@ -43,37 +52,38 @@ class CrackDataModule(L.LightningDataModule):
     model does the float conversion and normalisation.
     """
 
+    settings_error = DataError
+
     def __init__(
         self,
         root: str,
-        val_fraction: float,
-        test_fraction: float,
+        val_fraction: Annotated[float, VAL_FRACTION],
+        test_fraction: Annotated[float, TEST_FRACTION],
         seed: int,
-        image_size: int,
-        batch_size: int,
-        num_workers: int,
+        image_size: Annotated[int, at_least(16)],
+        batch_size: Annotated[int, at_least(1)],
+        num_workers: Annotated[int, at_least(0)],
         pin_memory: bool | None,
         augmentation: Mapping | None,
         synthetic: Mapping | None,
-        download: bool | str,
+        download: Annotated[bool | str, DOWNLOAD],
         archive: str | None,
-        split: str,
-        group_distance: int,
+        split: Literal["random", "grouped"],
+        group_distance: Annotated[int, GROUP_DISTANCE],
         check: bool,
-        cache_features: bool | str,
-        cache_views: int,
+        cache_features: Annotated[bool | str, AUTO],
+        cache_views: Annotated[int, within(1, MAX_VIEWS)],
         cache_dir: str,
         decode_on_device: bool,
-        on_bad_image: str,
-        unpack_limit_gib: float,
-        sources: Mapping | None = None,
-        balanced_sampling: bool = False,
-        holdout_source: str | None = None,
-        negative_weights: Mapping[str, float] | None = None,
+        on_bad_image: OnBadImage,
+        unpack_limit_gib: Annotated[float, UNPACK_LIMIT],
+        sources: Mapping | None,
+        balanced_sampling: bool,
+        holdout_source: str | None,
+        negative_weights: dict[str, float] | None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
-        # types and ranges: crack_lightning.settings.DataSettings, checked by train()
         self.augmentation = Augmentation.from_config(augmentation)
         self.samples: list[tuple[str, int]] = []
         self.split: dict[str, list[int]] = {}
@@ -84,6 +94,27 @@ class CrackDataModule(L.LightningDataModule):
         self.datasets: list[DecodedImages] = []  # every loader's, to list skipped files
         self.reported: set[str] = set()
         self.cache_skipped: set[str] = set()  # damaged files the feature cache left out
+
+    @staticmethod
+    def check_together(settings: dict[str, Any], section: str) -> None:
+        """The fractions leave images to train on; negative weights weigh cells of the
+        balanced sampler and name sources of the run (a typo would weigh nothing)."""
+        check_fractions(settings["val_fraction"], settings["test_fraction"], section)
+        weights = settings["negative_weights"] or {}
+        for name, factor in weights.items():
+            if not factor > 0:
+                raise DataError(f"{section}.negative_weights.{name}={factor} must be above 0.")
+        if weights and not settings["balanced_sampling"]:
+            raise DataError(
+                f"{section}.negative_weights weighs cells of the balanced sampler: set "
+                f"{section}.balanced_sampling=true with it, or {section}.negative_weights=null."
+            )
+        sources = {str(k) for k, v in (settings["sources"] or {}).items() if v is not None}
+        if unknown := sorted(set(weights) - sources):
+            raise DataError(
+                f"{section}.negative_weights names {', '.join(unknown)}, not a source of this "
+                f"run ({', '.join(sorted(sources)) or 'data.sources is not set'})."
+            )
 
     @cached_property
     def specs(self) -> list[SourceSpec]:

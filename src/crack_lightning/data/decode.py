@@ -22,6 +22,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 
 # part of the feature cache key: bump it whenever decoding changes what pixels a file gives
 DECODE_VERSION = 2
-ON_BAD_IMAGE = ("skip", "stop")
+# what a damaged training image does: skipped (named in a warning) or stops the run
+OnBadImage = Literal["skip", "stop"]
 EXIF_ORIENTATION = 0x0112
 
 _JPEG_SCAN_MARKERS = {0x00, 0xFF, 0xD9} | set(range(0xD0, 0xD8))  # stuffing, fill, EOI, RSTn
@@ -217,10 +219,12 @@ class DecodedImages(Dataset):
     """
 
     def __init__(
-        self, paths: Sequence[str | Path], targets: Sequence[int], image_size: int, on_bad: str
+        self,
+        paths: Sequence[str | Path],
+        targets: Sequence[int],
+        image_size: int,
+        on_bad: OnBadImage,
     ) -> None:
-        if on_bad not in ON_BAD_IMAGE:
-            raise ValueError(f"on_bad must be one of {ON_BAD_IMAGE}, not {on_bad!r}")
         self.paths, self.targets = paths, targets
         self.image_size, self.on_bad = image_size, on_bad
         self.bad = torch.zeros(len(paths), dtype=torch.bool).share_memory_()

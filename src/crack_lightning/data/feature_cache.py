@@ -50,10 +50,11 @@ from crack_lightning.errors import DamagedImage, DataError, ModelConfigError
 from crack_lightning.io import save_torch
 from crack_lightning.models.network import Activations
 from crack_lightning.progress import progress
-from crack_lightning.settings import MAX_VIEWS
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+# the most augmented views of each training image data.cache_views may cache
+MAX_VIEWS = 8
 # seconds between saves of a running fill: what a killed fill loses at most
 SAVE_EVERY_S = 60.0
 
@@ -343,8 +344,6 @@ def cached_features(
     """Load or complete the cache: every view of training images, the plain view of the
     rest; pooled features, or with `stage` the output of backbone.features[:stage].
     `states` are the files' (size, mtime_ns) from the run's listing (cache_key)."""
-    if not 1 <= views <= MAX_VIEWS:
-        raise ValueError(f"views must lie in 1..{MAX_VIEWS}")
     key = cache_key(net.backbone, files, image_size, views, augmentation, stage, states)
     path = cache_dir / f"features_{key}.pt"
     net = net.to(device).eval()

@@ -2,7 +2,7 @@
 
 A source (conf/data/sources/*.yaml, set under `data.sources.NAME`) names a root folder,
 the class folders under it that hold cracked (Positive) and uncracked (Negative) images,
-and how to split it (settings.SplitKind). `data.root=DIR` is shorthand for one source
+and how to split it (SourceSettings.split). `data.root=DIR` is shorthand for one source
 named `root` whose classes are DIR/Negative and DIR/Positive, split per data.split: it is
 found, checked, split, recorded and cached by exactly the same code as data.sources, and
 only its messages differ (they name data.root and point at the METU data set).
@@ -17,23 +17,20 @@ feature cache's key all read that list.
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from crack_lightning.errors import DataError
-from crack_lightning.settings import (
-    CLASS_NAMES,
-    SOURCE_HINT,
-    MasksSourceSettings,
-    check_distance,
-    source_settings,
-)
+from crack_lightning.settings import CLASS_NAMES, Rule, at_least, parameters_of, plain, settings_of
 
 # the name of the one source data.root=DIR stands for (the manifest's `source` column)
 ROOT_SOURCE = "root"
@@ -44,7 +41,130 @@ DATA_HINT = (
     "To try the framework without it, use data=synthetic."
 )
 
+SOURCE_HINT = (
+    "Add a source from a shipped config with `+data/sources@data.sources.NAME=folder` "
+    "(or metu, sdnet2018, masks) and set data.sources.NAME.root=DIR."
+)
+# the `kind` of a data.sources entry that is photos with crack masks (data/masks.py)
+MASKS_KIND = "masks"
+# bits of a 64-bit image hash by which near-duplicates may differ (data.group_distance)
+GROUP_DISTANCE = Rule(
+    "an integer in [0, 16] (bits of a 64-bit hash; about 32 is what unrelated images differ by)",
+    lambda bits: 0 <= bits <= 16,
+)
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """A data.sources entry of class folders (conf/data/sources/folder.yaml, metu.yaml,
+    sdnet2018.yaml)."""
+
+    settings_error: ClassVar[type[Exception]] = DataError
+    root: str
+    classes: dict[str, list[str]]  # Negative/Positive -> folder patterns under root
+    subsets: list[str] | None
+    split: Literal["random", "grouped", "pattern"]
+    group_pattern: str | None
+    group_distance: Annotated[int, GROUP_DISTANCE]
+    download: dict[str, Any] | None = None
+
+    @staticmethod
+    def check_together(settings: dict, where: str) -> None:
+        """The class mapping, the pattern a pattern split needs, the download's bound."""
+        from crack_lightning.data.fetch import UNPACK_LIMIT
+
+        if set(settings["classes"]) != set(CLASS_NAMES):
+            raise DataError(
+                f"{where}.classes must map exactly {' and '.join(CLASS_NAMES)} to lists of "
+                f"folders (got {sorted(settings['classes'])})."
+            )
+        if settings["split"] == "pattern":
+            if not (pattern := settings["group_pattern"]):
+                raise DataError(f"{where}.split=pattern needs {where}.group_pattern (a regex).")
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise DataError(f"{where}.group_pattern={pattern!r} is no regex: {err}") from None
+        limit = (settings.get("download") or {}).get("unpack_limit_gib")
+        if limit is not None and not (isinstance(limit, int | float) and UNPACK_LIMIT.ok(limit)):
+            shown = UNPACK_LIMIT.shown(limit) if isinstance(limit, int | float) else limit
+            raise DataError(
+                f"{where}.download.unpack_limit_gib={shown} must be {UNPACK_LIMIT.allowed}."
+            )
+
+
+class MaskValue(str, enum.Enum):
+    """What a grey level of a crack mask stands for (data.sources.NAME.mask_values)."""
+
+    crack = "crack"
+    not_crack = "not_crack"
+    ignore = "ignore"
+
+
+@dataclass(frozen=True)
+class MasksSourceSettings:
+    """A data.sources entry of photos with crack masks (conf/data/sources/masks.yaml), cut
+    into labelled tiles by data/masks.py."""
+
+    settings_error: ClassVar[type[Exception]] = DataError
+    kind: Literal["masks"]
+    root: str
+    mask_dir: str | None
+    mask_suffix: Annotated[
+        str,
+        Rule("a file-name ending such as _mask.png", lambda end: bool(end) and "/" not in end),
+    ]
+    tile_size: Annotated[int, at_least(1, "pixels")]
+    stride: Annotated[int, at_least(1, "pixels")]
+    min_share: Annotated[float, Rule("a share of a tile in (0, 1]", lambda v: 0 < v <= 1)]
+    ambiguous: Annotated[
+        list[float] | None,
+        Rule(
+            "null or [low, high] with 0 <= low < high <= 1 (tiles whose crack share lies "
+            "strictly between are left out)",
+            lambda band: len(band) == 2 and 0 <= band[0] < band[1] <= 1,
+        ),
+    ]
+    mask_values: Annotated[
+        dict[int, MaskValue] | None,
+        Rule(
+            "a mapping of grey levels 0..255 to crack, not_crack or ignore",
+            lambda levels: all(0 <= level <= 255 for level in levels),
+            lambda levels: str({k: v.value for k, v in levels.items()}),
+        ),
+    ]
+    split: Annotated[
+        str,
+        Rule(
+            "photo (the tiles of one photo always stay on one side of every split)",
+            lambda split: split == "photo",
+        ),
+    ]
+
+
+def source_settings(name: str, config: Any) -> SourceSettings | MasksSourceSettings:
+    """data.sources.NAME checked by its kind's settings: a masks source (`kind: masks`)
+    or a folder of class folders (no kind)."""
+    where, config = f"data.sources.{name}", plain(config)
+    if not isinstance(config, Mapping):
+        raise DataError(f"{where} must be a mapping of source settings. {SOURCE_HINT}")
+    kind = config.get("kind")
+    if kind not in (None, MASKS_KIND):
+        raise DataError(
+            f"{where}.kind={kind} must be {MASKS_KIND} (photos with crack masks) or absent "
+            f"(class folders). {SOURCE_HINT}"
+        )
+    cls = MasksSourceSettings if kind == MASKS_KIND else SourceSettings
+    required = {p.name for p in parameters_of(cls) or () if p.required}
+    if missing := sorted(required - set(config)):
+        raise DataError(
+            f"{where} is not a known source (it lacks {', '.join(missing)}). {SOURCE_HINT}"
+        )
+    if config["root"] is None:
+        raise DataError(f"{where}.root is not set: point it at the source's folder.")
+    return settings_of(config, cls, where)
 
 
 @dataclass(frozen=True)
@@ -55,7 +175,7 @@ class SourceSpec:
     root: Path
     classes: dict[str, list[str]]  # Negative/Positive -> folder patterns under root
     subsets: list[str] | None
-    split: str  # a settings.SplitKind value
+    split: str  # random, grouped, pattern or (a masks source) photo
     group_pattern: str | None
     group_distance: int
     download: dict | None = None
@@ -65,7 +185,7 @@ class SourceSpec:
 
     @classmethod
     def from_config(cls, name: str, config: Mapping) -> SourceSpec:
-        """data.sources.NAME, checked by its schema (settings.SourceSettings, or
+        """data.sources.NAME, checked by its settings class (SourceSettings, or
         MasksSourceSettings for `kind: masks`)."""
         settings = source_settings(name, config)
         if isinstance(settings, MasksSourceSettings):
@@ -84,7 +204,7 @@ class SourceSpec:
             root=Path(settings.root),
             classes={label: list(settings.classes[label]) for label in CLASS_NAMES},
             subsets=list(settings.subsets) if settings.subsets is not None else None,
-            split=settings.split.value,
+            split=settings.split,
             group_pattern=settings.group_pattern,
             group_distance=settings.group_distance,
             download=dict(settings.download) if settings.download else None,
@@ -93,9 +213,6 @@ class SourceSpec:
     @classmethod
     def from_root(cls, root: str | Path, split: str, group_distance: int) -> SourceSpec:
         """The one source `data.root=DIR` stands for: DIR/Negative and DIR/Positive."""
-        split = getattr(split, "value", split)
-        if split == "grouped":
-            check_distance(group_distance)
         return cls(
             name=ROOT_SOURCE,
             root=Path(root),

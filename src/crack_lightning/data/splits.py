@@ -38,6 +38,7 @@ from PIL import Image
 
 from crack_lightning.data.check import require_clean
 from crack_lightning.data.sources import (
+    GROUP_DISTANCE,
     FileState,
     SourceSpec,
     list_sources,
@@ -47,13 +48,29 @@ from crack_lightning.data.sources import (
 from crack_lightning.errors import DataError
 from crack_lightning.io import write_csv
 from crack_lightning.progress import track
-from crack_lightning.settings import CLASS_NAMES, check_distance, check_fractions
+from crack_lightning.settings import CLASS_NAMES, Rule, require
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("source", "path", "label", "split")
 HASH_BITS = 64
+
+
+# data.val_fraction and data.test_fraction: shares of each class held out
+VAL_FRACTION = Rule("strictly between 0 and 1", lambda share: 0 < share < 1, verb="lie")
+TEST_FRACTION = Rule("in [0, 1)", lambda share: 0 <= share < 1, verb="lie")
+
+
+def check_fractions(val_fraction: float, test_fraction: float, section: str = "data") -> None:
+    """Fractions that leave images to train on and to validate on."""
+    require(VAL_FRACTION, val_fraction, f"{section}.val_fraction", DataError)
+    require(TEST_FRACTION, test_fraction, f"{section}.test_fraction", DataError)
+    if val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"{section}.val_fraction + {section}.test_fraction = "
+            f"{val_fraction + test_fraction} leaves no images to train on; keep the sum below 1."
+        )
 
 
 def stratified_split(
@@ -181,7 +198,7 @@ def image_hashes(paths: Sequence[str], progress: bool = True) -> np.ndarray:
 
 def neighbour_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     """(k, 2) index pairs i < j of distinct hashes at most max_distance bits apart."""
-    check_distance(max_distance)
+    require(GROUP_DISTANCE, max_distance, "data.group_distance", DataError)
     hashes = np.asarray(hashes, dtype=np.uint64)
     bands = max_distance + 1
     widths = [HASH_BITS // bands + (1 if b < HASH_BITS % bands else 0) for b in range(bands)]

@@ -7,29 +7,48 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms import v2
 
-from crack_lightning.settings import AugmentationSettings, validate
+from crack_lightning.errors import DataError
+from crack_lightning.settings import settings_of, within
+
+SHARE = within(0, 1)
 
 
 @dataclass
-class Augmentation(AugmentationSettings):
-    """Training-time augmentation: the settings of conf/data/augmentation/ (their schema
-    and ranges: settings.AugmentationSettings) and what they turn on.
+class Augmentation:
+    """Training-time augmentation: the settings of conf/data/augmentation/ and what they
+    turn on. Every one of them off (0, false, or 1.0 for scale_min) is the identity.
 
     The geometric settings are the Keras projects' augmentation. The others make a photo
     look as if taken by another camera, in other light, at another distance: the
     differences between METU, SDNET2018 and an inspector's photos.
     """
 
+    settings_error: ClassVar[type[Exception]] = DataError
+    horizontal_flip: bool
+    vertical_flip: bool
+    rotation_degrees: Annotated[float, within(0, 180)]
+    scale_min: Annotated[float, within(0.05, 1)]
+    brightness: Annotated[float, SHARE]
+    contrast: Annotated[float, SHARE]
+    saturation: Annotated[float, SHARE]
+    grayscale_p: Annotated[float, SHARE]
+    blur_p: Annotated[float, SHARE]
+    blur_sigma: Annotated[float, within(0, 10)]
+    noise_std: Annotated[float, within(0, 0.5)]
+    jpeg_p: Annotated[float, SHARE]
+    jpeg_quality_min: Annotated[int, within(1, 95)]
+
     @classmethod
     def from_config(cls, config: Mapping) -> Augmentation:
         """Build from data.augmentation, every setting checked and named when wrong."""
-        return validate(config, cls, "data.augmentation", exact=True)
+        return settings_of(config, cls, "data.augmentation")
 
     @property
     def geometric(self) -> bool:

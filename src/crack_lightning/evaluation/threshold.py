@@ -4,19 +4,22 @@ used by predict, scan and export unless the user sets threshold= explicitly."""
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
+from typing import Literal
 
 import numpy as np
 
 from crack_lightning.errors import PredictionError
 from crack_lightning.evaluation.metrics import balanced_accuracy, counts_at, recall
-from crack_lightning.settings import ThresholdRule
 
 # the one untuned threshold: what training's metrics use, and what a model trained
 # without a threshold rule (or before thresholds were stored) decides by
 DEFAULT_THRESHOLD = 0.5
 METADATA_KEY = "decision_threshold"
-THRESHOLD_RULES = tuple(rule.value for rule in ThresholdRule)
+# how callbacks.source_metrics.threshold_rule chooses the threshold on validation
+ThresholdRule = Literal["balanced_accuracy", "recall"]
+THRESHOLD_RULES = typing.get_args(ThresholdRule)
 
 
 def stored_threshold(checkpoint: Mapping) -> float | None:
@@ -38,7 +41,7 @@ def choose_threshold(
     labels: np.ndarray,
     probs: np.ndarray,
     sources: np.ndarray,
-    rule: str,
+    rule: ThresholdRule,
     target_recall: float,
     tolerance: float = 0.0,
 ) -> float:

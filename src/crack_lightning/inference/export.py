@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -31,9 +32,20 @@ from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.evaluation.threshold import METADATA_KEY
 from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.progress import progress
-from crack_lightning.settings import CLASS_NAMES, CalibrationSettings
+from crack_lightning.settings import CLASS_NAMES, at_least
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """calibration.* of conf/export.yaml: the images an int8 export is calibrated on."""
+
+    settings_error: ClassVar[type[Exception]] = PredictionError
+    inputs: list[str] | None
+    images: Annotated[int, at_least(1)]
+    batch_size: Annotated[int, at_least(1)]
+    float_convs: Annotated[int, at_least(0)]
 
 
 class ProbabilityModel(nn.Module):

@@ -23,13 +23,14 @@ from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.inference.scan import (
     MAX_FIGURE_SIDE,
     ScanResult,
+    ScanSettings,
     render_scan,
     save_png,
     scan_figure,
     scan_files,
     write_scan_csv,
 )
-from crack_lightning.settings import CLASS_NAMES, ScanSettings
+from crack_lightning.settings import CLASS_NAMES
 
 PATCH_COLUMNS = ["patch", "x", "y", "size", "P(crack)", "unfamiliar", "label", "mark"]
 SUMMARY_COLUMNS = ["photo", "verdict", "patches", "cracked", "unfamiliar", "cracked area"]

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
@@ -20,10 +21,22 @@ from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.io import write_atomically, write_csv
 from crack_lightning.progress import track
-from crack_lightning.settings import CLASS_NAMES, ScanSettings
+from crack_lightning.settings import CLASS_NAMES, Rule, at_least
 
 # the heat-map PNG is scaled down to this longest side; the CSV keeps full-size coordinates
 MAX_FIGURE_SIDE = 2048
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    """scan.* (conf/scan/default.yaml): the sliding window of predict mode=scan,
+    crack-scan-eval and the inspector's page."""
+
+    settings_error: ClassVar[type[Exception]] = PredictionError
+    patch_size: Annotated[int, at_least(1, "pixels")]
+    stride: Annotated[int, at_least(1, "pixels")]
+    # null: never label a patch Unfamiliar
+    unfamiliar_limit: Annotated[float | None, Rule("a number > 0 or null", lambda v: v > 0)]
 
 
 @dataclass
@@ -109,7 +122,7 @@ def scan_photo(
 ) -> ScanResult:
     """Classify every patch; each is resized exactly as training images are (data.decode). With the
     checkpoint's feature statistics, also score how unfamiliar each patch is. The window
-    settings are checked at start-up (settings.ScanSettings). A photo of at least two
+    settings are checked at start-up (ScanSettings). A photo of at least two
     batches of patches is scanned by `num_workers` worker processes on a CPU (None: one
     per core torch uses; data/workers.py), each cutting, resizing and classifying whole
     batches."""

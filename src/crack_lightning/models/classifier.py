@@ -4,20 +4,32 @@ backbone with a new dropout + linear head."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
+from crack_lightning.errors import ModelConfigError
 from crack_lightning.evaluation.metrics import EpochScores
 from crack_lightning.evaluation.threshold import DEFAULT_THRESHOLD
 from crack_lightning.models.network import Activations, build_network
 from crack_lightning.models.optimizers import build_optimizer, build_scheduler
+from crack_lightning.settings import Rule, above
 
 
 class CrackClassifier(L.LightningModule):
     """Classifies uint8 RGB image batches as Negative (0) or Positive (1, crack)."""
+
+    settings_error = ModelConfigError
+
+    @staticmethod
+    def check_together(settings: dict[str, Any], section: str) -> None:
+        """model=timm: a model name timm knows, at an image size it takes."""
+        if settings["backbone"] == "timm":
+            from crack_lightning.models.timm_backbones import check_timm_name
+
+            check_timm_name(settings.get("name") or "", settings["image_size"])
 
     def __init__(
         self,
@@ -26,9 +38,9 @@ class CrackClassifier(L.LightningModule):
         weights_path: str | None,
         freeze_backbone: bool,
         channels_last: bool,
-        dropout: float,
-        lr: float,
-        weight_decay: float,
+        dropout: Annotated[float, Rule("in [0, 1)", lambda p: 0 <= p < 1)],
+        lr: Annotated[float, above(0, "a learning rate")],
+        weight_decay: Annotated[float, Rule(">= 0", lambda v: v >= 0)],
         scheduler: Mapping | None,
         image_size: int,
         # `_target_` + `_partial_` configs (models/optimizers.py); optimizer is None only in

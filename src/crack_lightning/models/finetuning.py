@@ -24,7 +24,7 @@ optimizer and any DDP wrapper are built.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import lightning as L
 import torch
@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from crack_lightning.errors import ModelConfigError
+from crack_lightning.settings import Rule, above
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,28 @@ class BackboneUnfreeze(BaseFinetuning):
     own learning rate `lr`; `train_bn` says whether their BatchNorm layers train. The
     settings are checked at start-up (settings.FineTuneSettings)."""
 
-    def __init__(self, epoch: int, blocks: int | str, lr: float, train_bn: bool) -> None:
+    settings_error = ModelConfigError
+
+    def __init__(
+        self,
+        epoch: Annotated[
+            int,
+            Rule(
+                "an epoch number >= 0 (counted from 0); callbacks.finetune=null keeps the "
+                "backbone frozen",
+                lambda n: n >= 0,
+            ),
+        ],
+        blocks: Annotated[
+            int | str,
+            Rule(
+                "a number of blocks >= 1 or 'all'",
+                lambda b: b == "all" or (isinstance(b, int) and not isinstance(b, bool) and b >= 1),
+            ),
+        ],
+        lr: Annotated[float, above(0, "a learning rate")],
+        train_bn: bool,
+    ) -> None:
         super().__init__()
         self.epoch = epoch
         self.blocks = blocks

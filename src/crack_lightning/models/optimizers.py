@@ -19,7 +19,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from crack_lightning.errors import ModelConfigError
-from crack_lightning.settings import SCHEDULER_LIGHTNING_KEYS as LIGHTNING_KEYS
+
+# model.scheduler keys for Lightning's lr_scheduler config, not for the scheduler itself
+LIGHTNING_KEYS = ("interval", "frequency", "monitor")
 
 
 def scheduler_factory(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ trained whole; fine-tuning by stages refuses them with a one-line error.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from collections import OrderedDict
@@ -30,9 +31,38 @@ from torch import nn
 
 from crack_lightning.errors import ModelConfigError, WeightsError
 from crack_lightning.models.weights import load_matching_state, load_weights_file
-from crack_lightning.settings import TIMM_INSTALL, check_timm_name
 
 log = logging.getLogger(__name__)
+
+TIMM_INSTALL = "model=timm needs the timm package: pip install -e '.[timm]' (or pip install timm)."
+TIMM_FIND_NAMES = (
+    "List the names timm knows with "
+    "`python -c \"import timm; print(timm.list_models('convnext*'))\"`."
+)
+
+
+def check_timm_name(name: str, image_size: int | None = None) -> None:
+    """Refuse a model name timm does not know, saying how to find the names, and an
+    image size a model with a fixed input size (vision transformers) cannot take."""
+    if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        return  # a hub repository or a local folder: timm resolves it when building
+    try:
+        import timm
+    except ImportError:
+        raise ModelConfigError(TIMM_INSTALL) from None
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        guess = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ModelConfigError(f"model.name={name!r} is not a timm model.{guess} {TIMM_FIND_NAMES}")
+    config = timm.get_pretrained_cfg(name)
+    if image_size is not None and config is not None and config.fixed_input_size:
+        size = config.input_size[-1]
+        if image_size != size:
+            raise ModelConfigError(
+                f"timm model {name!r} takes {size}x{size} images only, but "
+                f"data.image_size={image_size}; set data.image_size={size}."
+            )
+
 
 STAGE_CONTAINERS = ("stages", "blocks", "layers")
 NUMBERED_STAGE = re.compile(r"(layer|s|stage)\d+")

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import torch
@@ -27,9 +27,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from crack_lightning.data.decode import DecodedImages
-from crack_lightning.data.sources import ROOT_SOURCE
+from crack_lightning.data.sources import MASKS_KIND, ROOT_SOURCE
 from crack_lightning.errors import ConfigError, DataError
-from crack_lightning.settings import CLASS_NAMES, MASKS_KIND, AdaptSettings, validate
+from crack_lightning.settings import CLASS_NAMES, Rule, settings_of
 
 if TYPE_CHECKING:
     from crack_lightning.models.classifier import CrackClassifier
@@ -41,6 +41,24 @@ DATA_HPARAMS_KEY = "datamodule_hyper_parameters"
 INIT_FILES = "Use a training run's checkpoints/best.ckpt (a .ckpt train.py wrote)."
 # the data settings of the checkpoint's run that fix its sources' split
 SPLIT_SETTINGS = ("seed", "val_fraction", "test_fraction")
+
+
+@dataclass(frozen=True)
+class AdaptSettings:
+    """adapt.* (conf/train.yaml, conf/experiment/adapt.yaml): adapting an init_from
+    checkpoint to a site."""
+
+    settings_error = ConfigError
+    site: str
+    replay: Annotated[
+        float,
+        Rule(
+            "a share in [0, 1] of the original training images (0: replay nothing)",
+            lambda share: 0 <= share <= 1,
+        ),
+    ]
+    bn_stats: bool
+    folder_site: dict[str, Any] | None = None  # the site as class folders, when it is
 
 
 @dataclass
@@ -68,7 +86,7 @@ def prepare_start(cfg: DictConfig) -> Start | None:
         return None
     from crack_lightning.inference.classifiers import read_training_checkpoint  # init_from only
 
-    settings = validate(cfg.adapt, AdaptSettings, "adapt")
+    settings = settings_of(cfg.adapt, AdaptSettings, "adapt")
     path = Path(cfg.init_from)
     checkpoint, hparams = read_training_checkpoint(path, "init_from", ConfigError, INIT_FILES)
     start = Start(path, checkpoint["state_dict"], hparams, settings)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import lightning as L
 import numpy as np
@@ -20,6 +20,7 @@ from crack_lightning.errors import CrackLightningError, RunDirError
 from crack_lightning.evaluation.metrics import confusion_matrix
 from crack_lightning.io import load_safely, save_torch
 from crack_lightning.progress import interactive
+from crack_lightning.settings import OPEN_UNIT, Rule, above
 from crack_lightning.training.loggers import log_figures, mlflow_loggers
 from crack_lightning.training.resume import LAST_CKPT, read_training_checkpoint
 
@@ -30,7 +31,7 @@ class ValidationFigures(L.Callback):
     """After each validation epoch, log the confusion matrix to TensorBoard (Images tab) and
     MLflow (artifacts, figures/). The worst images per source are training/mistakes.py's."""
 
-    def __init__(self, threshold: float) -> None:
+    def __init__(self, threshold: Annotated[float, OPEN_UNIT]) -> None:
         self.threshold = threshold
         self.matrix = np.zeros((2, 2), dtype=np.int64)
 
@@ -61,6 +62,7 @@ class ValidationFigures(L.Callback):
         from crack_lightning.evaluation.plots import confusion_matrix_figure  # matplotlib
 
         epoch = trainer.current_epoch
+
         figure = confusion_matrix_figure(self.matrix, title=f"Validation, epoch {epoch}")
         for logger in loggers:
             logger.experiment.add_figure(
@@ -222,7 +224,10 @@ def _format(metrics: dict[str, float]) -> str:
     return " ".join(f"{name}={value:.4f}" for name, value in sorted(metrics.items()))
 
 
-def progress_bar(refresh_rate: int, line_every_s: float) -> ProgressBar:
+def progress_bar(
+    refresh_rate: Annotated[int, Rule("an integer >= 0 (0: silent)", lambda n: n >= 0)],
+    line_every_s: Annotated[float, above(0, "seconds")],
+) -> ProgressBar:
     """Lightning's tqdm bar on a terminal, LogProgress elsewhere; refresh_rate=0 silences
     either."""
     if interactive():

@@ -3,6 +3,8 @@ scan's unfamiliar score (the score itself: inference/unfamiliar.py)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import lightning as L
 import torch
 from torch import nn
@@ -11,6 +13,7 @@ from torch.utils.data import DataLoader
 from crack_lightning.data.decode import DecodedImages
 from crack_lightning.inference.unfamiliar import CHECKPOINT_KEY, fit_statistics
 from crack_lightning.models.finetuning import BackboneUnfreeze
+from crack_lightning.settings import at_least
 
 # a backbone frozen throughout is described below its top stages, as the recipe's is
 # (MobileNetV2: features[:16]): its last pooled features tell sky from concrete badly
@@ -29,7 +32,7 @@ class FeatureStatistics(L.Callback):
     Computed once while what they describe is frozen, again at each save while it trains.
     """
 
-    def __init__(self, max_images: int) -> None:
+    def __init__(self, max_images: Annotated[int, at_least(1)]) -> None:
         self.max_images = max_images
         self.stats: dict[str, torch.Tensor] | None = None
 

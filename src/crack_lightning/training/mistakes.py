@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Annotated
 
 import lightning as L
 import numpy as np
@@ -36,7 +37,7 @@ from crack_lightning.evaluation.suspects import (
     worst_mistakes,
     write_suspects,
 )
-from crack_lightning.settings import CLASS_NAMES
+from crack_lightning.settings import CLASS_NAMES, NONE_IS_OFF, OPEN_UNIT
 from crack_lightning.training.loggers import log_figures, mlflow_loggers
 from crack_lightning.training.source_metrics import loader_positions
 
@@ -48,10 +49,10 @@ class ValidationMistakes(L.Callback):
 
     def __init__(
         self,
-        worst_per_source: int,
+        worst_per_source: Annotated[int, NONE_IS_OFF],
         suspect_labels: bool,
-        suspects_shown: int,
-        threshold: float,
+        suspects_shown: Annotated[int, NONE_IS_OFF],
+        threshold: Annotated[float, OPEN_UNIT],
         output_dir: str,
     ) -> None:
         self.worst_per_source = worst_per_source

@@ -18,8 +18,7 @@ from crack_lightning.data.sources import SourceSpec
 from crack_lightning.evaluation.scan_masks import score_groups, write_scan_summary
 from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import load_classifier
-from crack_lightning.inference.scan import scan_files
-from crack_lightning.settings import ScanSettings
+from crack_lightning.inference.scan import ScanSettings, scan_files
 
 log = logging.getLogger(__name__)
 

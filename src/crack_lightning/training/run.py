@@ -30,7 +30,6 @@ from crack_lightning.errors import CrackLightningError
 from crack_lightning.io import write_text
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.models.finetuning import BackboneUnfreeze
-from crack_lightning.settings import check_train_settings
 from crack_lightning.training.adapt import begin_from, prepare_start
 from crack_lightning.training.callbacks import (
     ResumeHint,
@@ -38,6 +37,7 @@ from crack_lightning.training.callbacks import (
     saved_checkpoint,
     stored_val_metrics,
 )
+from crack_lightning.training.check import check_train_settings
 from crack_lightning.training.distributed import ddp_job, start_processes
 from crack_lightning.training.loggers import log_run_files
 from crack_lightning.training.precision import resolve_precision

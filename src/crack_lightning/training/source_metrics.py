@@ -10,7 +10,7 @@ process 0's share only, and says so once.)
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import lightning as L
 import numpy as np
@@ -20,9 +20,11 @@ from crack_lightning.errors import ModelConfigError
 from crack_lightning.evaluation.metrics import MEAN, per_source_scores
 from crack_lightning.evaluation.threshold import (
     DEFAULT_THRESHOLD,
+    ThresholdRule,
     choose_threshold,
 )
 from crack_lightning.evaluation.threshold import METADATA_KEY as CHECKPOINT_KEY
+from crack_lightning.settings import Rule
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +34,21 @@ class SourceMetrics(L.Callback):
     (the pooled `STAGE/METRIC` come from the model, CrackClassifier). With a threshold
     rule: `val/threshold`, the validation-chosen threshold that checkpoints carry
     (checkpoint["decision_threshold"]) for predict, scan and export, the balanced
-    accuracy at it, and the test metrics at it (`test_at_threshold/...`). The settings
-    are checked at start-up (settings.SourceMetricsSettings)."""
+    accuracy at it, and the test metrics at it (`test_at_threshold/...`)."""
+
+    settings_error = ModelConfigError
 
     def __init__(
-        self, threshold_rule: str | None, target_recall: float, threshold_tolerance: float
+        self,
+        threshold_rule: ThresholdRule | None,
+        target_recall: Annotated[float, Rule("in (0, 1]", lambda v: 0 < v <= 1)],
+        threshold_tolerance: Annotated[
+            float,
+            Rule(
+                "in [0, 1): how much balanced accuracy a threshold nearer 0.5 may give up",
+                lambda v: 0 <= v < 1,
+            ),
+        ],
     ) -> None:
         self.threshold_rule = threshold_rule
         self.target_recall = target_recall
