@@ -233,3 +233,14 @@ def test_validation_figures_reach_tensorboard(synthetic_cfg):
     tags = events.Tags()["images"]
     assert {"val/confusion_matrix", "val/worst"} <= set(tags), tags  # one source: no suffix
     assert len(events.Images("val/confusion_matrix")) == 2  # one per epoch, none for sanity check
+
+
+def test_the_confusion_matrix_is_drawn_every_n_epochs(synthetic_cfg):
+    cfg = synthetic_cfg("trainer.max_epochs=3", "callbacks.validation_figures.every_n_epochs=2")
+    train(cfg)
+    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"))
+    events.Reload()
+    steps = [image.step for image in events.Images("val/confusion_matrix")]
+    assert len(steps) == 2 and steps[0] < steps[1]  # epochs 0 and 2, not 1
+    worst = events.Images("val/worst")
+    assert steps == [worst[0].step, worst[2].step]  # the worst images: every epoch

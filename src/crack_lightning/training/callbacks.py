@@ -20,7 +20,7 @@ from crack_lightning.errors import CrackLightningError, RunDirError
 from crack_lightning.evaluation.metrics import confusion_matrix
 from crack_lightning.io import load_safely, save_torch
 from crack_lightning.progress import interactive
-from crack_lightning.settings import OPEN_UNIT, Rule, above
+from crack_lightning.settings import OPEN_UNIT, Rule, above, at_least
 from crack_lightning.training.loggers import log_figures, mlflow_loggers
 from crack_lightning.training.resume import LAST_CKPT, read_training_checkpoint
 
@@ -31,8 +31,11 @@ class ValidationFigures(L.Callback):
     """After each validation epoch, log the confusion matrix to TensorBoard (Images tab) and
     MLflow (artifacts, figures/). The worst images per source are training/mistakes.py's."""
 
-    def __init__(self, threshold: Annotated[float, OPEN_UNIT]) -> None:
+    def __init__(
+        self, threshold: Annotated[float, OPEN_UNIT], every_n_epochs: Annotated[int, at_least(1)]
+    ) -> None:
         self.threshold = threshold
+        self.every_n_epochs = every_n_epochs
         self.matrix = np.zeros((2, 2), dtype=np.int64)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -57,11 +60,11 @@ class ValidationFigures(L.Callback):
             self.matrix = total.cpu().numpy().astype(np.int64)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         artifacts = mlflow_loggers(trainer)  # MLflow keeps them as files
-        if trainer.sanity_checking or not (loggers or artifacts) or not trainer.is_global_zero:
+        epoch = trainer.current_epoch
+        skipped = trainer.sanity_checking or epoch % self.every_n_epochs
+        if skipped or not (loggers or artifacts) or not trainer.is_global_zero:
             return
         from crack_lightning.evaluation.plots import confusion_matrix_figure  # matplotlib
-
-        epoch = trainer.current_epoch
 
         figure = confusion_matrix_figure(self.matrix, title=f"Validation, epoch {epoch}")
         for logger in loggers:
