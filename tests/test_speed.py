@@ -79,7 +79,7 @@ def test_a_log_file_gets_a_few_progress_lines_not_one_per_batch(synthetic_root, 
     [(True, True, "bf16-mixed"), (True, False, "16-mixed"), (False, False, "32-true")],
 )
 def test_auto_mixed_precision_is_resolved_for_the_gpu_at_hand(monkeypatch, cuda, bf16, expected):
-    from crack_lightning.training.precision import resolve_precision
+    from crack_lightning.training.check import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)

@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 
 from crack_lightning.cli import run_tool
 from crack_lightning.data.check import check_sources
-from crack_lightning.data.fetch import UNPACK_LIMIT, ensure_source, root_spec
-from crack_lightning.data.sources import data_sources
+from crack_lightning.data.fetch import ensure_source, root_spec
+from crack_lightning.data.sources import UNPACK_LIMIT, data_sources
 from crack_lightning.errors import DataError
 from crack_lightning.settings import settings_of
 

@@ -21,8 +21,7 @@ from crack_lightning.data.decode import (
     decode_batch,
 )
 from crack_lightning.data.feature_cache import MAX_VIEWS, FeatureViews, cached_features
-from crack_lightning.data.fetch import UNPACK_LIMIT, ensure_sources
-from crack_lightning.data.sources import GROUP_DISTANCE, SourceSpec, data_sources
+from crack_lightning.data.sources import GROUP_DISTANCE, UNPACK_LIMIT, SourceSpec, data_sources
 from crack_lightning.data.splits import (
     TEST_FRACTION,
     VAL_FRACTION,
@@ -128,6 +127,8 @@ class CrackDataModule(L.LightningDataModule):
 
             generate_dataset(Path(self.hparams.root), **self.hparams.synthetic)
         else:
+            from crack_lightning.data.fetch import ensure_sources
+
             hp = self.hparams
             ensure_sources(self.specs, hp.archive, hp.download, hp.unpack_limit_gib)
 

@@ -36,7 +36,7 @@ from crack_lightning.errors import DataError
 from crack_lightning.io import move_into_place, write_json
 from crack_lightning.progress import progress as progress_of
 from crack_lightning.progress import track
-from crack_lightning.settings import CLASS_NAMES, Rule
+from crack_lightning.settings import CLASS_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,6 @@ GIB = 1 << 30
 # what unpacking may write when the caller names no bound: conf/ sets the same
 # (data.unpack_limit_gib, data.sources.NAME.download.unpack_limit_gib)
 UNPACK_LIMIT_GIB = 4.0
-# what data.unpack_limit_gib and every source's download.unpack_limit_gib allow
-UNPACK_LIMIT = Rule(
-    "a number of GiB above 0 (the most that unpacking one archive may write)",
-    lambda gib: 0 < gib < float("inf"),
-    "{:g}".format,
-)
 WATCH_SECONDS = 0.5  # how often the size of what a RAR tool wrote is measured
 RAR_TOOLS = ("unar", "bsdtar")
 # what unar and bsdtar print when they cannot read a RAR variant (not: a damaged file)

@@ -53,6 +53,13 @@ GROUP_DISTANCE = Rule(
     lambda bits: 0 <= bits <= 16,
 )
 
+# what data.unpack_limit_gib and every source's download.unpack_limit_gib allow
+UNPACK_LIMIT = Rule(
+    "a number of GiB above 0 (the most that unpacking one archive may write)",
+    lambda gib: 0 < gib < float("inf"),
+    "{:g}".format,
+)
+
 log = logging.getLogger(__name__)
 
 
@@ -73,8 +80,6 @@ class SourceSettings:
     @staticmethod
     def check_together(settings: dict, where: str) -> None:
         """The class mapping, the pattern a pattern split needs, the download's bound."""
-        from crack_lightning.data.fetch import UNPACK_LIMIT
-
         if set(settings["classes"]) != set(CLASS_NAMES):
             raise DataError(
                 f"{where}.classes must map exactly {' and '.join(CLASS_NAMES)} to lists of "

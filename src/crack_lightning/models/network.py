@@ -20,7 +20,6 @@ from torchvision.models import ConvNeXt
 
 from crack_lightning.data.transforms import to_unit_float
 from crack_lightning.models.backbones import build_feature_extractor, fold_batchnorm, normalization
-from crack_lightning.models.timm_backbones import TimmBackbone
 from crack_lightning.settings import CLASS_NAMES
 
 
@@ -165,8 +164,8 @@ def after_stages(backbone: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     does: a timm model cut into stages runs the rest of its model (models/timm_backbones.py);
     torchvision's MobileNets and EfficientNet pool, flatten and apply their classifier
     (nn.Identity here), ConvNeXt pools and applies its classifier (LayerNorm2d, flatten)."""
-    if isinstance(backbone, TimmBackbone):
-        return backbone.model(hidden)
+    if callable(run_rest := getattr(backbone, "after_stages", None)):
+        return run_rest(hidden)  # a timm model (TimmBackbone)
     pool = getattr(backbone, "avgpool", None)  # MobileNetV2 pools in its forward
     pooled = pool(hidden) if pool is not None else F.adaptive_avg_pool2d(hidden, 1)
     if isinstance(backbone, ConvNeXt):

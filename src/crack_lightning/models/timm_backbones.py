@@ -109,6 +109,10 @@ class TimmBackbone(nn.Module):
         _hollow(model, stem, stages)
         self.model = model
 
+    def after_stages(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The rest of the model's own forward after its last stage."""
+        return self.model(hidden)
+
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Mean and std of the model's pretrained weights (ImageNet's for most)."""
         config = self.model.pretrained_cfg

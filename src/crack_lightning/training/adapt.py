@@ -73,17 +73,10 @@ class Start:
     replayed: list[str] = field(default_factory=list)
 
 
-def prepare_start(cfg: DictConfig) -> Start | None:
-    """Read init_from (None when unset) and, with a site source, set data.sources to the
+def prepare_start(cfg: DictConfig) -> Start:
+    """Read init_from and, with a site source, set data.sources to the
     site plus the checkpoint's replayed sources and data's split settings and image size to
     the checkpoint's, in cfg, before anything is built. Errors name the setting."""
-    if cfg.get("init_from") is None:
-        if cfg.adapt.get("folder_site") is not None:  # set by experiment=adapt only
-            raise ConfigError(
-                "experiment=adapt needs init_from=RUN/checkpoints/best.ckpt: the trained "
-                "model to adapt to the site."
-            )
-        return None
     from crack_lightning.inference.classifiers import read_training_checkpoint  # init_from only
 
     settings = settings_of(cfg.adapt, AdaptSettings, "adapt")

@@ -4,17 +4,21 @@ the composed config against the code that takes it (settings.check_settings)."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import torch
 from omegaconf import DictConfig
 
 from crack_lightning.errors import ConfigError, DataError, ModelConfigError
 from crack_lightning.models.optimizers import LIGHTNING_KEYS
 from crack_lightning.settings import Rule, at_least, check_settings
-from crack_lightning.training.adapt import AdaptSettings
 
+log = logging.getLogger(__name__)
+# trainer.precision: the best mixed precision of the GPU found at start-up
+AUTO_MIXED = "auto-mixed"
 # the sections of conf/train.yaml checked on their own
 SECTIONS = ("task_name", "paths", "data", "model", "trainer", "callbacks", "logger", "adapt")
 # Lightning's trainer settings that no run here wants outside these ranges (max_epochs=-1
@@ -53,7 +57,10 @@ def check_train_settings(cfg: DictConfig) -> None:
     from crack_lightning.data.transforms import Augmentation
 
     check_settings(cfg, RunSettings, "", others=SECTIONS)
-    check_settings(cfg.adapt, AdaptSettings, "adapt")
+    if cfg.get("init_from") is not None:  # adapt.* is read only then
+        from crack_lightning.training.adapt import AdaptSettings
+
+        check_settings(cfg.adapt, AdaptSettings, "adapt")
     check_settings(cfg.data, target(cfg.data, "data", DataError), "data")
     if cfg.data.get("augmentation") is None:
         raise DataError(
@@ -63,9 +70,8 @@ def check_train_settings(cfg: DictConfig) -> None:
     Augmentation.from_config(cfg.data.augmentation)
     check_settings(cfg.model, target(cfg.model, "model", ModelConfigError), "model")
     check_optimizer(cfg.model)
-    trainer = check_settings(
-        cfg.trainer, target(cfg.trainer, "trainer"), "trainer", rules=TRAINER_RULES
-    )
+    values = {k: v for k, v in cfg.trainer.items() if (k, v) != ("precision", AUTO_MIXED)}
+    trainer = check_settings(values, target(cfg.trainer, "trainer"), "trainer", rules=TRAINER_RULES)
     if trainer.get("min_epochs", 0) > trainer.get("max_epochs", 1):
         raise ConfigError(
             f"trainer.min_epochs={trainer['min_epochs']} must be in "
@@ -113,3 +119,16 @@ def check_logger(entry: DictConfig, section: str) -> None:
             f"{section} needs the `{module}` package, which is not installed: {install}; "
             f"or choose another logger (logger=tensorboard, logger=csv)."
         )
+
+
+def resolve_precision(precision: str | int) -> str | int:
+    """bf16-mixed on GPUs that support bfloat16 (Ampere and later: no loss scaling, fp32's
+    range), 16-mixed on older GPUs, 32-true without a GPU; other values pass unchanged."""
+    if precision != AUTO_MIXED:
+        return precision
+    if not torch.cuda.is_available():
+        log.info("trainer.precision=%s: no GPU, so 32-true", AUTO_MIXED)
+        return "32-true"
+    chosen = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    log.info("trainer.precision=%s: %s on %s", AUTO_MIXED, chosen, torch.cuda.get_device_name())
+    return chosen

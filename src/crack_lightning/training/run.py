@@ -8,7 +8,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from hydra.errors import InstantiationException
@@ -26,21 +26,18 @@ from omegaconf import DictConfig, OmegaConf
 from crack_lightning.data.datamodule import CrackDataModule
 from crack_lightning.data.feature_cache import cache_wanted
 from crack_lightning.data.splits import manifest_rows
-from crack_lightning.errors import CrackLightningError
+from crack_lightning.errors import ConfigError, CrackLightningError
 from crack_lightning.io import write_text
 from crack_lightning.models.classifier import CrackClassifier
-from crack_lightning.models.finetuning import BackboneUnfreeze
-from crack_lightning.training.adapt import begin_from, prepare_start
 from crack_lightning.training.callbacks import (
     ResumeHint,
     ValidationMetricsInCheckpoints,
     saved_checkpoint,
     stored_val_metrics,
 )
-from crack_lightning.training.check import check_train_settings
+from crack_lightning.training.check import check_train_settings, resolve_precision
 from crack_lightning.training.distributed import ddp_job, start_processes
 from crack_lightning.training.loggers import log_run_files
-from crack_lightning.training.precision import resolve_precision
 from crack_lightning.training.resume import (
     changed_data_settings,
     keep_old_manifest,
@@ -51,6 +48,9 @@ from crack_lightning.training.resume import (
     resume_step,
     stored_config,
 )
+
+if TYPE_CHECKING:
+    from crack_lightning.models.finetuning import BackboneUnfreeze
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     resumed_run = check_resumed_data_settings(cfg, ckpt_path, output_dir)
-    start = prepare_start(cfg)  # init_from: may add the site and replayed sources to cfg
+    start = None
+    if cfg.get("init_from") is not None:  # may add the site and replayed sources to cfg
+        from crack_lightning.training.adapt import begin_from, prepare_start
+
+        start = prepare_start(cfg)
+    elif cfg.adapt.get("folder_site") is not None:  # set by experiment=adapt only
+        raise ConfigError(
+            "experiment=adapt needs init_from=RUN/checkpoints/best.ckpt: the trained model "
+            "to adapt to the site."
+        )
 
     datamodule: CrackDataModule = build(cfg.data)
     datamodule.prepare_data()
@@ -166,11 +175,6 @@ def build(config: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def build_group(group: DictConfig | None) -> list:
-    """Instantiate each non-null entry of a callbacks/logger config group."""
-    return [build(entry) for entry in (group or {}).values() if entry is not None]
-
-
 def build_loggers(
     group: DictConfig | None, resume_from: str | None, output_dir: Path
 ) -> list[Logger]:
@@ -206,8 +210,10 @@ def build_callbacks(
 ) -> tuple[list[Callback], BackboneUnfreeze | None]:
     """The callbacks group plus the ones every run has, and the callbacks.finetune
     schedule (checked against the model) if there is one."""
-    callbacks = [*build_group(group), ResumeHint(output_dir), ValidationMetricsInCheckpoints()]
-    schedule = next((c for c in callbacks if isinstance(c, BackboneUnfreeze)), None)
+    entries = {name: entry for name, entry in (group or {}).items() if entry is not None}
+    built = {name: build(entry) for name, entry in entries.items()}
+    callbacks = [*built.values(), ResumeHint(output_dir), ValidationMetricsInCheckpoints()]
+    schedule = built.get("finetune")
     if schedule is not None:
         schedule.check(model)
     return callbacks, schedule
