@@ -16,9 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 from crack_lightning.io import write_json, write_text
 from crack_lightning.settings import CLASS_NAMES
@@ -189,30 +186,6 @@ def per_source_scores(
         if values:
             result[f"{MEAN}/{metric}"] = float(np.mean(values))
     return result
-
-
-class EpochScores(Metric):
-    """An epoch's P(crack) and labels, gathered across DDP processes by torchmetrics;
-    compute() gives binary_scores of them at `threshold`."""
-
-    full_state_update = False
-
-    def __init__(self, threshold: float) -> None:
-        super().__init__()
-        self.threshold = threshold
-        self.add_state("probs", default=[], dist_reduce_fx="cat")
-        self.add_state("labels", default=[], dist_reduce_fx="cat")
-
-    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
-        self.probs.append(probs.detach().float())
-        self.labels.append(labels.detach())
-
-    def compute(self) -> dict[str, float]:
-        if isinstance(self.probs, list) and not self.probs:  # an epoch without batches
-            return {}
-        probs = dim_zero_cat(self.probs).cpu().numpy()
-        labels = dim_zero_cat(self.labels).cpu().numpy()
-        return defined(binary_scores(labels, probs, self.threshold))
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray) -> np.ndarray:

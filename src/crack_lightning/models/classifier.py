@@ -9,13 +9,39 @@ from typing import Annotated, Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from crack_lightning.errors import ModelConfigError
-from crack_lightning.evaluation.metrics import EpochScores
+from crack_lightning.evaluation.metrics import binary_scores, defined
 from crack_lightning.evaluation.threshold import DEFAULT_THRESHOLD
 from crack_lightning.models.network import Activations, build_network
 from crack_lightning.models.optimizers import build_optimizer, build_scheduler
 from crack_lightning.settings import Rule, above
+
+
+class EpochScores(Metric):
+    """An epoch's P(crack) and labels, gathered across DDP processes by torchmetrics;
+    compute() gives binary_scores of them at `threshold`."""
+
+    full_state_update = False
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        self.probs.append(probs.detach().float())
+        self.labels.append(labels.detach())
+
+    def compute(self) -> dict[str, float]:
+        if isinstance(self.probs, list) and not self.probs:  # an epoch without batches
+            return {}
+        probs = dim_zero_cat(self.probs).cpu().numpy()
+        labels = dim_zero_cat(self.labels).cpu().numpy()
+        return defined(binary_scores(labels, probs, self.threshold))
 
 
 class CrackClassifier(L.LightningModule):
