@@ -400,3 +400,21 @@ def test_tiles_decode_in_the_workers_when_decoding_on_the_device(tmp_path):
     images = EncodedImages([(f"{photo}#8,2,24", 1)], 16)
     image, label = images[0]
     assert label == 1 and torch.equal(image, decode(f"{photo}#8,2,24", 16))
+
+
+def test_a_source_whose_masks_are_all_empty_is_told_so(tmp_path):
+    """One masks source, every mask black: no tile is crack, and the message says that
+    (not that its images are copies of another source's: there is no other source)."""
+    from crack_lightning.data.sources import parse_sources
+    from crack_lightning.data.splits import load_sources
+
+    for i in range(4):
+        photo = write_photo(tmp_path / "site", f"p{i}.png", 64, 64, seed=i)
+        write_mask(photo.with_name(f"p{i}_mask.png"), np.zeros((64, 64)))
+    sources = parse_sources(settings(tmp_path / "site", "tile_size=32", "stride=32"))
+    with pytest.raises(DataError) as caught:
+        load_sources(sources, 0.25, 0.0, 0, check=False)
+    message = str(caught.value)
+    assert "copies" not in message
+    assert "has no Positive image left in train or val" in message
+    assert "its masks mark none of its 16 tiles as crack (every mask is empty" in message

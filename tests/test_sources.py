@@ -244,6 +244,20 @@ def test_sdnet_download_from_a_local_url_keeps_the_layout_and_is_idempotent(tmp_
         ensure_source(other, progress=False)
 
 
+def test_an_unreachable_source_url_names_the_source_s_own_archive_setting(tmp_path):
+    """Offline, a source's download is answered with its own archive setting, not with
+    the METU data set's DOI and data.archive."""
+    # .invalid never resolves (RFC 2606): what any address does on a machine offline
+    download = {"enabled": True, "url": "http://decks.invalid/SDNET2018.zip", "size": 10}
+    spec = SourceSpec.from_config("decks", source(tmp_path / "decks", download=download))
+    with pytest.raises(DataError) as caught:
+        ensure_source(spec, progress=False, retries=3, retry_wait=600)  # no retry offline
+    message = str(caught.value)
+    assert "looks offline" in message
+    assert message.endswith("pass data.sources.decks.download.archive=PATH.")
+    assert "5y9wdsg2zt" not in message and "data.archive" not in message
+
+
 def test_a_source_archive_places_only_its_class_images(tmp_path):
     """Like METU's, a source's archive is unpacked into scratch and only the regular image
     files of its class folders move into the root: nothing else the archive holds."""

@@ -134,21 +134,23 @@ def fetch(
     retry_wait: float = 2.0,
     timeout: float = 60.0,
     progress: bool = True,
+    offline_hint: str = OFFLINE_HINT,
 ) -> str:
     """Download url to dest through dest.part (resumed with HTTP Range, retried); return its
-    sha256. The file must have `size` bytes and `sha256`, else it is deleted."""
+    sha256. The file must have `size` bytes and `sha256`, else it is deleted.
+    `offline_hint`: how to pass a copy instead, in the settings of the source fetched."""
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(retries + 1):
         try:
-            _fetch_once(url, part, size, timeout, progress)
+            _fetch_once(url, part, size, timeout, progress, offline_hint)
             break
         except _Retry as err:
             have = part.stat().st_size if part.exists() else 0
             if attempt == retries:
                 raise DataError(
                     f"Downloading {url} failed {retries + 1} times ({err}); {have:,} bytes "
-                    f"are kept in {part}. Run the same command again to resume. {OFFLINE_HINT}"
+                    f"are kept in {part}. Run the same command again to resume. {offline_hint}"
                 ) from None
             wait = retry_wait * 2**attempt
             log.warning(
@@ -166,7 +168,9 @@ def fetch(
     return digest
 
 
-def _fetch_once(url: str, part: Path, size: int | None, timeout: float, progress: bool) -> None:
+def _fetch_once(
+    url: str, part: Path, size: int | None, timeout: float, progress: bool, offline_hint: str
+) -> None:
     """One HTTP request: append to part from its current length (or restart at 0)."""
     offset = part.stat().st_size if part.exists() else 0
     if size is not None and offset >= size:
@@ -186,14 +190,14 @@ def _fetch_once(url: str, part: Path, size: int | None, timeout: float, progress
         if err.code >= 500 or err.code == 429:
             raise _Retry(f"HTTP {err.code} {err.reason}") from None
         raise DataError(
-            f"Downloading {url} failed: HTTP {err.code} {err.reason}. {OFFLINE_HINT}"
+            f"Downloading {url} failed: HTTP {err.code} {err.reason}. {offline_hint}"
         ) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
         if isinstance(reason, socket.gaierror):  # no DNS: offline, retrying will not help
             raise DataError(
                 f"Cannot download {url}: the host name does not resolve ({reason}); this "
-                f"machine looks offline. {OFFLINE_HINT}"
+                f"machine looks offline. {offline_hint}"
             ) from None
         raise _Retry(f"cannot connect: {reason}") from None
     with response:
@@ -210,7 +214,7 @@ def _fetch_once(url: str, part: Path, size: int | None, timeout: float, progress
         if size is not None and total is not None and total != size:
             raise DataError(
                 f"{url} serves {total:,} bytes, the data set's archive has {size:,}: the "
-                f"address no longer points at the archive. {OFFLINE_HINT}"
+                f"address no longer points at the archive. {offline_hint}"
             )
         with (
             part.open("r+b" if offset else "wb") as out,
@@ -526,7 +530,17 @@ def ensure_source(
         )
     size = None if archive and spec.shorthand else source.size
     dest = root.with_name(root.name + source.suffix)
-    fetching = {"retries": retries, "retry_wait": retry_wait, "progress": progress}
+    offline_hint = (
+        OFFLINE_HINT
+        if spec.shorthand
+        else f"On a machine without internet, download it elsewhere and pass {where}archive=PATH."
+    )
+    fetching = {
+        "retries": retries,
+        "retry_wait": retry_wait,
+        "progress": progress,
+        "offline_hint": offline_hint,
+    }
     path, digest = get_archive(where, archive, source, dest, size, **fetching)
     limit = UnpackLimit(unpack_limit_gib, f"{where or 'data.'}unpack_limit_gib")
     counts = extract_images(path, spec, progress, limit=limit)

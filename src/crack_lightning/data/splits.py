@@ -494,15 +494,19 @@ def require_every_source(
             if not empty:
                 continue
             mine = [
-                path for (path, _), s in zip(data.samples, data.source, strict=True) if s == index
+                (path, lab)
+                for (path, lab), s in zip(data.samples, data.source, strict=True)
+                if s == index
             ]
-            lost = [path for path in mine if path in skipped]
+            lost = [path for path, _ in mine if path in skipped]
             if lost:
                 why = (
                     f"{len(lost)} of its {len(mine)} images are damaged and were skipped "
                     f"(data.on_bad_image=skip; e.g. {lost[0]}). Replace or delete them "
                     f"(`crack-data check` lists them)"
                 )
+            elif all(lab != label for _, lab in mine):
+                why = none_of_class(spec, class_name, len(mine))
             else:
                 why = "its images there are copies of another source's, kept in that one's split"
             fix = "" if spec.shorthand else f", or set {spec.where}=null to leave it out"
@@ -510,6 +514,19 @@ def require_every_source(
                 f"{spec.where}.root={spec.root} has no {class_name} image left in "
                 f"{' or '.join(empty)}: {why}{fix}."
             )
+
+
+def none_of_class(spec: SourceSpec, class_name: str, count: int) -> str:
+    """Why a source holds no image of a class at all: what its folders or masks say."""
+    if spec.tiles is None:
+        return f"it holds no {class_name} image"
+    share = f"{spec.where}.min_share={spec.tiles.min_share}"
+    if class_name == CLASS_NAMES[1]:
+        return (
+            f"its masks mark none of its {count} tiles as crack (every mask is empty, or no "
+            f"tile reaches {share} of crack pixels)"
+        )
+    return f"its masks mark all of its {count} tiles as crack ({share})"
 
 
 def manifest_rows(data: SourceSamples) -> list[tuple[str, str, str, str]]:
