@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any
 
 from omegaconf import DictConfig
 
@@ -32,7 +32,7 @@ INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C before the page was served, as a she
 class AppSettings:
     """conf/app.yaml: crack-app, the inspector's page (its scan.* are ScanSettings)."""
 
-    settings_error: ClassVar[type[Exception]] = PredictionError
+    settings_error = PredictionError
     ckpt_path: str
     labels_dir: str
     files_dir: str | None  # null: a new folder in the system's temp dir

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 from omegaconf import DictConfig
 
@@ -29,7 +29,7 @@ ACTIONS = ("download", "check")
 class DataToolSettings:
     """`crack-data` (conf/data_tool.yaml)."""
 
-    settings_error: ClassVar[type[Exception]] = DataError
+    settings_error = DataError
     action: str
     root: str
     archive: str | None

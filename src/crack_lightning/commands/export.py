@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 from omegaconf import DictConfig
 
@@ -23,7 +23,7 @@ from crack_lightning.settings import settings_of
 class ExportSettings:
     """conf/export.yaml (its calibration.* are CalibrationSettings)."""
 
-    settings_error: ClassVar[type[Exception]] = PredictionError
+    settings_error = PredictionError
     ckpt_path: str
     format: Literal["onnx", "torchscript"]
     output: str | None  # null: beside the checkpoint

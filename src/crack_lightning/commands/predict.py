@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from omegaconf import DictConfig
@@ -38,7 +38,7 @@ NONE_IS_OFF = "an integer >= 0 (0: none)"
 class PredictSettings:
     """predict.py's settings (conf/predict.yaml; its scan.* are ScanSettings)."""
 
-    settings_error: ClassVar[type[Exception]] = PredictionError
+    settings_error = PredictionError
     ckpt_path: str
     inputs: Any  # a file, folder or glob pattern, or a list of them
     mode: Literal["predict", "eval", "scan"]

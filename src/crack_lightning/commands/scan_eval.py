@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 from omegaconf import DictConfig
 
@@ -39,7 +39,7 @@ from crack_lightning.settings import OPEN_UNIT, Rule, at_least, settings_of
 class ScanEvalSettings:
     """conf/scan_eval.yaml (its scan.* are ScanSettings)."""
 
-    settings_error: ClassVar[type[Exception]] = PredictionError
+    settings_error = PredictionError
     ckpt_path: str
     photos: list[str]
     # a patch is crack in the mask when at least this share of its pixels is

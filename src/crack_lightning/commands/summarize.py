@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 from omegaconf import DictConfig
 
@@ -19,7 +19,7 @@ from crack_lightning.training.sweep_summary import write_summary
 class SummarizeSettings:
     """conf/summarize.yaml."""
 
-    settings_error: ClassVar[type[Exception]] = RunDirError
+    settings_error = RunDirError
     sweep_dir: str
     metric: str | None  # null: the jobs' optimized_metric
     direction: Literal["maximize", "minimize"] | None  # null: the jobs' optimized_direction

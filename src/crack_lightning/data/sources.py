@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -68,7 +68,7 @@ class SourceSettings:
     """A data.sources entry of class folders (conf/data/sources/folder.yaml, metu.yaml,
     sdnet2018.yaml)."""
 
-    settings_error: ClassVar[type[Exception]] = DataError
+    settings_error = DataError
     root: str
     classes: dict[str, list[str]]  # Negative/Positive -> folder patterns under root
     subsets: list[str] | None
@@ -113,7 +113,7 @@ class MasksSourceSettings:
     """A data.sources entry of photos with crack masks (conf/data/sources/masks.yaml), cut
     into labelled tiles by data/masks.py."""
 
-    settings_error: ClassVar[type[Exception]] = DataError
+    settings_error = DataError
     kind: Literal["masks"]
     root: str
     mask_dir: str | None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ class Augmentation:
     differences between METU, SDNET2018 and an inspector's photos.
     """
 
-    settings_error: ClassVar[type[Exception]] = DataError
+    settings_error = DataError
     horizontal_flip: bool
     vertical_flip: bool
     rotation_degrees: Annotated[float, within(0, 180)]

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 class CalibrationSettings:
     """calibration.* of conf/export.yaml: the images an int8 export is calibrated on."""
 
-    settings_error: ClassVar[type[Exception]] = PredictionError
+    settings_error = PredictionError
     inputs: list[str] | None
     images: Annotated[int, at_least(1)]
     batch_size: Annotated[int, at_least(1)]

@@ -6,7 +6,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ class ScanSettings:
     """scan.* (conf/scan/default.yaml): the sliding window of predict mode=scan,
     crack-scan-eval and the inspector's page."""
 
-    settings_error: ClassVar[type[Exception]] = PredictionError
+    settings_error = PredictionError
     patch_size: Annotated[int, at_least(1, "pixels")]
     stride: Annotated[int, at_least(1, "pixels")]
     # null: never label a patch Unfamiliar
