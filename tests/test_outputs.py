@@ -114,6 +114,31 @@ def test_scan_keeps_the_results_of_photos_that_share_a_name(checkpoint, tmp_path
     assert not (report / "wall_scan.png").exists()
 
 
+def test_scan_skips_a_photo_smaller_than_the_window_and_goes_on(checkpoint, tmp_path, capsys):
+    """mode=scan over three photos, the second smaller than scan.patch_size: the first and
+    third are scanned, and the second is listed as skipped with why."""
+    first, tiny, third = (
+        photo(tmp_path / "a.png", 1),
+        photo(tmp_path / "tiny.png", 2, size=32),
+        photo(tmp_path / "c.png", 3),
+    )
+    report = tmp_path / "scan"
+    cfg = predict_cfg(
+        checkpoint,
+        tmp_path,
+        f"inputs=[{first},{tiny},{third}]",
+        "mode=scan",
+        f"report_dir={report}",
+        *PATCH,
+    )
+    summary = predict(cfg)
+    assert [p["path"] for p in summary["photos"]] == [str(first), str(third)]
+    assert summary["skipped"] == 1
+    assert (report / "c_scan.csv").is_file() and not (report / "tiny_scan.csv").exists()
+    err = capsys.readouterr().err
+    assert f"{tiny}: 32x32, smaller than scan.patch_size=64" in err
+
+
 def test_scan_eval_reports_photos_that_share_a_name_apart(checkpoint, tmp_path, capsys):
     first, second = photo(tmp_path / "a" / "wall.png", 1), photo(tmp_path / "b" / "wall.png", 2)
     out = tmp_path / "scan_eval"

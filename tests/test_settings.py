@@ -118,8 +118,11 @@ def test_a_command_refuses_an_unknown_top_level_key():
 
     with pytest.raises(ConfigError, match="Unknown setting 'foo'; this command takes seed="):
         check_train_settings(compose_config("train", ["+foo=1"]))
-    with pytest.raises(ConfigError, match="CrackClassifier takes no setting 'learning_rate'"):
+    with pytest.raises(
+        ConfigError, match="CrackClassifier takes no setting 'learning_rate'"
+    ) as bad:
         check_train_settings(compose_config("train", ["+model.learning_rate=5"]))
+    assert str(bad.value).endswith("Did you mean model.lr?")
     with pytest.raises(ConfigError, match=r"seed=-1 must be an integer in \[0, 4294967295\]"):
         check_train_settings(compose_config("train", ["seed=-1"]))
 

@@ -174,8 +174,11 @@ def parameters_of(target: Callable) -> list[Parameter] | None:
 
 
 def nearest(key: str, known: list[str], prefix: str) -> str:
-    """The hint at the known name nearest a misspelt one ("Did you mean data.x?"), or ""."""
+    """The hint at the known name nearest a misspelt one ("Did you mean data.x?"), or "";
+    a name spelt out whose short form is known (learning_rate for lr) counts too."""
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    initials = "".join(word[0] for word in key.split("_") if word)
+    close = close or [name for name in known if name == initials]
     return f" Did you mean {prefix}{close[0]}?" if close else ""
 
 

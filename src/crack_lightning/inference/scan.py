@@ -126,12 +126,9 @@ def scan_photo(
     batches of patches is scanned by `num_workers` worker processes on a CPU (None: one
     per core torch uses; data/workers.py), each cutting, resizing and classifying whole
     batches."""
+    if (small := too_small(photo, patch_size)) is not None:
+        raise PredictionError(f"{path} is {small}.")
     width, height = photo.size
-    if width < patch_size or height < patch_size:
-        raise PredictionError(
-            f"{path} is {width}x{height}, smaller than scan.patch_size={patch_size}: "
-            f"classify it with mode=predict, or lower scan.patch_size."
-        )
     boxes = tile_boxes(width, height, patch_size, stride)
     windows = Windows(v2.functional.pil_to_tensor(photo), boxes, patch_size, classifier.image_size)
     score = classifier.unfamiliar_scorer()
@@ -204,6 +201,17 @@ def scan_figure(out: Path, name: str) -> Path:
     return out / f"{name}_scan.png"
 
 
+def too_small(photo: Image.Image, patch_size: int) -> str | None:
+    """Why a photo cannot be scanned with this window, or None when it can."""
+    width, height = photo.size
+    if width >= patch_size and height >= patch_size:
+        return None
+    return (
+        f"{width}x{height}, smaller than scan.patch_size={patch_size}: classify it with "
+        f"mode=predict, or lower scan.patch_size"
+    )
+
+
 def scan_files(
     classifier: LoadedModel,
     files: Iterable[Path],
@@ -216,8 +224,9 @@ def scan_files(
 ) -> Iterator[ScanResult]:
     """The one scan loop (predict mode=scan, crack-scan-eval): load each photo, scan it,
     save its heat map as scan_figure(out, result.name) (output_names: photos sharing a
-    file name keep their own results), and yield its result. Unreadable photos are
-    appended to `skipped` with the reason."""
+    file name keep their own results), and yield its result. Unreadable photos and photos
+    smaller than the window are appended to `skipped` with the reason, and the scan goes
+    on."""
     files = list(files)
     out.mkdir(parents=True, exist_ok=True)
     for path, name in zip(files, output_names(files), strict=True):
@@ -225,6 +234,9 @@ def scan_files(
             photo = load_rgb(path)
         except UnreadableImage as err:
             skipped.append((path, str(err)))
+            continue
+        if (small := too_small(photo, window.patch_size)) is not None:
+            skipped.append((path, small))
             continue
         result = scan_photo(
             classifier,
