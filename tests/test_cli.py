@@ -120,6 +120,10 @@ def test_predict_settings_are_checked_before_the_checkpoint_is_read(setting, mes
     [
         ("scan.unfamiliar_limit=-1", "scan.unfamiliar_limit=-1.0 must be a number > 0 or null."),
         ("scan.patch_size=0", "scan.patch_size=0 must be pixels >= 1."),
+        (
+            "scan.patch_size=100000",
+            "scan.patch_size=100000 must be pixels <= 8192 (a window over a whole 50 Mpx photo).",
+        ),
         ("scan.stride=0", "scan.stride=0 must be pixels >= 1."),
         ("scan.stride=abc", "scan.stride=abc must be an integer."),
     ],

@@ -125,6 +125,9 @@ def test_a_command_refuses_an_unknown_top_level_key():
     assert str(bad.value).endswith("Did you mean model.lr?")
     with pytest.raises(ConfigError, match=r"seed=-1 must be an integer in \[0, 4294967295\]"):
         check_train_settings(compose_config("train", ["seed=-1"]))
+    with pytest.raises(DataError, match=r"^data.image_size=100000 must be an integer <= 1024 \("):
+        check_train_settings(compose_config("train", ["data.image_size=100000"]))
+    check_train_settings(compose_config("train", ["data.image_size=1024"]))  # the ceiling itself
 
 
 def test_each_setting_is_stated_once():

@@ -59,6 +59,11 @@ def at_least(low: float, what: str = "an integer") -> Rule:
     return Rule(f"{what} >= {low}", lambda value: value >= low)
 
 
+def at_most(high: float, what: str = "an integer", why: str = "") -> Rule:
+    """A number at or below `high` ("an integer <= 1024 (why)")."""
+    return Rule(f"{what} <= {high}" + (f" ({why})" if why else ""), lambda value: value <= high)
+
+
 def above(low: float, what: str = "a number") -> Rule:
     """A number strictly above `low` ("a number > 0")."""
     return Rule(f"{what} > {low}", lambda value: value > low)

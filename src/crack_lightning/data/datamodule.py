@@ -33,10 +33,13 @@ from crack_lightning.data.splits import (
 )
 from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import DataError
-from crack_lightning.settings import Rule, at_least, within
+from crack_lightning.settings import Rule, at_least, at_most, within
 
 log = logging.getLogger(__name__)
 
+# images are resized to image_size x image_size: a batch of 32 at 1024 px already holds
+# 400 MB of input and several GB of activations
+IMAGE_SIZE_CEILING = at_most(1024, why="a batch of larger images does not fit in memory")
 # auto, true or false (not 1 or "yes")
 AUTO = Rule("auto, true or false", lambda v: v == "auto" or isinstance(v, bool))
 DOWNLOAD = Rule("auto (download when data.root is missing or empty), true or false", AUTO.ok)
@@ -59,7 +62,7 @@ class CrackDataModule(L.LightningDataModule):
         val_fraction: Annotated[float, VAL_FRACTION],
         test_fraction: Annotated[float, TEST_FRACTION],
         seed: int,
-        image_size: Annotated[int, at_least(16)],
+        image_size: Annotated[int, at_least(16), IMAGE_SIZE_CEILING],
         batch_size: Annotated[int, at_least(1)],
         num_workers: Annotated[int, at_least(0)],
         pin_memory: bool | None,

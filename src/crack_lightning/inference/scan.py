@@ -21,7 +21,7 @@ from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.io import write_atomically, write_csv
 from crack_lightning.progress import track
-from crack_lightning.settings import CLASS_NAMES, Rule, at_least
+from crack_lightning.settings import CLASS_NAMES, Rule, at_least, at_most
 
 # the heat-map PNG is scaled down to this longest side; the CSV keeps full-size coordinates
 MAX_FIGURE_SIDE = 2048
@@ -33,7 +33,9 @@ class ScanSettings:
     crack-scan-eval and the inspector's page."""
 
     settings_error = PredictionError
-    patch_size: Annotated[int, at_least(1, "pixels")]
+    patch_size: Annotated[
+        int, at_least(1, "pixels"), at_most(8192, "pixels", "a window over a whole 50 Mpx photo")
+    ]
     stride: Annotated[int, at_least(1, "pixels")]
     # null: never label a patch Unfamiliar
     unfamiliar_limit: Annotated[float | None, Rule("a number > 0 or null", lambda v: v > 0)]
