@@ -26,12 +26,17 @@ from crack_lightning.inference.sharded import (
     started_processes,
 )
 from crack_lightning.io import check_writable, write_csv, write_text
-from crack_lightning.settings import CLASS_NAMES, OPEN_UNIT, Rule, at_least, settings_of
+from crack_lightning.settings import (
+    CLASS_NAMES,
+    NONE_IS_OFF,
+    OPEN_UNIT,
+    Rule,
+    at_least,
+    settings_of,
+)
 from crack_lightning.training.distributed import launch_argv
 
 log = logging.getLogger(__name__)
-
-NONE_IS_OFF = "an integer >= 0 (0: none)"
 
 
 @dataclass
@@ -52,8 +57,8 @@ class PredictSettings:
     num_workers: Annotated[int, at_least(0)]
     device: str
     html_report: bool
-    worst_per_source: Annotated[int, Rule(NONE_IS_OFF, lambda v: v >= 0)]
-    suspects_shown: Annotated[int, Rule(NONE_IS_OFF, lambda v: v >= 0)]
+    worst_per_source: Annotated[int, NONE_IS_OFF]
+    suspects_shown: Annotated[int, NONE_IS_OFF]
     visualize: bool
     max_visualize: int
     progress: bool

@@ -33,13 +33,15 @@ from crack_lightning.data.splits import (
 )
 from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import DataError
-from crack_lightning.settings import Rule, at_least, at_most, within
+from crack_lightning.settings import Rule, at_least, at_most, require, within
 
 log = logging.getLogger(__name__)
 
 # images are resized to image_size x image_size: a batch of 32 at 1024 px already holds
 # 400 MB of input and several GB of activations
 IMAGE_SIZE_CEILING = at_most(1024, why="a batch of larger images does not fit in memory")
+# how many times as often a source's not-crack cell is drawn (data.negative_weights)
+NEGATIVE_WEIGHT = Rule("above 0", lambda factor: factor > 0)
 # auto, true or false (not 1 or "yes")
 AUTO = Rule("auto, true or false", lambda v: v == "auto" or isinstance(v, bool))
 DOWNLOAD = Rule("auto (download when data.root is missing or empty), true or false", AUTO.ok)
@@ -104,8 +106,7 @@ class CrackDataModule(L.LightningDataModule):
         check_fractions(settings["val_fraction"], settings["test_fraction"], section)
         weights = settings["negative_weights"] or {}
         for name, factor in weights.items():
-            if not factor > 0:
-                raise DataError(f"{section}.negative_weights.{name}={factor} must be above 0.")
+            require(NEGATIVE_WEIGHT, factor, f"{section}.negative_weights.{name}", DataError)
         if weights and not settings["balanced_sampling"]:
             raise DataError(
                 f"{section}.negative_weights weighs cells of the balanced sampler: set "

@@ -30,7 +30,15 @@ from typing import Annotated, Any, Literal
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from crack_lightning.errors import DataError
-from crack_lightning.settings import CLASS_NAMES, Rule, at_least, parameters_of, plain, settings_of
+from crack_lightning.settings import (
+    CLASS_NAMES,
+    Rule,
+    at_least,
+    parameters_of,
+    plain,
+    require,
+    settings_of,
+)
 
 # the name of the one source data.root=DIR stands for (the manifest's `source` column)
 ROOT_SOURCE = "root"
@@ -56,8 +64,8 @@ GROUP_DISTANCE = Rule(
 # what data.unpack_limit_gib and every source's download.unpack_limit_gib allow
 UNPACK_LIMIT = Rule(
     "a number of GiB above 0 (the most that unpacking one archive may write)",
-    lambda gib: 0 < gib < float("inf"),
-    "{:g}".format,
+    lambda gib: isinstance(gib, int | float) and 0 < gib < float("inf"),
+    lambda gib: f"{gib:g}" if isinstance(gib, int | float) else str(gib),
 )
 
 log = logging.getLogger(__name__)
@@ -93,11 +101,8 @@ class SourceSettings:
             except re.error as err:
                 raise DataError(f"{where}.group_pattern={pattern!r} is no regex: {err}") from None
         limit = (settings.get("download") or {}).get("unpack_limit_gib")
-        if limit is not None and not (isinstance(limit, int | float) and UNPACK_LIMIT.ok(limit)):
-            shown = UNPACK_LIMIT.shown(limit) if isinstance(limit, int | float) else limit
-            raise DataError(
-                f"{where}.download.unpack_limit_gib={shown} must be {UNPACK_LIMIT.allowed}."
-            )
+        if limit is not None:
+            require(UNPACK_LIMIT, limit, f"{where}.download.unpack_limit_gib", DataError)
 
 
 class MaskValue(str, enum.Enum):
