@@ -85,6 +85,9 @@ class CrackDataModule(L.LightningDataModule):
         balanced_sampling: bool,
         holdout_source: str | None,
         negative_weights: dict[str, float] | None,
+        # labels: each sample's class (the classifier); masks: each sample's crack mask
+        # as well (the crack-map model, data/mask_targets.py)
+        targets: Literal["labels", "masks"],
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -184,14 +187,17 @@ class CrackDataModule(L.LightningDataModule):
             self.split[name] = [i for i in indices if done[i]]
         require_every_source(self.sources, self.hparams.holdout_source, self.cache_skipped)
 
-    def augment(self, inputs: torch.Tensor) -> torch.Tensor:
-        """A training batch augmented on its device. Cached features pass unchanged, the
-        pooled (N, dim) ones and a frozen stage's (N, C, H, W) activations alike: their
-        views were augmented as images when cached; flipping or rotating activations
-        would be no image's."""
-        if self.augmentation.enabled and self.features is None:
-            return augment_batch(inputs, self.augmentation)
-        return inputs
+    def augment(self, inputs: torch.Tensor, targets: Any) -> tuple[torch.Tensor, Any]:
+        """A training batch augmented on its device; masks (data.targets=masks) move with
+        their images. Cached features pass unchanged, the pooled (N, dim) ones and a
+        frozen stage's (N, C, H, W) activations alike: their views were augmented as
+        images when cached; flipping or rotating activations would be no image's."""
+        if not self.augmentation.enabled or self.features is not None:
+            return inputs, targets
+        if isinstance(targets, dict):
+            images, masks = augment_batch(inputs, self.augmentation, targets["mask"])
+            return images, targets | {"mask": masks}
+        return augment_batch(inputs, self.augmentation), targets
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With data.decode_on_device, decode the batch's files where the model runs."""
@@ -203,10 +209,10 @@ class CrackDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Augment training batches once they are on their device."""
-        inputs, labels = batch
+        inputs, targets = batch
         if self.trainer is not None and self.trainer.training:
-            inputs = self.augment(inputs)
-        return inputs, labels
+            return self.augment(inputs, targets)
+        return inputs, targets
 
     def write_manifest(self, path: Path) -> None:
         """Record which file went to which split, so a run can be audited and repeated."""
@@ -262,6 +268,15 @@ class CrackDataModule(L.LightningDataModule):
             return views, views.collate, 0
         samples = self.split_samples(name)
         workers = self.hparams.num_workers
+        if self.hparams.targets == "masks":
+            from crack_lightning.data.mask_targets import MaskedImages
+
+            specs = [self.specs[self.sources.source[i]] for i in self.split[name]]
+            images = MaskedImages(
+                samples, specs, self.hparams.image_size, self.hparams.on_bad_image
+            )
+            self.datasets.append(images)
+            return images, None, workers
         if self.hparams.decode_on_device:  # on_before_batch_transfer decodes
             return EncodedImages(samples, self.hparams.image_size), collate_encoded, workers
         paths, labels = [path for path, _ in samples], [label for _, label in samples]

@@ -18,6 +18,8 @@ from crack_lightning.errors import DataError
 from crack_lightning.settings import settings_of, within
 
 SHARE = within(0, 1)
+# a crack mask's pixel of unknown class (data/mask_targets.py)
+UNKNOWN_PIXEL = 255
 
 
 @dataclass
@@ -87,24 +89,34 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255) if images.dtype == torch.uint8 else images
 
 
-def augment_batch(images: torch.Tensor, augmentation: Augmentation) -> torch.Tensor:
+def augment_batch(
+    images: torch.Tensor, augmentation: Augmentation, masks: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Random flips, rotation and crop scale of an image batch as one bilinear resampling
     per batch (corners filled by reflection, as Keras' fill_mode="reflect"), then the
-    photometric changes; float [0, 1] out.
+    photometric changes; float [0, 1] out. Crack masks (N, 1, H, W uint8: 1 crack, 0 not,
+    255 unknown), when given, take the same geometry and are returned beside the images.
 
     It runs on the batch's device after the DataLoader: on a 2-core CPU this costs about
     a tenth of doing the same per image in worker processes, which compete with the
     forward pass for the same cores, and on a GPU it costs nothing.
     """
     images = to_unit_float(images)
-    images = _geometry(images, augmentation)
+    if masks is not None:
+        crack, known = (masks == 1).float(), (masks != UNKNOWN_PIXEL).float()
+        moved = _geometry(torch.cat([images, crack, known], dim=1), augmentation)
+        images, crack, known = moved[:, :3], moved[:, 3:4] > 0.5, moved[:, 4:] > 0.5
+        masks = torch.where(known, crack.to(torch.uint8), UNKNOWN_PIXEL)
+    else:
+        images = _geometry(images, augmentation)
     images = _colour(images, augmentation)
     images = _blur(images, augmentation.blur_p, augmentation.blur_sigma)
     images = _jpeg(images, augmentation.jpeg_p, augmentation.jpeg_quality_min)
     if augmentation.noise_std > 0:
         std = _uniform(len(images), 0, augmentation.noise_std, images.device)
         images = images + torch.randn_like(images) * std.view(-1, 1, 1, 1)
-    return images.clamp_(0, 1)
+    images = images.clamp_(0, 1)
+    return images if masks is None else (images, masks.to(torch.uint8))
 
 
 def _uniform(n: int, low: float, high: float, device: torch.device) -> torch.Tensor:

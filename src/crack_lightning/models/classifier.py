@@ -48,6 +48,8 @@ class CrackClassifier(L.LightningModule):
     """Classifies uint8 RGB image batches as Negative (0) or Positive (1, crack)."""
 
     settings_error = ModelConfigError
+    # what it learns from (data.targets)
+    targets = "labels"
 
     @staticmethod
     def check_together(settings: dict[str, Any], section: str) -> None:

@@ -69,6 +69,7 @@ def check_train_settings(cfg: DictConfig) -> None:
         )
     Augmentation.from_config(cfg.data.augmentation)
     check_settings(cfg.model, target(cfg.model, "model", ModelConfigError), "model")
+    check_targets(cfg.model, cfg.data.targets)
     check_optimizer(cfg.model)
     values = {k: v for k, v in cfg.trainer.items() if (k, v) != ("precision", AUTO_MIXED)}
     trainer = check_settings(values, target(cfg.trainer, "trainer"), "trainer", rules=TRAINER_RULES)
@@ -90,6 +91,22 @@ def target(node: Mapping, section: str, error: type[Exception] = ConfigError) ->
     if node.get("_target_") is None:
         raise error(f"{section} needs a _target_ (the class or function it builds).")
     return str(node["_target_"])
+
+
+def check_targets(model: DictConfig, targets: str) -> None:
+    """The model learns from what the data serves: class labels, or crack masks."""
+    from hydra.utils import get_class
+
+    wanted = get_class(target(model, "model", ModelConfigError)).targets
+    if wanted != targets:
+        how = {
+            "masks": "model=segmenter with data.targets=masks (experiment=crack_maps sets both)",
+            "labels": "a classifier (model=mobilenetv2, ...) with data.targets=labels",
+        }
+        raise ModelConfigError(
+            f"model._target_={model._target_} learns from {wanted}, but data.targets="
+            f"{targets}: train {how[wanted]}, or {how[targets]}."
+        )
 
 
 def check_optimizer(model: DictConfig) -> None:

@@ -227,6 +227,8 @@ def use_feature_cache_if_wanted(
 ) -> None:
     """Train on cached backbone outputs when data.cache_features and the model allow it
     (a frozen backbone, or one whose lower stages stay frozen: feature_cache.py)."""
+    if datamodule.hparams.targets == "masks":  # every encoder stage feeds a crack map
+        return
     frozen = model.hparams.freeze_backbone
     quick = bool(trainer.fast_dev_run)
     stage = finetune.cached_stage(model.net.backbone) if finetune is not None else None

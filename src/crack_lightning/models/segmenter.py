@@ -1,0 +1,216 @@
+"""LightningModule: training of the crack-map network (models/crack_map.py) on photos with
+crack masks, and on labelled crops that say less: a not-crack crop is a photo whose mask is
+empty, a crack crop says that its strongest pixel is crack (data/mask_targets.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from crack_lightning.data.mask_targets import UNKNOWN
+from crack_lightning.data.masks import CRACK
+from crack_lightning.errors import ModelConfigError
+from crack_lightning.evaluation.threshold import DEFAULT_THRESHOLD
+from crack_lightning.models.classifier import EpochScores
+from crack_lightning.models.crack_map import build_map_network
+from crack_lightning.models.optimizers import build_optimizer, build_scheduler
+from crack_lightning.settings import Rule, above, within
+
+DECODER_CHANNELS = Rule(
+    "five channel counts >= 1, one per decoder stage",
+    lambda v: len(v) == 5 and all(isinstance(c, int) and c >= 1 for c in v),
+)
+
+
+def tolerance_kernel(tolerance: float) -> torch.Tensor:
+    """A disc of radius `tolerance` pixels (Euclidean), as a (1, 1, k, k) kernel."""
+    radius = int(tolerance)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    disc = (offsets.view(-1, 1) ** 2 + offsets.view(1, -1) ** 2) <= tolerance**2
+    return disc.float().view(1, 1, 2 * radius + 1, 2 * radius + 1)
+
+
+def near(pixels: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Pixels within the kernel's disc of a True pixel of `pixels` (N, 1, H, W)."""
+    pad = kernel.shape[-1] // 2
+    return F.conv2d(pixels.float(), kernel.to(pixels.device), padding=pad) > 0
+
+
+def tile_scores(probs: torch.Tensor, min_share: float) -> torch.Tensor:
+    """Each map's P(crack) as a tile under the tile rule (data/masks.py tile_is_crack): the
+    k-th largest pixel probability, k = ceil(min_share * pixels), so that a tile scores
+    >= t exactly when at least min_share of its pixels do."""
+    flat = probs.flatten(1)
+    k = max(1, int(-(-min_share * flat.shape[1] // 1)))
+    return flat.topk(k, dim=1).values[:, -1]
+
+
+class PixelCounts(Metric):
+    """An epoch's pixel counts with a tolerance (the crack-segmentation measure: a
+    predicted pixel is right within `tolerance` px of a true one, a true pixel found within
+    `tolerance` px of a predicted one), summed across DDP processes."""
+
+    full_state_update = False
+
+    def __init__(self, tolerance: float, threshold: float) -> None:
+        super().__init__()
+        self.register_buffer("kernel", tolerance_kernel(tolerance), persistent=False)
+        self.threshold = threshold
+        for name in ("predicted", "predicted_near", "true", "true_found"):
+            self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, probs: torch.Tensor, masks: torch.Tensor) -> None:
+        known = masks != UNKNOWN
+        predicted = (probs >= self.threshold) & known
+        true = (masks == CRACK) & known
+        self.predicted += predicted.sum()
+        self.predicted_near += (predicted & near(true, self.kernel)).sum()
+        self.true += true.sum()
+        self.true_found += (true & near(predicted, self.kernel)).sum()
+
+    def compute(self) -> dict[str, float]:
+        scores = {}
+        if self.predicted > 0:
+            scores["pixel_precision"] = float(self.predicted_near / self.predicted)
+        if self.true > 0:
+            scores["pixel_recall"] = float(self.true_found / self.true)
+        if len(scores) == 2:
+            p, r = scores["pixel_precision"], scores["pixel_recall"]
+            scores["pixel_f1"] = 2 * p * r / (p + r) if p + r > 0 else 0.0
+        return scores
+
+
+def map_loss(logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice over the known pixels (Dice: thin, rare cracks weigh as much as the
+    surface around them), plus, for crops known only to hold a crack somewhere, BCE of
+    their strongest pixel against crack."""
+    known = masks != UNKNOWN
+    target = (masks == CRACK).float()
+    loss = logits.new_zeros(())
+    if known.any():
+        pixel = F.binary_cross_entropy_with_logits(logits[known], target[known])
+        probs = torch.sigmoid(logits[known])
+        dice = 1 - (2 * (probs * target[known]).sum() + 1) / (probs.sum() + target[known].sum() + 1)
+        loss = loss + pixel + dice
+    somewhere = ~known.flatten(1).any(dim=1) & (labels == 1)
+    if somewhere.any():
+        strongest = logits[somewhere].flatten(1).amax(dim=1)
+        loss = loss + F.binary_cross_entropy_with_logits(strongest, torch.ones_like(strongest))
+    return loss
+
+
+class CrackSegmenter(L.LightningModule):
+    """Maps uint8 RGB batches to per-pixel crack logits; scores each epoch by pixel F1
+    with a tolerance and by tile F1 of its crops under the tile rule."""
+
+    settings_error = ModelConfigError
+    # what it learns from (data.targets)
+    targets = "masks"
+
+    def __init__(
+        self,
+        backbone: str,
+        pretrained: bool,
+        weights_path: str | None,
+        freeze_backbone: bool,
+        channels_last: bool,
+        decoder_channels: Annotated[list[int], DECODER_CHANNELS],
+        lr: Annotated[float, above(0, "a learning rate")],
+        weight_decay: Annotated[float, Rule(">= 0", lambda v: v >= 0)],
+        scheduler: Mapping | None,
+        image_size: int,
+        optimizer: Mapping | None,
+        # pixels within this distance of a true crack pixel count as found (the usual 2)
+        tolerance: Annotated[float, within(0, 10)],
+        # a crop is crack when at least this share of its pixels is (the tile rule)
+        min_share: Annotated[float, Rule("in (0, 1]", lambda v: 0 < v <= 1)],
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.net = build_map_network(
+            backbone,
+            pretrained,
+            weights_path,
+            freeze_backbone,
+            channels_last,
+            decoder_channels,
+            image_size,
+        )
+        self.tile_metrics = {
+            stage: EpochScores(DEFAULT_THRESHOLD) for stage in ("train", "val", "test")
+        }
+        self.pixel_metrics = {
+            stage: PixelCounts(tolerance, DEFAULT_THRESHOLD) for stage in ("val", "test")
+        }
+        for stage, metric in [*self.tile_metrics.items(), *self.pixel_metrics.items()]:
+            self.add_module(f"{stage}_{type(metric).__name__}", metric)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return {"trainable": trainable, "frozen": total - trainable}
+
+    def _step(self, batch: tuple[torch.Tensor, dict[str, torch.Tensor]], stage: str) -> dict:
+        images, targets = batch
+        masks, labels = targets["mask"], targets["label"]
+        logits = self.net(images)
+        loss = map_loss(logits, masks, labels)
+        probs = torch.sigmoid(logits.detach())
+        tiles = tile_scores(probs, self.hparams.min_share)
+        self.tile_metrics[stage].update(tiles, labels)
+        if stage in self.pixel_metrics:
+            self.pixel_metrics[stage].update(probs, masks)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(labels),
+            sync_dist=True,
+        )
+        return {"loss": loss, "probs": tiles}
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        """Tile scores of the epoch's crops and, for val and test, pixel scores; figures
+        undefined for the epoch are not logged."""
+        metrics = [self.tile_metrics[stage], self.pixel_metrics.get(stage)]
+        if not self.trainer.sanity_checking:
+            scores: dict[str, float] = {}
+            for metric in filter(None, metrics):
+                scores |= metric.compute()
+            self.log_dict({f"{stage}/{k}": v for k, v in scores.items()}, prog_bar=stage == "val")
+        for metric in filter(None, metrics):
+            metric.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict:
+        return self._step(batch, "test")
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = build_optimizer(self.hparams.optimizer or {}, params)
+        scheduler = build_scheduler(self.hparams.scheduler, optimizer)
+        return {"optimizer": optimizer} | ({"lr_scheduler": scheduler} if scheduler else {})
