@@ -182,7 +182,8 @@ def classify(cfg: PredictSettings, classifier, files: list[Path]) -> dict:
 
 
 def scan(cfg: PredictSettings, classifier, files: list[Path], window: ScanSettings) -> dict:
-    """scan mode: per photo a heat-map PNG and a CSV of patches; returns a summary."""
+    """scan mode: per photo a figure (PNG) and a CSV of patches, and with a crack-map model
+    the map (PHOTO_cracks.png) and its cracks (PHOTO_cracks.csv); returns a summary."""
     from crack_lightning.inference.scan import scan_figure, scan_files, write_scan_csv
 
     report_dir = Path(cfg.report_dir)
@@ -202,22 +203,68 @@ def scan(cfg: PredictSettings, classifier, files: list[Path], window: ScanSettin
         table = figure.with_suffix(".csv")
         write_scan_csv(result, table)
         share = result.cracked_area_share()
-        print(
-            f"{result.path}: {int(result.cracked.sum())}/{len(result.probs)} patches cracked, "
-            f"{share:.1%} of the area -> {figure}, {table}"
-        )
-        photos.append(
-            {
-                "path": str(result.path),
-                "patches": len(result.probs),
-                "cracked_patches": int(result.cracked.sum()),
-                "cracked_area_share": share,
-            }
-        )
+        entry = {
+            "path": str(result.path),
+            "figure": str(figure),
+            "patches": len(result.probs),
+            "cracked_patches": int(result.cracked.sum()),
+            "cracked_area_share": share,
+        }
+        said = f"{int(result.cracked.sum())}/{len(result.probs)} patches cracked"
+        if result.crack_map is not None:
+            measures = measure_cracks(result, report_dir, window.mm_per_px)
+            entry |= measures
+            said += ", " + describe_cracks(measures)
+        else:
+            said += f", {share:.1%} of the area"
+        print(f"{result.path}: {said} -> {figure}, {table}")
+        photos.append(entry)
     print_skipped(skipped)
     if not photos:
         raise PredictionError("No photo could be scanned (see the skipped files above).")
     return {"photos": photos, "skipped": len(skipped)}
+
+
+def measure_cracks(result: Any, report_dir: Path, mm_per_px: float | None) -> dict[str, Any]:
+    """The cracks of a crack map at the decision threshold: their count, total length and
+    widths (in mm too with scan.mm_per_px), and one row per crack in PHOTO_cracks.csv."""
+    from crack_lightning.evaluation.crack_maps import crack_measures
+    from crack_lightning.io import write_csv
+
+    measures = crack_measures(result.crack_map >= result.threshold, mm_per_px)
+    header = ["crack", "x", "y", "width", "height", "length_px", "mean_width_px"]
+    header += ["max_width_px", "length_mm", "mean_width_mm", "max_width_mm"]
+    rows = [
+        [i + 1, *crack.box, f"{crack.length:.1f}", f"{crack.mean_width:.2f}"]
+        + [f"{crack.max_width:.2f}"]
+        + ["" if v is None else f"{v:.2f}" for v in (crack.length_mm, crack.mean_width_mm)]
+        + ["" if crack.max_width_mm is None else f"{crack.max_width_mm:.2f}"]
+        for i, crack in enumerate(measures.cracks)
+    ]
+    write_csv(report_dir / f"{result.name}_cracks.csv", header, rows)
+    return {
+        "cracks": measures.count,
+        "crack_length_px": measures.length,
+        "mean_width_px": measures.mean_width,
+        "max_width_px": measures.max_width,
+        "crack_length_mm": measures.length_mm,
+        "max_width_mm": measures.max_width_mm,
+    }
+
+
+def describe_cracks(measures: dict[str, Any]) -> str:
+    """ "2 cracks, 350 px long (35.0 mm), widest 5.0 px (0.50 mm)" for a scan's line."""
+    if not measures["cracks"]:
+        return "no crack"
+    mm = measures["crack_length_mm"] is not None
+    length = f"{measures['crack_length_px']:.0f} px" + (
+        f" ({measures['crack_length_mm']:.1f} mm)" if mm else ""
+    )
+    widest = f"{measures['max_width_px']:.1f} px" + (
+        f" ({measures['max_width_mm']:.2f} mm)" if mm else ""
+    )
+    count = measures["cracks"]
+    return f"{count} crack{'s' if count > 1 else ''}, {length} long, widest {widest}"
 
 
 def predict() -> Any:

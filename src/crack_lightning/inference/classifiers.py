@@ -29,10 +29,12 @@ from crack_lightning.evaluation.threshold import METADATA_KEY, stored_threshold
 from crack_lightning.inference.unfamiliar import CHECKPOINT_KEY as FEATURE_STATS_KEY
 from crack_lightning.inference.unfamiliar import stats_stage, unfamiliar_score
 from crack_lightning.io import load_safely
+from crack_lightning.models.crack_map import MAP_HPARAM
 from crack_lightning.models.network import CrackNet, build_network
 from crack_lightning.progress import progress as progress_of
 
 if TYPE_CHECKING:
+    from crack_lightning.inference.crack_maps import MapNetwork
     from crack_lightning.models.classifier import CrackClassifier
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ NO_STATS_IN_CHECKPOINT = (
     "the checkpoint holds no feature statistics; train with callbacks.feature_stats "
     "(on in experiment=generalize) to get the unfamiliar score"
 )
+NO_STATS_OF_MAPS = "a crack-map model has no feature statistics"
 NO_STATS_WHEN_EXPORTED = (
     "an exported {kind} model holds no feature statistics (it outputs probabilities "
     "only); scan with the training checkpoint (.ckpt) to get the unfamiliar score"
@@ -165,7 +168,7 @@ class LoadedModel:
     """
 
     source: str  # the file it came from, for messages
-    network: TorchNetwork | OnnxNetwork | ScriptNetwork
+    network: TorchNetwork | OnnxNetwork | ScriptNetwork | MapNetwork
     image_size: int
     threshold: float | None  # chosen on validation and stored with the model; None: not stored
     feature_stats: dict[str, torch.Tensor] | None  # training features' (unfamiliar.py)
@@ -196,12 +199,24 @@ class LoadedModel:
     @property
     def checkpoint_module(self) -> CrackNet:
         """The checkpoint's network, which export writes out; exported files have none."""
+        if self.maps:
+            raise PredictionError(
+                f"ckpt_path={self.source} is a crack-map model (model=segmenter): export "
+                f"takes a classifier's checkpoint; scan with the crack-map checkpoint itself."
+            )
         if not isinstance(self.network, TorchNetwork):
             raise PredictionError(
                 f"ckpt_path={self.source} is an exported model: export needs the training "
                 f"checkpoint (.ckpt) it came from."
             )
         return self.network.net
+
+    @property
+    def maps(self) -> bool:
+        """Whether it maps cracks pixel by pixel (a crack-map checkpoint)."""
+        from crack_lightning.inference.crack_maps import MapNetwork
+
+        return isinstance(self.network, MapNetwork)
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
         """P(crack) of each image."""
@@ -265,19 +280,29 @@ def _load_checkpoint(path: Path, device: torch.device) -> LoadedModel:
         for name, tensor in checkpoint["state_dict"].items()
         if name.startswith(NET_PREFIX)
     }
+    build = build_network
+    if MAP_HPARAM in hparams:  # a crack-map checkpoint (models/segmenter.py)
+        from crack_lightning.models.crack_map import build_map_network as build
     try:
-        net = build_network(**_network_settings(hparams))
+        net = build(**_network_settings(hparams, build))
         net.load_state_dict(state)
     except (TypeError, RuntimeError) as err:
         raise PredictionError(
             f"ckpt_path={path} does not match this version's model: {err}"
         ) from None
+    if MAP_HPARAM in hparams:
+        from crack_lightning.inference.crack_maps import MapNetwork
+
+        network = MapNetwork(net, device, float(hparams["min_share"]))
+        return LoadedModel(
+            str(path), network, int(hparams["image_size"]), threshold, None, NO_STATS_OF_MAPS
+        )
     return LoadedModel.from_module(net, device, str(path), threshold, stats)
 
 
-def _network_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """The hyperparameters build_network takes (the rest are training's: lr, optimizer...)."""
-    taken = inspect.signature(build_network).parameters
+def _network_settings(hparams: Mapping[str, Any], build: Callable) -> dict[str, Any]:
+    """The hyperparameters `build` takes (the rest are training's: lr, optimizer...)."""
+    taken = inspect.signature(build).parameters
     return {name: value for name, value in hparams.items() if name in taken}
 
 

@@ -19,9 +19,10 @@ from crack_lightning.data.masks import tile_boxes
 from crack_lightning.data.workers import run_batches
 from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.inference.classifiers import LoadedModel
+from crack_lightning.inference.crack_maps import map_png, render_map
 from crack_lightning.io import write_atomically, write_csv
 from crack_lightning.progress import track
-from crack_lightning.settings import CLASS_NAMES, Rule, at_least, at_most
+from crack_lightning.settings import CLASS_NAMES, Rule, above, at_least, at_most
 
 # the heat-map PNG is scaled down to this longest side; the CSV keeps full-size coordinates
 MAX_FIGURE_SIDE = 2048
@@ -39,6 +40,8 @@ class ScanSettings:
     stride: Annotated[int, at_least(1, "pixels")]
     # null: never label a patch Unfamiliar
     unfamiliar_limit: Annotated[float | None, Rule("a number > 0 or null", lambda v: v > 0)]
+    # millimetres per pixel of the photos, for crack lengths and widths in mm; null: pixels
+    mm_per_px: Annotated[float | None, above(0, "millimetres per pixel")] = None
 
 
 @dataclass
@@ -57,6 +60,9 @@ class ScanResult:
     # the photo's results are named by this (scan_figure; distinct among the photos of a
     # run even where file names repeat: output_names)
     name: str = ""
+    # (height, width) P(crack) per pixel, from a crack-map model (inference/crack_maps.py);
+    # its tiles' probs then come from it by the tile rule
+    crack_map: np.ndarray | None = None
 
     @property
     def is_unfamiliar(self) -> np.ndarray:
@@ -160,6 +166,31 @@ def scan_photo(
     )
 
 
+def map_photo(
+    model: LoadedModel,
+    photo: Image.Image,
+    path: Path,
+    patch_size: int,
+    stride: int,
+    threshold: float,
+) -> ScanResult:
+    """A crack-map model's scan: the photo's map in one pass (or a few pieces), and each
+    window's P(crack) from the map by the tile rule at the model's min_share, so that a
+    window scores >= t exactly when at least min_share of its pixels do."""
+    from crack_lightning.evaluation.crack_maps import tile_probs_from_map
+
+    crack_map = model.network.crack_map(v2.functional.pil_to_tensor(photo))
+    width, height = photo.size
+    boxes = tile_boxes(width, height, patch_size, stride)
+    probs = tile_probs_from_map(crack_map, boxes, patch_size, model.network.min_share)
+    return ScanResult(path, width, height, patch_size, boxes, probs, threshold, crack_map=crack_map)
+
+
+def cracks_file(out: Path, name: str) -> Path:
+    """Where scan_files saves a crack-map model's map of the photo named `name`."""
+    return out / f"{name}_cracks.png"
+
+
 def output_names(paths: Sequence[Path]) -> list[str]:
     """A distinct name for each photo's results, its stem where that is unique: photos
     that share one (a/wall.png, b/wall.png) get their folders' names in front (a_wall,
@@ -240,19 +271,25 @@ def scan_files(
         if (small := too_small(photo, window.patch_size)) is not None:
             skipped.append((path, small))
             continue
-        result = scan_photo(
-            classifier,
-            photo,
-            path,
-            window.patch_size,
-            window.stride,
-            batch_size,
-            threshold,
-            window.unfamiliar_limit,
-            num_workers,
-        )
+        if classifier.maps:
+            result = map_photo(classifier, photo, path, window.patch_size, window.stride, threshold)
+            save_png(map_png(result.crack_map), cracks_file(out, name))
+            figure = render_map(result.crack_map, threshold, photo, figure_scale(result))
+        else:
+            result = scan_photo(
+                classifier,
+                photo,
+                path,
+                window.patch_size,
+                window.stride,
+                batch_size,
+                threshold,
+                window.unfamiliar_limit,
+                num_workers,
+            )
+            figure = render_scan(result, photo)
         result.name = name
-        save_png(render_scan(result, photo), scan_figure(out, name))
+        save_png(figure, scan_figure(out, name))
         yield result
 
 
@@ -301,10 +338,15 @@ def _outline(mask: np.ndarray, width: int) -> np.ndarray:
     return mask & ~inner
 
 
+def figure_scale(result: ScanResult) -> float:
+    """A scan figure's scale: the photo's own size up to MAX_FIGURE_SIDE."""
+    return min(1.0, MAX_FIGURE_SIDE / max(result.width, result.height))
+
+
 def render_scan(result: ScanResult, photo: Image.Image) -> Image.Image:
     """The photo with a red heat map of mean P(crack); where most covering windows are
     cracked, a yellow outline; where most are unfamiliar, a blue tint and outline."""
-    scale = min(1.0, MAX_FIGURE_SIDE / max(result.width, result.height))
+    scale = figure_scale(result)
     size = (max(1, round(result.width * scale)), max(1, round(result.height * scale)))
     heat = np.asarray(Image.fromarray(result.probability_map()).resize(size))
     cracked = np.asarray(Image.fromarray(_share_map(result, result.cracked)).resize(size)) >= 0.5

@@ -1,0 +1,228 @@
+"""The crack-map model: its training targets, loss and scores, and a short run from masked
+photos to a scan whose tiles follow from its map."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crack_lightning.data.mask_targets import UNKNOWN, MaskedImages
+from crack_lightning.data.transforms import Augmentation, augment_batch
+from crack_lightning.errors import ModelConfigError
+from crack_lightning.models.segmenter import PixelCounts, map_loss, tile_scores
+
+from .conftest import QUIET, compose_config
+from .test_masks_source import spec
+
+
+def test_a_tiles_score_from_its_map_agrees_with_the_tile_rule():
+    """tile score >= t exactly when at least min_share of the tile's pixels are >= t."""
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(64, 1, 20, 20, generator=generator) ** 4  # mostly low, a few high
+    for min_share in (0.01, 0.05, 0.07, 0.5):
+        scores = tile_scores(probs, min_share)
+        for threshold in (0.1, 0.3, 0.5, 0.9):
+            rule = (probs >= threshold).flatten(1).float().mean(dim=1) >= min_share
+            assert torch.equal(scores >= threshold, rule), (min_share, threshold)
+
+
+def line_map(column: int, rows: slice = slice(None)) -> torch.Tensor:
+    pixels = torch.zeros(1, 1, 32, 32)
+    pixels[0, 0, rows, column] = 1
+    return pixels
+
+
+@pytest.mark.parametrize(
+    ("predicted", "tolerance", "precision", "recall"),
+    [
+        (line_map(12), 2.0, 1.0, 1.0),  # 2 px beside the true line: right within 2 px
+        (line_map(12), 1.0, 0.0, 0.0),  # ... and wrong within 1 px
+        # the top half found: true rows 0-17 lie within 2 px of a found one (18 of 32)
+        (line_map(10, slice(0, 16)), 2.0, 1.0, 18 / 32),
+    ],
+)
+def test_pixel_scores_with_a_tolerance_by_hand(predicted, tolerance, precision, recall):
+    truth = line_map(10).to(torch.uint8)
+    counts = PixelCounts(tolerance, threshold=0.5)
+    counts.update(predicted, truth)
+    scores = counts.compute()
+    assert scores["pixel_precision"] == pytest.approx(precision)
+    assert scores["pixel_recall"] == pytest.approx(recall)
+
+
+def test_unknown_pixels_are_not_scored():
+    truth = line_map(10).to(torch.uint8)
+    truth[..., 16:, :] = UNKNOWN
+    counts = PixelCounts(0.0, threshold=0.5)
+    counts.update(line_map(10), truth)  # the unknown half predicted crack: not counted
+    assert counts.compute()["pixel_precision"] == 1.0
+    assert counts.true == 16
+
+
+def test_a_crack_crop_without_a_mask_teaches_only_its_strongest_pixel():
+    logits = torch.zeros(2, 1, 8, 8, requires_grad=True)
+    with torch.no_grad():
+        logits[0, 0, 3, 5] = 2.0
+    masks = torch.full((2, 1, 8, 8), UNKNOWN, dtype=torch.uint8)
+    loss = map_loss(logits, masks, torch.tensor([1, 0]))
+    loss.backward()
+    moved = torch.nonzero(logits.grad)
+    assert moved.tolist() == [[0, 0, 3, 5]]  # the strongest pixel of the crack crop only
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-2.0)))  # BCE(2.0, crack)
+
+
+def test_masks_follow_their_images_through_augmentation():
+    """Flips and rotation move a mask with its image; unknown pixels stay unknown."""
+    torch.manual_seed(0)
+    images = torch.zeros(16, 3, 32, 32, dtype=torch.uint8)
+    images[..., :, 5] = 255  # a bright vertical line, marked crack
+    masks = torch.zeros(16, 1, 32, 32, dtype=torch.uint8)
+    masks[..., :, 5] = 1
+    masks[..., :, 20:] = UNKNOWN
+    augmentation = Augmentation.from_config(
+        compose_config("train", ["data/augmentation=flip_rotate"]).data.augmentation
+    )
+    moved_images, moved_masks = augment_batch(images, augmentation, masks)
+    bright = moved_images.mean(dim=1, keepdim=True) > 0.5
+    crack = moved_masks == 1
+    assert (crack & ~bright).sum() <= 0.05 * crack.sum()  # resampling edges aside
+    assert (bright & ~crack & (moved_masks != UNKNOWN)).sum() <= 0.05 * bright.sum()
+    share_unknown = (moved_masks == UNKNOWN).float().mean().item()
+    assert 0.3 < share_unknown < 0.5  # 12 of 32 columns, wherever they went
+    assert set(moved_masks.unique().tolist()) <= {0, 1, UNKNOWN}
+
+
+def write_masked_photo(folder: Path, name: str, size: int, seed: int) -> Path:
+    """A grey, noisy photo with a dark 2 px crack from top to bottom, and its mask."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    grey = rng.normal(150, 12, (size, size)).clip(0, 255)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    column = int(rng.integers(8, size - 8))
+    for row in range(size):
+        x = column + int(6 * math.sin(row / 9 + seed))
+        grey[row, x : x + 2] = 50
+        mask[row, x : x + 2] = 255
+    Image.fromarray(np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)).save(
+        folder / f"{name}.png"
+    )
+    Image.fromarray(mask, mode="L").save(folder / f"{name}_mask.png")
+    return folder / f"{name}.png"
+
+
+def test_a_tile_brings_its_crop_of_the_mask_and_a_crop_what_its_label_says(tmp_path):
+    root = tmp_path / "site"
+    photo = write_masked_photo(root, "p0", 96, seed=1)
+    mask = np.asarray(Image.open(root / "p0_mask.png")) > 127
+    tiles = spec(root, "tile_size=48", "stride=48")
+    samples = [(f"{photo}#48,0,48", 1), (str(photo), 0), (str(photo), 1)]
+    data = MaskedImages(samples, [tiles, None, None], 48, "stop")
+    image, target = data[0]
+    assert image.shape == (3, 48, 48) and target["label"] == 1
+    assert np.array_equal(target["mask"][0].numpy() == 1, mask[0:48, 48:96])
+    assert int(data[1][1]["mask"].max()) == 0  # a not-crack crop: an empty mask
+    assert bool((data[2][1]["mask"] == UNKNOWN).all())  # a crack crop: somewhere, unknown
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=segmenter"], r"learns from masks, but data\.targets=labels"),
+        (["data.targets=masks"], r"learns from labels, but data\.targets=masks"),
+    ],
+)
+def test_model_and_targets_must_agree(make_cfg, overrides, message):
+    from crack_lightning.training.check import check_train_settings
+
+    with pytest.raises(ModelConfigError, match=message):
+        check_train_settings(make_cfg(*overrides))
+
+
+@pytest.fixture(scope="module")
+def map_run(tmp_path_factory) -> Path:
+    """experiment=crack_maps on 8 masked photos (96 px, 48 px crops), random-init encoder,
+    two epochs: a crack-map checkpoint."""
+    from crack_lightning.training.run import train
+
+    tmp = tmp_path_factory.mktemp("maps")
+    for i in range(8):
+        write_masked_photo(tmp / "data" / "site", f"p{i}", 96, seed=i)
+    run = tmp / "run"
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=crack_maps",
+            f"paths.output_dir={run}",
+            f"paths.data_dir={tmp / 'data'}",
+            *QUIET,
+            "logger=none",
+            "model.pretrained=false",
+            "data.sources.crackforest=null",
+            "data.sources.cracktile=null",
+            "data.sources.masonry=null",
+            "+data/sources@data.sources.site=masks",
+            f"data.sources.site.root={tmp / 'data' / 'site'}",
+            "data.sources.site.tile_size=48",
+            "data.sources.site.stride=48",
+            "data.sources.site.ambiguous=null",
+            "data.image_size=48",
+            "data.batch_size=8",
+            "data.val_fraction=0.25",
+            "data.test_fraction=0",
+            "trainer.max_epochs=2",
+        ],
+    )
+    train(cfg)
+    return run
+
+
+def test_a_scan_with_a_crack_map_writes_the_map_and_tiles_that_follow_it(map_run, tmp_path):
+    from crack_lightning.commands.predict import run as predict_run
+    from crack_lightning.evaluation.crack_maps import tile_probs_from_map
+
+    photos = tmp_path / "photos"
+    photo = write_masked_photo(photos, "wall", 120, seed=42)
+    (photos / "wall_mask.png").unlink()
+    out = tmp_path / "scan"
+    cfg = compose_config(
+        "predict",
+        [
+            f"ckpt_path={map_run / 'checkpoints' / 'best.ckpt'}",
+            f"inputs=[{photo}]",
+            "mode=scan",
+            "scan.patch_size=40",
+            "scan.stride=20",
+            f"paths.output_dir={out}",
+            "num_workers=0",
+            "progress=false",
+        ],
+    )
+    summary = predict_run(cfg)
+    report = Path(summary["photos"][0]["figure"]).parent
+    crack_map = np.asarray(Image.open(report / "wall_cracks.png"))
+    assert crack_map.shape == (120, 120) and crack_map.dtype == np.uint8
+    with (report / "wall_scan.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 25  # 5 x 5 windows of 40 every 20
+    boxes = np.array([(int(r["x"]), int(r["y"])) for r in rows])
+    probs = np.array([float(r["prob_crack"]) for r in rows])
+    derived = tile_probs_from_map(crack_map / 255, boxes, 40, 0.01)
+    assert np.allclose(probs, derived, atol=1 / 255)  # the map is stored in 8 bits
+    overlay = Image.open(report / "wall_scan.png")
+    assert overlay.size == (120, 120)
+
+
+def test_a_crack_map_checkpoint_cannot_be_exported(map_run, tmp_path):
+    from crack_lightning.errors import PredictionError
+    from crack_lightning.inference.classifiers import load_classifier
+
+    model = load_classifier(map_run / "checkpoints" / "best.ckpt", "cpu")
+    assert model.maps
+    with pytest.raises(PredictionError, match=r"is a crack-map model \(model=segmenter\)"):
+        model.checkpoint_module  # noqa: B018
