@@ -57,6 +57,9 @@ class ScanResult:
     # the photo's results are named by this (scan_figure; distinct among the photos of a
     # run even where file names repeat: output_names)
     name: str = ""
+    # (height, width) float32 P(crack) of each pixel, from a model that maps cracks
+    # (crack-scan-eval scores its pixels too); None from a patch classifier
+    crack_map: np.ndarray | None = None
 
     @property
     def is_unfamiliar(self) -> np.ndarray:
