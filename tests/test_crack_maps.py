@@ -131,6 +131,25 @@ def test_two_lines_are_two_cracks_and_specks_are_dropped():
     assert crack_measures(crack, min_pixels=1).count == 4
 
 
+def test_the_figures_do_not_depend_on_where_the_cracks_lie_in_the_map():
+    rng = np.random.default_rng(5)
+    crack = np.zeros((60, 80), dtype=bool)
+    crack[10:13, 5:70] = True  # a band
+    crack[20:55, 40:42] |= rng.random((35, 2)) > 0.2  # a ragged vertical crack
+    crack[58:, :30] = True  # a band in the bottom left corner
+    alone = crack_measures(crack)
+    # blank margins above and right: the corner band keeps its two edges (beyond an edge
+    # is no background: a crack that runs out of the photo keeps its width there)
+    placed = crack_measures(np.pad(crack, ((37, 0), (0, 90))))
+    assert placed.count == alone.count >= 3
+    assert (placed.length, placed.mean_width, placed.max_width) == pytest.approx(
+        (alone.length, alone.mean_width, alone.max_width)
+    )
+    for moved, there in zip(placed.cracks, alone.cracks, strict=True):
+        assert moved.box == (there.box[0], there.box[1] + 37, *there.box[2:])
+        assert moved.length == pytest.approx(there.length)
+
+
 def test_an_empty_map_has_no_crack():
     measures = crack_measures(np.zeros((30, 30), dtype=bool), mm_per_px=0.5)
     assert (measures.count, measures.length, measures.mean_width) == (0, 0.0, None)

@@ -161,6 +161,12 @@ def crack_measures(
     kept = kept[kept > 0]
     if not len(kept):
         return CrackMeasures(0, 0.0, None, None, mm_per_px, _in_mm(0.0, mm_per_px))
+    boxes = ndimage.find_objects(labels)
+    # the kept cracks' box and a pixel around it: the background nearest a crack pixel
+    # borders its own crack, so the distances there are the whole map's
+    top, left = (max(0, min(boxes[k - 1][axis].start for k in kept) - 1) for axis in (0, 1))
+    bottom, right = (max(boxes[k - 1][axis].stop for k in kept) + 1 for axis in (0, 1))
+    labels = labels[top:bottom, left:right]
     cracks = np.isin(labels, kept)
     skeleton = skeletonize(cracks, method="lee").astype(bool)
     width = 2 * ndimage.distance_transform_edt(cracks) - 1
@@ -170,13 +176,13 @@ def crack_measures(
     widths = width[skeleton]
     width_sums = np.bincount(on_skeleton, weights=widths, minlength=found + 1)
     skeleton_pixels = np.bincount(on_skeleton, minlength=found + 1)
-    boxes = ndimage.find_objects(labels)
+    max_widths = np.zeros(found + 1)
+    np.maximum.at(max_widths, on_skeleton, widths)
     each = []
     for label in kept:
         rows_box, cols_box = boxes[label - 1]
-        mine = widths[on_skeleton == label]
         mean = float(width_sums[label] / skeleton_pixels[label])
-        biggest = float(mine.max())
+        biggest = float(max_widths[label])
         each.append(
             Crack(
                 pixels=int(sizes[label]),
