@@ -1,7 +1,8 @@
 """`crack-scan-eval`: patch-level crack precision, recall, F1 and ROC-AUC of a scan
 against each photo's crack mask, PHOTO_mask.png beside it (settings: conf/scan_eval.yaml),
-per photo and per folder given (micro figures: every patch of the folder's photos pooled);
-masks are found, checked and fitted to their photos by data/masks.py.
+per photo and per folder given (micro figures: every patch of the folder's photos pooled),
+and pixel-level precision, recall and F1 within pixel_tolerance where the scan maps
+cracks; masks are found, checked and fitted to their photos by data/masks.py.
 
 crack-scan-eval ckpt_path=RUN/checkpoints/best.ckpt \
     photos=[../shared/data/masked/cracktile,../shared/data/photos/crackconcrete_004.png] \
@@ -45,6 +46,8 @@ class ScanEvalSettings:
     # a patch is crack in the mask when at least this share of its pixels is
     min_share: Annotated[float, Rule("in (0, 1]", lambda v: 0 < v <= 1)]
     threshold: Annotated[float | None, OPEN_UNIT]  # null: the model's stored threshold
+    # a crack map's pixel is right within this distance (pixels) of the mask's crack
+    pixel_tolerance: Annotated[float, at_least(0, "a distance in pixels")]
     batch_size: Annotated[int, at_least(1)]
     device: str
     out: str
@@ -52,9 +55,10 @@ class ScanEvalSettings:
 
 
 def evaluate(cfg: DictConfig) -> None:
-    """Scan each photo, score its patches against its mask; write scan_eval.json (per
-    photo, null where a figure is undefined), scan_summary.csv and .md (per folder), and
-    TensorBoard scalars under log_dir if set; print both reports (n/a where undefined)."""
+    """Scan each photo, score its patches (and its crack map's pixels, where the scan
+    has one) against its mask; write scan_eval.json (per photo, null where a figure is
+    undefined), scan_summary.csv and .md (per folder), and TensorBoard scalars under
+    log_dir if set; print both reports (n/a where undefined)."""
     settings = settings_of(cfg, ScanEvalSettings, "", others=("paths", "scan", "task_name"))
     window = settings_of(cfg.scan, ScanSettings, "scan")
     groups = expand_photos(settings.photos)
@@ -66,20 +70,25 @@ def evaluate(cfg: DictConfig) -> None:
     scans = scan_files(
         classifier, unique_photos(groups), window, settings.batch_size, threshold, out, skipped
     )
-    report, rows = score_groups(groups, scans, settings.min_share)
+    report, rows = score_groups(
+        groups, scans, settings.min_share, pixel_tolerance=settings.pixel_tolerance
+    )
     for path, reason in skipped:
         print(f"Skipped {path}: {reason}", file=sys.stderr)
     if not report:
         raise PredictionError("No photo could be scanned (see the skipped files above).")
+    tolerance = settings.pixel_tolerance
     if settings.log_dir is None:
-        table = write_scan_summary(out, report, rows, threshold)
+        summary = write_scan_summary(out, report, rows, threshold, pixel_tolerance=tolerance)
     else:
         from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(settings.log_dir) as writer:
-            table = write_scan_summary(out, report, rows, threshold, writer.add_scalar)
+            summary = write_scan_summary(
+                out, report, rows, threshold, writer.add_scalar, pixel_tolerance=tolerance
+            )
     print(format_scores(report))
-    print(f"\nthreshold {threshold}\n\n{table}")
+    print(f"\n{summary}")
 
 
 def check_masks(photos: list[Path]) -> None:

@@ -1,8 +1,11 @@
-"""Patch-level crack precision and recall of a scan against a photo's crack mask.
+"""Patch-level crack precision and recall of a scan against a photo's crack mask, and
+pixel-level ones where the scan carries a crack map.
 
 A patch counts as truly cracked by the tile rule of data/masks.py (at least `min_share`
 of its pixels crack in the mask), the one a masks source labels its tiles by; the mask is
-found, checked and fitted to the photo there too.
+found, checked and fitted to the photo there too. A map's pixels are crack at the scan's
+decision threshold and right within a distance tolerance of the mask's crack
+(evaluation/crack_maps.py tolerant_scores).
 
 The command that scans photos and scores them is commands/scan_eval.py (crack-scan-eval).
 """
@@ -18,6 +21,7 @@ import numpy as np
 
 from crack_lightning.data.masks import CRACK, load_mask, photos_in, tile_is_crack
 from crack_lightning.errors import PredictionError
+from crack_lightning.evaluation.crack_maps import PIXEL_TOLERANCE, tolerant_figures, tolerant_scores
 from crack_lightning.evaluation.folders import input_names, markdown_table
 from crack_lightning.evaluation.metrics import (
     binary_scores,
@@ -36,6 +40,10 @@ if TYPE_CHECKING:  # inference/ sits above evaluation/: the type only
 # the figures of a photo's report line, after its name (None prints as n/a)
 REPORT_COLUMNS = ("patches", "cracked_patches", "found_patches", "false_alarms")
 REPORT_FIGURES = ("precision", "recall", "f1", "auroc")
+# a crack map's pixel figures (after the patch figures, where the scan has a map) and the
+# counts they come from, which pool over photos (micro)
+PIXEL_FIGURES = ("pixel_precision", "pixel_recall", "pixel_f1")
+PIXEL_COUNTS = ("crack_pixels", "found_pixels", "predicted_pixels", "matched_pixels")
 
 
 def patch_truth(result: ScanResult, mask: np.ndarray, min_share: float) -> np.ndarray:
@@ -65,15 +73,39 @@ def patch_scores(result: ScanResult, truth: np.ndarray) -> dict[str, float | int
     }
 
 
+def pixel_scores(
+    result: ScanResult, mask: np.ndarray, tolerance: float = PIXEL_TOLERANCE
+) -> dict[str, float | int | None] | None:
+    """Pixel precision, recall and F1 (named pixel_*) of the scan's crack map at its
+    decision threshold, within `tolerance` pixels of the mask's crack, with the counts;
+    None when the scan has no map."""
+    if result.crack_map is None:
+        return None
+    if result.crack_map.shape != mask.shape:
+        raise PredictionError(
+            f"The crack map of {result.path} is {result.crack_map.shape[1]}x"
+            f"{result.crack_map.shape[0]} pixels but its mask {mask.shape[1]}x{mask.shape[0]}."
+        )
+    return _pixel_named(tolerant_scores(result.crack_map >= result.threshold, mask, tolerance))
+
+
+def _pixel_named(scores: dict[str, float | int | None]) -> dict[str, float | int | None]:
+    """tolerant_figures' keys as the report names them (pixel_f1 beside the patches' f1)."""
+    return {(f"pixel_{k}" if f"pixel_{k}" in PIXEL_FIGURES else k): v for k, v in scores.items()}
+
+
 def format_scores(report: dict[str, dict[str, float | int | None]]) -> str:
-    """The report for people: one line per photo, n/a where a figure is undefined."""
-    names = [*REPORT_COLUMNS, *REPORT_FIGURES]
+    """The report for people: one line per photo, n/a where a figure is undefined; the
+    pixel figures where a scan has a crack map."""
+    mapped = any(PIXEL_FIGURES[0] in scores for scores in report.values())
+    shown = (*REPORT_FIGURES, *(PIXEL_FIGURES if mapped else ()))
+    names = [*REPORT_COLUMNS, *shown]
     widths = [max(len(name), 6) for name in names]
     first = max([len("photo"), *map(len, report)])
     lines = [" ".join([f"{'photo':<{first}}", *map(str.rjust, names, widths)])]
     for photo, scores in report.items():
         cells = [str(scores[name]) for name in REPORT_COLUMNS]
-        cells += [figure(scores[name]) for name in REPORT_FIGURES]
+        cells += [figure(scores.get(name)) for name in shown]
         lines.append(" ".join([f"{photo:<{first}}", *map(str.rjust, cells, widths)]))
     return "\n".join(lines)
 
@@ -93,6 +125,9 @@ SUMMARY_COLUMNS = (
     "f1",
     "auroc",
 )
+# the summary's pixel columns, when a scan has a crack map: the Markdown table leaves
+# the counts to the CSV
+PIXEL_SUMMARY_CSV = (*PIXEL_COUNTS, *PIXEL_FIGURES)
 # the row pooling every folder's patches, when there are several
 ALL = "all"
 # how a photo's mask is read: (photo, (width, height)) -> boolean crack mask
@@ -101,22 +136,35 @@ MaskReader = Callable[[Path, tuple[int, int]], np.ndarray]
 
 @dataclass
 class PooledPatches:
-    """The patches of a folder's photos, pooled for micro figures."""
+    """The patches of a folder's photos, pooled for micro figures, and the pixel counts
+    of the photos scanned with a crack map."""
 
     photos: int = 0
     truth: list[np.ndarray] = field(default_factory=list)
     cracked: list[np.ndarray] = field(default_factory=list)
     probs: list[np.ndarray] = field(default_factory=list)
+    mapped_photos: int = 0
+    pixels: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PIXEL_COUNTS, 0))
 
-    def add(self, result: ScanResult, truth: np.ndarray) -> None:
+    def add(
+        self,
+        result: ScanResult,
+        truth: np.ndarray,
+        pixels: dict[str, float | int | None] | None = None,
+    ) -> None:
         self.photos += 1
         self.truth.append(truth)
         self.cracked.append(result.cracked)
         self.probs.append(result.probs)
+        if pixels is not None:
+            self.mapped_photos += 1
+            for name in PIXEL_COUNTS:
+                self.pixels[name] += int(pixels[name])
 
     def row(self, name: str) -> dict[str, float | int | str | None]:
         """Micro precision, recall and F1 (every patch of every photo counted once) of the
-        scan's cracked patches, and ROC-AUC of P(crack) over the pooled patches."""
+        scan's cracked patches, and ROC-AUC of P(crack) over the pooled patches; the
+        same micro figures of the mapped photos' pixels (None without one)."""
         truth = np.concatenate(self.truth) if self.truth else np.zeros(0, dtype=bool)
         found = counts(truth, np.concatenate(self.cracked) if self.cracked else truth)
         probs = np.concatenate(self.probs) if self.probs else np.zeros(0)
@@ -131,7 +179,21 @@ class PooledPatches:
             "recall": recall(found),
             "f1": f1(found),
             "auroc": roc_auc(truth, probs),
+            "mapped_photos": self.mapped_photos,
+            **self.pixel_row(),
         }
+
+    def pixel_row(self) -> dict[str, float | int | None]:
+        if not self.mapped_photos:
+            return dict.fromkeys(PIXEL_SUMMARY_CSV)
+        counts_ = self.pixels
+        pooled = tolerant_figures(
+            predicted=counts_["predicted_pixels"],
+            matched=counts_["matched_pixels"],
+            crack=counts_["crack_pixels"],
+            found=counts_["found_pixels"],
+        )
+        return _pixel_named(pooled)
 
 
 def expand_photos(items: Sequence[str | Path]) -> list[tuple[str, list[Path]]]:
@@ -166,10 +228,12 @@ def score_groups(
     results: Iterable[ScanResult],
     min_share: float,
     mask_of: MaskReader = load_mask,
+    pixel_tolerance: float = PIXEL_TOLERANCE,
 ) -> tuple[dict[str, dict], list[dict]]:
-    """Score each scanned photo against its mask (the tile rule); return the per-photo
-    report and one summary row per group, plus ALL (every photo once) when there are
-    several groups. `results` are the scans of unique_photos(groups) (scan.scan_files)."""
+    """Score each scanned photo against its mask (the tile rule; its pixels too where the
+    scan has a crack map, within pixel_tolerance); return the per-photo report and one
+    summary row per group, plus ALL (every photo once) when there are several groups.
+    `results` are the scans of unique_photos(groups) (scan.scan_files)."""
     owners: dict[Path, list[int]] = {}
     for index, (_, photos) in enumerate(groups):
         for photo in photos:
@@ -178,11 +242,13 @@ def score_groups(
     everything = PooledPatches()
     report: dict[str, dict] = {}
     for result in results:
-        truth = patch_truth(result, mask_of(result.path, (result.width, result.height)), min_share)
-        report[result.name + result.path.suffix] = patch_scores(result, truth)
+        mask = mask_of(result.path, (result.width, result.height))
+        truth = patch_truth(result, mask, min_share)
+        pixels = pixel_scores(result, mask, pixel_tolerance)
+        report[result.name + result.path.suffix] = patch_scores(result, truth) | (pixels or {})
         for index in owners[result.path]:
-            pooled[index].add(result, truth)
-        everything.add(result, truth)
+            pooled[index].add(result, truth, pixels)
+        everything.add(result, truth, pixels)
     rows = [patches.row(name) for (name, _), patches in zip(groups, pooled, strict=True)]
     if len(groups) > 1:
         rows.append(everything.row(ALL))
@@ -196,17 +262,25 @@ def write_scan_summary(
     threshold: float,
     add_scalar: Callable[[str, float, int], None] | None = None,
     step: int = 0,
+    pixel_tolerance: float = PIXEL_TOLERANCE,
 ) -> str:
     """scan_eval.json (per photo; null where undefined), scan_summary.csv and .md (per
-    folder) into out, and with add_scalar TensorBoard scalars scan_eval/FOLDER/FIGURE;
-    returns the Markdown table."""
+    folder; pixel columns where a scan had a crack map, scored within pixel_tolerance)
+    into out, and with add_scalar TensorBoard scalars scan_eval/FOLDER/FIGURE; returns the
+    Markdown summary as written (its threshold and tolerance, then the table)."""
+    mapped = any(row.get("mapped_photos") for row in rows)
     write_json(out / "scan_eval.json", report)
-    write_csv(out / "scan_summary.csv", SUMMARY_COLUMNS, rows)
-    table = markdown_table(rows, SUMMARY_COLUMNS)
-    write_text(out / "scan_summary.md", f"threshold {threshold}\n\n{table}\n")
+    write_csv(
+        out / "scan_summary.csv", (*SUMMARY_COLUMNS, *(PIXEL_SUMMARY_CSV if mapped else ())), rows
+    )
+    table = markdown_table(rows, (*SUMMARY_COLUMNS, *(PIXEL_FIGURES if mapped else ())))
+    heading = f"threshold {threshold}" + (f", pixels within {pixel_tolerance} px" if mapped else "")
+    summary = f"{heading}\n\n{table}"
+    write_text(out / "scan_summary.md", summary + "\n")
+    figures = ("precision", "recall", "f1", "auroc", *(PIXEL_FIGURES if mapped else ()))
     if add_scalar is not None:
         for row in rows:
-            for name in ("precision", "recall", "f1", "auroc"):
+            for name in figures:
                 if row[name] is not None:
                     add_scalar(f"scan_eval/{row['folder']}/{name}", float(row[name]), step)
-    return table
+    return summary

@@ -18,11 +18,12 @@ from crack_lightning.data.decode import load_rgb, resize
 from crack_lightning.data.masks import tile_boxes
 from crack_lightning.data.workers import run_batches
 from crack_lightning.errors import PredictionError, UnreadableImage
+from crack_lightning.evaluation.crack_maps import MM_PER_PX, tile_probs_from_map
 from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.inference.crack_maps import map_png, render_map
 from crack_lightning.io import write_atomically, write_csv
 from crack_lightning.progress import track
-from crack_lightning.settings import CLASS_NAMES, Rule, above, at_least, at_most
+from crack_lightning.settings import CLASS_NAMES, Rule, at_least, at_most
 
 # the heat-map PNG is scaled down to this longest side; the CSV keeps full-size coordinates
 MAX_FIGURE_SIDE = 2048
@@ -41,7 +42,7 @@ class ScanSettings:
     # null: never label a patch Unfamiliar
     unfamiliar_limit: Annotated[float | None, Rule("a number > 0 or null", lambda v: v > 0)]
     # millimetres per pixel of the photos, for crack lengths and widths in mm; null: pixels
-    mm_per_px: Annotated[float | None, above(0, "millimetres per pixel")] = None
+    mm_per_px: Annotated[float | None, MM_PER_PX] = None
 
 
 @dataclass
@@ -60,8 +61,8 @@ class ScanResult:
     # the photo's results are named by this (scan_figure; distinct among the photos of a
     # run even where file names repeat: output_names)
     name: str = ""
-    # (height, width) P(crack) per pixel, from a crack-map model (inference/crack_maps.py);
-    # its tiles' probs then come from it by the tile rule
+    # (height, width) float32 P(crack) of each pixel, from a model that maps cracks
+    # (crack-scan-eval scores its pixels too); None from a patch classifier
     crack_map: np.ndarray | None = None
 
     @property
@@ -177,8 +178,6 @@ def map_photo(
     """A crack-map model's scan: the photo's map in one pass (or a few pieces), and each
     window's P(crack) from the map by the tile rule at the model's min_share, so that a
     window scores >= t exactly when at least min_share of its pixels do."""
-    from crack_lightning.evaluation.crack_maps import tile_probs_from_map
-
     crack_map = model.network.crack_map(v2.functional.pil_to_tensor(photo))
     width, height = photo.size
     boxes = tile_boxes(width, height, patch_size, stride)

@@ -15,6 +15,7 @@ from torchmetrics import Metric
 from crack_lightning.data.mask_targets import UNKNOWN
 from crack_lightning.data.masks import CRACK
 from crack_lightning.errors import ModelConfigError
+from crack_lightning.evaluation.crack_maps import pixels_needed
 from crack_lightning.evaluation.threshold import DEFAULT_THRESHOLD
 from crack_lightning.models.classifier import EpochScores
 from crack_lightning.models.crack_map import build_map_network
@@ -43,10 +44,11 @@ def near(pixels: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 def tile_scores(probs: torch.Tensor, min_share: float) -> torch.Tensor:
     """Each map's P(crack) as a tile under the tile rule (data/masks.py tile_is_crack): the
-    k-th largest pixel probability, k = ceil(min_share * pixels), so that a tile scores
+    k-th largest pixel probability, k = pixels_needed (evaluation/crack_maps.py's
+    tile_probs_from_map, the same rule on a whole photo's map), so that a tile scores
     >= t exactly when at least min_share of its pixels do."""
     flat = probs.flatten(1)
-    k = max(1, int(-(-min_share * flat.shape[1] // 1)))
+    k = pixels_needed(flat.shape[1], min_share)
     return flat.topk(k, dim=1).values[:, -1]
 
 
