@@ -15,6 +15,7 @@ from PIL import Image
 from crack_lightning.data.mask_targets import UNKNOWN, MaskedImages
 from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import ModelConfigError
+from crack_lightning.inference.crack_maps import LINE_COLOUR
 from crack_lightning.models.segmenter import PixelCounts, map_loss, tile_scores
 
 from .conftest import QUIET, compose_config
@@ -214,8 +215,37 @@ def test_a_scan_with_a_crack_map_writes_the_map_and_tiles_that_follow_it(map_run
     probs = np.array([float(r["prob_crack"]) for r in rows])
     derived = tile_probs_from_map(crack_map / 255, boxes, 40, 0.01)
     assert np.allclose(probs, derived, atol=1 / 255)  # the map is stored in 8 bits
-    overlay = Image.open(report / "wall_scan.png")
-    assert overlay.size == (120, 120)
+    overlay = np.asarray(Image.open(report / "wall_scan.png").convert("RGB"))
+    changed = (overlay != np.asarray(Image.open(photo).convert("RGB"))).any(axis=2)
+    line = (overlay == LINE_COLOUR).all(axis=2)
+    assert np.array_equal(changed, line)  # only the crack line is drawn; the rest is the photo
+    assert line.sum() <= max(1, (crack_map >= 128).sum())  # a line, not the crack's area
+    with (report / "wall_cracks.csv").open() as handle:
+        cracks = list(csv.DictReader(handle))
+    entry = summary["photos"][0]
+    assert entry["cracks"] == len(cracks)
+    lengths = sum(float(row["length_px"]) for row in cracks)
+    assert entry["crack_length_px"] == pytest.approx(lengths, abs=0.1 * max(1, len(cracks)))
+
+
+def test_mm_per_px_must_be_positive(map_run, tmp_path):
+    from crack_lightning.commands.predict import run as predict_run
+    from crack_lightning.errors import PredictionError
+
+    cfg = compose_config(
+        "predict",
+        [
+            f"ckpt_path={map_run / 'checkpoints' / 'best.ckpt'}",
+            f"inputs=[{tmp_path}]",
+            "mode=scan",
+            "scan.mm_per_px=0",
+            f"paths.output_dir={tmp_path / 'out'}",
+        ],
+    )
+    with pytest.raises(
+        PredictionError, match=r"^scan\.mm_per_px=0(\.0)? must be a pixel's size in mm > 0\.$"
+    ):
+        predict_run(cfg)
 
 
 def test_a_crack_map_checkpoint_cannot_be_exported(map_run, tmp_path):

@@ -81,7 +81,7 @@ def render_map(
 
     size = (max(1, round(photo.width * scale)), max(1, round(photo.height * scale)))
     crack = Image.fromarray(crack_map >= threshold).resize(size, Image.Resampling.NEAREST)
-    line = skeletonize(np.asarray(crack))
+    line = skeletonize(np.array(crack), method="lee").astype(bool)
     pixels = np.asarray(photo.convert("RGB").resize(size)).copy()
     pixels[line] = LINE_COLOUR
     return Image.fromarray(pixels)
