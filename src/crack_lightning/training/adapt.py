@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from crack_lightning.data.decode import DecodedImages
 from crack_lightning.data.sources import MASKS_KIND, ROOT_SOURCE
 from crack_lightning.errors import ConfigError, DataError
+from crack_lightning.models.crack_map import MAP_HPARAM
 from crack_lightning.settings import CLASS_NAMES, Rule, settings_of
 
 if TYPE_CHECKING:
@@ -39,6 +40,15 @@ log = logging.getLogger(__name__)
 # Lightning stores the data module's hyperparameters (data.*) in every checkpoint here
 DATA_HPARAMS_KEY = "datamodule_hyper_parameters"
 INIT_FILES = "Use a training run's checkpoints/best.ckpt (a .ckpt train.py wrote)."
+# what a crack-map adaptation builds, and the classifier's callbacks it leaves out
+SEGMENTER_TARGET = "crack_lightning.models.segmenter.CrackSegmenter"
+MAP_UNUSED_CALLBACKS = (
+    "finetune",
+    "validation_figures",
+    "validation_mistakes",
+    "source_metrics",
+    "feature_stats",
+)
 # the data settings of the checkpoint's run that fix its sources' split
 SPLIT_SETTINGS = ("seed", "val_fraction", "test_fraction")
 
@@ -83,6 +93,8 @@ def prepare_start(cfg: DictConfig) -> Start:
     path = Path(cfg.init_from)
     checkpoint, hparams = read_training_checkpoint(path, "init_from", ConfigError, INIT_FILES)
     start = Start(path, checkpoint["state_dict"], hparams, settings)
+    if MAP_HPARAM in hparams:
+        use_map_recipe(cfg, hparams, settings)
     check_backbone(start, cfg.model)
     with open_dict(cfg):
         cfg.data.image_size = int(hparams["image_size"])
@@ -108,6 +120,36 @@ def prepare_start(cfg: DictConfig) -> Start:
         ", ".join(replayed) or "no source",
     )
     return start
+
+
+def use_map_recipe(cfg: DictConfig, hparams: Mapping[str, Any], settings: AdaptSettings) -> None:
+    """A crack-map checkpoint adapts as a crack map: its own model settings, mask targets,
+    the site's photos as crops of the model's input size at their own scale, and the
+    checkpoint chosen by validation pixel F1; the classifier's fine-tuning schedule,
+    figures and thresholds (which read class probabilities) are left out."""
+    if settings.bn_stats:
+        raise ConfigError(
+            "adapt.bn_stats=true re-estimates a classifier backbone's statistics; a crack-map "
+            "model keeps its encoder's: set adapt.bn_stats=false."
+        )
+    site, size = settings.site, int(hparams["image_size"])
+    with open_dict(cfg):
+        cfg.model = OmegaConf.merge({"_target_": SEGMENTER_TARGET, "_recursive_": False}, hparams)
+        cfg.data.targets = "masks"
+        cfg.data.cache_features = False
+        sources = cfg.data.get("sources") or {}
+        if sources.get(site) is not None:
+            cfg.data.sources[site].tile_size = size
+            cfg.data.sources[site].stride = size // 2
+            cfg.data.sources[site].ambiguous = None
+        for name in MAP_UNUSED_CALLBACKS:
+            if name in cfg.callbacks:
+                cfg.callbacks[name] = None
+        for name in ("model_checkpoint", "early_stopping"):
+            if cfg.callbacks.get(name) is not None:
+                cfg.callbacks[name].monitor, cfg.callbacks[name].mode = "val/pixel_f1", "max"
+        cfg.optimized_metric = "val/pixel_f1"
+    log.info("init_from holds a crack-map model: adapting it as one (mask targets, %d px).", size)
 
 
 def check_backbone(start: Start, model: DictConfig) -> None:

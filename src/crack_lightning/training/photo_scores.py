@@ -53,10 +53,15 @@ def source_mask(spec: SourceSpec):
 
 
 def scan_validation_photos(
-    datamodule: L.LightningDataModule, trainer: L.Trainer, ckpt_path: str, out: Path
+    datamodule: L.LightningDataModule,
+    trainer: L.Trainer,
+    ckpt_path: str,
+    out: Path,
+    to_tensorboard: bool = True,
 ) -> list[dict]:
     """Scan each masks source's validation photos with the checkpoint (windows of the
-    source's tile_size and stride, its min_share); write the summary; its rows."""
+    source's tile_size and stride, its min_share); write the summary (and, to_tensorboard,
+    its scalars); its rows."""
     photos = validation_photos(datamodule)
     if not photos:
         log.info("scan_eval_at_end: no masks source has validation photos; nothing scanned.")
@@ -85,7 +90,37 @@ def scan_validation_photos(
     for path, reason in skipped:
         log.warning("scan_eval_at_end skipped %s: %s", path, reason)
     loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-    add_scalar = loggers[0].experiment.add_scalar if loggers else None
+    add_scalar = loggers[0].experiment.add_scalar if loggers and to_tensorboard else None
     table = write_scan_summary(out, report, rows, threshold, add_scalar, trainer.global_step)
     log.info("Whole-photo scores of the validation photos (%s):\n%s", out, table)
     return rows
+
+
+# the figures of before_after's table: (row key, heading)
+COMPARED = (
+    ("precision", "tile P"),
+    ("recall", "tile R"),
+    ("f1", "tile F1"),
+    ("pixel_f1", "pixel F1"),
+)
+
+
+def before_after(before: list[dict], after: list[dict]) -> str:
+    """A short table of the same photos scanned before and after adapting, one line per
+    folder, and a warning where fewer cracked tiles are found than before."""
+
+    def shown(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [" | ".join(["folder", "photos", *(f"{name} before -> after" for _, name in COMPARED)])]
+    warnings = []
+    for old, new in zip(before, after, strict=True):
+        cells = [f"{shown(old.get(k))} -> {shown(new.get(k))}" for k, _ in COMPARED]
+        lines.append(" | ".join([str(new["folder"]), str(new["photos"]), *cells]))
+        if new["found_patches"] < old["found_patches"]:
+            warnings.append(
+                f"{new['folder']}: {old['found_patches'] - new['found_patches']} cracked "
+                f"tile(s) found before adapting are missed after (see the overlays in "
+                f"scan_eval/before/ and scan_eval/)."
+            )
+    return "\n".join(lines + [f"WARNING {text}" for text in warnings])

@@ -123,9 +123,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     best = metrics.get("best_checkpoint")
     if cfg.scan_eval_at_end and trainer.is_global_zero and best:
         # the scan code (inference, masks scoring) is loaded only when asked for
-        from crack_lightning.training.photo_scores import SCAN_DIR, scan_validation_photos
+        from crack_lightning.training.photo_scores import (
+            SCAN_DIR,
+            before_after,
+            scan_validation_photos,
+        )
 
-        scan_validation_photos(datamodule, trainer, best, output_dir / SCAN_DIR)
+        after = scan_validation_photos(datamodule, trainer, best, output_dir / SCAN_DIR)
+        if start is not None and start.site is not None and after:
+            before = scan_validation_photos(
+                datamodule, trainer, str(start.path), output_dir / SCAN_DIR / "before", False
+            )
+            log.info(
+                "The validation photos, scanned with init_from and with the adapted model:\n%s",
+                before_after(before, after),
+            )
     log_run_files(
         trainer,
         [
