@@ -536,15 +536,16 @@ def none_of_class(spec: SourceSpec, class_name: str, count: int) -> str:
     return f"its masks mark all of its {count} tiles as crack ({share})"
 
 
+def manifest_key(data: SourceSamples, index: int) -> tuple[str, str]:
+    """A sample's (source, path relative to the source's root): its manifest row's key."""
+    spec = data.specs[data.source[index]]
+    return spec.name, Path(data.samples[index][0]).relative_to(spec.root).as_posix()
+
+
 def manifest_rows(data: SourceSamples) -> list[tuple[str, str, str, str]]:
     """Every image as a manifest row (MANIFEST_COLUMNS), sorted."""
     rows = [
-        (
-            data.specs[data.source[i]].name,
-            Path(data.samples[i][0]).relative_to(data.specs[data.source[i]].root).as_posix(),
-            CLASS_NAMES[data.samples[i][1]],
-            name,
-        )
+        (*manifest_key(data, i), CLASS_NAMES[data.samples[i][1]], name)
         for name, indices in data.split.items()
         for i in indices
     ]
