@@ -283,6 +283,100 @@ def test_a_source_s_unpack_bound_is_checked(tmp_path):
         source_spec(tmp_path / "root", unpack_limit_gib=-1)
 
 
+def bomb_zip(path: Path, inflated: int = 20 * MIB) -> Path:
+    """A source archive in SDNET2018's layout whose D/CD/bomb.jpg is `inflated` bytes of
+    zeros: deflate packs them about 1,000:1, far beyond any photo's ratio."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in SDNET.items():
+            zf.writestr(name, data)
+        zf.writestr("D/CD/bomb.jpg", bytes(inflated))
+    return path
+
+
+def test_an_entry_packed_beyond_the_ratio_bound_is_refused_before_unpacking(tmp_path):
+    """20 MiB packed 1,000:1, well under the 4 GiB total bound: the entry's ratio alone
+    refuses the archive, naming the entry and the setting, and nothing is written."""
+    archive = bomb_zip(tmp_path / "bomb.zip")
+    assert archive.stat().st_size < 64 * 1024
+    root = tmp_path / "data" / "sdnet2018"
+    spec = source_spec(root, enabled=True, archive=archive)
+    with pytest.raises(DataError) as caught:
+        ensure_source(spec, progress=False)
+    message = str(caught.value)
+    assert "D/CD/bomb.jpg" in message and "20.0 MiB" in message
+    assert "packed 1" in message and "data.sources.decks.download.unpack_ratio_limit=100" in message
+    assert [p.name for p in tmp_path.rglob("*") if not p.is_dir()] == ["bomb.zip"]
+    assert not root.exists() and not list(root.parent.iterdir())  # no scratch left
+
+
+def test_an_image_entry_beyond_the_image_bound_is_refused(tmp_path):
+    """With the ratio bound raised, the same entry is judged by its size as an image:
+    20 MiB against an 8 MiB bound is refused; with both raised it is unpacked."""
+    archive = bomb_zip(tmp_path / "bomb.zip")
+    root = tmp_path / "data" / "sdnet2018"
+    raised = {"enabled": True, "archive": archive, "unpack_ratio_limit": 2000}
+    spec = source_spec(root, **raised, unpack_image_limit_mib=8)
+    with pytest.raises(
+        DataError, match=r"D/CD/bomb.jpg, 20.0 MiB, .*download.unpack_image_limit_mib=8 MiB"
+    ):
+        ensure_source(spec, progress=False)
+    assert not root.exists() and not list(root.parent.iterdir())
+    ensure_source(source_spec(root, **raised, unpack_image_limit_mib=32), progress=False)
+    assert (root / "D" / "CD" / "bomb.jpg").stat().st_size == 20 * MIB
+
+
+def test_data_s_ratio_bound_holds_for_the_metu_archive(tmp_path, monkeypatch):
+    """data.root's archive (crack-data download, train.py's data.archive) is held to
+    data.unpack_ratio_limit."""
+    monkeypatch.setattr(fetch_module, "METU", fetch_module.Source("unused", None, None, 2))
+    archive = tmp_path / "crack.zip"
+    files = layout(2) | {"Concrete Crack Images for Classification/Positive/00002.jpg": b""}
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data or bytes(4 * MIB))
+    root = tmp_path / "root"
+    with pytest.raises(DataError, match=r"packed .* data.unpack_ratio_limit=100:1"):
+        ensure_source(root_spec(root), archive=archive, progress=False)
+    assert not root.exists() and not (tmp_path / ".root.unpacking").exists()
+    ready = ensure_source(root_spec(root), archive=archive, progress=False, unpack_ratio_limit=5000)
+    assert ready == root and (root / "Positive" / "00002.jpg").stat().st_size == 4 * MIB
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_rar_image_beyond_the_image_bound_is_refused(tool, tmp_path, monkeypatch):
+    """A RAR's entries are measured once unpacked: a 3 MiB image against a 2 MiB bound."""
+    monkeypatch.setattr(fetch_module, "RAR_TOOLS", (tool,))
+    files = {f"Data/{name}": data for name, data in SDNET.items()}
+    archive = write_rar4(tmp_path / "decks.rar", files | {"Data/D/UD/big.jpg": bytes(3 * MIB)})
+    root = tmp_path / "data" / "sdnet2018"
+    spec = source_spec(root, enabled=True, archive=archive, unpack_image_limit_mib=2)
+    with pytest.raises(DataError, match=r"D/UD/big.jpg, 3.0 MiB, .*unpack_image_limit_mib=2 MiB"):
+        ensure_source(spec, progress=False)
+    assert not root.exists() and not list(root.parent.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("override", "setting"),
+    [
+        ("data.unpack_ratio_limit=0.5", "data.unpack_ratio_limit=0.5 must be a number of"),
+        ("data.unpack_ratio_limit=lots", "data.unpack_ratio_limit=lots must be"),
+        ("data.unpack_image_limit_mib=0", "data.unpack_image_limit_mib=0 must be a number of"),
+        ("data.unpack_image_limit_mib=-1", "data.unpack_image_limit_mib=-1 must be"),
+    ],
+)
+def test_the_ratio_and_image_bounds_are_checked_at_start_up(override, setting):
+    with pytest.raises(DataError, match=setting):
+        check_train_settings(compose_config("train", [override]))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("unpack_ratio_limit", 0), ("unpack_image_limit_mib", -1)]
+)
+def test_a_source_s_ratio_and_image_bounds_are_checked(tmp_path, key, value):
+    with pytest.raises(DataError, match=rf"data.sources.decks.download.{key}={value} must"):
+        source_spec(tmp_path / "root", **{key: value})
+
+
 # --- 3. a local archive's size and sha256 ---------------------------------------------------
 
 

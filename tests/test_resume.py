@@ -13,6 +13,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from crack_lightning.data import datamodule as datamodule_module
 from crack_lightning.data.synthetic import generate_dataset
 from crack_lightning.errors import ModelConfigError, RunDirError
 from crack_lightning.training.resume import latest_run, resume_argv
@@ -188,6 +189,46 @@ def test_resume_with_other_images_refuses_and_keeps_the_manifest_unless_allowed(
     assert "Positive/added.jpg" in manifest.read_text()
     (kept,) = run_dir.glob("split_manifest.until_*.csv")
     assert kept.read_bytes() == before
+
+
+class CacheFilled(Exception):
+    """The feature cache was asked to fill: the slow step a refusal must come before."""
+
+
+@pytest.mark.parametrize("change", ["added", "removed"])
+def test_resume_with_other_images_is_refused_before_the_feature_cache_fills(
+    make_cfg, tmp_path, monkeypatch, change
+):
+    """The split is compared with the run's manifest before the feature cache is filled
+    (36 s on a small set, minutes on METU): the refusal names the change, and the cache
+    is never asked for."""
+    root = generate_dataset(tmp_path / "data", images_per_class=12, image_size=64, seed=0)
+    common = [f"data.root={root}", *SMALL, "data.cache_features=true"]
+    train(make_cfg(*common))
+    if change == "added":
+        other = generate_dataset(tmp_path / "other", images_per_class=1, image_size=64, seed=5)
+        shutil.copy(next((other / "Positive").iterdir()), root / "Positive" / "new.jpg")
+        named = "1 image(s) added (e.g. root:Positive/new.jpg)"
+    else:
+        gone = sorted((root / "Negative").iterdir())[0]
+        gone.unlink()
+        named = f"1 image(s) removed (e.g. root:Negative/{gone.name})"
+    fills = []
+
+    def fill(*args, **kwargs):
+        fills.append(args)
+        raise CacheFilled
+
+    monkeypatch.setattr(datamodule_module, "cached_features", fill)
+    with pytest.raises(RunDirError) as refused:
+        train(make_cfg(*common, "trainer.max_epochs=2", "ckpt_path=last"))
+    assert named in str(refused.value)
+    assert fills == []
+    with pytest.raises(CacheFilled):  # allowed: it goes on to fill the cache
+        train(
+            make_cfg(*common, "trainer.max_epochs=2", "ckpt_path=last", "resume_data_changed=allow")
+        )
+    assert len(fills) == 1
 
 
 def test_resume_with_unchanged_data_needs_no_setting(synthetic_cfg, tmp_path):

@@ -10,8 +10,10 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from crack_lightning.commands.data import main as cli
 from crack_lightning.data import feature_cache
@@ -21,7 +23,9 @@ from crack_lightning.data.splits import load_sources
 from crack_lightning.errors import DataError
 from crack_lightning.training.run import build
 
-from .test_masks_source import copy_cracktile
+from .conftest import shared_path
+from .test_masks_source import CRACKTILE, copy_cracktile
+from .test_masks_source import settings as masks_settings
 from .test_sources import sdnet_like, source, write_images
 
 
@@ -233,3 +237,82 @@ def test_a_run_lists_each_folder_once_and_keys_its_cache_without_a_stat(
     assert len(dm.sources.names) == 3 and len(files) > 104  # 72 crops, 32 bricks, tiles
     assert {os.path.realpath(sample_file(path)) for path in files} & set(stat_ed) == set()
     assert keys == [feature_cache.cache_key(backbone, files, 224, 1, dm.augmentation)]
+
+
+def two_masks_sources(tmp_path: Path, copies: int) -> tuple[Path, Path]:
+    """Two masks sources of cracktile photos; the second also holds byte copies (under
+    other names, with their masks) of the first's first `copies` photos."""
+    site = copy_cracktile(tmp_path / "site", 10)
+    other = tmp_path / "other"
+    other.mkdir()
+    photos = sorted(shared_path(CRACKTILE).glob("tile_*[0-9].png"))
+    for photo in photos[10:20]:
+        shutil.copy(photo, other / photo.name)
+        shutil.copy(photo.with_name(f"{photo.stem}_mask.png"), other)
+    for photo in sorted(site.glob("tile_*[0-9].png"))[:copies]:
+        shutil.copy(photo, other / f"copy_{photo.name}")
+        shutil.copy(
+            photo.with_name(f"{photo.stem}_mask.png"), other / f"copy_{photo.stem}_mask.png"
+        )
+    return site, other
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_copies_of_photos_in_two_masks_sources_land_in_one_split_with_a_warning(
+    tmp_path, caplog, check
+):
+    """Tiles of byte-identical photos in two masks sources are copies like any file's:
+    every tile of a photo and of its copies sits in one split, and the warning counts them."""
+    site, other = two_masks_sources(tmp_path, copies=4)
+    config = {
+        "site": masks_settings(site, "tile_size=64", "stride=64", name="site")["site"],
+        "other": masks_settings(other, "tile_size=64", "stride=64", name="other")["other"],
+    }
+    caplog.set_level(logging.WARNING)
+    for seed in range(4):
+        result = load_sources(parse_sources(config), 0.3, 0.0, seed, check=check)
+        by_bytes: dict[bytes, set[str]] = {}
+        for index, (path, _) in enumerate(result.samples):
+            content = Path(sample_file(path)).read_bytes()
+            by_bytes.setdefault(content, set()).add(split_of(result, index))
+        assert len(by_bytes) == 20
+        leaks = [splits for splits in by_bytes.values() if len(splits) > 1]
+        assert not leaks, f"seed {seed}: {len(leaks)} photos straddle the split"
+        everything = [i for indices in result.split.values() for i in indices]
+        assert sorted(everything) == list(range(len(result.samples)))
+    tiles = sum(Path(sample_file(path)).name.startswith("copy_") for path, _ in result.samples)
+    assert 48 <= tiles <= 64  # 4 copied 256x256 photos, 16 tiles each, less the left out
+    assert f"{tiles} of data.sources.other are copies of images in data.sources.site" in (
+        caplog.text
+    )
+
+
+def test_a_copied_photo_whose_mask_labels_a_tile_otherwise_is_refused(tmp_path):
+    site, other = two_masks_sources(tmp_path, copies=1)
+    mask = next(other.glob("copy_*_mask.png"))
+    inverted = 255 - np.asarray(Image.open(mask).convert("L"))
+    Image.fromarray(inverted).save(mask)
+    config = {
+        "site": masks_settings(site, "tile_size=64", "stride=64", name="site")["site"],
+        "other": masks_settings(other, "tile_size=64", "stride=64", name="other")["other"],
+    }
+    with pytest.raises(DataError, match="in two sources with different labels .*copy_tile_001"):
+        load_sources(parse_sources(config), 0.3, 0.0, 0, check=True)
+
+
+def test_the_check_lists_copies_of_photos_across_masks_sources(tmp_path, capsys):
+    site, other = two_masks_sources(tmp_path, copies=2)
+    sources = [
+        "+data/sources@data.sources.site=masks",
+        f"data.sources.site.root={site}",
+        "+data/sources@data.sources.other=masks",
+        f"data.sources.other.root={other}",
+        "data.sources.site.tile_size=64",
+        "data.sources.other.tile_size=64",
+    ]
+    assert cli(["check", *sources, "quick=true"]) == 0
+    out = capsys.readouterr().out
+    other_report = out[out.index("Source other") :]
+    assert "Identical files in an earlier source" in other_report
+    assert "  site:tile_001.png = copy_tile_001.png" in other_report
+    assert "  site:tile_002.png = copy_tile_002.png" in other_report

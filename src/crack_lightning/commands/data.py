@@ -18,7 +18,12 @@ from omegaconf import DictConfig
 from crack_lightning.cli import run_tool
 from crack_lightning.data.check import check_sources
 from crack_lightning.data.fetch import ensure_source, root_spec
-from crack_lightning.data.sources import UNPACK_LIMIT, data_sources
+from crack_lightning.data.sources import (
+    UNPACK_IMAGE_LIMIT,
+    UNPACK_LIMIT,
+    UNPACK_RATIO_LIMIT,
+    data_sources,
+)
 from crack_lightning.errors import DataError
 from crack_lightning.settings import settings_of
 
@@ -36,6 +41,8 @@ class DataToolSettings:
     keep_archive: bool
     quick: bool
     unpack_limit_gib: Annotated[float, UNPACK_LIMIT]
+    unpack_ratio_limit: Annotated[float, UNPACK_RATIO_LIMIT]
+    unpack_image_limit_mib: Annotated[float, UNPACK_IMAGE_LIMIT]
 
 
 def run(cfg: DictConfig) -> int:
@@ -46,6 +53,8 @@ def run(cfg: DictConfig) -> int:
             archive=settings.archive,
             keep_archive=settings.keep_archive,
             unpack_limit_gib=settings.unpack_limit_gib,
+            unpack_ratio_limit=settings.unpack_ratio_limit,
+            unpack_image_limit_mib=settings.unpack_image_limit_mib,
         )
         return 0
     if settings.action != "check":

@@ -333,17 +333,20 @@ def check_sources(
 ) -> list[Report]:
     """Every source's report, duplicates looked for across their union: a file identical
     to one of an earlier source is listed in the later source's report, among its copies
-    (training keeps them in one split) or, with the other label, its conflicts."""
+    (training keeps them in one split) or, with the other label, its conflicts. A masks
+    source's photos are compared whole: their copies are listed, and training compares
+    the labels of their tiles."""
     sources = list_sources(specs)
     refuse_shared_folders(sources)
     reports, first = [], {}  # digest -> (label, "source:path") of its first copy
     for files in sources:
         spec = files.spec
-        if spec.tiles is not None:  # its tiles are no files: copies of photos not sought
-            reports.append(check_masks_source(files, full=full, progress=progress))
-            continue
-        samples = source_samples(files)
-        report = check_dataset(files, full=full, progress=progress, samples=samples)
+        if spec.tiles is not None:
+            report = check_masks_source(files, full=full, progress=progress)
+            samples: list[tuple[str, int | None]] = [(path, None) for path in report.digests]
+        else:
+            samples = source_samples(files)
+            report = check_dataset(files, full=full, progress=progress, samples=samples)
         mine = {}
         for path, label in samples:
             digest = report.digests.get(path)
@@ -352,7 +355,8 @@ def check_sources(
             if digest in first:
                 other_label, other = first[digest]
                 pair = [other, _rel(path, spec.root)]
-                (report.conflicts if other_label != label else report.copies).append(pair)
+                differ = None not in (label, other_label) and other_label != label
+                (report.conflicts if differ else report.copies).append(pair)
             else:
                 mine.setdefault(digest, (label, f"{spec.name}:{_rel(path, spec.root)}"))
         first = mine | first

@@ -21,7 +21,14 @@ from crack_lightning.data.decode import (
     decode_batch,
 )
 from crack_lightning.data.feature_cache import MAX_VIEWS, FeatureViews, cached_features
-from crack_lightning.data.sources import GROUP_DISTANCE, UNPACK_LIMIT, SourceSpec, data_sources
+from crack_lightning.data.sources import (
+    GROUP_DISTANCE,
+    UNPACK_IMAGE_LIMIT,
+    UNPACK_LIMIT,
+    UNPACK_RATIO_LIMIT,
+    SourceSpec,
+    data_sources,
+)
 from crack_lightning.data.splits import (
     TEST_FRACTION,
     VAL_FRACTION,
@@ -81,6 +88,8 @@ class CrackDataModule(L.LightningDataModule):
         decode_on_device: bool,
         on_bad_image: OnBadImage,
         unpack_limit_gib: Annotated[float, UNPACK_LIMIT],
+        unpack_ratio_limit: Annotated[float, UNPACK_RATIO_LIMIT],
+        unpack_image_limit_mib: Annotated[float, UNPACK_IMAGE_LIMIT],
         sources: Mapping | None,
         balanced_sampling: bool,
         holdout_source: str | None,
@@ -137,7 +146,14 @@ class CrackDataModule(L.LightningDataModule):
             from crack_lightning.data.fetch import ensure_sources
 
             hp = self.hparams
-            ensure_sources(self.specs, hp.archive, hp.download, hp.unpack_limit_gib)
+            ensure_sources(
+                self.specs,
+                hp.archive,
+                hp.download,
+                hp.unpack_limit_gib,
+                hp.unpack_ratio_limit,
+                hp.unpack_image_limit_mib,
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.split:  # splitting is deterministic; do it once per process

@@ -5,7 +5,9 @@ archive: a local file, or one downloaded beside the root (resumed with HTTP Rang
 checked against its size and sha256), is unpacked into a scratch folder beside the root and
 only then placed (`extract_images`). Archive rules (docs/data.md): no entry lands outside
 the scratch folder; links, hard links and special files are dropped before anything is
-read; unpacking stops at a size bound (data.unpack_limit_gib) and cleans up. ZIP is read by
+read; unpacking stops at a size bound (data.unpack_limit_gib) and cleans up; a ZIP entry
+packed beyond a ratio (data.unpack_ratio_limit) is refused before anything is written, and
+an image beyond a size (data.unpack_image_limit_mib) before anything is placed. ZIP is read by
 zipfile; RAR by `unar` (it checks every checksum and reads all RAR 4, solid included) or
 else `bsdtar` (libarchive, macOS's and Windows' tar: the RAR 5 variants unar 1.10 cannot).
 """
@@ -41,10 +43,15 @@ from crack_lightning.settings import CLASS_NAMES
 log = logging.getLogger(__name__)
 
 MARKER_NAME = ".download.json"
-GIB = 1 << 30
-# what unpacking may write when the caller names no bound: conf/ sets the same
-# (data.unpack_limit_gib, data.sources.NAME.download.unpack_limit_gib)
+MIB, GIB = 1 << 20, 1 << 30
+# the bounds on unpacking when the caller names none: conf/ sets the same (data.KEY,
+# data.sources.NAME.download.KEY); photos pack about 1:1, and METU's largest is 20 KiB
 UNPACK_LIMIT_GIB = 4.0
+UNPACK_RATIO_LIMIT = 100.0
+UNPACK_IMAGE_LIMIT_MIB = 256.0
+# an entry that unpacks to less is not judged by its ratio (a small text or flat file
+# may pack far; the total bound holds them)
+RATIO_GRACE = MIB
 WATCH_SECONDS = 0.5  # how often the size of what a RAR tool wrote is measured
 RAR_TOOLS = ("unar", "bsdtar")
 # what unar and bsdtar print when they cannot read a RAR variant (not: a damaged file)
@@ -84,17 +91,43 @@ METU = Source(
 
 @dataclass(frozen=True)
 class UnpackLimit:
-    """The most GiB unpacking one archive may write, and the setting that says so."""
+    """What unpacking one archive may write: GiB in all, bytes per packed byte of one entry
+    (ZIP), MiB per image; `where` is the settings' prefix (data. or a source's download.)."""
 
     gib: float = UNPACK_LIMIT_GIB
-    setting: str = "data.unpack_limit_gib"
+    ratio: float = UNPACK_RATIO_LIMIT
+    image_mib: float = UNPACK_IMAGE_LIMIT_MIB
+    where: str = "data."
 
-    def refuse(self, archive: Path, what: str) -> DataError:
+    def refuse(self, archive: Path, what: str, key: str = "unpack_limit_gib") -> DataError:
+        """The error for an archive beyond the bound of setting `key`, naming it."""
+        setting = f"{self.where}{key}"
+        bound = {
+            "unpack_limit_gib": f"{self.gib:g} GiB",
+            "unpack_ratio_limit": f"{self.ratio:g}:1",
+            "unpack_image_limit_mib": f"{self.image_mib:g} MiB",
+        }[key]
         return DataError(
-            f"archive={archive} {what}, more than {self.setting}={self.gib:g} GiB allows: it "
-            f"is not the data set's archive, or a bomb. Nothing was kept; raise "
-            f"{self.setting} if the archive really unpacks to that much."
+            f"archive={archive} {what}, more than {setting}={bound} allows: it is not the "
+            f"data set's archive, or a bomb. Nothing was kept; raise {setting} if the "
+            f"archive really holds that."
         )
+
+    def check_entry(self, archive: Path, name: str, size: int, packed: int) -> None:
+        """Refuse a ZIP entry packed beyond the ratio bound (once past RATIO_GRACE)."""
+        if size > RATIO_GRACE and size > self.ratio * max(packed, 1):
+            raise self.refuse(
+                archive,
+                f"holds {name}, {amount(size)} packed {size / max(packed, 1):,.0f}:1",
+                "unpack_ratio_limit",
+            )
+
+    def check_image(self, archive: Path, name: str, size: int) -> None:
+        """Refuse an image entry beyond the image bound."""
+        if size > self.image_mib * MIB:
+            raise self.refuse(
+                archive, f"holds the image {name}, {amount(size)}", "unpack_image_limit_mib"
+            )
 
 
 def amount(size: int) -> str:
@@ -331,7 +364,8 @@ def unpack_zip(
     archive: Path, dest: Path, progress: bool = True, limit: UnpackLimit | None = None
 ) -> None:
     """Unpack a ZIP with zipfile: it checks CRCs, keeps every entry inside dest, writes a
-    link as a file and no member past its declared size, so the declared total is bound."""
+    link as a file and no member past its declared size, so the declared sizes are bound:
+    their total, and each entry's ratio to its packed size."""
     limit = limit or UnpackLimit()
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -340,6 +374,8 @@ def unpack_zip(
                 big = max(members, key=lambda m: m.file_size)
                 unpacked = f"{amount(declared)} unpacked ({big.filename}: {amount(big.file_size)})"
                 raise limit.refuse(archive, f"declares {unpacked}")
+            for member in members:
+                limit.check_entry(archive, member.filename, member.file_size, member.compress_size)
             for member in track(members, "Unpacking", "file", progress):
                 zf.extract(member, dest)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as err:
@@ -366,6 +402,15 @@ def drop_links(folder: Path) -> None:
         log.warning(
             "The archive held %d links or special files, not unpacked: %s", len(removed), shown
         )
+
+
+def check_images(scratch: Path, archive: Path, limit: UnpackLimit) -> None:
+    """Refuse an unpacked archive holding an image file beyond the image bound, before
+    any is placed (a RAR's entries are measured here; a ZIP's sizes are as declared)."""
+    for dirpath, _, names in os.walk(scratch):
+        for name in filter(is_image_name, names):
+            path = Path(dirpath) / name
+            limit.check_image(archive, path.relative_to(scratch).as_posix(), path.stat().st_size)
 
 
 def metu_classes(scratch: Path) -> dict[str, Path]:
@@ -412,6 +457,7 @@ def extract_images(
         else:
             unpack_rar(archive, scratch, rar_tool, progress, limit)
         drop_links(scratch)  # only folders and regular files are left to walk
+        check_images(scratch, archive, limit or UnpackLimit())
         moves: dict[str, dict[Path, Path]] = {}  # class -> {unpacked image: its place}
         if spec.shorthand:
             for name, folder in metu_classes(scratch).items():
@@ -499,12 +545,15 @@ def ensure_source(
     retries: int = 5,
     retry_wait: float = 2.0,
     unpack_limit_gib: float = UNPACK_LIMIT_GIB,
+    unpack_ratio_limit: float = UNPACK_RATIO_LIMIT,
+    unpack_image_limit_mib: float = UNPACK_IMAGE_LIMIT_MIB,
 ) -> Path:
     """Make spec.root hold the source unless it does: get the archive, verify, extract, mark.
 
     data.root's archive is `source` (default METU: its exact count per class is checked; a
     local copy may be a repack, so its size is not); a data.sources entry's download
-    settings give url, size, sha256, and archive, keep_archive, unpack_limit_gib if unset."""
+    settings give url, size, sha256, and archive, keep_archive and the unpack bounds if
+    unset."""
     root, settings = spec.root, spec.download or {}
     where = "" if spec.shorthand else f"{spec.where}.download."
     if not spec.shorthand:
@@ -514,6 +563,8 @@ def ensure_source(
         archive = archive or settings.get("archive")
         keep_archive = keep_archive or bool(settings.get("keep_archive"))
         unpack_limit_gib = settings.get("unpack_limit_gib", unpack_limit_gib)
+        unpack_ratio_limit = settings.get("unpack_ratio_limit", unpack_ratio_limit)
+        unpack_image_limit_mib = settings.get("unpack_image_limit_mib", unpack_image_limit_mib)
     source = source or METU
     expected, counts = source.images_per_class, count_images(root, spec)
     if all(n == expected if expected else n for n in counts.values()):
@@ -542,7 +593,9 @@ def ensure_source(
         "offline_hint": offline_hint,
     }
     path, digest = get_archive(where, archive, source, dest, size, **fetching)
-    limit = UnpackLimit(unpack_limit_gib, f"{where or 'data.'}unpack_limit_gib")
+    limit = UnpackLimit(
+        unpack_limit_gib, unpack_ratio_limit, unpack_image_limit_mib, where or "data."
+    )
     counts = extract_images(path, spec, progress, limit=limit)
     if expected and any(n != expected for n in counts.values()):
         raise DataError(
@@ -582,11 +635,18 @@ def ensure_sources(
     archive: str | Path | None = None,
     download: bool | str = False,
     unpack_limit_gib: float = UNPACK_LIMIT_GIB,
+    unpack_ratio_limit: float = UNPACK_RATIO_LIMIT,
+    unpack_image_limit_mib: float = UNPACK_IMAGE_LIMIT_MIB,
 ) -> None:
     """Fetch data.root's archive if data.archive or data.download asks, and each source's
-    whose download.enabled is."""
+    whose download.enabled is; the unpack bounds are data's, unless a source sets its own."""
+    bounds = {
+        "unpack_limit_gib": unpack_limit_gib,
+        "unpack_ratio_limit": unpack_ratio_limit,
+        "unpack_image_limit_mib": unpack_image_limit_mib,
+    }
     for spec in specs:
         if spec.shorthand and (archive is not None or download_wanted(spec.root, download)):
-            ensure_source(spec, archive=archive, unpack_limit_gib=unpack_limit_gib)
+            ensure_source(spec, archive=archive, **bounds)
         elif spec.download and spec.download.get("enabled"):
-            ensure_source(spec, unpack_limit_gib=unpack_limit_gib)
+            ensure_source(spec, **bounds)

@@ -61,12 +61,35 @@ GROUP_DISTANCE = Rule(
     lambda bits: 0 <= bits <= 16,
 )
 
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
+
+
 # what data.unpack_limit_gib and every source's download.unpack_limit_gib allow
 UNPACK_LIMIT = Rule(
     "a number of GiB above 0 (the most that unpacking one archive may write)",
     lambda gib: isinstance(gib, int | float) and 0 < gib < float("inf"),
-    lambda gib: f"{gib:g}" if isinstance(gib, int | float) else str(gib),
+    _number,
 )
+# data.unpack_ratio_limit, download.unpack_ratio_limit: a stored entry's ratio is 1
+UNPACK_RATIO_LIMIT = Rule(
+    "a number of at least 1 (the most bytes one packed byte of an archive entry may unpack to)",
+    lambda ratio: isinstance(ratio, int | float) and 1 <= ratio < float("inf"),
+    _number,
+)
+# data.unpack_image_limit_mib, download.unpack_image_limit_mib
+UNPACK_IMAGE_LIMIT = Rule(
+    "a number of MiB above 0 (the most one image of an archive may unpack to)",
+    lambda mib: isinstance(mib, int | float) and 0 < mib < float("inf"),
+    _number,
+)
+# a source's download settings that bound unpacking, each beside data's of the same name
+UNPACK_BOUNDS = {
+    "unpack_limit_gib": UNPACK_LIMIT,
+    "unpack_ratio_limit": UNPACK_RATIO_LIMIT,
+    "unpack_image_limit_mib": UNPACK_IMAGE_LIMIT,
+}
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +110,7 @@ class SourceSettings:
 
     @staticmethod
     def check_together(settings: dict, where: str) -> None:
-        """The class mapping, the pattern a pattern split needs, the download's bound."""
+        """The class mapping, the pattern a pattern split needs, the download's bounds."""
         if set(settings["classes"]) != set(CLASS_NAMES):
             raise DataError(
                 f"{where}.classes must map exactly {' and '.join(CLASS_NAMES)} to lists of "
@@ -100,9 +123,10 @@ class SourceSettings:
                 re.compile(pattern)
             except re.error as err:
                 raise DataError(f"{where}.group_pattern={pattern!r} is no regex: {err}") from None
-        limit = (settings.get("download") or {}).get("unpack_limit_gib")
-        if limit is not None:
-            require(UNPACK_LIMIT, limit, f"{where}.download.unpack_limit_gib", DataError)
+        download = settings.get("download") or {}
+        for key, rule in UNPACK_BOUNDS.items():
+            if download.get(key) is not None:
+                require(rule, download[key], f"{where}.download.{key}", DataError)
 
 
 class MaskValue(str, enum.Enum):

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from crack_lightning.data.check import require_clean
+from crack_lightning.data.decode import sample_file, split_tile
 from crack_lightning.data.sources import (
     GROUP_DISTANCE,
     FileState,
@@ -402,28 +403,27 @@ def load_sources(
 
 
 def copies_across_sources(data: SourceSamples, digests: dict[str, bytes] | None) -> list[list[int]]:
-    """Groups of byte-identical samples (indices) that span two or more sources.
+    """Groups of samples (indices) that read byte-identical files in two or more sources:
+    copies of a file, or every tile of copies of a masks source's photo.
 
     The quick check has hashed every file already (`digests`); without it only files
-    whose size (from the listing; a tile has none) occurs in two sources are read and
-    hashed, which is few.
+    whose size (from the listing) occurs in two sources are read and hashed, which is few.
     """
+    files = [sample_file(path) for path, _ in data.samples]
     if digests is None:
         sizes: dict[int, set[int]] = defaultdict(set)
-        size_of = []
-        for (path, _), source in zip(data.samples, data.source, strict=True):
-            size = data.states[path][0] if path in data.states else -1
-            size_of.append(size)
-            sizes[size].add(source)
+        for file, source in zip(files, data.source, strict=True):
+            sizes[data.states[file][0] if file in data.states else -1].add(source)
         digests = {}
-        for (path, _), size in zip(data.samples, size_of, strict=True):
+        for file in dict.fromkeys(files):
+            size = data.states[file][0] if file in data.states else -1
             if size >= 0 and len(sizes[size]) > 1:
-                with open(path, "rb") as handle:
-                    digests[path] = hashlib.sha256(handle.read()).digest()
+                with open(file, "rb") as handle:
+                    digests[file] = hashlib.sha256(handle.read()).digest()
     by_digest: dict[bytes, list[int]] = defaultdict(list)
-    for index, (path, _) in enumerate(data.samples):
-        if path in digests:
-            by_digest[digests[path]].append(index)
+    for index, file in enumerate(files):
+        if file in digests:
+            by_digest[digests[file]].append(index)
     return [group for group in by_digest.values() if len({data.source[i] for i in group}) > 1]
 
 
@@ -431,15 +431,19 @@ def keep_copies_together(
     data: SourceSamples, groups: list[list[int]], check: bool, holdout: str | None
 ) -> None:
     """Move every group of copies into one split: the split of its first copy, or test
-    when a copy is in the held-out source; copies with different labels are refused
-    (under data.check=false, warned about)."""
+    when a copy is in the held-out source; copies with different labels (a file, or the
+    same tile of a photo) are refused (under data.check=false, warned about)."""
     if not groups:
         return
     where = {i: name for name, indices in data.split.items() for i in indices}
     conflicts = []
     for group in groups:
-        if len({data.samples[i][1] for i in group}) > 1:
-            conflicts.append(group)
+        same: dict[tuple[int, int, int] | None, list[int]] = defaultdict(list)
+        for i in group:
+            same[split_tile(data.samples[i][0])[1]].append(i)
+        conflicts += [
+            alike for alike in same.values() if len({data.samples[i][1] for i in alike}) > 1
+        ]
         held = [i for i in group if data.specs[data.source[i]].name == holdout]
         target = "test" if held else where[group[0]]
         for i in group:
@@ -452,7 +456,8 @@ def keep_copies_together(
     if conflicts:
         message = (
             f"{len(conflicts)} image(s) are in two sources with different labels "
-            f"(e.g. {show(conflicts[0])}): delete the copy in the wrong class"
+            f"(e.g. {show(conflicts[0])}): delete the copy in the wrong class (a tile: "
+            f"fix the mask that marks it wrongly)"
         )
         if check:
             raise DataError(message + ", or set data.check=false to train anyway.")
@@ -464,12 +469,14 @@ def keep_copies_together(
         if data.source[i] != data.source[group[0]]
     )
     pairs = "; ".join(f"{n} of {b} are copies of images in {a}" for (a, b), n in counts.items())
+    first = groups[0]
+    example = [first[0], next(i for i in first if data.source[i] != data.source[first[0]])]
     log.warning(
         "Byte-identical images in more than one source (%s; e.g. %s): each group of copies "
         "is kept in one split, so none straddles train and val. Remove the copies to "
         "count each image once.",
         pairs,
-        show(groups[0]),
+        show(example),
     )
 
 
@@ -529,15 +536,16 @@ def none_of_class(spec: SourceSpec, class_name: str, count: int) -> str:
     return f"its masks mark all of its {count} tiles as crack ({share})"
 
 
+def manifest_key(data: SourceSamples, index: int) -> tuple[str, str]:
+    """A sample's (source, path relative to the source's root): its manifest row's key."""
+    spec = data.specs[data.source[index]]
+    return spec.name, Path(data.samples[index][0]).relative_to(spec.root).as_posix()
+
+
 def manifest_rows(data: SourceSamples) -> list[tuple[str, str, str, str]]:
     """Every image as a manifest row (MANIFEST_COLUMNS), sorted."""
     rows = [
-        (
-            data.specs[data.source[i]].name,
-            Path(data.samples[i][0]).relative_to(data.specs[data.source[i]].root).as_posix(),
-            CLASS_NAMES[data.samples[i][1]],
-            name,
-        )
+        (*manifest_key(data, i), CLASS_NAMES[data.samples[i][1]], name)
         for name, indices in data.split.items()
         for i in indices
     ]

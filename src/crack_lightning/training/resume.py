@@ -16,24 +16,29 @@ The first session's .hydra/ files are kept; a resumed session writes its own int
 
 A resumed run must train on the data it started with: the data settings that decide the
 split are compared with the run's before anything is read (`changed_data_settings`), and
-the split this session makes with the run's split_manifest.csv before the manifest is
-replaced (`manifest_changes`). A difference stops the run, naming it, unless
-resume_data_changed=allow.
+the split this session makes with the run's split_manifest.csv (`manifest_changes`) twice:
+once it is made, before the feature cache is filled, leaving aside images the manifest
+lacks that cannot be decoded (the cache skipped those when the manifest was written:
+`undecodable_additions`), and again after the cache, before the manifest is replaced. A
+difference stops the run, naming it, unless resume_data_changed=allow.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from crack_lightning.errors import ModelConfigError, RunDirError
+from crack_lightning.errors import ModelConfigError, RunDirError, UnreadableImage
 from crack_lightning.io import load_safely, move_into_place
+
+if TYPE_CHECKING:
+    from crack_lightning.data.splits import SourceSamples
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +261,17 @@ def read_manifest(path: Path) -> dict[tuple[str, str], tuple[str, ...]]:
     return {(row[0], row[1]): tuple(row[2:]) for row in rows if len(row) >= 2}
 
 
-def manifest_changes(stored: Path, rows: Iterable[Sequence[str]], examples: int = 2) -> list[str]:
+def manifest_changes(
+    stored: Path,
+    rows: Iterable[Sequence[str]],
+    examples: int = 2,
+    unsure: Collection[tuple[str, str]] = (),
+) -> list[str]:
     """How the split `rows` (a manifest's rows) differs from the manifest at `stored`:
-    images added, removed, and moved between classes or splits, with examples."""
+    images added, removed, and moved between classes or splits, with examples. `unsure`
+    (source, path) keys are not counted as added."""
     old = read_manifest(stored)
-    new = {(row[0], row[1]): tuple(row[2:]) for row in rows}
+    new = {(row[0], row[1]): tuple(row[2:]) for row in rows if (row[0], row[1]) not in unsure}
 
     def named(keys: list[tuple[str, str]]) -> str:
         shown = ", ".join(f"{source}:{path}" for source, path in keys[:examples])
@@ -280,6 +291,27 @@ def manifest_changes(stored: Path, rows: Iterable[Sequence[str]], examples: int 
         more = ", ..." if len(moved) > 1 else ""
         changes.append(f"{len(moved)} image(s) in another class or split (e.g. {example}{more})")
     return changes
+
+
+def undecodable_additions(stored: Path, data: SourceSamples) -> set[tuple[str, str]]:
+    """The (source, path) keys of this split's images that the manifest at `stored` lacks
+    and that cannot be decoded: the feature cache skips such an image (data.on_bad_image=
+    skip), as it did when the manifest was written, so its absence there is no change yet.
+    Only these few images are decoded."""
+    # the data code is loaded by a resumed training run only, not by resume_argv's callers
+    from crack_lightning.data.decode import load_sample
+    from crack_lightning.data.splits import manifest_key
+
+    old = read_manifest(stored)
+    unsure = set()
+    for index, (sample, _) in enumerate(data.samples):
+        key = manifest_key(data, index)
+        if key not in old:
+            try:
+                load_sample(sample)
+            except UnreadableImage:
+                unsure.add(key)
+    return unsure
 
 
 def refuse_or_warn(run: Path, changes: list[str], allow: bool, what: str) -> None:

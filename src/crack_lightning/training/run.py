@@ -47,6 +47,7 @@ from crack_lightning.training.resume import (
     resolve_ckpt_path,
     resume_step,
     stored_config,
+    undecodable_additions,
 )
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False
     )
     with ddp_job(trainer):
+        check_resumed_split(cfg, resumed_run, datamodule, before_cache=True)  # before slow work
         use_feature_cache_if_wanted(datamodule, model, trainer, finetune)
         # after the cache left out the files it could not read, as the stored manifest did
         split_changed = check_resumed_split(cfg, resumed_run, datamodule)
@@ -166,13 +168,18 @@ def check_resumed_data_settings(
     return run
 
 
-def check_resumed_split(cfg: DictConfig, run: Path | None, datamodule: CrackDataModule) -> bool:
+def check_resumed_split(
+    cfg: DictConfig, run: Path | None, datamodule: CrackDataModule, before_cache: bool = False
+) -> bool:
     """Whether this session's split differs from the resumed run's manifest (refused
-    unless resume_data_changed=allow)."""
-    if run is None:
-        return False
-    changes = manifest_changes(run / MANIFEST_NAME, manifest_rows(datamodule.sources))
+    unless resume_data_changed=allow); before the feature cache, less the images it may
+    skip (resume.undecodable_additions)."""
     allow = cfg.resume_data_changed == "allow"
+    if run is None or (before_cache and allow):
+        return False
+    stored = run / MANIFEST_NAME
+    unsure = undecodable_additions(stored, datamodule.sources) if before_cache else ()
+    changes = manifest_changes(stored, manifest_rows(datamodule.sources), unsure=unsure)
     refuse_or_warn(run, changes, allow, "the images or their split")
     return bool(changes)
 
