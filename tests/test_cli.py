@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import logging
 import re
 
 import pytest
@@ -290,3 +291,14 @@ def test_no_import_runs_back_up_the_layers():
     wrapper = package_imports(PACKAGE / "cli.py")
     assert wrapper <= {f"crack_lightning.{m}" for m in ("errors", "runtime", "job_names")}
     assert package_imports(PACKAGE / "settings.py") == {"crack_lightning.errors"}
+
+
+def test_lightnings_adverts_are_not_shown(caplog):
+    from crack_lightning.runtime import quiet_logs
+
+    quiet_logs()
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level("INFO"):
+        rank_zero.info("\N{ELECTRIC LIGHT BULB} Tip: For seamless cloud logging, try installing x")
+        rank_zero.info("GPU available: False, used: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]

@@ -3,6 +3,7 @@ behaviour, schedulers, and resuming after the unfreeze epoch (Lightning issue #2
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -86,9 +87,10 @@ def finetune_cfg(synthetic_cfg, weights: Path, *overrides: str):
 
 
 def test_unfreezes_the_top_blocks_at_the_epoch_and_resuming_after_keeps_them_learning(
-    synthetic_cfg, random_backbone, tmp_path
+    synthetic_cfg, random_backbone, tmp_path, caplog
 ):
-    """BatchNorm frozen (the default), with a plateau scheduler; then resumed for an epoch."""
+    """BatchNorm frozen (the default), with a plateau scheduler; then resumed for an epoch.
+    The run's first line counts the parameters the schedule unfreezes as it does then."""
     weights, initial = random_backbone
     first = finetune_cfg(
         synthetic_cfg,
@@ -99,7 +101,18 @@ def test_unfreezes_the_top_blocks_at_the_epoch_and_resuming_after_keeps_them_lea
         "model.scheduler.factor=0.5",
         f"paths.output_dir={tmp_path / 'first'}",
     )
-    train(first)
+    with caplog.at_level("INFO"):
+        train(first)
+    said = [record.getMessage() for record in caplog.records]
+    announced = next(
+        re.search(r"and ([\d,]+) of the frozen from epoch 1", m) for m in said if "Backbone" in m
+    )
+    done = next(
+        re.search(r"unfroze the last 2 backbone blocks \(([\d,]+) parameters", m)
+        for m in said
+        if "unfroze" in m
+    )
+    assert announced and done and announced[1] == done[1]
     ckpt = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=True)
     state = backbone_state(ckpt)
     bn = bn_keys(state)

@@ -51,10 +51,22 @@ _EXPECTED_WARNINGS = (
 )
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    """Lightning's tips to install its cloud-logging products are not messages of a run."""
+    return not str(record.msg).startswith(_ADVERT)
+
+
+# how Lightning's adverts begin ("💡 Tip: For seamless cloud logging ... litlogger")
+_ADVERT = "\N{ELECTRIC LIGHT BULB} Tip:"
+
+
 def quiet_logs() -> None:
-    """Show each log line once and hide warnings that need no action."""
+    """Show each log line once and hide warnings and adverts that need no action."""
     for pattern in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_an_advert not in rank_zero.filters:
+        rank_zero.addFilter(_not_an_advert)
     if logging.getLogger().hasHandlers():  # Hydra's handlers print and write train.log
         logging.getLogger("lightning").handlers.clear()
     for chatty in ("onnx_ir", "onnxscript"):  # ONNX export logs every graph rewrite

@@ -146,6 +146,18 @@ class BackboneUnfreeze(BaseFinetuning):
         unfrozen = [m for block in blocks[len(blocks) - count :] for m in block]
         return frozen, unfrozen
 
+    def parameters_to_unfreeze(self, pl_module: L.LightningModule) -> int:
+        """How many of the frozen parameters this schedule unfreezes (the count its
+        epoch's log line gives), for the run's first line."""
+        _, unfrozen = self.split(pl_module.net.backbone)
+        return sum(
+            param.numel()
+            for module in unfrozen
+            for sub in module.modules()
+            if self.train_bn or not isinstance(sub, _BatchNorm)
+            for param in sub.parameters(recurse=False)
+        )
+
     def cached_stage(self, backbone: nn.Module) -> int | None:
         """Where cached activations can enter the backbone: the index in
         backbone.features of the first stage that trains, when this schedule unfreezes a

@@ -90,16 +90,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model: CrackClassifier = build(cfg.model)
     if start is not None:
         begin_from(start, datamodule, model, cfg.data)
+    callbacks, finetune = build_callbacks(cfg.get("callbacks"), output_dir, model)
     counts = model.parameter_counts()
+    later = finetune.parameters_to_unfreeze(model) if finetune is not None else 0
     log.info(
-        "Backbone %s: %s frozen, %s trainable parameters; %d train / %d val / %d test images",
+        "Backbone %s: %s frozen, %s trainable parameters%s; %d train / %d val / %d test images",
         cfg.model.backbone,
         f"{counts['frozen']:,}",
         f"{counts['trainable']:,}",
+        f" (and {later:,} of the frozen from epoch {finetune.epoch}: callbacks.finetune)"
+        if later
+        else "",
         *(len(datamodule.split[s]) for s in ("train", "val", "test")),
     )
 
-    callbacks, finetune = build_callbacks(cfg.get("callbacks"), output_dir, model)
     loggers: list[Logger] = build_loggers(cfg.get("logger"), ckpt_path, output_dir)
     if not loggers:  # nothing to record learning rates in (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
