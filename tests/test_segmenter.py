@@ -99,16 +99,21 @@ def test_masks_follow_their_images_through_augmentation():
     assert set(moved_masks.unique().tolist()) <= {0, 1, UNKNOWN}
 
 
-def write_masked_photo(folder: Path, name: str, size: int, seed: int) -> Path:
-    """A grey, noisy photo with a dark 2 px crack from top to bottom, and its mask."""
+def write_masked_photo(folder: Path, name: str, size: int, seed: int, joint: bool = False) -> Path:
+    """A grey, noisy photo with a dark 2 px crack from top to bottom, and its mask. With
+    `joint`, a site unlike that: a darker straight board joint across the photo (not
+    crack: its mask is empty there) beside a fainter crack."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     grey = rng.normal(150, 12, (size, size)).clip(0, 255)
     mask = np.zeros((size, size), dtype=np.uint8)
+    if joint:
+        top = int(rng.integers(10, size - 14))
+        grey[top : top + 4, :] = 40
     column = int(rng.integers(8, size - 8))
     for row in range(size):
-        x = column + int(6 * math.sin(row / 9 + seed))
-        grey[row, x : x + 2] = 50
+        x = column + int((5 if joint else 6) * math.sin(row / (7 if joint else 9) + seed))
+        grey[row, x : x + 2] = 95 if joint else 50
         mask[row, x : x + 2] = 255
     Image.fromarray(np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)).save(
         folder / f"{name}.png"
@@ -258,27 +263,6 @@ def test_a_crack_map_checkpoint_cannot_be_exported(map_run, tmp_path):
         model.checkpoint_module  # noqa: B018
 
 
-def write_joint_photo(folder: Path, name: str, size: int, seed: int) -> Path:
-    """A site unlike the training photos: a dark straight board joint across the photo
-    (not crack: its mask is empty there) and a fainter, thin crack from top to bottom."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    grey = rng.normal(150, 12, (size, size)).clip(0, 255)
-    mask = np.zeros((size, size), dtype=np.uint8)
-    joint = int(rng.integers(10, size - 14))
-    grey[joint : joint + 4, :] = 40
-    column = int(rng.integers(8, size - 8))
-    for row in range(size):
-        x = column + int(5 * math.sin(row / 7 + seed))
-        grey[row, x : x + 2] = 95
-        mask[row, x : x + 2] = 255
-    Image.fromarray(np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)).save(
-        folder / f"{name}.png"
-    )
-    Image.fromarray(mask, mode="L").save(folder / f"{name}_mask.png")
-    return folder / f"{name}.png"
-
-
 def test_adapting_a_crack_map_to_a_site_improves_its_unseen_photos(map_run, tmp_path, caplog):
     """experiment=adapt from a crack-map checkpoint adapts it as a crack map; the site's
     validation photos, scanned before and after, score higher after."""
@@ -286,7 +270,7 @@ def test_adapting_a_crack_map_to_a_site_improves_its_unseen_photos(map_run, tmp_
 
     site = tmp_path / "site"
     for i in range(10):
-        write_joint_photo(site, f"s{i}", 96, seed=100 + i)
+        write_masked_photo(site, f"s{i}", 96, seed=100 + i, joint=True)
     run = tmp_path / "adapted"
     cfg = compose_config(
         "train",

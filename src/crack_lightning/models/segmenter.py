@@ -5,9 +5,8 @@ empty, a crack crop says that its strongest pixel is crack (data/mask_targets.py
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
@@ -17,9 +16,8 @@ from crack_lightning.data.masks import CRACK
 from crack_lightning.errors import ModelConfigError
 from crack_lightning.evaluation.crack_maps import pixels_needed
 from crack_lightning.evaluation.threshold import DEFAULT_THRESHOLD
-from crack_lightning.models.classifier import EpochScores
 from crack_lightning.models.crack_map import build_map_network
-from crack_lightning.models.optimizers import build_optimizer, build_scheduler
+from crack_lightning.models.training_module import EpochScores, TrainingModule
 from crack_lightning.settings import Rule, above, within
 
 DECODER_CHANNELS = Rule(
@@ -106,7 +104,7 @@ def map_loss(logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) ->
     return loss
 
 
-class CrackSegmenter(L.LightningModule):
+class CrackSegmenter(TrainingModule):
     """Maps uint8 RGB batches to per-pixel crack logits; scores each epoch by pixel F1
     with a tolerance and by tile F1 of its crops under the tile rule."""
 
@@ -152,14 +150,6 @@ class CrackSegmenter(L.LightningModule):
         for stage, metric in [*self.tile_metrics.items(), *self.pixel_metrics.items()]:
             self.add_module(f"{stage}_{type(metric).__name__}", metric)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
-
-    def parameter_counts(self) -> dict[str, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return {"trainable": trainable, "frozen": total - trainable}
-
     def _step(self, batch: tuple[torch.Tensor, dict[str, torch.Tensor]], stage: str) -> dict:
         images, targets = batch
         masks, labels = targets["mask"], targets["label"]
@@ -170,49 +160,9 @@ class CrackSegmenter(L.LightningModule):
         self.tile_metrics[stage].update(tiles, labels)
         if stage in self.pixel_metrics:
             self.pixel_metrics[stage].update(probs, masks)
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=stage == "train",
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(labels),
-            sync_dist=True,
-        )
+        self.log_loss(stage, loss, len(labels))
         return {"loss": loss, "probs": tiles}
 
-    def _log_epoch_metrics(self, stage: str) -> None:
-        """Tile scores of the epoch's crops and, for val and test, pixel scores; figures
-        undefined for the epoch are not logged."""
-        metrics = [self.tile_metrics[stage], self.pixel_metrics.get(stage)]
-        if not self.trainer.sanity_checking:
-            scores: dict[str, float] = {}
-            for metric in filter(None, metrics):
-                scores |= metric.compute()
-            self.log_dict({f"{stage}/{k}": v for k, v in scores.items()}, prog_bar=stage == "val")
-        for metric in filter(None, metrics):
-            metric.reset()
-
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch_metrics("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch_metrics("test")
-
-    def training_step(self, batch: Any, batch_idx: int) -> dict:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict:
-        return self._step(batch, "test")
-
-    def configure_optimizers(self) -> dict:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = build_optimizer(self.hparams.optimizer or {}, params)
-        scheduler = build_scheduler(self.hparams.scheduler, optimizer)
-        return {"optimizer": optimizer} | ({"lr_scheduler": scheduler} if scheduler else {})
+    def epoch_metrics(self, stage: str) -> list[Metric]:
+        """Tile scores of the stage's crops and, for val and test, pixel scores."""
+        return [self.tile_metrics[stage], *filter(None, [self.pixel_metrics.get(stage)])]
