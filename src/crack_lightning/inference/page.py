@@ -9,6 +9,8 @@ serves) go under the folder chosen with files_dir (GRADIO_TEMP_DIR), not the cur
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import logging
 import os
@@ -101,6 +103,16 @@ def close_session(session: Session | None) -> None:
     """gr.State's delete_callback: a session expired or its tab closed."""
     if session is not None:
         session.close()
+        release_memory()
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system: glibc keeps a closed session's photos (freed
+    on the server's threads) in its arenas, so the process would not shrink otherwise."""
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:  # glibc only
+        trim(0)
 
 
 def model_line(inspector: Inspector) -> str:
@@ -236,7 +248,7 @@ def build_page(
     def end_session(request: gr.Request) -> None:
         """The tab closed: its photos are freed now, not when Gradio drops its state."""
         if request is not None and (session := open_sessions.pop(request.session_hash, None)):
-            session.close()
+            close_session(session)
 
     end_session.__annotations__["request"] = gr.Request
 
