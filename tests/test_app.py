@@ -30,6 +30,7 @@ from crack_lightning.inference.inspection import (
     Inspector,
     patch_at,
     patch_rows,
+    photo_name,
     rethreshold,
     verdict,
 )
@@ -227,7 +228,10 @@ def test_the_page_in_a_browser_scans_rethresholds_and_saves_marks(app, wall, pag
         upload.send_keys(str(wall))
         wait_for(lambda: len(table_rows(browser, "patches")) == 9, "the patch table")
         verdict_text = wait_for(lambda: browser.find_element(By.ID, "verdict").text, "a verdict")
-        assert f"wall: Crack: 3 of 9 patches cracked ({3 / 9:.1%} of the photo)" in verdict_text
+        assert (
+            f"{photo_name(wall)}: Crack: 3 of 9 patches cracked ({3 / 9:.1%} of the photo)"
+            in verdict_text
+        )
         rows = table_rows(browser, "patches")
         assert [row[6] for row in rows] == expected.labels()
         assert [float(row[4]) for row in rows] == pytest.approx(expected.probs, abs=1e-4)
@@ -268,7 +272,8 @@ def test_the_page_in_a_browser_scans_rethresholds_and_saves_marks(app, wall, pag
             ).click().perform()
 
         click(150, 50)
-        crop = app.labels / "Positive" / "wall_x0100_y0000_s100.png"
+        name = photo_name(wall)  # its file stem and content digest
+        crop = app.labels / "Positive" / f"{name}_x0100_y0000_s100.png"
         wait_for(crop.exists, f"the crop {crop}")
         with Image.open(wall) as photo, Image.open(crop) as saved:
             assert np.array_equal(np.asarray(saved), np.asarray(photo.crop((100, 0, 200, 100))))
@@ -277,14 +282,14 @@ def test_the_page_in_a_browser_scans_rethresholds_and_saves_marks(app, wall, pag
         # patch 8 (bottom right) as not crack, then patch 1 changed to not crack
         browser.find_element(By.CSS_SELECTOR, "#mark-as input[value='not crack']").click()
         click(250, 250)
-        wait_for((app.labels / "Negative" / "wall_x0200_y0200_s100.png").exists, "crop 8")
+        wait_for((app.labels / "Negative" / f"{name}_x0200_y0200_s100.png").exists, "crop 8")
         # what a folder source (data.sources.NAME.root=labels_dir) will train on
         assert scan_samples(app.labels) == [
-            (str(app.labels / "Negative" / "wall_x0200_y0200_s100.png"), 0),
+            (str(app.labels / "Negative" / f"{name}_x0200_y0200_s100.png"), 0),
             (str(crop), 1),
         ]
         click(150, 50)
-        wait_for((app.labels / "Negative" / "wall_x0100_y0000_s100.png").exists, "crop 1")
+        wait_for((app.labels / "Negative" / f"{name}_x0100_y0000_s100.png").exists, "crop 1")
         assert not crop.exists()
         assert app.model_calls() == scanned_calls
         if screenshot := os.environ.get("CRACK_APP_SCREENSHOT"):
@@ -320,13 +325,14 @@ def test_gradio_client_gets_the_models_own_scan_with_a_checkpoint_and_onnx(
     expected = model_scan(page_model, wall)
     outputs = client.predict([handle_file(str(wall))], 0.5, api_name="/scan")
     _, _, verdict_text, patches, summary, files, status = outputs
-    assert verdict_text == f"### wall: {verdict(expected)}"
+    name = photo_name(wall)
+    assert verdict_text == f"### {name}: {verdict(expected)}"
     rows = read_table(patches)
     assert [row[6] for row in rows] == expected.labels()
     assert [row[4] for row in rows] == pytest.approx(expected.probs, abs=1e-4)
     assert [(row[1], row[2]) for row in rows] == [tuple(b) for b in expected.boxes.tolist()]
-    assert read_table(summary) == [["wall", "Crack", 9, 3, 0, f"{3 / 9:.1%}"]]
-    table = next(Path(f) for f in files if f.endswith("wall_scan.csv"))
+    assert read_table(summary) == [[name, "Crack", 9, 3, 0, f"{3 / 9:.1%}"]]
+    table = next(Path(f) for f in files if f.endswith(f"{name}_scan.csv"))
     with table.open() as handle:
         written = list(csv.DictReader(handle))
     assert [float(r["prob_crack"]) for r in written] == pytest.approx(expected.probs, abs=1e-6)

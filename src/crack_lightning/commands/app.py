@@ -23,7 +23,7 @@ from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.inference.inspection import Inspector
 from crack_lightning.inference.scan import ScanSettings
 from crack_lightning.io import check_writable
-from crack_lightning.settings import OPEN_UNIT, Rule, at_least, settings_of
+from crack_lightning.settings import OPEN_UNIT, Rule, above, at_least, settings_of
 
 INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C before the page was served, as a shell reports it
 
@@ -38,6 +38,8 @@ class AppSettings:
     files_dir: str | None  # null: a new folder in the system's temp dir
     threshold: Annotated[float | None, OPEN_UNIT]  # null: the model's stored threshold
     max_pixels: Annotated[int, at_least(1)]
+    session_photos: Annotated[int, at_least(1)]
+    session_minutes: Annotated[float, above(0)]
     batch_size: Annotated[int, at_least(1)]
     device: str
     host: str
@@ -67,7 +69,14 @@ def start(cfg: DictConfig) -> tuple[Any, Path | None]:
         inspector = Inspector(
             classifier, window, settings.batch_size, settings.max_pixels, labels_dir
         )
-        built = page.build_page(inspector, settings.threshold, files_dir, settings.device)
+        built = page.build_page(
+            inspector,
+            settings.threshold,
+            files_dir,
+            settings.device,
+            settings.session_photos,
+            settings.session_minutes,
+        )
         address = page.serve(built, settings.host, settings.port, settings.open_browser)
     except BaseException:
         remove(temporary)

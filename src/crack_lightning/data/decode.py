@@ -108,9 +108,14 @@ def load_rgb(path: str | Path) -> Image.Image:
     except UnidentifiedImageError:
         raise UnreadableImage("not an image, or a format Pillow cannot read") from None
     except Image.DecompressionBombError as err:
-        raise UnreadableImage(f"too large to decode safely ({err})") from None
+        raise too_large(err) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise UnreadableImage(f"corrupt or truncated image ({err})") from None
+
+
+def too_large(err: Image.DecompressionBombError) -> UnreadableImage:
+    """A photo above Pillow's own pixel limit (a decompression bomb, or a huge photo)."""
+    return UnreadableImage(f"too large to decode safely ({err})")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -160,11 +165,14 @@ def sample_file(sample: str | Path) -> str:
 
 def oriented_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of the image load_rgb would give, from the file's header (its EXIF
-    orientation applied), without decoding it; UnreadableImage if it cannot be opened."""
+    orientation applied), without decoding it; UnreadableImage if it cannot be opened or
+    is above Pillow's pixel limit."""
     try:
         with Image.open(path) as image:
             width, height = image.size
             turned = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
+    except Image.DecompressionBombError as err:
+        raise too_large(err) from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         raise UnreadableImage(f"cannot be opened as an image ({err})") from None
     return (height, width) if turned else (width, height)

@@ -9,6 +9,7 @@ without a browser too.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,8 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from crack_lightning.data.decode import load_rgb, oriented_size
-from crack_lightning.errors import UnreadableImage
+from crack_lightning.data.decode import load_rgb
 from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.inference.scan import (
     MAX_FIGURE_SIDE,
@@ -38,6 +38,9 @@ SUMMARY_COLUMNS = ["photo", "verdict", "patches", "cracked", "unfamiliar", "crac
 MARK_CHOICES = {"crack": CLASS_NAMES[1], "not crack": CLASS_NAMES[0], "clear mark": None}
 # the outline of a marked patch on the page (not in the downloaded overlay)
 MARK_COLOURS = {CLASS_NAMES[1]: (255, 0, 255), CLASS_NAMES[0]: (0, 200, 80)}
+# hex digits of a photo's SHA-256 in its name (48 bits: photos sharing a file name never
+# meet a clash in practice)
+DIGEST_CHARS = 12
 
 
 @dataclass
@@ -45,7 +48,7 @@ class Inspection:
     """One scanned photo: its pixels (for the overlay and the crops), its scan (every
     patch's P(crack): a new threshold is applied without the model) and its marks."""
 
-    name: str  # unique among the photos of the page (scan.output_names)
+    name: str  # photo_name: its file stem and content digest
     photo: Image.Image
     result: ScanResult
     marks: dict[int, str] = field(default_factory=dict)  # patch index -> class name
@@ -56,21 +59,18 @@ class Inspection:
         return min(1.0, MAX_FIGURE_SIDE / max(self.result.width, self.result.height))
 
 
-def check_photo(path: Path, max_pixels: int, patch_size: int) -> None:
-    """Refuse, from the file's header alone, a photo too large to decode safely or too
-    small for one patch: an UnreadableImage naming the reason and the setting."""
-    width, height = oriented_size(path)
-    if width * height > max_pixels:
-        raise UnreadableImage(
-            f"{width}x{height} pixels ({width * height / 1e6:.0f} Mpx) is more than "
-            f"max_pixels={max_pixels}; shrink the photo or start crack-app with a higher "
-            f"max_pixels"
-        )
-    if width < patch_size or height < patch_size:
-        raise UnreadableImage(
-            f"{width}x{height} is smaller than one patch (scan.patch_size={patch_size}); "
-            f"start crack-app with a lower scan.patch_size"
-        )
+def photo_name(path: Path) -> str:
+    """The name of a photo's rows, overlay, files and mark crops: its file stem and the
+    start of its content's SHA-256. Photos that share a file name but not their pixels
+    (a/IMG_0001.jpg, b/IMG_0001.jpg) never share a name, within a session or across
+    sessions in labels_dir, and a photo dropped again keeps its name (the browser sends
+    no folder: the content tells photos apart)."""
+    try:
+        with path.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return path.stem  # unreadable: skipped by the scan, named by its file
+    return f"{path.stem}_{digest[:DIGEST_CHARS]}"
 
 
 class Inspector:
@@ -100,17 +100,9 @@ class Inspector:
     def scan(
         self, paths: Sequence[Path], threshold: float, out: Path
     ) -> tuple[list[Inspection], list[tuple[str, str]]]:
-        """Scan the photos (their overlay PNG and patch CSV written into `out`); the
-        refused and unreadable ones come back as (file name, reason)."""
-        refused: list[tuple[str, str]] = []
-        accepted = []
-        for path in map(Path, paths):
-            try:
-                check_photo(path, self.max_pixels, self.window.patch_size)
-            except UnreadableImage as err:
-                refused.append((path.name, str(err)))
-            else:
-                accepted.append(path)
+        """Scan the photos (their overlay PNG and patch CSV written into `out`, named by
+        photo_name); the refused and unreadable ones come back as (file name, reason)."""
+        paths = [Path(path) for path in paths]
         skipped: list[tuple[Path, str]] = []
         inspections = []
         with self._lock:
@@ -119,21 +111,22 @@ class Inspector:
                 # forking worker processes from a threaded server can deadlock
                 scan_files(
                     self.classifier,
-                    accepted,
+                    paths,
                     self.window,
                     self.batch_size,
                     threshold,
                     out,
                     skipped,
                     num_workers=0,
+                    max_pixels=self.max_pixels,
+                    names=[photo_name(path) for path in paths],
                 )
             )
         for result in results:
             inspection = Inspection(result.name, load_rgb(result.path), result)
             write_scan_csv(result, scan_table(out, result.name))
             inspections.append(inspection)
-        refused += [(path.name, reason) for path, reason in skipped]
-        return inspections, refused
+        return inspections, [(path.name, reason) for path, reason in skipped]
 
     def mark(self, inspection: Inspection, index: int, label: str | None) -> Path | None:
         """Save patch `index` of the photo as a crop in labels_dir/<label>/ (replacing its

@@ -9,11 +9,15 @@ serves) go under the folder chosen with files_dir (GRADIO_TEMP_DIR), not the cur
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import logging
 import os
+import shutil
 import uuid
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,17 +66,53 @@ def use_files_dir(files_dir: Path) -> None:
     os.environ["GRADIO_TEMP_DIR"] = str(Path(files_dir).absolute() / "gradio")
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
-    """One browser tab's photos (by name, in the order dropped) and its download folder."""
+    """One browser tab's photos (by photo_name, in the order dropped, at most `limit`) and
+    its download folder; closed when the tab closes or the session expires."""
 
     out: Path
+    limit: int
     inspections: dict[str, Inspection] = field(default_factory=dict)
     # (uploaded file, model) pairs already scanned: a drop onto the list re-sends them all
     seen: set[tuple[str, str]] = field(default_factory=set)
 
     def current(self, name: str | None) -> Inspection | None:
         return self.inspections.get(name) if name else None
+
+    def keep(self, scanned: Sequence[Inspection]) -> list[str]:
+        """Add the scanned photos (one scanned again replaces its row, as the newest);
+        the oldest beyond the limit are let go with their files; returns their names."""
+        for inspection in scanned:
+            self.inspections.pop(inspection.name, None)
+            self.inspections[inspection.name] = inspection
+        dropped = list(self.inspections)[: max(0, len(self.inspections) - self.limit)]
+        for name in dropped:
+            for path in downloads([self.inspections.pop(name)], self.out):
+                path.unlink(missing_ok=True)
+        return dropped
+
+    def close(self) -> None:
+        """Free the photos and remove the download folder (the marks stay in labels_dir)."""
+        self.inspections.clear()
+        self.seen.clear()
+        shutil.rmtree(self.out, ignore_errors=True)
+
+
+def close_session(session: Session | None) -> None:
+    """gr.State's delete_callback: a session expired or its tab closed."""
+    if session is not None:
+        session.close()
+        release_memory()
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system: glibc keeps a closed session's photos (freed
+    on the server's threads) in its arenas, so the process would not shrink otherwise."""
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:  # glibc only
+        trim(0)
 
 
 def model_line(inspector: Inspector) -> str:
@@ -99,13 +139,22 @@ def page_errors(function: Callable) -> Callable:
 
 
 def build_page(
-    inspector: Inspector, threshold: float | None, files_dir: Path, device: str = "auto"
+    inspector: Inspector,
+    threshold: float | None,
+    files_dir: Path,
+    device: str = "auto",
+    session_photos: int = 20,
+    session_minutes: float = 60,
 ) -> Any:
     """The page as gr.Blocks: drop photos, see each overlay, verdict and patch table,
-    move the threshold, mark patches, download the CSV and PNG files."""
+    move the threshold, mark patches, download the CSV and PNG files. Each tab's session
+    keeps at most `session_photos` photos and is freed when the tab closes (unload) or
+    after `session_minutes` without use (gr.State's time_to_live)."""
     gr = gradio()
     downloads_root = Path(files_dir) / "downloads"
     start = decision_threshold(threshold, inspector.classifier.threshold)
+    # the open sessions by Gradio's session hash, for the tab's unload; gr.State owns them
+    open_sessions: weakref.WeakValueDictionary[str, Session] = weakref.WeakValueDictionary()
 
     def photo_view(session: Session | None, name: str | None) -> tuple:
         inspection = session.current(name) if session else None
@@ -118,19 +167,28 @@ def build_page(
         )
 
     @page_errors
-    def scan(files: list[str] | None, level: float, session: Session | None) -> tuple:
+    def scan(
+        files: list[str] | None, level: float, session: Session | None, request: gr.Request
+    ) -> tuple:
         if session is None:
-            session = Session(downloads_root / uuid.uuid4().hex)
+            session = Session(downloads_root / uuid.uuid4().hex, session_photos)
+            if request is not None and request.session_hash:
+                open_sessions[request.session_hash] = session
         model = inspector.classifier.source
         files = [f for f in files or [] if (f, model) not in session.seen]
         scanned, refused = inspector.scan([Path(f) for f in files], level, session.out)
         session.seen.update((f, model) for f in files)
-        for inspection in scanned:
-            session.inspections[inspection.name] = inspection
+        dropped = session.keep(scanned)
+        scanned = [i for i in scanned if i.name in session.inspections]
         for name, reason in refused:
             gr.Warning(f"{name}: {reason}")
         lines = [f"Scanned {len(scanned)} photo(s)."] if scanned else []
         lines += [f"- skipped **{name}**: {reason}" for name, reason in refused]
+        if dropped:
+            lines.append(
+                f"- the page keeps the last {session.limit} photos (session_photos): "
+                f"let go {', '.join(dropped)}"
+            )
         if not scanned and files:
             lines.insert(0, "No photo could be scanned.")
         names = list(session.inspections)
@@ -147,10 +205,13 @@ def build_page(
 
     @page_errors
     def change_threshold(level: float, name: str | None, session: Session | None) -> tuple:
+        # the session is an output of every event, so that its time to live counts from
+        # its last use
         if session is None or not session.inspections:
-            return None, "", None, None, None
+            return session, None, "", None, None, None
         files_out = rethreshold(list(session.inspections.values()), level, session.out)
         return (
+            session,
             *photo_view(session, name),
             summary_rows(session.inspections.values()),
             [str(p) for p in files_out],
@@ -162,20 +223,34 @@ def build_page(
     ) -> tuple:
         inspection = session.current(name) if session else None
         if inspection is None or not event.index:
-            return gr.update(), gr.update(), "Drop a photo first."
+            return session, gr.update(), gr.update(), "Drop a photo first."
         index = patch_at(inspection, *event.index[:2])
         if index is None:
-            return gr.update(), gr.update(), "No patch there (the scan's windows leave it out)."
+            return (
+                session,
+                gr.update(),
+                gr.update(),
+                "No patch there (the scan's windows leave it out).",
+            )
         crop = inspector.mark(inspection, index, MARK_CHOICES[mark_as])
         x, y = inspection.result.boxes[index]
         said = f"saved {crop}" if crop else "its crop removed"
         return (
+            session,
             overlay(inspection),
             gr.update(value=patch_rows(inspection), headers=PATCH_COLUMNS),
             f"Patch {index} at x={x}, y={y} of {inspection.name}: {mark_as} ({said}).",
         )
 
     mark.__annotations__["event"] = gr.SelectData  # how Gradio knows to pass the click
+    scan.__annotations__["request"] = gr.Request  # and the tab's session hash
+
+    def end_session(request: gr.Request) -> None:
+        """The tab closed: its photos are freed now, not when Gradio drops its state."""
+        if request is not None and (session := open_sessions.pop(request.session_hash, None)):
+            close_session(session)
+
+    end_session.__annotations__["request"] = gr.Request
 
     @page_errors
     def load_model(path: str | None) -> tuple:
@@ -190,7 +265,7 @@ def build_page(
         return gr.update(value=new), model_line(inspector)
 
     with gr.Blocks(title="Crack inspector", analytics_enabled=False) as page:
-        session = gr.State(None)
+        session = gr.State(None, time_to_live=session_minutes * 60, delete_callback=close_session)
         gr.Markdown("# Crack inspector")
         model_info = gr.Markdown(model_line(inspector), elem_id="model-info")
         with gr.Row():
@@ -257,25 +332,29 @@ def build_page(
         level.release(
             change_threshold,
             [level, shown, session],
-            [*view, summary, files_out],
+            [session, *view, summary, files_out],
             api_name="threshold",
             trigger_mode="always_last",
         )
         shown.input(
-            page_errors(lambda name, state: photo_view(state, name)),
+            page_errors(lambda name, state: (state, *photo_view(state, name))),
             [shown, session],
-            view,
+            [session, *view],
             api_name="show",
         )
         figure.select(
-            mark, [mark_as, shown, session], [figure, table, status], api_visibility="private"
+            mark,
+            [mark_as, shown, session],
+            [session, figure, table, status],
+            api_visibility="private",
         )
         model_file.upload(load_model, [model_file], [level, model_info], api_name="model").then(
             change_threshold,  # the photos on the page relabelled at the new model's threshold
             [level, shown, session],
-            [*view, summary, files_out],
+            [session, *view, summary, files_out],
             api_visibility="private",
         )
+        page.unload(end_session)
     return page
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from crack_lightning.data.decode import load_rgb, resize
+from crack_lightning.data.decode import load_rgb, oriented_size, resize
 from crack_lightning.data.masks import tile_boxes
 from crack_lightning.data.workers import run_batches
 from crack_lightning.errors import PredictionError, UnreadableImage
@@ -135,7 +135,7 @@ def scan_photo(
     batches of patches is scanned by `num_workers` worker processes on a CPU (None: one
     per core torch uses; data/workers.py), each cutting, resizing and classifying whole
     batches."""
-    if (small := too_small(photo, patch_size)) is not None:
+    if (small := too_small(*photo.size, patch_size)) is not None:
         raise PredictionError(f"{path} is {small}.")
     width, height = photo.size
     boxes = tile_boxes(width, height, patch_size, stride)
@@ -233,15 +233,31 @@ def scan_figure(out: Path, name: str) -> Path:
     return out / f"{name}_scan.png"
 
 
-def too_small(photo: Image.Image, patch_size: int) -> str | None:
-    """Why a photo cannot be scanned with this window, or None when it can."""
-    width, height = photo.size
+def too_small(width: int, height: int, patch_size: int) -> str | None:
+    """Why a photo of this size cannot be scanned with this window, or None when it can."""
     if width >= patch_size and height >= patch_size:
         return None
     return (
         f"{width}x{height}, smaller than scan.patch_size={patch_size}: classify it with "
         f"mode=predict, or lower scan.patch_size"
     )
+
+
+def scan_problem(path: Path, patch_size: int, max_pixels: int | None = None) -> str | None:
+    """Why a photo cannot be scanned, from its file's header alone (before it is decoded):
+    not an image, above Pillow's pixel limit or `max_pixels` (the page's), or smaller than
+    one patch; None when it can be."""
+    try:
+        width, height = oriented_size(path)
+    except UnreadableImage as err:
+        return str(err)
+    if max_pixels is not None and width * height > max_pixels:
+        return (
+            f"{width}x{height} pixels ({width * height / 1e6:.0f} Mpx) is more than "
+            f"max_pixels={max_pixels}; shrink the photo or start crack-app with a higher "
+            f"max_pixels"
+        )
+    return too_small(width, height, patch_size)
 
 
 def scan_files(
@@ -253,22 +269,25 @@ def scan_files(
     out: Path,
     skipped: list[tuple[Path, str]],
     num_workers: int | None = None,
+    max_pixels: int | None = None,
+    names: Sequence[str] | None = None,
 ) -> Iterator[ScanResult]:
-    """The one scan loop (predict mode=scan, crack-scan-eval): load each photo, scan it,
-    save its heat map as scan_figure(out, result.name) (output_names: photos sharing a
-    file name keep their own results), and yield its result. Unreadable photos and photos
-    smaller than the window are appended to `skipped` with the reason, and the scan goes
-    on."""
+    """The one scan loop (predict mode=scan, crack-scan-eval, the inspector's page): load
+    each photo, scan it, save its heat map as scan_figure(out, result.name) and yield its
+    result. Results are named `names` (default output_names: photos sharing a file name
+    keep their own results). A photo that cannot be scanned (scan_problem, or damaged
+    past its header) is appended to `skipped` with the reason, and the scan goes on."""
     files = list(files)
+    names = output_names(files) if names is None else list(names)
     out.mkdir(parents=True, exist_ok=True)
-    for path, name in zip(files, output_names(files), strict=True):
+    for path, name in zip(files, names, strict=True):
+        if (problem := scan_problem(path, window.patch_size, max_pixels)) is not None:
+            skipped.append((path, problem))
+            continue
         try:
             photo = load_rgb(path)
         except UnreadableImage as err:
             skipped.append((path, str(err)))
-            continue
-        if (small := too_small(photo, window.patch_size)) is not None:
-            skipped.append((path, small))
             continue
         if classifier.maps:
             result = map_photo(classifier, photo, path, window.patch_size, window.stride, threshold)
