@@ -183,12 +183,14 @@ def classify(cfg: PredictSettings, classifier, files: list[Path]) -> dict:
 
 def scan(cfg: PredictSettings, classifier, files: list[Path], window: ScanSettings) -> dict:
     """scan mode: per photo a figure (PNG) and a CSV of patches, and with a crack-map model
-    the map (PHOTO_cracks.png) and its cracks (PHOTO_cracks.csv); returns a summary."""
+    the map (PHOTO_cracks.png) and its cracks (PHOTO_cracks.csv); for all the photos the
+    site report (site_summary.csv, site_report.html); returns a summary."""
+    from crack_lightning.evaluation.site_report import ScanContext, site_photo, write_site_report
     from crack_lightning.inference.scan import scan_figure, scan_files, write_scan_csv
 
     report_dir = Path(cfg.report_dir)
     skipped: list[tuple[Path, str]] = []
-    photos = []
+    photos, site = [], []
     for result in scan_files(
         classifier,
         files,
@@ -219,10 +221,16 @@ def scan(cfg: PredictSettings, classifier, files: list[Path], window: ScanSettin
             said += f", {share:.1%} of the area"
         print(f"{result.path}: {said} -> {figure}, {table}")
         photos.append(entry)
+        site.append(site_photo(result, entry))
     print_skipped(skipped)
     if not photos:
         raise PredictionError("No photo could be scanned (see the skipped files above).")
-    return {"photos": photos, "skipped": len(skipped)}
+    context = ScanContext(
+        cfg.ckpt_path, cfg.threshold, window.patch_size, window.stride, window.mm_per_px
+    )
+    report = write_site_report(report_dir, site, skipped, context)
+    print(f"Site report (photos ranked): {', '.join(map(str, report))}")
+    return {"photos": photos, "skipped": len(skipped), "site_report": [str(p) for p in report]}
 
 
 def measure_cracks(result: Any, report_dir: Path, mm_per_px: float | None) -> dict[str, Any]:

@@ -4,23 +4,21 @@ What an inspector looks at instead of reading CSV files: the metrics table (all 
 and each source: an input folder), the ROC and precision-recall curves and the confusion
 matrix (the figures of evaluation/plots.py), the worst mistakes per source as
 thumbnails (the most confident wrong decisions), and the suspect labels
-(evaluation/suspects.py). Every image is inlined as a base64 PNG and there is no script,
-so the file opens anywhere without a network and can be mailed as it is.
+(evaluation/suspects.py). Written as every offline page is (evaluation/html_page.py):
+images inlined, no script, no external address.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from crack_lightning.evaluation.html_page import html_page, image_png, inline_image
 from crack_lightning.evaluation.metrics import (
     binary_metrics,
     figure,
@@ -51,15 +49,10 @@ TABLE = (
     ("average_precision", "AP"),
 )
 STYLE = """
-body { font-family: sans-serif; margin: 1.5em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child, td.path { text-align: left; }
 .figures img { width: 336px; margin-right: 0.5em; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 0.6em; }
 .thumbs figure { margin: 0; width: 140px; font-size: 11px; overflow-wrap: anywhere; }
 .thumbs img { width: 128px; height: 128px; border: 3px solid #cf222e; }
-.note { color: #555; }
 """
 
 
@@ -74,17 +67,6 @@ class EvalRun:
     threshold: float
     groups: Sequence[tuple[str, Sequence[int]]]
     model: str
-
-
-def inline_png(data: bytes, alt: str) -> str:
-    encoded = base64.b64encode(data).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
-
-
-def image_png(image: np.ndarray) -> bytes:
-    buffer = BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def metrics_table(run: EvalRun, sections: Sequence[tuple[str, np.ndarray]]) -> str:
@@ -111,7 +93,7 @@ def figures_html(run: EvalRun, name: str, members: np.ndarray) -> str:
             np.array(metrics["confusion_matrix"]["counts"]), title=f"Confusion matrix: {name}"
         ),
     }
-    images = "".join(inline_png(png_bytes(f), f"{kind}, {name}") for kind, f in drawn.items())
+    images = "".join(inline_image(png_bytes(f), f"{kind}, {name}") for kind, f in drawn.items())
     return f'<div class="figures">{images}</div>'
 
 
@@ -120,7 +102,7 @@ def thumbnails_html(items: Sequence[tuple[str, str]]) -> str:
     cells = []
     for path, caption in items:
         image = thumbnail(path, THUMBNAIL_PX)
-        picture = inline_png(image_png(image), path) if image is not None else "(unreadable)"
+        picture = inline_image(image_png(image), path) if image is not None else "(unreadable)"
         cells.append(
             f"<figure>{picture}<figcaption><b>{html.escape(caption)}</b><br>"
             f"{html.escape(str(path))}</figcaption></figure>"
@@ -190,12 +172,7 @@ def report_html(run: EvalRun, suspects: Sequence[dict], worst: int, shown: int) 
                 mistakes_html(run, members, worst),
             ]
     parts += ["<h2>Suspect labels</h2>", suspects_html(suspects, shown)]
-    body = "\n".join(parts)
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>Evaluation: {html.escape(run.model)}</title><style>{STYLE}</style></head>"
-        f"<body>\n{body}\n</body></html>\n"
-    )
+    return html_page(f"Evaluation: {run.model}", "\n".join(parts), STYLE)
 
 
 def first_source(count: int, groups: Sequence[tuple[str, Sequence[int]]]) -> np.ndarray:
