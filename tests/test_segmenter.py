@@ -295,3 +295,35 @@ def test_adapting_a_crack_map_to_a_site_improves_its_unseen_photos(map_run, tmp_
     before, after = (float(v) for v in pixel_f1.split(" -> "))
     assert after > before + 0.05, table
     assert (run / "scan_eval" / "before").is_dir()
+    # the adapted model scans with the site's window: crops of its input size, half overlapping
+    from crack_lightning.inference.classifiers import load_classifier
+
+    assert load_classifier(run / "checkpoints" / "best.ckpt", "cpu").window == (48, 24)
+
+
+def test_a_scan_uses_the_models_window_unless_told(map_run, tmp_path, capsys):
+    from crack_lightning.commands.predict import run as predict_run
+    from crack_lightning.inference.scan import DEFAULT_PATCH, ScanSettings
+
+    photo = write_masked_photo(tmp_path / "photos", "wall", 120, seed=3)
+    (tmp_path / "photos" / "wall_mask.png").unlink()
+    cfg = compose_config(
+        "predict",
+        [
+            f"ckpt_path={map_run / 'checkpoints' / 'best.ckpt'}",
+            f"inputs=[{photo}]",
+            "mode=scan",
+            f"paths.output_dir={tmp_path / 'scan'}",
+            "num_workers=0",
+            "progress=false",
+        ],
+    )
+    summary = predict_run(cfg)
+    assert "Scanning with 48 px windows every 48 px" in capsys.readouterr().out
+    with Path(summary["photos"][0]["figure"]).with_suffix(".csv").open() as handle:
+        assert {row["width"] for row in csv.DictReader(handle)} == {"48"}  # the site's tiles
+    told = ScanSettings(patch_size=64, stride=None, unfamiliar_limit=None)
+    assert told.for_model((48, 48)).patch_size == 64 and told.for_model((48, 48)).stride == 64
+    unset = ScanSettings(patch_size=None, stride=None, unfamiliar_limit=None)
+    assert (unset.for_model(None).patch_size, unset.for_model(None).stride) == (DEFAULT_PATCH,) * 2
+    assert unset.for_model((128, 64)).stride == 64

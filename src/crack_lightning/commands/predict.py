@@ -299,6 +299,7 @@ def predict_with(cfg: PredictSettings, window: ScanSettings) -> dict:
     if cfg.mode == "scan":
         require_one_process(cfg.mode)
     classifier = load_classifier(cfg.ckpt_path, cfg.device)
+    window = window.for_model(classifier.window)
     if cfg.mode != "scan":
         check_writable(Path(cfg.output), "output")
     if cfg.mode != "predict" or cfg.visualize:
@@ -310,6 +311,7 @@ def predict_with(cfg: PredictSettings, window: ScanSettings) -> dict:
     if not files:
         raise PredictionError(f"inputs={inputs} name no image files.")
     if cfg.mode == "scan":
+        print(f"Scanning with {window.describe()} (scan.patch_size / scan.stride).")
         return scan(cfg, classifier, files, window)
     summary = classify(cfg, classifier, files)
     if not summary:  # rank 0 of a sharded run reports

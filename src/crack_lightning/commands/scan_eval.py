@@ -64,6 +64,7 @@ def evaluate(cfg: DictConfig) -> None:
     groups = expand_photos(settings.photos)
     check_masks([photo for _, photos in groups for photo in photos])
     classifier = load_classifier(settings.ckpt_path, settings.device)
+    window = window.for_model(classifier.window)
     threshold = decision_threshold(settings.threshold, classifier.threshold)
     out = Path(settings.out)
     skipped: list[tuple[Path, str]] = []

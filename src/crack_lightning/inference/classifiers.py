@@ -46,6 +46,8 @@ MODEL_FILES = (
 )
 # hyperparameters that earlier versions' checkpoints hold and CrackClassifier does not take
 DROPPED_HPARAMS = ("finetune",)  # fine-tuning is a callback (callbacks.finetune)
+# Lightning stores the data module's hyperparameters (data.*) in every checkpoint here
+DATA_HPARAMS_KEY = "datamodule_hyper_parameters"
 # a checkpoint's (CrackClassifier's) weights of the network: under net.
 NET_PREFIX = "net."
 # onnxruntime's providers that run nothing on a GPU (Azure's only calls remote endpoints)
@@ -173,6 +175,9 @@ class LoadedModel:
     threshold: float | None  # chosen on validation and stored with the model; None: not stored
     feature_stats: dict[str, torch.Tensor] | None  # training features' (unfamiliar.py)
     no_stats_reason: str = ""  # why feature_stats is None
+    # (patch size, stride) of the tiles it was trained or adapted on (stored_window); None:
+    # trained on crops only, or an exported file
+    window: tuple[int, int] | None = None
     _reason_told: bool = field(default=False, init=False, repr=False)
 
     @classmethod
@@ -294,10 +299,24 @@ def _load_checkpoint(path: Path, device: torch.device) -> LoadedModel:
         from crack_lightning.inference.crack_maps import MapNetwork
 
         network = MapNetwork(net, device, float(hparams["min_share"]))
-        return LoadedModel(
+        loaded = LoadedModel(
             str(path), network, int(hparams["image_size"]), threshold, None, NO_STATS_OF_MAPS
         )
-    return LoadedModel.from_module(net, device, str(path), threshold, stats)
+    else:
+        loaded = LoadedModel.from_module(net, device, str(path), threshold, stats)
+    loaded.window = stored_window(checkpoint)
+    return loaded
+
+
+def stored_window(checkpoint: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The window a checkpoint was trained for: tile size and stride of the last masks
+    source of its data settings (an adapted model's site: adapt puts it last), as
+    Lightning stores them in every checkpoint; None when it learnt from crops only."""
+    sources = (checkpoint.get(DATA_HPARAMS_KEY) or {}).get("sources") or {}
+    tiled = [entry for entry in sources.values() if entry and entry.get("kind") == "masks"]
+    if not tiled:
+        return None
+    return int(tiled[-1]["tile_size"]), int(tiled[-1]["stride"])
 
 
 def _network_settings(hparams: Mapping[str, Any], build: Callable) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -29,20 +29,43 @@ from crack_lightning.settings import CLASS_NAMES, Rule, at_least, at_most
 MAX_FIGURE_SIDE = 2048
 
 
+# the window of a model that stores none (trained on crops only): METU's crops are 227 px
+DEFAULT_PATCH = 227
+
+
 @dataclass(frozen=True)
 class ScanSettings:
     """scan.* (conf/scan/default.yaml): the sliding window of predict mode=scan,
-    crack-scan-eval and the inspector's page."""
+    crack-scan-eval and the inspector's page; null patch_size / stride: the model's own
+    (for_model)."""
 
     settings_error = PredictionError
     patch_size: Annotated[
-        int, at_least(1, "pixels"), at_most(8192, "pixels", "a window over a whole 50 Mpx photo")
+        int | None,
+        at_least(1, "pixels"),
+        at_most(8192, "pixels", "a window over a whole 50 Mpx photo"),
     ]
-    stride: Annotated[int, at_least(1, "pixels")]
+    stride: Annotated[int | None, at_least(1, "pixels")]
     # null: never label a patch Unfamiliar
     unfamiliar_limit: Annotated[float | None, Rule("a number > 0 or null", lambda v: v > 0)]
     # millimetres per pixel of the photos, for crack lengths and widths in mm; null: pixels
     mm_per_px: Annotated[float | None, MM_PER_PX] = None
+
+    def for_model(self, window: tuple[int, int] | None) -> ScanSettings:
+        """The window to scan with: scan.patch_size (and scan.stride) when set, else the
+        model's own window (the tiles of the masks sources it was trained or adapted on:
+        LoadedModel.window), else DEFAULT_PATCH; the stride, when not set, the model's
+        with its window, else the patch size (windows side by side)."""
+        if self.patch_size is not None:
+            patch, stride = self.patch_size, self.stride or self.patch_size
+        elif window is not None:
+            patch, stride = window[0], self.stride or window[1]
+        else:
+            patch, stride = DEFAULT_PATCH, self.stride or DEFAULT_PATCH
+        return replace(self, patch_size=patch, stride=stride)
+
+    def describe(self) -> str:
+        return f"{self.patch_size} px windows every {self.stride} px"
 
 
 @dataclass

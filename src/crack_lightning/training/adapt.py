@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from crack_lightning.data.decode import DecodedImages
 from crack_lightning.data.sources import MASKS_KIND, ROOT_SOURCE
 from crack_lightning.errors import ConfigError, DataError
+from crack_lightning.inference.classifiers import DATA_HPARAMS_KEY
 from crack_lightning.models.crack_map import MAP_HPARAM
 from crack_lightning.settings import CLASS_NAMES, Rule, settings_of
 
@@ -37,8 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Lightning stores the data module's hyperparameters (data.*) in every checkpoint here
-DATA_HPARAMS_KEY = "datamodule_hyper_parameters"
 INIT_FILES = "Use a training run's checkpoints/best.ckpt (a .ckpt train.py wrote)."
 # what a crack-map adaptation builds, and the classifier's callbacks it leaves out
 SEGMENTER_TARGET = "crack_lightning.models.segmenter.CrackSegmenter"
