@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from crack_lightning.cli import USER_ERROR, OutputFolders, user_errors
+from crack_lightning.cli import USER_ERROR, user_errors
 from crack_lightning.commands.export import main as export_main
+from crack_lightning.commands.hydra_callbacks import OutputFolders
 from crack_lightning.commands.predict import run as predict
 from crack_lightning.commands.scan_eval import main as scan_eval_main
 from crack_lightning.inference.scan import output_names

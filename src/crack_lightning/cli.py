@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from crack_lightning.errors import CrackLightningError
@@ -92,33 +91,6 @@ def hydra_app(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[
     return hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(
         guarded
     )
-
-
-class OutputFolders(Callback):
-    """A Hydra callback (conf/hydra/default.yaml): the folder Hydra is about to make for a
-    run or sweep (and paths.log_dir above it) checked by io.check_writable before Hydra
-    writes there, so a file in the way or a read-only disk is one `error:` line."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        run_dir = config.hydra.run.dir
-        setting = "paths.output_dir" if run_dir == config.paths.output_dir else "hydra.run.dir"
-        check_output_folder(config, Path(run_dir), setting)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_output_folder(config, Path(config.hydra.sweep.dir), "hydra.sweep.dir")
-
-
-def check_output_folder(config: DictConfig, folder: Path, setting: str) -> None:
-    """paths.log_dir when the folder lies under it, then the folder; nothing is made.
-    Hydra's callbacks may raise only SystemExit (it turns errors into warnings), so our
-    one-line exit is taken here."""
-    from crack_lightning.io import check_writable
-
-    with user_errors():
-        log_dir = Path(config.paths.log_dir)
-        if folder.is_relative_to(log_dir):
-            check_writable(log_dir, "paths.log_dir", folder=True, make=False)
-        check_writable(folder, setting, folder=True, make=False)
 
 
 def compose_command(config_name: str, overrides: Sequence[str]) -> DictConfig:

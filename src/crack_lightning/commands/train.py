@@ -9,19 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from crack_lightning.cli import conf_dir, hydra_app, prepare_process, user_errors
 from crack_lightning.training.distributed import launch_argv
 from crack_lightning.training.resume import resume_argv
-from crack_lightning.training.run_lock import (
-    first_process,
-    refuse_busy_run_dir,
-    refuse_replacing,
-    refuse_replacing_jobs,
-    run_dir_lock,
-)
+from crack_lightning.training.run_lock import refuse_busy_run_dir, run_dir_lock
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +43,3 @@ def train_task(cfg: DictConfig) -> float | None:
     if name and name not in metrics:
         log.warning("optimized_metric=%s is not among the metrics %s", name, sorted(metrics))
     return metrics.get(name) if name else None
-
-
-class KeepRuns(Callback):
-    """A Hydra callback (conf/train.yaml): the run directory, or a sweep's job folders,
-    holding runs refused before Hydra writes its .hydra/ files there (training/run_lock.py);
-    Hydra turns errors in callbacks into warnings, so the one-line exit is taken here."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if first_process():
-            with user_errors():
-                run_dir = Path(config.paths.output_dir)
-                refuse_replacing(run_dir, config.get("ckpt_path"), bool(config.overwrite))
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        with user_errors():
-            sweep_dir = Path(config.hydra.sweep.dir)
-            refuse_replacing_jobs(sweep_dir, config.get("ckpt_path"), bool(config.overwrite))

@@ -10,7 +10,7 @@ A run directory that holds a run (its split manifest, metrics.json or a checkpoi
 trained in again only to continue that run (`ckpt_path=last`, or a checkpoint of that
 directory) or, with `overwrite=true`, to replace it: the old run is then deleted once the
 settings are checked. Anything else is refused before Hydra writes there; a sweep's job
-folders likewise (`KeepRuns` in commands/train.py checks them, `train()` again).
+folders likewise (commands/hydra_callbacks.py checks them, `train()` again).
 
 Processes of the same run share the directory legitimately: only the first process of a
 run (rank 0 on node 0) takes the lock or applies the rule; Lightning's DDP processes and
