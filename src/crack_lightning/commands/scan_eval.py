@@ -58,9 +58,9 @@ def evaluate(cfg: DictConfig) -> None:
     TensorBoard scalars under log_dir if set; print both reports (n/a where undefined)."""
     settings = settings_of(cfg, ScanEvalSettings, "", others=("paths", "scan", "task_name"))
     window = settings_of(cfg.scan, ScanSettings, "scan")
-    check_writable(Path(settings.out), "out", folder=True)
+    check_writable(Path(settings.out), "out", folder=True, make=False)
     if settings.log_dir is not None:
-        check_writable(Path(settings.log_dir), "log_dir", folder=True)
+        check_writable(Path(settings.log_dir), "log_dir", folder=True, make=False)
     groups = expand_photos(settings.photos)
     check_masks([photo for _, photos in groups for photo in photos])
     classifier = load_classifier(settings.ckpt_path, settings.device)
