@@ -18,7 +18,13 @@ import yaml
 from crack_lightning.cli import USER_ERROR
 from crack_lightning.errors import ConfigError, RunDirError
 from crack_lightning.training.run import train
-from crack_lightning.training.run_lock import LOCK_NAME, acquire, first_process, release
+from crack_lightning.training.run_lock import (
+    LOCK_NAME,
+    acquire,
+    first_process,
+    refuse_replacing,
+    release,
+)
 
 from .conftest import run_train_py, start_paused_train_py
 from .test_resume import FAST
@@ -190,3 +196,17 @@ def test_train_py_refuses_a_run_or_sweep_directory_holding_runs_before_writing_t
     assert {path: path.read_bytes() for path in files} == files
     assert not (run_dir / "train.log").exists()
     assert sorted(p.name for p in sweep_dir.iterdir()) == ["0_model.lr=0.001"]
+
+
+def test_a_run_that_finished_no_epoch_is_refused_with_nothing_to_continue(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "split_manifest.csv").write_text("source,path,label,split\n")
+    with pytest.raises(RunDirError) as refused:
+        refuse_replacing(run_dir, None, overwrite=False)
+    assert str(refused.value).endswith(
+        "It finished no epoch, so there is nothing to continue: choose another "
+        "paths.output_dir, or replace it with overwrite=true."
+    )
+    refuse_replacing(run_dir, None, overwrite=True)  # said to replace it
+    refuse_replacing(tmp_path / "new", None, overwrite=False)  # nothing there

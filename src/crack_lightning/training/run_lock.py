@@ -194,14 +194,14 @@ def refuse_replacing(
     if overwrite or not found:
         return
     names = ", ".join(str(p.relative_to(run_dir)) for p in found)
-    resume = (
-        "continue it with ckpt_path=last, "
+    advice = (
+        f"To keep it, choose another {setting}; continue it with ckpt_path=last"
         if (run_dir / LAST_CKPT).is_file()
-        else "(it finished no epoch, so there is nothing to continue) "
+        else f"It finished no epoch, so there is nothing to continue: choose another {setting}"
     )
     raise RunDirError(
         f"{setting}={run_dir} holds a run ({names}); a new run there would replace it. "
-        f"To keep it, choose another {setting}; {resume}or replace it with overwrite=true."
+        f"{advice}, or replace it with overwrite=true."
     )
 
 
