@@ -277,6 +277,7 @@ class Bench:
                 f"trainer.max_epochs={max(1, s.epochs)}",
                 f"paths.cache_dir={self.work / 'cache'}",
                 f"paths.output_dir={self.work / 'run'}",
+                "overwrite=true",  # every timed run replaces the one before
                 *weights,
                 *extra,
             ],

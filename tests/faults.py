@@ -5,9 +5,10 @@
 Each run trains a small model on tiny synthetic images for `epochs` epochs in its own
 run directory, every other run with the feature cache on (so cache fills are killed
 too). The run is killed `kills` times, each after a random delay, and continued each
-time with `ckpt_path=last` (or started again when no epoch had finished). Then the last
-session must finish: exit 0, last.ckpt and best.ckpt load (tensors only) and last.ckpt
-holds the final epoch, metrics.json exists, no temp file or run lock is left over.
+time with `ckpt_path=last` (or started again with `overwrite=true` when no epoch had
+finished). Then the last session must finish: exit 0, last.ckpt and best.ckpt load
+(tensors only) and last.ckpt holds the final epoch, metrics.json exists, no temp file or
+run lock is left over.
 Prints kills survived / tried, and how long an uninterrupted final session took.
 Slow (minutes), so not part of the test suite.
 """
@@ -151,7 +152,9 @@ def one_run(
     kills, attempt = 0, 0
     while True:
         resume = (run_dir / "checkpoints" / "last.ckpt").exists()
-        argv = base + (["ckpt_path=last"] if resume else [])
+        # no epoch finished: the killed session's split manifest is replaced, as told
+        restart = ["overwrite=true"] if attempt else []
+        argv = base + (["ckpt_path=last"] if resume else restart)
         log = (Path(settings.workdir) / f"run{index}_{attempt}.log").open("w")
         process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         started = time.monotonic()

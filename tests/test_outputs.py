@@ -17,12 +17,14 @@ from PIL import Image
 
 from crack_lightning.cli import USER_ERROR, user_errors
 from crack_lightning.commands.export import main as export_main
+from crack_lightning.commands.hydra_callbacks import OutputFolders
 from crack_lightning.commands.predict import run as predict
 from crack_lightning.commands.scan_eval import main as scan_eval_main
 from crack_lightning.inference.scan import output_names
+from crack_lightning.io import check_writable
 from crack_lightning.training.run import train
 
-from .conftest import QUIET, SMALL, compose_config
+from .conftest import CONF_DIR, QUIET, SMALL, compose_config, run_python, run_train_py
 
 PATCH = ["scan.patch_size=64", "scan.stride=64"]
 
@@ -257,3 +259,83 @@ def test_a_dangling_link_without_the_data_check_is_named_and_left_out(
         assert said and f"{link} (not a regular file or a link to one)" in said[0]
         with (tmp_path / policy / "split_manifest.csv").open() as handle:
             assert "Positive/gone.jpg" not in handle.read()
+
+
+# --- run and sweep folders: checked before Hydra makes them ----------------------------------
+
+
+def one_error_line(result) -> str:
+    """The one `error:` line of a command that must have stopped with exit 2."""
+    assert result.returncode == USER_ERROR, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    return line
+
+
+def test_run_folders_under_a_file_are_one_error_line(tmp_path):
+    """paths.output_dir, paths.log_dir and a sweep's folder under a regular file, for train.py
+    and predict.py: named in one line before Hydra tries to make them."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    predict_args = ["ckpt_path=model.ckpt", "inputs=[photos]"]
+    cases = [
+        (run_train_py(f"paths.output_dir={blocker / 'run'}"), f"paths.output_dir={blocker}/run"),
+        (run_train_py(f"paths.log_dir={blocker / 'logs'}"), f"paths.log_dir={blocker}/logs"),
+        (
+            run_train_py("-m", "model.lr=1e-3,1e-4", f"hydra.sweep.dir={blocker / 'sweep'}"),
+            f"hydra.sweep.dir={blocker}/sweep",
+        ),
+        (
+            run_python("predict.py", *predict_args, f"paths.log_dir={blocker / 'logs'}"),
+            f"paths.log_dir={blocker}/logs",
+        ),
+        (
+            run_python("predict.py", *predict_args, f"paths.output_dir={blocker / 'out'}"),
+            f"paths.output_dir={blocker}/out",
+        ),
+    ]
+    for result, where in cases:
+        line = one_error_line(result)
+        assert line.startswith(f"error: cannot write {where}: "), line
+        assert line.endswith(f"{blocker} is a file, not a folder; choose another place."), line
+    assert blocker.read_text() == ""
+
+
+def hydra_config(name: str, *overrides: str):
+    """conf/<name>.yaml with its hydra section, as Hydra hands it to its callbacks."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=list(overrides), return_hydra_config=True)
+
+
+def read_only_disk(monkeypatch) -> None:
+    """Every new file fails as on a read-only file system (EROFS), whoever the user is."""
+    real_open = Path.open
+
+    def refuse(self, mode="r", *args, **kwargs):
+        if "x" in mode or "w" in mode:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse)
+
+
+@pytest.mark.parametrize("name", ["train", "predict"])
+def test_a_run_folder_on_a_read_only_disk_is_one_error_line(name, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "logs" / "run"
+    config = hydra_config(name, f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={run_dir}")
+    read_only_disk(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        OutputFolders().on_run_start(config=config)
+    assert stop.value.code == USER_ERROR
+    line = error_line(capsys)
+    assert line.startswith(f"error: cannot write paths.log_dir={tmp_path / 'logs'}: ")
+    assert line.endswith("Read-only file system; choose another place.")
+    assert not (tmp_path / "logs").exists()  # the check makes no folder
+
+
+def test_the_output_check_makes_no_folder_hydra_will_make(tmp_path):
+    run_dir = tmp_path / "logs" / "train" / "runs" / "now"
+    check_writable(run_dir, "paths.output_dir", folder=True, make=False)
+    assert list(tmp_path.iterdir()) == []

@@ -163,6 +163,8 @@ def test_extra_tasks_of_a_job_and_requeued_jobs_get_their_overrides(tmp_path):
     # requeued before its first epoch ended: starts again; afterwards: from its last.ckpt
     overrides = ["model.lr=0.001", "ckpt_path=/old/best.ckpt"]
     assert launchers.resume_overrides(overrides, tmp_path) == overrides
+    (tmp_path / "split_manifest.csv").write_text("source,path,label,split\n")
+    assert launchers.resume_overrides(overrides, tmp_path) == [*overrides, "overwrite=true"]
     (tmp_path / LAST_CKPT).parent.mkdir()
     (tmp_path / LAST_CKPT).write_bytes(b"")
     resumed = launchers.resume_overrides(overrides, tmp_path)

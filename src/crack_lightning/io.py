@@ -108,10 +108,12 @@ def write_errors(path: Path, setting: str | None = None) -> Iterator[None]:
         raise WriteError(write_failure(Path(path), cause, setting)) from err
 
 
-def check_writable(path: Path, setting: str, folder: bool = False) -> None:
+def check_writable(path: Path, setting: str, folder: bool = False, make: bool = True) -> None:
     """Stop before any slow step if the file `setting` names (or, with folder=True, files
     inside the folder it names) cannot be written: the folder is made and a probe file
-    created in it and removed at once."""
+    created in it and removed at once. With make=False a folder that does not exist yet
+    stays unmade (another program makes it: Hydra its run directory) and the nearest
+    existing folder above it is probed instead."""
     path = Path(path)
     if not folder and path.is_dir():
         raise WriteError(f"{setting}={path} is a folder; name a file (inside it).")
@@ -119,10 +121,22 @@ def check_writable(path: Path, setting: str, folder: bool = False) -> None:
         raise WriteError(f"{setting}={path} is a file, not a folder; name a folder.")
     where = path if folder else path.parent
     with write_errors(path, setting):
-        where.mkdir(parents=True, exist_ok=True)
+        if make:
+            where.mkdir(parents=True, exist_ok=True)
+        else:
+            where = nearest_existing(where)
+            if not where.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(where))
         probe = temp_path(where / "probe")
         probe.open("xb").close()
         probe.unlink()
+
+
+def nearest_existing(path: Path) -> Path:
+    """path itself if it exists, else its nearest existing parent."""
+    while not (path.exists() or path.is_symlink()) and path != path.parent:
+        path = path.parent
+    return path
 
 
 def write_atomically(

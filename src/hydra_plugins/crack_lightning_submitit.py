@@ -53,11 +53,15 @@ class LauncherError(CrackLightningError, CompactHydraException):
 
 def resume_overrides(overrides: Sequence[str], run_dir: Path) -> list[str]:
     """A requeued job's overrides: from its last.ckpt once an epoch has finished, its first
-    session's .hydra/ files kept (as ckpt_path=last on train.py's command line)."""
+    session's .hydra/ files kept (as ckpt_path=last on train.py's command line); before
+    that, started again, replacing what its first session wrote (overwrite=true)."""
     from crack_lightning.training.resume import LAST, LAST_CKPT, resume_output_subdir
+    from crack_lightning.training.run_lock import run_files
 
     if not (run_dir / LAST_CKPT).is_file():
-        return list(overrides)
+        if not run_files(run_dir):
+            return list(overrides)
+        return [*(o for o in overrides if not o.startswith("overwrite=")), "overwrite=true"]
     kept = [o for o in overrides if not o.startswith("ckpt_path=")]
     return [*kept, f"ckpt_path={LAST}", resume_output_subdir()]
 

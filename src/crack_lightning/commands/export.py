@@ -59,8 +59,8 @@ def export(cfg: DictConfig) -> None:
     fmt, quantize = settings.format, settings.quantize
     suffix = (".int8" if quantize else "") + FORMATS[fmt]
     output = Path(settings.output or Path(settings.ckpt_path).with_suffix(suffix))
-    model = load_classifier(settings.ckpt_path, "cpu")
     check_writable(output, "output")
+    model = load_classifier(settings.ckpt_path, "cpu")
     with write_errors(output, "output"):  # a disk that fills up while exporting
         if calibration is not None:
             path = export_int8(model, output, calibration, settings.progress)

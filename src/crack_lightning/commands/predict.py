@@ -298,12 +298,12 @@ def predict_with(cfg: PredictSettings, window: ScanSettings) -> dict:
     """One mode, with checked settings."""
     if cfg.mode == "scan":
         require_one_process(cfg.mode)
-    classifier = load_classifier(cfg.ckpt_path, cfg.device)
-    window = window.for_model(classifier.window)
     if cfg.mode != "scan":
         check_writable(Path(cfg.output), "output")
     if cfg.mode != "predict" or cfg.visualize:
         check_writable(Path(cfg.report_dir), "report_dir", folder=True)
+    classifier = load_classifier(cfg.ckpt_path, cfg.device)
+    window = window.for_model(classifier.window)
     cfg.threshold = decision_threshold(cfg.threshold, classifier.threshold)
     inputs = [cfg.inputs] if isinstance(cfg.inputs, str) else list(cfg.inputs)
     files, problems = collect_inputs(inputs)

@@ -33,6 +33,7 @@ from crack_lightning.evaluation.scan_masks import (
 from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.inference.scan import ScanSettings, scan_files
+from crack_lightning.io import check_writable
 from crack_lightning.settings import OPEN_UNIT, Rule, at_least, settings_of
 
 
@@ -61,6 +62,9 @@ def evaluate(cfg: DictConfig) -> None:
     log_dir if set; print both reports (n/a where undefined)."""
     settings = settings_of(cfg, ScanEvalSettings, "", others=("paths", "scan", "task_name"))
     window = settings_of(cfg.scan, ScanSettings, "scan")
+    check_writable(Path(settings.out), "out", folder=True, make=False)
+    if settings.log_dir is not None:
+        check_writable(Path(settings.log_dir), "log_dir", folder=True, make=False)
     groups = expand_photos(settings.photos)
     check_masks([photo for _, photos in groups for photo in photos])
     classifier = load_classifier(settings.ckpt_path, settings.device)

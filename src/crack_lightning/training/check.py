@@ -44,6 +44,7 @@ class RunSettings:
     settings_error = ConfigError
     seed: Annotated[int, Rule("an integer in [0, 4294967295]", lambda v: 0 <= v < 2**32)]
     ckpt_path: str | None
+    overwrite: bool
     resume_data_changed: Literal["refuse", "allow"]
     optimized_metric: str
     optimized_direction: Literal["maximize", "minimize"]

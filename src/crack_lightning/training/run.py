@@ -49,14 +49,19 @@ from crack_lightning.training.resume import (
     stored_config,
     undecodable_additions,
 )
+from crack_lightning.training.run_lock import (
+    MANIFEST_NAME,
+    METRICS_NAME,
+    first_process,
+    refuse_replacing,
+    replace_run,
+)
 
 if TYPE_CHECKING:
     from crack_lightning.models.finetuning import BackboneUnfreeze
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "split_manifest.csv"
-METRICS_NAME = "metrics.json"
 # the setting that names a run, per logger class (null in conf/logger/: the run dir's name)
 RUN_NAME_SETTINGS = {MLFlowLogger: "run_name", WandbLogger: "name"}
 
@@ -71,7 +76,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    owner = first_process()  # of the run's processes, the one that owns its directory
+    if owner:
+        refuse_replacing(output_dir, cfg.get("ckpt_path"), cfg.overwrite)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    if owner and cfg.overwrite:
+        replace_run(output_dir)
     resumed_run = check_resumed_data_settings(cfg, ckpt_path, output_dir)
     start = None
     if cfg.get("init_from") is not None:  # may add the site and replayed sources to cfg
