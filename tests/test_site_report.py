@@ -151,7 +151,7 @@ def test_a_folder_scan_ranks_its_photos_by_the_stated_score(predict_cfg, site, t
     assert "2024-05-03 14:22:10" in page and "52.520000, -13.410000" in page
     skipped_part = page[page.index("Skipped (2)") :]
     assert "tiny.png" in skipped_part and "smaller than scan.patch_size=227" in skipped_part
-    assert "notes.jpg</b>: not an image" in skipped_part
+    assert "notes.jpg</b>: cannot be opened as an image" in skipped_part
 
 
 # --- EXIF as cameras and editors leave it ----------------------------------------------------
