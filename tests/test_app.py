@@ -340,7 +340,7 @@ def test_gradio_client_gets_the_models_own_scan_with_a_checkpoint_and_onnx(
 
     # the exported ONNX model, dropped on the page, gives its own (same) figures
     onnx_file = export_model(load_classifier(page_model, "cpu"), "onnx", tmp_path / "m.onnx")
-    _, model_info = client.predict(handle_file(str(onnx_file)), api_name="/model")
+    _, model_info, *_ = client.predict(handle_file(str(onnx_file)), api_name="/model")
     assert "m.onnx" in model_info
     outputs = client.predict([handle_file(str(wall))], 0.5, api_name="/scan")
     expected_onnx = model_scan(onnx_file, wall)
@@ -349,7 +349,7 @@ def test_gradio_client_gets_the_models_own_scan_with_a_checkpoint_and_onnx(
     )
     assert [row[6] for row in read_table(outputs[3])] == expected_onnx.labels()
     # and back to the checkpoint
-    _, model_info = client.predict(handle_file(str(page_model)), api_name="/model")
+    _, model_info, *_ = client.predict(handle_file(str(page_model)), api_name="/model")
     assert "best.ckpt" in model_info
 
 
@@ -371,7 +371,7 @@ def test_bad_input_is_a_message_and_the_page_goes_on(app, wall, page_model, tmp_
     # a file that is not a model: the page keeps its model and still scans
     fake = tmp_path / "model.ckpt"
     fake.write_bytes(b"not a checkpoint")
-    _, model_info = client.predict(handle_file(str(fake)), api_name="/model")
+    _, model_info, *_ = client.predict(handle_file(str(fake)), api_name="/model")
     assert "best.ckpt`" in model_info and "model.ckpt" not in model_info
     outputs = client.predict([handle_file(str(wall))], 0.5, api_name="/scan")
     assert outputs[-1] == "Scanned 1 photo(s)."
@@ -463,3 +463,15 @@ def test_a_new_threshold_rewrites_the_files_of_the_photos_it_relabels(tmp_path):
     rethreshold([item], 0.95, tmp_path)
     assert labels() == ["Negative"] * len(item.result.probs)
     assert Image.open(files[0]).size == (300, 200)
+
+
+def test_the_pages_window_control_scans_the_next_photos_with_its_window(app, wall, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(app.url, verbose=False, download_files=str(tmp_path / "client"))
+    outputs = client.predict([handle_file(str(wall))], 0.5, 150, 150, api_name="/scan")
+    rows = read_table(outputs[3])
+    assert [(row[1], row[2]) for row in rows] == [(0, 0), (150, 0), (0, 150), (150, 150)]
+    fresh = Client(app.url, verbose=False, download_files=str(tmp_path / "fresh"))
+    outputs = fresh.predict([handle_file(str(wall))], 0.5, api_name="/scan")
+    assert len(read_table(outputs[3])) == 9  # the page's own window (scan.patch_size=100)

@@ -66,7 +66,6 @@ def start(cfg: DictConfig) -> tuple[Any, Path | None]:
         page.use_files_dir(files_dir)
         page.gradio()  # the install line, before the model is read
         classifier = load_classifier(settings.ckpt_path, settings.device)
-        window = window.for_model(classifier.window)
         inspector = Inspector(
             classifier, window, settings.batch_size, settings.max_pixels, labels_dir
         )

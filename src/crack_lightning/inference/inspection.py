@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +86,8 @@ class Inspector:
         labels_dir: Path,
     ) -> None:
         self.classifier = classifier
-        self.window = window
+        self.told = window  # scan.*: null patch size and stride follow the model
+        self.window = window.for_model(classifier.window)
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self.labels_dir = Path(labels_dir)
@@ -96,13 +97,22 @@ class Inspector:
         """Scan with another model from now on (after a scan in progress)."""
         with self._lock:
             self.classifier = classifier
+            self.window = self.told.for_model(classifier.window)
 
     def scan(
-        self, paths: Sequence[Path], threshold: float, out: Path
+        self,
+        paths: Sequence[Path],
+        threshold: float,
+        out: Path,
+        window: tuple[int, int] | None = None,
     ) -> tuple[list[Inspection], list[tuple[str, str]]]:
         """Scan the photos (their overlay PNG and patch CSV written into `out`, named by
-        photo_name); the refused and unreadable ones come back as (file name, reason)."""
+        photo_name) with `window` (patch size, stride; None: the model's); the refused and
+        unreadable ones come back as (file name, reason)."""
         paths = [Path(path) for path in paths]
+        chosen = self.window
+        if window is not None:
+            chosen = replace(chosen, patch_size=int(window[0]), stride=int(window[1]))
         skipped: list[tuple[Path, str]] = []
         inspections = []
         with self._lock:
@@ -112,7 +122,7 @@ class Inspector:
                 scan_files(
                     self.classifier,
                     paths,
-                    self.window,
+                    chosen,
                     self.batch_size,
                     threshold,
                     out,

@@ -118,9 +118,11 @@ def release_memory() -> None:
 def model_line(inspector: Inspector) -> str:
     model = inspector.classifier
     stored = "none stored" if model.threshold is None else f"{model.threshold:.3f} stored"
+    source = Path(model.source)
     return (
-        f"**Model:** `{model.source}` (patches resized to {model.image_size} px; threshold "
-        f"{stored}) · **marks saved in:** `{inspector.labels_dir}`"
+        f"**Model:** `{source.name}` of `{source.parent.parent.name or source.parent}` "
+        f"(patches resized to {model.image_size} px; threshold {stored}; its window "
+        f"{inspector.window.describe()}) · **marks saved in:** `{inspector.labels_dir}`"
     )
 
 
@@ -168,7 +170,12 @@ def build_page(
 
     @page_errors
     def scan(
-        files: list[str] | None, level: float, session: Session | None, request: gr.Request
+        files: list[str] | None,
+        level: float,
+        patch: float | None,
+        stride: float | None,
+        session: Session | None,
+        request: gr.Request,
     ) -> tuple:
         if session is None:
             session = Session(downloads_root / uuid.uuid4().hex, session_photos)
@@ -176,7 +183,8 @@ def build_page(
                 open_sessions[request.session_hash] = session
         model = inspector.classifier.source
         files = [f for f in files or [] if (f, model) not in session.seen]
-        scanned, refused = inspector.scan([Path(f) for f in files], level, session.out)
+        window = (int(patch), int(stride)) if patch and stride else None
+        scanned, refused = inspector.scan([Path(f) for f in files], level, session.out, window)
         session.seen.update((f, model) for f in files)
         dropped = session.keep(scanned)
         scanned = [i for i in scanned if i.name in session.inspections]
@@ -255,14 +263,15 @@ def build_page(
     @page_errors
     def load_model(path: str | None) -> tuple:
         if not path:
-            return gr.update(), model_line(inspector)
+            return gr.update(), model_line(inspector), gr.update(), gr.update()
         try:
             inspector.use(load_classifier(path, device))
         except CrackLightningError as err:
             gr.Warning(f"{Path(path).name}: {err} The page keeps the model it had.")
-            return gr.update(), model_line(inspector)
+            return gr.update(), model_line(inspector), gr.update(), gr.update()
         new = decision_threshold(threshold, inspector.classifier.threshold)
-        return gr.update(value=new), model_line(inspector)
+        window = inspector.window
+        return gr.update(value=new), model_line(inspector), window.patch_size, window.stride
 
     with gr.Blocks(title="Crack inspector", analytics_enabled=False) as page:
         session = gr.State(None, time_to_live=session_minutes * 60, delete_callback=close_session)
@@ -285,6 +294,21 @@ def build_page(
                     label="Threshold: a patch is cracked at or above this P(crack)",
                     elem_id="threshold",
                 )
+                with gr.Row():
+                    patch = gr.Number(
+                        inspector.window.patch_size,
+                        label="Window (px), for the next photos dropped",
+                        precision=0,
+                        minimum=16,
+                        elem_id="window",
+                    )
+                    stride = gr.Number(
+                        inspector.window.stride,
+                        label="Stride (px)",
+                        precision=0,
+                        minimum=1,
+                        elem_id="stride",
+                    )
                 shown = gr.Dropdown(choices=[], label="Photo", elem_id="photo-choice")
                 mark_as = gr.Radio(
                     list(MARK_CHOICES),
@@ -325,7 +349,7 @@ def build_page(
         view = [figure, verdict_line, table]
         photos.upload(
             scan,
-            [photos, level, session],
+            [photos, level, patch, stride, session],
             [session, shown, *view, summary, files_out, status],
             api_name="scan",
         )
@@ -348,7 +372,9 @@ def build_page(
             [session, figure, table, status],
             api_visibility="private",
         )
-        model_file.upload(load_model, [model_file], [level, model_info], api_name="model").then(
+        model_file.upload(
+            load_model, [model_file], [level, model_info, patch, stride], api_name="model"
+        ).then(
             change_threshold,  # the photos on the page relabelled at the new model's threshold
             [level, shown, session],
             [session, *view, summary, files_out],
