@@ -289,7 +289,10 @@ def test_adapting_a_crack_map_to_a_site_improves_its_unseen_photos(map_run, tmp_
     )
     with caplog.at_level("INFO"):
         train(cfg)
-    table = next(r.getMessage() for r in caplog.records if "with the adapted model" in r.message)
+    said = [r.getMessage() for r in caplog.records]
+    assert "The site's photos: 7 train, 3 val, 0 test (by photo" in "\n".join(said)
+    table = next(m for m in said if "with the adapted model" in m)
+    assert "site_before |" not in table  # only the site is scanned, not replayed sources
     site_row = next(line for line in table.splitlines() if line.startswith("site |"))
     pixel_f1 = site_row.split(" | ")[-1]  # "before -> after"
     before, after = (float(v) for v in pixel_f1.split(" -> "))

@@ -267,10 +267,28 @@ def begin_from(start: Start, datamodule: Any, model: CrackClassifier, data: Dict
     init_from's weights, and (adapt.bn_stats) BatchNorm statistics of the site."""
     if start.site is not None:
         keep_replay_share(datamodule, start, int(data.seed))
+        log.info("The site's photos: %s.", site_split(datamodule, start.site))
     load_start_weights(model, start)
     if start.site is not None and start.settings.bn_stats:
         samples = site_samples(datamodule, start.site)
         reestimate_batchnorm(model, samples, int(data.batch_size), str(data.on_bad_image))
+
+
+def site_split(datamodule: Any, site: str) -> str:
+    """How the site's photos were split, e.g. "3 train, 1 val, 1 test (by photo; val
+    chooses the checkpoint, val and test are scored before and after)"."""
+    from crack_lightning.data.decode import sample_file
+
+    index = datamodule.sources.names.index(site)
+    counts = []
+    for name in ("train", "val", "test"):
+        photos = {
+            sample_file(datamodule.samples[i][0])
+            for i in datamodule.split[name]
+            if datamodule.sources.source[i] == index
+        }
+        counts.append(f"{len(photos)} {name}")
+    return ", ".join(counts) + " (by photo: the site's split in split_manifest.csv)"
 
 
 def site_samples(datamodule: Any, site: str) -> list[str]:

@@ -25,13 +25,16 @@ log = logging.getLogger(__name__)
 SCAN_DIR = "scan_eval"
 
 
-def validation_photos(datamodule: L.LightningDataModule) -> dict[int, list[Path]]:
-    """The photos whose tiles are in the validation split, per masks source (its index)."""
+def validation_photos(
+    datamodule: L.LightningDataModule, only: str | None = None
+) -> dict[int, list[Path]]:
+    """The photos whose tiles are in the validation split, per masks source (its index);
+    with `only`, of that source alone."""
     photos: dict[int, list[Path]] = {}
     specs = datamodule.sources.specs
     for index in datamodule.split["val"]:
         source = datamodule.sources.source[index]
-        if specs[source].tiles is not None:
+        if specs[source].tiles is not None and only in (None, specs[source].name):
             photo = Path(sample_file(datamodule.samples[index][0]))
             known = photos.setdefault(source, [])
             if photo not in known:
@@ -58,11 +61,12 @@ def scan_validation_photos(
     ckpt_path: str,
     out: Path,
     to_tensorboard: bool = True,
+    only: str | None = None,
 ) -> list[dict]:
-    """Scan each masks source's validation photos with the checkpoint (windows of the
-    source's tile_size and stride, its min_share); write the summary (and, to_tensorboard,
-    its scalars); its rows."""
-    photos = validation_photos(datamodule)
+    """Scan each masks source's validation photos (with `only`, that source's) with the
+    checkpoint (windows of the source's tile_size and stride, its min_share); write the
+    summary (and, to_tensorboard, its scalars); its rows."""
+    photos = validation_photos(datamodule, only)
     if not photos:
         log.info("scan_eval_at_end: no masks source has validation photos; nothing scanned.")
         return []

@@ -145,10 +145,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             scan_validation_photos,
         )
 
-        after = scan_validation_photos(datamodule, trainer, best, output_dir / SCAN_DIR)
-        if start is not None and start.site is not None and after:
+        # an adaptation checks its site only: the replayed sources have their tile figures
+        site = start.site if start is not None else None
+        out = output_dir / SCAN_DIR
+        after = scan_validation_photos(datamodule, trainer, best, out, only=site)
+        if site is not None and after:
             before = scan_validation_photos(
-                datamodule, trainer, str(start.path), output_dir / SCAN_DIR / "before", False
+                datamodule, trainer, str(start.path), out / "before", False, only=site
             )
             log.info(
                 "The validation photos, scanned with init_from and with the adapted model:\n%s",
