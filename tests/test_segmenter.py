@@ -330,3 +330,40 @@ def test_a_scan_uses_the_models_window_unless_told(map_run, tmp_path, capsys):
     unset = ScanSettings(patch_size=None, stride=None, unfamiliar_limit=None)
     assert (unset.for_model(None).patch_size, unset.for_model(None).stride) == (DEFAULT_PATCH,) * 2
     assert unset.for_model((128, 64)).stride == 64
+
+
+@pytest.mark.parametrize("empty", [False, True])
+def test_a_site_of_crack_tiles_only_splits_by_photo_and_one_without_cracks_is_refused(
+    make_cfg, tmp_path, empty
+):
+    """Crack maps learn from pixels: a masks source whose every tile holds crack (a few
+    photos cut into crops of the model's size) still splits by photo; a source whose masks
+    are all empty has nothing to learn from: one line naming it."""
+    from crack_lightning.errors import DataError
+    from crack_lightning.training.run import build
+
+    site = tmp_path / "site"
+    for i in range(5):
+        write_masked_photo(site, f"s{i}", 64, seed=i)
+        if empty:
+            Image.new("L", (64, 64)).save(site / f"s{i}_mask.png")
+    cfg = make_cfg(
+        "model=segmenter",
+        "data.targets=masks",
+        "+data/sources@data.sources.site=masks",
+        f"data.sources.site.root={site}",
+        "data.sources.site.tile_size=48",
+        "data.sources.site.stride=16",
+    )
+    datamodule = build(cfg.data)
+    if empty:
+        with pytest.raises(DataError, match=r"^data\.sources\.site\.root=.* has no crack to learn"):
+            datamodule.setup("fit")
+        return
+    datamodule.setup("fit")
+    assert all(label == 1 for (label,) in [(s[1],) for s in datamodule.samples])
+    photos = {
+        name: {Path(datamodule.samples[i][0].split("#")[0]).name for i in datamodule.split[name]}
+        for name in ("train", "val")
+    }
+    assert photos["train"] and photos["val"] and not photos["train"] & photos["val"]

@@ -165,6 +165,7 @@ class CrackDataModule(L.LightningDataModule):
             self.hparams.seed,
             self.hparams.check,
             self.hparams.holdout_source,
+            by_pixels=self.hparams.targets == "masks",
         )
         self.samples, self.split = self.sources.samples, self.sources.split
 

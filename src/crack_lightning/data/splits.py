@@ -333,6 +333,8 @@ class SourceSamples:
     split: dict[str, list[int]] = field(default_factory=lambda: {name: [] for name in SPLITS})
     # every file's (size, mtime_ns) from the sources' one listing (the feature cache's key)
     states: dict[str, FileState] = field(default_factory=dict)
+    # masks sources split by photo alone (load_sources' by_pixels)
+    by_pixels: bool = False
 
     @property
     def names(self) -> list[str]:
@@ -346,13 +348,16 @@ def load_sources(
     seed: int,
     check: bool,
     holdout: str | None = None,
+    by_pixels: bool = False,
 ) -> SourceSamples:
     """Scan, check and split every source; the split's indices refer to the concatenation.
 
     A `holdout` source goes to the test split whole: trained on the others, tested on it
     (leave-one-source-out). Byte-identical copies in different sources are kept in one
     split (keep_copies_together), and every source must keep images of both classes
-    where it is used (require_every_source).
+    where it is used (require_every_source). With `by_pixels` (crack maps learn from
+    masks, data.targets=masks) a masks source's photos are split without regard to their
+    tiles' labels: its masks hold both classes in every tile.
     """
     names = [s.name for s in specs]
     if holdout is not None and holdout not in names:
@@ -363,7 +368,7 @@ def load_sources(
         raise DataError("data.holdout_source needs at least two sources: one to train on.")
     sources = list_sources(specs)
     refuse_shared_folders(sources)
-    result = SourceSamples(list(specs))
+    result = SourceSamples(list(specs), by_pixels=by_pixels)
     digests: dict[str, bytes] | None = {} if check else None
     for index, files in enumerate(sources):
         spec = files.spec
@@ -389,6 +394,9 @@ def load_sources(
                 )
         if spec.name == holdout:
             split = {"train": [], "val": [], "test": list(range(len(samples)))}
+        elif by_pixels and spec.tiles is not None:
+            unlabelled = [(path, 0) for path, _ in samples]
+            split = split_source(spec, unlabelled, val_fraction, test_fraction, seed)
         else:
             split = split_source(spec, samples, val_fraction, test_fraction, seed)
         offset = len(result.samples)
@@ -495,6 +503,16 @@ def require_every_source(
         if data.samples[i][0] not in skipped
     )
     for index, spec in enumerate(data.specs):
+        if data.by_pixels and spec.tiles is not None:  # every tile's mask holds both classes
+            labels = [
+                lab for (_, lab), s in zip(data.samples, data.source, strict=True) if s == index
+            ]
+            if labels and not any(labels):
+                raise DataError(
+                    f"{spec.where}.root={spec.root} has no crack to learn from: "
+                    f"{none_of_class(spec, CLASS_NAMES[1], len(labels))}."
+                )
+            continue
         needed = ("test",) if spec.name == holdout else ("train", "val")
         for label, class_name in enumerate(CLASS_NAMES):
             empty = [name for name in needed if not cells[index, label, name]]
