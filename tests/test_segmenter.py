@@ -361,7 +361,7 @@ def test_a_site_of_crack_tiles_only_splits_by_photo_and_one_without_cracks_is_re
             datamodule.setup("fit")
         return
     datamodule.setup("fit")
-    assert all(label == 1 for (label,) in [(s[1],) for s in datamodule.samples])
+    assert all(label == 1 for _, label in datamodule.samples)
     photos = {
         name: {Path(datamodule.samples[i][0].split("#")[0]).name for i in datamodule.split[name]}
         for name in ("train", "val")
