@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import shutil
+import threading
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
@@ -76,6 +77,11 @@ class Session:
     inspections: dict[str, Inspection] = field(default_factory=dict)
     # (uploaded file, model) pairs already scanned: a drop onto the list re-sends them all
     seen: set[tuple[str, str]] = field(default_factory=set)
+    # the photo the page shows: the newest choice, set as soon as it is made, so that an
+    # update finishing later (a new threshold) draws this photo, never the one before
+    shown: str | None = None
+    # one update of the photos at a time: a view is drawn after the relabelling it waits on
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def current(self, name: str | None) -> Inspection | None:
         return self.inspections.get(name) if name else None
@@ -158,8 +164,10 @@ def build_page(
     # the open sessions by Gradio's session hash, for the tab's unload; gr.State owns them
     open_sessions: weakref.WeakValueDictionary[str, Session] = weakref.WeakValueDictionary()
 
-    def photo_view(session: Session | None, name: str | None) -> tuple:
-        inspection = session.current(name) if session else None
+    def photo_view(session: Session | None) -> tuple:
+        """The overlay, heading and patch table of the photo shown, drawn together from
+        one name (the session's), so the heading never names another photo."""
+        inspection = session.current(session.shown) if session else None
         if inspection is None:
             return None, "", None
         return (
@@ -185,9 +193,18 @@ def build_page(
         files = [f for f in files or [] if (f, model) not in session.seen]
         window = (int(patch), int(stride)) if patch and stride else None
         scanned, refused = inspector.scan([Path(f) for f in files], level, session.out, window)
-        session.seen.update((f, model) for f in files)
-        dropped = session.keep(scanned)
-        scanned = [i for i in scanned if i.name in session.inspections]
+        with session.lock:
+            session.seen.update((f, model) for f in files)
+            dropped = session.keep(scanned)
+            scanned = [i for i in scanned if i.name in session.inspections]
+            names = list(session.inspections)
+            if scanned:
+                session.shown = scanned[0].name
+            elif session.shown not in session.inspections:
+                session.shown = names[-1] if names else None
+            view = photo_view(session)
+            files_out = downloads(list(session.inspections.values()), session.out)
+            rows = summary_rows(session.inspections.values())
         for name, reason in refused:
             gr.Warning(f"{name}: {reason}")
         lines = [f"Scanned {len(scanned)} photo(s)."] if scanned else []
@@ -199,37 +216,46 @@ def build_page(
             )
         if not scanned and files:
             lines.insert(0, "No photo could be scanned.")
-        names = list(session.inspections)
-        shown = scanned[0].name if scanned else (names[-1] if names else None)
-        files_out = downloads(list(session.inspections.values()), session.out)
         return (
             session,
-            gr.update(choices=names, value=shown),
-            *photo_view(session, shown),
-            summary_rows(session.inspections.values()),
+            gr.update(choices=names, value=session.shown),
+            *view,
+            rows,
             [str(p) for p in files_out],
             "\n".join(lines),
         )
 
     @page_errors
     def change_threshold(level: float, name: str | None, session: Session | None) -> tuple:
+        """Relabel every photo; the view returned is of the photo shown when it finishes
+        (`name`, the choice when the threshold was typed, may be stale by then)."""
         # the session is an output of every event, so that its time to live counts from
         # its last use
         if session is None or not session.inspections:
             return session, None, "", None, None, None
-        files_out = rethreshold(list(session.inspections.values()), level, session.out)
-        return (
-            session,
-            *photo_view(session, name),
-            summary_rows(session.inspections.values()),
-            [str(p) for p in files_out],
-        )
+        with session.lock:
+            files_out = rethreshold(list(session.inspections.values()), level, session.out)
+            return (
+                session,
+                *photo_view(session),
+                summary_rows(session.inspections.values()),
+                [str(p) for p in files_out],
+            )
+
+    @page_errors
+    def show(name: str | None, session: Session | None) -> tuple:
+        if session is None:
+            return session, None, "", None
+        session.shown = name  # before waiting: an update finishing meanwhile draws this one
+        with session.lock:
+            return session, *photo_view(session)
 
     @page_errors
     def mark(
         mark_as: str, name: str | None, session: Session | None, event: gr.SelectData
     ) -> tuple:
-        inspection = session.current(name) if session else None
+        # the photo whose overlay was clicked: the one shown (`name` may lag behind it)
+        inspection = session.current(session.shown or name) if session else None
         if inspection is None or not event.index:
             return session, gr.update(), gr.update(), "Drop a photo first."
         index = patch_at(inspection, *event.index[:2])
@@ -361,7 +387,7 @@ def build_page(
             trigger_mode="always_last",
         )
         shown.input(
-            page_errors(lambda name, state: (state, *photo_view(state, name))),
+            show,
             [shown, session],
             [session, *view],
             api_name="show",
