@@ -2,7 +2,8 @@
 overlay and table are shown, even when a threshold change finishes after another photo
 was picked; each row names the model that scored it, and a new model scans a photo again
 only on request, its overlay then beside the earlier model's; the heat map's opacity
-changes without a scan. Through gradio_client, on the page of tests/test_app.py."""
+changes without a scan; the page writes the site report of its photos. Through
+gradio_client, on the page of tests/test_app.py."""
 
 from __future__ import annotations
 
@@ -144,3 +145,35 @@ def test_the_heat_maps_opacity_redraws_the_figure_without_a_scan(
     middle = (slice(PATCH + 30, 2 * PATCH - 30),) * 2
     assert (full[middle][..., 0] - plain[middle][..., 0]).mean() > 20
     assert (full[middle][..., 1] < plain[middle][..., 1]).mean() > 0.9
+
+
+def test_the_page_writes_the_site_report_of_its_photos(
+    app,  # noqa: F811
+    wall,  # noqa: F811
+    other_wall,
+    tmp_path,
+):
+    import csv
+
+    from gradio_client import handle_file
+
+    client = client_of(app, tmp_path / "client")
+    outputs = client.predict(
+        [handle_file(str(wall)), handle_file(str(other_wall))], 0.5, api_name="/scan"
+    )
+    pages = {row[0]: row for row in read_table(outputs[4])}
+    files, status = client.predict(0.5, api_name="/site_report")
+    assert status.startswith("Site report of 2 photo(s), ranked: site_summary.csv")
+    summary = next(Path(f) for f in files if f.endswith("site_summary.csv"))
+    assert any(f.endswith("site_report.html") for f in files)
+    assert any(f.endswith(f"{photo_name(wall)}_scan.png") for f in files)
+    with summary.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["file"] for row in rows) == ["other_wall.png", "wall.png"]
+    assert [float(row["score"]) for row in rows] == sorted(
+        (float(row["score"]) for row in rows), reverse=True
+    )
+    for row in rows:
+        name = photo_name(wall if row["file"] == "wall.png" else other_wall)
+        assert row["verdict"] == pages[name][1]
+        assert int(row["cracked_windows"]) == pages[name][3]

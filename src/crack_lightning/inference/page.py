@@ -41,6 +41,7 @@ from crack_lightning.inference.inspection import (
     summary_rows,
     verdict,
 )
+from crack_lightning.inference.scan import scan_figure
 
 INSTALL = (
     "crack-app needs the `app` extra (Gradio): pip install -e '.[app]' "
@@ -289,6 +290,41 @@ def build_page(
             )
 
     @page_errors
+    def site_report(level: float, session: Session | None) -> tuple:
+        """site_summary.csv and site_report.html (predict mode=scan's) for the photos on
+        the page, beside their downloads."""
+        from crack_lightning.evaluation.site_report import (
+            ScanContext,
+            site_photo,
+            write_site_report,
+        )
+
+        if session is None or not session.inspections:
+            return session, gr.update(), "Drop a photo first."
+        window = inspector.window
+        with session.lock:
+            photos = [
+                site_photo(i.result, {"figure": str(scan_figure(session.out, i.name))})
+                for i in session.inspections.values()
+            ]
+            context = ScanContext(
+                inspector.classifier.source,
+                level,
+                window.patch_size,
+                window.stride,
+                window.mm_per_px,
+            )
+            report = write_site_report(session.out, photos, [], context)
+            files_out = downloads(list(session.inspections.values()), session.out)
+        return (
+            session,
+            [str(p) for p in [*report, *files_out]],
+            f"Site report of {len(photos)} photo(s), ranked: "
+            + ", ".join(p.name for p in report)
+            + " (in Downloads).",
+        )
+
+    @page_errors
     def set_opacity(opacity: float, session: Session | None) -> tuple:
         """The figure drawn again at the heat map's new opacity (no scan)."""
         if session is None:
@@ -432,6 +468,7 @@ def build_page(
                 elem_id="opacity",
             )
             rescan_button = gr.Button("Rescan with this model", elem_id="rescan")
+            report_button = gr.Button("Site report", elem_id="site-report")
         # the page's width, and most of the window's height
         shown_figure = gr.Image(
             type="pil",
@@ -487,6 +524,12 @@ def build_page(
             [level, patch, stride, session],
             [session, *view, summary, files_out, status],
             api_name="rescan",
+        )
+        report_button.click(
+            site_report,
+            [level, session],
+            [session, files_out, status],
+            api_name="site_report",
         )
         opacity.release(
             set_opacity,
