@@ -262,11 +262,13 @@ def test_the_page_in_a_browser_scans_rethresholds_and_saves_marks(app, wall, pag
 
         # click the middle of patch 1 (x 100-200, y 0-100): marked crack (the default)
         def click(x: int, y: int) -> None:
+            browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", image)
             size = browser.execute_script(
                 "const r = arguments[0].getBoundingClientRect(); return [r.width, r.height]",
                 image,
             )
-            scale = size[0] / natural[0]
+            # the figure fits its box, centred, never enlarged (as Gradio maps a click)
+            scale = min(size[0] / natural[0], size[1] / natural[1], 1)
             ActionChains(browser).move_to_element_with_offset(
                 image, round((x - natural[0] / 2) * scale), round((y - natural[1] / 2) * scale)
             ).click().perform()
@@ -331,23 +333,25 @@ def test_gradio_client_gets_the_models_own_scan_with_a_checkpoint_and_onnx(
     assert [row[6] for row in rows] == expected.labels()
     assert [row[4] for row in rows] == pytest.approx(expected.probs, abs=1e-4)
     assert [(row[1], row[2]) for row in rows] == [tuple(b) for b in expected.boxes.tolist()]
-    assert read_table(summary) == [[name, "Crack", 9, 3, 0, f"{3 / 9:.1%}"]]
+    assert read_table(summary) == [[name, "Crack", 9, 3, 0, f"{3 / 9:.1%}", "best.ckpt"]]
     table = next(Path(f) for f in files if f.endswith(f"{name}_scan.csv"))
     with table.open() as handle:
         written = list(csv.DictReader(handle))
     assert [float(r["prob_crack"]) for r in written] == pytest.approx(expected.probs, abs=1e-6)
     assert status == "Scanned 1 photo(s)."
 
-    # the exported ONNX model, dropped on the page, gives its own (same) figures
+    # the exported ONNX model, dropped on the page and asked to rescan the photo, gives
+    # its own (same) figures
     onnx_file = export_model(load_classifier(page_model, "cpu"), "onnx", tmp_path / "m.onnx")
     _, model_info, *_ = client.predict(handle_file(str(onnx_file)), api_name="/model")
     assert "m.onnx" in model_info
-    outputs = client.predict([handle_file(str(wall))], 0.5, api_name="/scan")
+    outputs = client.predict(0.5, api_name="/rescan")
     expected_onnx = model_scan(onnx_file, wall)
-    assert [row[4] for row in read_table(outputs[3])] == pytest.approx(
+    assert [row[4] for row in read_table(outputs[2])] == pytest.approx(
         expected_onnx.probs, abs=1e-4
     )
-    assert [row[6] for row in read_table(outputs[3])] == expected_onnx.labels()
+    assert [row[6] for row in read_table(outputs[2])] == expected_onnx.labels()
+    assert read_table(outputs[3])[0][-1] == "m.onnx"
     # and back to the checkpoint
     _, model_info, *_ = client.predict(handle_file(str(page_model)), api_name="/model")
     assert "best.ckpt" in model_info

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from crack_lightning.data.decode import load_rgb
 from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.inference.scan import (
+    HEAT_OPACITY,
     MAX_FIGURE_SIDE,
     ScanResult,
     ScanSettings,
@@ -33,11 +34,21 @@ from crack_lightning.inference.scan import (
 from crack_lightning.settings import CLASS_NAMES
 
 PATCH_COLUMNS = ["patch", "x", "y", "size", "P(crack)", "unfamiliar", "label", "mark"]
-SUMMARY_COLUMNS = ["photo", "verdict", "patches", "cracked", "unfamiliar", "cracked area"]
+SUMMARY_COLUMNS = [
+    "photo",
+    "verdict",
+    "patches",
+    "cracked",
+    "unfamiliar",
+    "cracked area",
+    "model",
+]
 # what a click on a patch does: mark it as one class, or take its mark back
 MARK_CHOICES = {"crack": CLASS_NAMES[1], "not crack": CLASS_NAMES[0], "clear mark": None}
 # the outline of a marked patch on the page (not in the downloaded overlay)
 MARK_COLOURS = {CLASS_NAMES[1]: (255, 0, 255), CLASS_NAMES[0]: (0, 200, 80)}
+# the gap between two models' overlays of one photo, side by side
+SIDE_GAP = 8
 # hex digits of a photo's SHA-256 in its name (48 bits: photos sharing a file name never
 # meet a clash in practice)
 DIGEST_CHARS = 12
@@ -52,6 +63,14 @@ class Inspection:
     photo: Image.Image
     result: ScanResult
     marks: dict[int, str] = field(default_factory=dict)  # patch index -> class name
+    model: str = ""  # the file of the model that scanned it (LoadedModel.source)
+    # the same photo as the model before scanned it, shown beside it (one model back)
+    earlier: Inspection | None = None
+
+    @property
+    def model_name(self) -> str:
+        """The scanning model's file name, for the photo's row and heading."""
+        return Path(self.model).name
 
     @property
     def figure_scale(self) -> float:
@@ -116,6 +135,7 @@ class Inspector:
         skipped: list[tuple[Path, str]] = []
         inspections = []
         with self._lock:
+            model = self.classifier.source
             results = list(
                 # in this process (num_workers=0): the page's server runs on threads, and
                 # forking worker processes from a threaded server can deadlock
@@ -133,10 +153,31 @@ class Inspector:
                 )
             )
         for result in results:
-            inspection = Inspection(result.name, load_rgb(result.path), result)
+            inspection = Inspection(result.name, load_rgb(result.path), result, model=model)
             write_scan_csv(result, scan_table(out, result.name))
             inspections.append(inspection)
         return inspections, [(path.name, reason) for path, reason in skipped]
+
+    def rescan(
+        self, inspection: Inspection, threshold: float, out: Path, window: tuple[int, int] | None
+    ) -> tuple[Inspection | None, str]:
+        """The photo scanned again with the current model (and `window`): the scan it
+        replaces, when by another model, is kept as `earlier` to be shown beside it, and
+        its marks carry over where the windows are the same. (None, reason) where the
+        photo cannot be scanned again."""
+        scanned, refused = self.scan([inspection.result.path], threshold, out, window)
+        if not scanned:
+            return None, refused[0][1] if refused else "it could not be scanned"
+        new = scanned[0]
+        new.name = inspection.name  # its name on the page, whatever its upload is called
+        old = replace(inspection, earlier=None)
+        new.earlier = old if old.model != new.model else inspection.earlier
+        same_windows = new.result.patch_size == old.result.patch_size and np.array_equal(
+            new.result.boxes, old.result.boxes
+        )
+        if same_windows:
+            new.marks = dict(inspection.marks)
+        return new, ""
 
     def mark(self, inspection: Inspection, index: int, label: str | None) -> Path | None:
         """Save patch `index` of the photo as a crop in labels_dir/<label>/ (replacing its
@@ -237,15 +278,46 @@ def summary_rows(inspections: Iterable[Inspection]) -> list[list]:
             int(inspection.result.cracked.sum()),
             int(inspection.result.is_unfamiliar.sum()),
             f"{inspection.result.cracked_area_share():.1%}",
+            inspection.model_name,
         ]
         for inspection in inspections
     ]
 
 
+def figure_offset(inspection: Inspection) -> int:
+    """Where the photo's own overlay starts in the page's figure: right of the earlier
+    model's overlay when the two are side by side."""
+    if inspection.earlier is None:
+        return 0
+    earlier = inspection.earlier
+    return round(earlier.result.width * earlier.figure_scale) + SIDE_GAP
+
+
+def figure(inspection: Inspection, opacity: float = HEAT_OPACITY) -> Image.Image:
+    """The page's figure: the overlay, or, for a photo scanned by two models, the earlier
+    model's overlay (left) and the current one's (right) side by side."""
+    image = overlay(inspection, opacity)
+    if inspection.earlier is None:
+        return image
+    left = overlay(inspection.earlier, opacity)
+    both = Image.new(
+        "RGB",
+        (figure_offset(inspection) + image.width, max(left.height, image.height)),
+        (255, 255, 255),
+    )
+    both.paste(left, (0, 0))
+    both.paste(image, (figure_offset(inspection), 0))
+    return both
+
+
 def patch_at(inspection: Inspection, x: float, y: float) -> int | None:
-    """The patch under pixel (x, y) of the overlay (scaled to the photo): of the windows
-    covering it, the one whose centre is nearest; None outside every window."""
+    """The patch under pixel (x, y) of the page's figure (scaled to the photo): of the
+    windows covering it, the one whose centre is nearest; None outside every window and
+    on the earlier model's overlay."""
     scale = inspection.figure_scale
+    x -= figure_offset(inspection)
+    if x < 0:
+        return None
     px, py = x / scale, y / scale
     result = inspection.result
     boxes, size = result.boxes, result.patch_size
@@ -262,10 +334,10 @@ def patch_at(inspection: Inspection, x: float, y: float) -> int | None:
     return int(distance.argmin())
 
 
-def overlay(inspection: Inspection) -> Image.Image:
-    """The scan overlay (render_scan) with the marked patches outlined: magenta crack,
-    green not crack."""
-    image = render_scan(inspection.result, inspection.photo)
+def overlay(inspection: Inspection, opacity: float = HEAT_OPACITY) -> Image.Image:
+    """The scan overlay (render_scan, its heat map at `opacity`) with the marked patches
+    outlined: magenta crack, green not crack."""
+    image = render_scan(inspection.result, inspection.photo, opacity)
     if not inspection.marks:
         return image
     draw = ImageDraw.Draw(image)

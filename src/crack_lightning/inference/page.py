@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import shutil
+import threading
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
@@ -26,19 +27,21 @@ from crack_lightning.errors import CrackLightningError, PredictionError
 from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.inference.inspection import (
+    HEAT_OPACITY,
     MARK_CHOICES,
     PATCH_COLUMNS,
     SUMMARY_COLUMNS,
     Inspection,
     Inspector,
     downloads,
-    overlay,
+    figure,
     patch_at,
     patch_rows,
     rethreshold,
     summary_rows,
     verdict,
 )
+from crack_lightning.inference.scan import scan_figure
 
 INSTALL = (
     "crack-app needs the `app` extra (Gradio): pip install -e '.[app]' "
@@ -74,8 +77,15 @@ class Session:
     out: Path
     limit: int
     inspections: dict[str, Inspection] = field(default_factory=dict)
-    # (uploaded file, model) pairs already scanned: a drop onto the list re-sends them all
-    seen: set[tuple[str, str]] = field(default_factory=set)
+    # uploaded files already scanned: a drop onto the list re-sends them all, and a new
+    # model scans a photo again only on request (rescan)
+    seen: set[str] = field(default_factory=set)
+    # the photo the page shows: the newest choice, set as soon as it is made, so that an
+    # update finishing later (a new threshold) draws this photo, never the one before
+    shown: str | None = None
+    # one update of the photos at a time: a view is drawn after the relabelling it waits on
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    opacity: float = HEAT_OPACITY  # the heat map's, on the page's figure
 
     def current(self, name: str | None) -> Inspection | None:
         return self.inspections.get(name) if name else None
@@ -158,15 +168,30 @@ def build_page(
     # the open sessions by Gradio's session hash, for the tab's unload; gr.State owns them
     open_sessions: weakref.WeakValueDictionary[str, Session] = weakref.WeakValueDictionary()
 
-    def photo_view(session: Session | None, name: str | None) -> tuple:
-        inspection = session.current(name) if session else None
+    def photo_view(session: Session | None) -> tuple:
+        """The overlay, heading and patch table of the photo shown, drawn together from
+        one name (the session's), so the heading never names another photo."""
+        inspection = session.current(session.shown) if session else None
         if inspection is None:
             return None, "", None
         return (
-            overlay(inspection),
-            f"### {inspection.name}: {verdict(inspection.result)}",
+            figure(inspection, session.opacity),
+            heading(inspection),
             gr.update(value=patch_rows(inspection), headers=PATCH_COLUMNS),
         )
+
+    def heading(inspection: Inspection) -> str:
+        """The photo's name and verdict; which model scanned it where that is not the
+        page's model; the two models' verdicts where their overlays are side by side."""
+        text = f"### {inspection.name}: {verdict(inspection.result)}"
+        if inspection.model != inspector.classifier.source:
+            text += f" (scanned with {inspection.model_name})"
+        if (earlier := inspection.earlier) is not None:
+            text += (
+                f"\n\nLeft: scanned with {earlier.model_name}: {verdict(earlier.result)}. "
+                f"Right: scanned with {inspection.model_name}."
+            )
+        return text
 
     @page_errors
     def scan(
@@ -174,20 +199,31 @@ def build_page(
         level: float,
         patch: float | None,
         stride: float | None,
+        heat: float | None,
         session: Session | None,
         request: gr.Request,
     ) -> tuple:
+        """Scan the photos dropped that the page has not scanned yet."""
         if session is None:
             session = Session(downloads_root / uuid.uuid4().hex, session_photos)
+            session.opacity = HEAT_OPACITY if heat is None else float(heat)
             if request is not None and request.session_hash:
                 open_sessions[request.session_hash] = session
-        model = inspector.classifier.source
-        files = [f for f in files or [] if (f, model) not in session.seen]
+        files = [f for f in files or [] if f not in session.seen]
         window = (int(patch), int(stride)) if patch and stride else None
         scanned, refused = inspector.scan([Path(f) for f in files], level, session.out, window)
-        session.seen.update((f, model) for f in files)
-        dropped = session.keep(scanned)
-        scanned = [i for i in scanned if i.name in session.inspections]
+        with session.lock:
+            session.seen.update(files)
+            dropped = session.keep(scanned)
+            scanned = [i for i in scanned if i.name in session.inspections]
+            names = list(session.inspections)
+            if scanned:
+                session.shown = scanned[0].name
+            elif session.shown not in session.inspections:
+                session.shown = names[-1] if names else None
+            view = photo_view(session)
+            files_out = downloads(list(session.inspections.values()), session.out)
+            rows = summary_rows(session.inspections.values())
         for name, reason in refused:
             gr.Warning(f"{name}: {reason}")
         lines = [f"Scanned {len(scanned)} photo(s)."] if scanned else []
@@ -199,37 +235,118 @@ def build_page(
             )
         if not scanned and files:
             lines.insert(0, "No photo could be scanned.")
-        names = list(session.inspections)
-        shown = scanned[0].name if scanned else (names[-1] if names else None)
-        files_out = downloads(list(session.inspections.values()), session.out)
         return (
             session,
-            gr.update(choices=names, value=shown),
-            *photo_view(session, shown),
-            summary_rows(session.inspections.values()),
+            gr.update(choices=names, value=session.shown),
+            *view,
+            rows,
             [str(p) for p in files_out],
             "\n".join(lines),
         )
 
     @page_errors
     def change_threshold(level: float, name: str | None, session: Session | None) -> tuple:
+        """Relabel every photo; the view returned is of the photo shown when it finishes
+        (`name`, the choice when the threshold was typed, may be stale by then)."""
         # the session is an output of every event, so that its time to live counts from
         # its last use
         if session is None or not session.inspections:
             return session, None, "", None, None, None
-        files_out = rethreshold(list(session.inspections.values()), level, session.out)
+        with session.lock:
+            files_out = rethreshold(list(session.inspections.values()), level, session.out)
+            return (
+                session,
+                *photo_view(session),
+                summary_rows(session.inspections.values()),
+                [str(p) for p in files_out],
+            )
+
+    @page_errors
+    def rescan(
+        level: float, patch: float | None, stride: float | None, session: Session | None
+    ) -> tuple:
+        """The photo shown scanned again with the page's model (beside the earlier
+        model's overlay when another model scanned it)."""
+        inspection = session.current(session.shown) if session else None
+        if inspection is None:
+            return session, gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), ""
+        window = (int(patch), int(stride)) if patch and stride else None
+        new, reason = inspector.rescan(inspection, level, session.out, window)
+        if new is None:
+            gr.Warning(f"{inspection.name}: {reason}")
+            said = f"{inspection.name} could not be scanned again: {reason}"
+        else:
+            said = f"Scanned {new.name} again with {new.model_name}."
+        with session.lock:
+            if new is not None:
+                session.keep([new])
+            files_out = downloads(list(session.inspections.values()), session.out)
+            return (
+                session,
+                *photo_view(session),
+                summary_rows(session.inspections.values()),
+                [str(p) for p in files_out],
+                said,
+            )
+
+    @page_errors
+    def site_report(level: float, session: Session | None) -> tuple:
+        """site_summary.csv and site_report.html (predict mode=scan's) for the photos on
+        the page, beside their downloads."""
+        from crack_lightning.evaluation.site_report import (
+            ScanContext,
+            site_photo,
+            write_site_report,
+        )
+
+        if session is None or not session.inspections:
+            return session, gr.update(), "Drop a photo first."
+        window = inspector.window
+        with session.lock:
+            photos = [
+                site_photo(i.result, {"figure": str(scan_figure(session.out, i.name))})
+                for i in session.inspections.values()
+            ]
+            context = ScanContext(
+                inspector.classifier.source,
+                level,
+                window.patch_size,
+                window.stride,
+                window.mm_per_px,
+            )
+            report = write_site_report(session.out, photos, [], context)
+            files_out = downloads(list(session.inspections.values()), session.out)
         return (
             session,
-            *photo_view(session, name),
-            summary_rows(session.inspections.values()),
-            [str(p) for p in files_out],
+            [str(p) for p in [*report, *files_out]],
+            f"Site report of {len(photos)} photo(s), ranked: "
+            + ", ".join(p.name for p in report)
+            + " (in Downloads).",
         )
+
+    @page_errors
+    def set_opacity(opacity: float, session: Session | None) -> tuple:
+        """The figure drawn again at the heat map's new opacity (no scan)."""
+        if session is None:
+            return session, None, "", None
+        session.opacity = float(opacity)
+        with session.lock:
+            return session, *photo_view(session)
+
+    @page_errors
+    def show(name: str | None, session: Session | None) -> tuple:
+        if session is None:
+            return session, None, "", None
+        session.shown = name  # before waiting: an update finishing meanwhile draws this one
+        with session.lock:
+            return session, *photo_view(session)
 
     @page_errors
     def mark(
         mark_as: str, name: str | None, session: Session | None, event: gr.SelectData
     ) -> tuple:
-        inspection = session.current(name) if session else None
+        # the photo whose overlay was clicked: the one shown (`name` may lag behind it)
+        inspection = session.current(session.shown or name) if session else None
         if inspection is None or not event.index:
             return session, gr.update(), gr.update(), "Drop a photo first."
         index = patch_at(inspection, *event.index[:2])
@@ -245,7 +362,7 @@ def build_page(
         said = f"saved {crop}" if crop else "its crop removed"
         return (
             session,
-            overlay(inspection),
+            figure(inspection, session.opacity),
             gr.update(value=patch_rows(inspection), headers=PATCH_COLUMNS),
             f"Patch {index} at x={x}, y={y} of {inspection.name}: {mark_as} ({said}).",
         )
@@ -261,30 +378,47 @@ def build_page(
     end_session.__annotations__["request"] = gr.Request
 
     @page_errors
-    def load_model(path: str | None) -> tuple:
+    def load_model(path: str | None, session: Session | None) -> tuple:
+        """Scan the next photos with another model; the photos on the page keep their
+        figures until rescanned."""
         if not path:
-            return gr.update(), model_line(inspector), gr.update(), gr.update()
+            return gr.update(), model_line(inspector), gr.update(), gr.update(), gr.update()
         try:
             inspector.use(load_classifier(path, device))
         except CrackLightningError as err:
             gr.Warning(f"{Path(path).name}: {err} The page keeps the model it had.")
-            return gr.update(), model_line(inspector), gr.update(), gr.update()
+            return gr.update(), model_line(inspector), gr.update(), gr.update(), gr.update()
         new = decision_threshold(threshold, inspector.classifier.threshold)
         window = inspector.window
-        return gr.update(value=new), model_line(inspector), window.patch_size, window.stride
+        kept = len(session.inspections) if session else 0
+        said = f"The next photos dropped are scanned with {Path(path).name}."
+        if kept:
+            said += (
+                f" The {kept} photo(s) on the page keep their figures (each row names its "
+                "model): **Rescan with this model** scans the one shown again."
+            )
+        return (
+            gr.update(value=new),
+            model_line(inspector),
+            window.patch_size,
+            window.stride,
+            said,
+        )
 
     with gr.Blocks(title="Crack inspector", analytics_enabled=False) as page:
         session = gr.State(None, time_to_live=session_minutes * 60, delete_callback=close_session)
         gr.Markdown("# Crack inspector")
         model_info = gr.Markdown(model_line(inspector), elem_id="model-info")
         with gr.Row():
-            photos = gr.File(
-                file_count="multiple",
-                file_types=["image"],
-                type="filepath",
-                label="Drop photos here",
-                elem_id="photos",
-            )
+            # the list of files dropped folds away, so it does not push the figure down
+            with gr.Accordion("Photos dropped", open=True, elem_id="photos-list"):
+                photos = gr.File(
+                    file_count="multiple",
+                    file_types=["image"],
+                    type="filepath",
+                    label="Drop photos here",
+                    elem_id="photos",
+                )
             with gr.Column():
                 level = gr.Slider(
                     0.001,
@@ -324,12 +458,25 @@ def build_page(
                 )
         status = gr.Markdown(elem_id="status")
         verdict_line = gr.Markdown(elem_id="verdict")
-        figure = gr.Image(
+        with gr.Row():
+            opacity = gr.Slider(
+                0,
+                1,
+                value=HEAT_OPACITY,
+                step=0.05,
+                label="Heat map opacity (0: the photo alone)",
+                elem_id="opacity",
+            )
+            rescan_button = gr.Button("Rescan with this model", elem_id="rescan")
+            report_button = gr.Button("Site report", elem_id="site-report")
+        # the page's width, and most of the window's height
+        shown_figure = gr.Image(
             type="pil",
             format="png",
             interactive=False,
+            height="80vh",
             label="P(crack): red heat; yellow outline cracked, blue unfamiliar; "
-            "magenta/green boxes: your marks",
+            "magenta/green boxes: your marks; two models: the earlier left",
             elem_id="overlay",
         )
         summary = gr.Dataframe(
@@ -346,10 +493,10 @@ def build_page(
             file_count="multiple", interactive=False, label="Downloads", elem_id="downloads"
         )
 
-        view = [figure, verdict_line, table]
+        view = [shown_figure, verdict_line, table]
         photos.upload(
             scan,
-            [photos, level, patch, stride, session],
+            [photos, level, patch, stride, opacity, session],
             [session, shown, *view, summary, files_out, status],
             api_name="scan",
         )
@@ -361,19 +508,41 @@ def build_page(
             trigger_mode="always_last",
         )
         shown.input(
-            page_errors(lambda name, state: (state, *photo_view(state, name))),
+            show,
             [shown, session],
             [session, *view],
             api_name="show",
         )
-        figure.select(
+        shown_figure.select(
             mark,
             [mark_as, shown, session],
-            [session, figure, table, status],
+            [session, shown_figure, table, status],
             api_visibility="private",
         )
+        rescan_button.click(
+            rescan,
+            [level, patch, stride, session],
+            [session, *view, summary, files_out, status],
+            api_name="rescan",
+        )
+        report_button.click(
+            site_report,
+            [level, session],
+            [session, files_out, status],
+            api_name="site_report",
+        )
+        opacity.release(
+            set_opacity,
+            [opacity, session],
+            [session, *view],
+            api_name="opacity",
+            trigger_mode="always_last",
+        )
         model_file.upload(
-            load_model, [model_file], [level, model_info, patch, stride], api_name="model"
+            load_model,
+            [model_file, session],
+            [level, model_info, patch, stride, status],
+            api_name="model",
         ).then(
             change_threshold,  # the photos on the page relabelled at the new model's threshold
             [level, shown, session],

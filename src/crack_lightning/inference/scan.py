@@ -27,6 +27,8 @@ from crack_lightning.settings import CLASS_NAMES, Rule, at_least, at_most
 
 # the heat-map PNG is scaled down to this longest side; the CSV keeps full-size coordinates
 MAX_FIGURE_SIDE = 2048
+# the heat map's opacity where P(crack) is 1 (the page's slider moves it on its figure)
+HEAT_OPACITY = 0.6
 
 
 # the window of a model that stores none (trained on crops only): METU's crops are 227 px
@@ -384,16 +386,19 @@ def figure_scale(result: ScanResult) -> float:
     return min(1.0, MAX_FIGURE_SIDE / max(result.width, result.height))
 
 
-def render_scan(result: ScanResult, photo: Image.Image) -> Image.Image:
-    """The photo with a red heat map of mean P(crack); where most covering windows are
-    cracked, a yellow outline; where most are unfamiliar, a blue tint and outline."""
+def render_scan(
+    result: ScanResult, photo: Image.Image, opacity: float = HEAT_OPACITY
+) -> Image.Image:
+    """The photo with a red heat map of mean P(crack) (at `opacity` where P(crack) is 1);
+    where most covering windows are cracked, a yellow outline; where most are unfamiliar,
+    a blue tint and outline."""
     scale = figure_scale(result)
     size = (max(1, round(result.width * scale)), max(1, round(result.height * scale)))
     heat = np.asarray(Image.fromarray(result.probability_map()).resize(size))
     cracked = np.asarray(Image.fromarray(_share_map(result, result.cracked)).resize(size)) >= 0.5
     odd = np.asarray(Image.fromarray(_share_map(result, result.is_unfamiliar)).resize(size)) >= 0.5
     pixels = np.asarray(photo.convert("RGB").resize(size)).astype(np.float32)
-    alpha = (heat**2 * 0.6)[..., None]  # faint below ~0.5
+    alpha = (heat**2 * opacity)[..., None]  # faint below ~0.5
     pixels = pixels * (1 - alpha) + np.array([230, 20, 20]) * alpha
     pixels[odd] = pixels[odd] * 0.5 + np.array([40, 120, 255]) * 0.5
     line = max(1, round(3 * scale))
