@@ -34,6 +34,7 @@ from crack_lightning.inference.inspection import (
     rethreshold,
     verdict,
 )
+from crack_lightning.inference.page import marks_line
 from crack_lightning.inference.scan import ScanResult, ScanSettings, scan_photo
 
 from .conftest import QUIET, compose_config, in_ci
@@ -275,7 +276,7 @@ def test_the_page_in_a_browser_scans_rethresholds_and_saves_marks(app, wall, pag
 
         click(150, 50)
         name = photo_name(wall)  # its file stem and content digest
-        crop = app.labels / "Positive" / f"{name}_x0100_y0000_s100.png"
+        crop = app.labels / "window_100" / "Positive" / f"{name}_x0100_y0000_s100.png"
         wait_for(crop.exists, f"the crop {crop}")
         with Image.open(wall) as photo, Image.open(crop) as saved:
             assert np.array_equal(np.asarray(saved), np.asarray(photo.crop((100, 0, 200, 100))))
@@ -284,14 +285,20 @@ def test_the_page_in_a_browser_scans_rethresholds_and_saves_marks(app, wall, pag
         # patch 8 (bottom right) as not crack, then patch 1 changed to not crack
         browser.find_element(By.CSS_SELECTOR, "#mark-as input[value='not crack']").click()
         click(250, 250)
-        wait_for((app.labels / "Negative" / f"{name}_x0200_y0200_s100.png").exists, "crop 8")
+        wait_for(
+            (app.labels / "window_100" / "Negative" / f"{name}_x0200_y0200_s100.png").exists,
+            "crop 8",
+        )
         # what a folder source (data.sources.NAME.root=labels_dir) will train on
-        assert scan_samples(app.labels) == [
-            (str(app.labels / "Negative" / f"{name}_x0200_y0200_s100.png"), 0),
+        assert scan_samples(app.labels / "window_100") == [
+            (str(app.labels / "window_100" / "Negative" / f"{name}_x0200_y0200_s100.png"), 0),
             (str(crop), 1),
         ]
         click(150, 50)
-        wait_for((app.labels / "Negative" / f"{name}_x0100_y0000_s100.png").exists, "crop 1")
+        wait_for(
+            (app.labels / "window_100" / "Negative" / f"{name}_x0100_y0000_s100.png").exists,
+            "crop 1",
+        )
         assert not crop.exists()
         assert app.model_calls() == scanned_calls
         if screenshot := os.environ.get("CRACK_APP_SCREENSHOT"):
@@ -439,11 +446,18 @@ def test_a_mark_moves_between_the_class_folders_and_can_be_cleared(tmp_path):
     window = ScanSettings(patch_size=100, stride=50, unfamiliar_limit=None)
     inspector = Inspector(model, window, 8, 10**6, tmp_path / "labels")
     crop = inspector.mark(item, 3, "Positive")
-    assert crop == tmp_path / "labels" / "Positive" / "wall_x0150_y0000_s100.png"
+    assert crop == tmp_path / "labels" / "window_100" / "Positive" / "wall_x0150_y0000_s100.png"
+    inspector.marks_needed = 6
+    assert inspector.mark_counts(100) == {"Negative": 0, "Positive": 1}
+    assert "adapting needs at least 6 of each: 6 more Negative, 5 more Positive" in marks_line(
+        inspector, 100
+    )
     assert Image.open(crop).size == (100, 100)
     assert patch_rows(item)[3][7] == "Positive"
     moved = inspector.mark(item, 3, "Negative")
     assert moved.exists() and not crop.exists()
+    assert inspector.mark_counts(100) == {"Negative": 1, "Positive": 0}
+    assert inspector.mark_counts(128) == {"Negative": 0, "Positive": 0}  # another window
     assert inspector.mark(item, 3, None) is None
     assert not moved.exists() and patch_rows(item)[3][7] == ""
     # a new threshold changes labels and the verdict, from the kept probabilities

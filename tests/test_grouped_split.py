@@ -233,3 +233,17 @@ def test_seeds_move_groups_of_distinct_sizes_between_splits():
         assert straddling(groups, split) == 0 and all(split.values())
         tested |= {groups[i] for i in split["test"]}
     assert len(tested) >= 6
+
+
+def test_too_few_images_of_a_class_says_how_many_are_needed():
+    from crack_lightning.data.splits import min_class_images, stratified_split
+
+    # val 0.2 and test 0.1 of n images, rounded: one each needs n = 6 (round(0.5) is 0)
+    assert min_class_images(0.2, 0.1) == 6
+    assert min_class_images(0.2, 0.0) == 3
+    labels = [0] * 10 + [1] * 5
+    with pytest.raises(
+        DataError, match=r"Positive has only 5 images.*at least 6 of each class \(add 1 more"
+    ):
+        stratified_split(labels, 0.2, 0.1, seed=0)
+    stratified_split([0] * 10 + [1] * 6, 0.2, 0.1, seed=0)  # one more is enough

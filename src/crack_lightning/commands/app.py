@@ -47,6 +47,15 @@ class AppSettings:
     open_browser: bool
 
 
+def adapt_minimum() -> int:
+    """The fewest marks of each class experiment=adapt splits (its fractions)."""
+    from crack_lightning.cli import compose_command
+    from crack_lightning.data.splits import min_class_images
+
+    data = compose_command("train", ["experiment=adapt"]).data
+    return min_class_images(float(data.val_fraction), float(data.test_fraction))
+
+
 def start(cfg: DictConfig) -> tuple[Any, Path | None]:
     """Check the settings, the folders and the model, then serve the page in the
     background; returns the served page and the temp folder made for its files (None
@@ -69,6 +78,7 @@ def start(cfg: DictConfig) -> tuple[Any, Path | None]:
         inspector = Inspector(
             classifier, window, settings.batch_size, settings.max_pixels, labels_dir
         )
+        inspector.marks_needed = adapt_minimum()
         built = page.build_page(
             inspector,
             settings.threshold,

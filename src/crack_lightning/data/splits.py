@@ -74,6 +74,30 @@ def check_fractions(val_fraction: float, test_fraction: float, section: str = "d
         )
 
 
+def splits_class(count: int, val_fraction: float, test_fraction: float) -> bool:
+    """Whether `count` images of a class split at these fractions: at least one in val,
+    one in test when test_fraction > 0, and one left to train on (the splits' sizes are
+    rounded: round(count * fraction))."""
+    n_val, n_test = round(count * val_fraction), round(count * test_fraction)
+    return n_val > 0 and (test_fraction == 0 or n_test > 0) and count - n_val - n_test > 0
+
+
+def min_class_images(val_fraction: float, test_fraction: float) -> int:
+    """The fewest images of a class that split at these fractions (splits_class); the
+    page counts marks against it."""
+    return next(n for n in range(1, 10_000) if splits_class(n, val_fraction, test_fraction))
+
+
+def too_few(label: int, count: int, val_fraction: float, test_fraction: float) -> DataError:
+    """The error of a class below min_class_images: how many there are and are needed."""
+    needed = min_class_images(val_fraction, test_fraction)
+    return DataError(
+        f"Class {CLASS_NAMES[label]} has only {count} images: too few for "
+        f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}, which need "
+        f"at least {needed} of each class (add {needed - count} more, or lower the fractions)."
+    )
+
+
 def stratified_split(
     labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, list[int]]:
@@ -90,11 +114,8 @@ def stratified_split(
         rng.shuffle(indices)
         n_test = round(len(indices) * test_fraction)
         n_val = round(len(indices) * val_fraction)
-        if n_val == 0 or n_val + n_test >= len(indices) or (test_fraction > 0 and n_test == 0):
-            raise DataError(
-                f"Class {CLASS_NAMES[label]} has only {len(indices)} images: too few for "
-                f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}."
-            )
+        if not splits_class(len(indices), val_fraction, test_fraction):
+            raise too_few(label, len(indices), val_fraction, test_fraction)
         result["test"] += indices[:n_test]
         result["val"] += indices[n_test : n_test + n_val]
         result["train"] += indices[n_test + n_val :]
@@ -134,15 +155,8 @@ def grouped_split(
     }
     target["train"] = {c: n - target["val"][c] - target["test"][c] for c, n in totals.items()}
     for label, n in totals.items():
-        if (
-            target["val"][label] == 0
-            or target["train"][label] <= 0
-            or (test_fraction > 0 and target["test"][label] == 0)
-        ):
-            raise DataError(
-                f"Class {CLASS_NAMES[label]} has only {n} images: too few for "
-                f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}."
-            )
+        if not splits_class(n, val_fraction, test_fraction):
+            raise too_few(label, n, val_fraction, test_fraction)
     candidates = SPLITS if test_fraction > 0 else ("train", "val")
     filled = {name: Counter() for name in SPLITS}
     result: dict[str, list[int]] = {name: [] for name in SPLITS}

@@ -110,6 +110,9 @@ class Inspector:
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self.labels_dir = Path(labels_dir)
+        # the fewest marks of each class an adaptation from them needs (app.py sets it from
+        # experiment=adapt's fractions: data/splits.py min_class_images)
+        self.marks_needed = 0
         self._lock = threading.Lock()
 
     def use(self, classifier: LoadedModel) -> None:
@@ -179,21 +182,32 @@ class Inspector:
             new.marks = dict(inspection.marks)
         return new, ""
 
+    def marks_folder(self, size: int) -> Path:
+        """Where marks of size px windows go: one labelled folder per window size, so
+        crops of different scales never train one model (data.sources.site.root=THIS)."""
+        return self.labels_dir / f"window_{size}"
+
+    def mark_counts(self, size: int) -> dict[str, int]:
+        """How many crops of each class the window size's folder holds."""
+        folder = self.marks_folder(size)
+        return {label: len(list((folder / label).glob("*.png"))) for label in CLASS_NAMES}
+
     def mark(self, inspection: Inspection, index: int, label: str | None) -> Path | None:
-        """Save patch `index` of the photo as a crop in labels_dir/<label>/ (replacing its
-        crop under the other label), or with label None remove its crop; returns the crop
-        written."""
+        """Save patch `index` of the photo as a crop in marks_folder/<label>/ (replacing
+        its crop under the other label), or with label None remove its crop; returns the
+        crop written."""
         result = inspection.result
         x, y = (int(v) for v in result.boxes[index])
         size = result.patch_size
         name = f"{inspection.name}_x{x:04d}_y{y:04d}_s{size}.png"
+        folder = self.marks_folder(size)
         for other in CLASS_NAMES:
             if other != label:
-                (self.labels_dir / other / name).unlink(missing_ok=True)
+                (folder / other / name).unlink(missing_ok=True)
         if label is None:
             inspection.marks.pop(index, None)
             return None
-        crop = self.labels_dir / label / name
+        crop = folder / label / name
         save_png(inspection.photo.crop((x, y, x + size, y + size)), crop)
         inspection.marks[index] = label
         return crop

@@ -136,6 +136,21 @@ def model_line(inspector: Inspector) -> str:
     )
 
 
+def marks_line(inspector: Inspector, size: int) -> str:
+    """How many marks the window size's folder holds, and how many more adapting needs."""
+    counts = inspector.mark_counts(size)
+    folder = inspector.marks_folder(size)
+    have = ", ".join(f"{n} {label}" for label, n in counts.items())
+    short = {label: inspector.marks_needed - n for label, n in counts.items()}
+    if all(n <= 0 for n in short.values()):
+        return f"Marks in `{folder}`: {have}, enough to adapt (data.sources.site.root={folder})."
+    more = ", ".join(f"{n} more {label}" for label, n in short.items() if n > 0)
+    return (
+        f"Marks in `{folder}`: {have}; adapting needs at least {inspector.marks_needed} of "
+        f"each: {more}."
+    )
+
+
 def page_errors(function: Callable) -> Callable:
     """Our errors (a folder that cannot be written, a bad model file) as a message on the
     page; the page itself stays alive."""
@@ -364,7 +379,8 @@ def build_page(
             session,
             figure(inspection, session.opacity),
             gr.update(value=patch_rows(inspection), headers=PATCH_COLUMNS),
-            f"Patch {index} at x={x}, y={y} of {inspection.name}: {mark_as} ({said}).",
+            f"Patch {index} at x={x}, y={y} of {inspection.name}: {mark_as} ({said}). "
+            + marks_line(inspector, inspection.result.patch_size),
         )
 
     mark.__annotations__["event"] = gr.SelectData  # how Gradio knows to pass the click
