@@ -231,3 +231,36 @@ def test_the_folded_backbone_clamps_inside_its_convolutions_with_the_same_values
         assert torch.allclose(
             folded.double()(images.double()), plain.double()(images.double()), atol=1e-10
         )
+
+
+def test_progress_lines_estimate_the_time_left(monkeypatch, caplog):
+    """After 10 of 40 batches in 20 s: about 60 s left in the epoch; an epoch of 100 s with
+    3 of max_epochs=5 left: about 5 min more at most."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from crack_lightning.training import callbacks
+
+    clock = iter([0.0, 20.0, 100.0])
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
+    bar = callbacks.LogProgress(every_s=1)
+    trainer = SimpleNamespace(
+        current_epoch=1,
+        max_epochs=5,
+        sanity_checking=False,
+        state=SimpleNamespace(fn=TrainerFn.FITTING),
+        callback_metrics={"val/loss": 0.5},
+        num_training_batches=40,
+    )
+    monkeypatch.setattr(callbacks.LogProgress, "total_train_batches", 40)
+    with caplog.at_level("INFO"):
+        bar.on_train_epoch_start(trainer, None)
+        bar.on_train_batch_end(trainer, None, None, None, 9)
+        bar.on_validation_end(trainer, None)
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0] == "epoch 1: batch 10/40, 20 s, about 60 s left in the epoch"
+    assert (
+        lines[1]
+        == "epoch 1: val/loss=0.5000, 100 s; 3 more epoch(s) at most (trainer.max_epochs), about 5 min"
+    )

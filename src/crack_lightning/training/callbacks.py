@@ -206,12 +206,17 @@ class LogProgress(ProgressBar):
         now = time.monotonic()
         if self.enabled and now - self.last >= self.every_s:
             self.last = now
+            total = self.total_train_batches
+            left = ""
+            if isinstance(total, int) and total > i + 1:
+                left = f", about {duration((now - self.start) * (total - i - 1) / (i + 1))} left"
             log.info(
-                "epoch %d: batch %d/%s, %.0f s",
+                "epoch %d: batch %d/%s, %.0f s%s in the epoch",
                 trainer.current_epoch,
                 i + 1,
-                self.total_train_batches,
+                total,
                 now - self.start,
+                left,
             )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -220,7 +225,24 @@ class LogProgress(ProgressBar):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         fitting = trainer.state.fn == TrainerFn.FITTING
         where = f"epoch {trainer.current_epoch}" if fitting else "validation"
-        log.info("%s: %s, %.0f s", where, _format(metrics), time.monotonic() - self.start)
+        took = time.monotonic() - self.start
+        later = ""
+        epochs_left = (trainer.max_epochs or 0) - trainer.current_epoch - 1
+        if fitting and epochs_left > 0:
+            later = (
+                f"; {epochs_left} more epoch(s) at most (trainer.max_epochs), about "
+                f"{duration(took * epochs_left)}"
+            )
+        log.info("%s: %s, %.0f s%s", where, _format(metrics), took, later)
+
+
+def duration(seconds: float) -> str:
+    """ "40 s", "3 min", "1.5 h": a time estimate as a person reads it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _format(metrics: dict[str, float]) -> str:
