@@ -260,7 +260,7 @@ def test_progress_lines_estimate_the_time_left(monkeypatch, caplog):
         bar.on_validation_end(trainer, None)
     lines = [record.getMessage() for record in caplog.records]
     assert lines[0] == "epoch 1: batch 10/40, 20 s, about 60 s left in the epoch"
-    assert (
-        lines[1]
-        == "epoch 1: val/loss=0.5000, 100 s; 3 more epoch(s) at most (trainer.max_epochs), about 5 min"
+    expected = (
+        "epoch 1: val/loss=0.5000, 100 s; 3 more epoch(s) at most (trainer.max_epochs), about 5 min"
     )
+    assert lines[1] == expected
