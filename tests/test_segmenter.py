@@ -367,3 +367,27 @@ def test_a_site_of_crack_tiles_only_splits_by_photo_and_one_without_cracks_is_re
         for name in ("train", "val")
     }
     assert photos["train"] and photos["val"] and not photos["train"] & photos["val"]
+
+
+@pytest.mark.parametrize(
+    ("told", "watched"), [([], "val/pixel_f1"), (["callbacks.model_checkpoint.monitor=null"], None)]
+)
+def test_a_crack_map_adaptation_watches_pixel_f1_unless_told_to_watch_nothing(
+    map_run, tmp_path, told, watched
+):
+    from crack_lightning.errors import ConfigError
+    from crack_lightning.inference.classifiers import read_training_checkpoint
+    from crack_lightning.settings import settings_of
+    from crack_lightning.training.adapt import AdaptSettings, use_map_recipe
+
+    cfg = compose_config(
+        "train",
+        ["experiment=adapt", f"data.sources.site.root={tmp_path}", *told],
+    )
+    _, hparams = read_training_checkpoint(
+        map_run / "checkpoints" / "best.ckpt", "init_from", ConfigError, ""
+    )
+    use_map_recipe(cfg, hparams, settings_of(cfg.adapt, AdaptSettings, "adapt"))
+    assert cfg.callbacks.model_checkpoint.monitor == watched
+    assert cfg.model._target_.endswith("CrackSegmenter") and cfg.data.targets == "masks"
+    assert cfg.callbacks.finetune is None and cfg.data.sources.site.tile_size == 48

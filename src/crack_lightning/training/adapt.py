@@ -144,8 +144,8 @@ def use_map_recipe(cfg: DictConfig, hparams: Mapping[str, Any], settings: AdaptS
         for name in MAP_UNUSED_CALLBACKS:
             if name in cfg.callbacks:
                 cfg.callbacks[name] = None
-        for name in ("model_checkpoint", "early_stopping"):
-            if cfg.callbacks.get(name) is not None:
+        for name in ("model_checkpoint", "early_stopping"):  # unless told to watch nothing
+            if cfg.callbacks.get(name) is not None and cfg.callbacks[name].monitor is not None:
                 cfg.callbacks[name].monitor, cfg.callbacks[name].mode = "val/pixel_f1", "max"
         cfg.optimized_metric = "val/pixel_f1"
     log.info("init_from holds a crack-map model: adapting it as one (mask targets, %d px).", size)
