@@ -10,6 +10,7 @@ import re
 
 import pytest
 import tomllib
+from omegaconf import OmegaConf
 
 from crack_lightning.cli import compose_command, conf_dir, project_root, run_tool
 from crack_lightning.errors import DataError
@@ -43,9 +44,21 @@ def test_every_console_script_points_at_a_callable():
 
 @pytest.mark.parametrize(("script", "config"), sorted(TOOLS.items()))
 def test_tools_help_lists_their_settings(script, config, capsys):
+    """The tool's file, and the file of every group it takes (crack-app: scan.*)."""
     assert entry_point(script)(["--help"]) == 0
     out = capsys.readouterr().out
     assert (conf_dir() / f"{config}.yaml").read_text() in out
+    groups = [
+        (group, option)
+        for entry in OmegaConf.load(conf_dir() / f"{config}.yaml").get("defaults") or []
+        if not isinstance(entry, str)
+        for group, option in entry.items()
+    ]
+    for group, option in groups:
+        assert f"\n{group}.* (key=value as {group}.KEY=..." in out
+        assert (conf_dir() / group / f"{option}.yaml").read_text() in out
+    if script == "crack-app":
+        assert ("scan", "default") in groups
 
 
 @pytest.mark.parametrize("script", sorted(TOOLS))

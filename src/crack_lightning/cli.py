@@ -22,7 +22,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -143,9 +143,18 @@ def compose_tool(config_name: str, argv: Sequence[str], actions: Sequence[str]) 
 
 
 def print_help(config_name: str) -> None:
-    """The settings file itself: every setting with its default and what it means."""
-    print(f"Settings (key=value; defaults from {conf_dir() / config_name}.yaml):\n")
-    print((conf_dir() / f"{config_name}.yaml").read_text())
+    """The settings file itself, then the file of each group it takes (scan.*, paths.*):
+    every setting with its default and what it means."""
+    main = conf_dir() / f"{config_name}.yaml"
+    print(f"Settings (key=value; defaults from {main}):\n")
+    print(main.read_text())
+    for entry in OmegaConf.load(main).get("defaults") or []:
+        if not isinstance(entry, Mapping):
+            continue  # _self_
+        for group, option in entry.items():
+            path = conf_dir() / group / f"{option}.yaml"
+            print(f"\n{group}.* (key=value as {group}.KEY=...; defaults from {path}):\n")
+            print(path.read_text())
 
 
 def run_tool(
