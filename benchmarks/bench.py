@@ -129,7 +129,7 @@ def loop_throughput(cfg: DictConfig) -> float:
     for step, (images, labels) in enumerate(datamodule.train_dataloader()):
         if step == WARMUP_BATCHES:
             start = time.perf_counter()
-        images = datamodule.augment(images)
+        images, _ = datamodule.augment(images, None)
         loss = torch.nn.functional.cross_entropy(net(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

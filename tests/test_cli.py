@@ -139,7 +139,7 @@ def test_predict_settings_are_checked_before_the_checkpoint_is_read(setting, mes
             "scan.patch_size=100000 must be pixels <= 8192 (a window over a whole 50 Mpx photo).",
         ),
         ("scan.stride=0", "scan.stride=0 must be pixels >= 1."),
-        ("scan.stride=abc", "scan.stride=abc must be an integer."),
+        ("scan.stride=abc", "scan.stride=abc must be an integer or null."),
     ],
 )
 def test_scan_settings_are_named_before_the_checkpoint_is_read(setting, message):

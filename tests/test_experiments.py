@@ -16,6 +16,7 @@ from crack_lightning.data.decode import sample_file
 from crack_lightning.data.synthetic import generate_dataset
 from crack_lightning.errors import CrackLightningError
 from crack_lightning.models.classifier import CrackClassifier
+from crack_lightning.models.segmenter import CrackSegmenter
 from crack_lightning.training.check import check_train_settings
 from crack_lightning.training.run import build, build_callbacks, train
 
@@ -89,7 +90,8 @@ def test_experiment_configs_build_their_run_and_refuse_a_bad_value(experiment, t
     cfg = recipe(f"paths.output_dir={tmp_path / 'run'}")
     check_train_settings(cfg)
     datamodule, model = build(cfg.data), build(cfg.model)
-    assert isinstance(datamodule, CrackDataModule) and isinstance(model, CrackClassifier)
+    assert isinstance(datamodule, CrackDataModule)
+    assert isinstance(model, CrackSegmenter if experiment == "crack_maps" else CrackClassifier)
     assert model.net.hparams.image_size == datamodule.hparams.image_size
     callbacks, finetune = build_callbacks(cfg.callbacks, tmp_path / "run", model)
     assert (finetune is not None) == (cfg.callbacks.get("finetune") is not None)

@@ -116,7 +116,7 @@ def test_another_split_completes_the_cache_lazily(cached_cfg):
     train(cached_cfg("data.seed=1"))
     [path] = cache_files(cached_cfg())
     before = torch.load(path, weights_only=True)["done"]
-    train(cached_cfg("data.seed=2"))
+    train(cached_cfg("data.seed=2", "overwrite=true"))  # the same run folder, replaced
     after = torch.load(path, weights_only=True)["done"]
     assert bool((after | ~before).all())  # nothing lost
     assert int(after.sum()) > int(before.sum())  # new training images got their other views
