@@ -395,3 +395,18 @@ def test_a_crack_map_adaptation_watches_pixel_f1_unless_told_to_watch_nothing(
     assert cfg.callbacks.model_checkpoint.monitor == watched
     assert cfg.model._target_.endswith("CrackSegmenter") and cfg.data.targets == "masks"
     assert cfg.callbacks.finetune is None and cfg.data.sources.site.tile_size == 48
+
+
+def test_the_page_draws_a_crack_maps_line_not_a_heat_map(map_run, tmp_path):
+    from crack_lightning.inference.classifiers import load_classifier
+    from crack_lightning.inference.inspection import Inspector, overlay
+    from crack_lightning.inference.scan import ScanSettings
+
+    photo = write_masked_photo(tmp_path / "photos", "wall", 120, seed=5)
+    model = load_classifier(map_run / "checkpoints" / "best.ckpt", "cpu")
+    inspector = Inspector(model, ScanSettings(None, None, None), 8, 10**6, tmp_path / "labels")
+    [inspection], _ = inspector.scan([photo], 0.5, tmp_path / "out")
+    drawn = np.asarray(overlay(inspection).convert("RGB"))
+    changed = (drawn != np.asarray(Image.open(photo).convert("RGB"))).any(axis=2)
+    assert np.array_equal(changed, (drawn == LINE_COLOUR).all(axis=2))
+    assert inspector.window.patch_size == 48  # the map's own window

@@ -349,9 +349,16 @@ def patch_at(inspection: Inspection, x: float, y: float) -> int | None:
 
 
 def overlay(inspection: Inspection, opacity: float = HEAT_OPACITY) -> Image.Image:
-    """The scan overlay (render_scan, its heat map at `opacity`) with the marked patches
-    outlined: magenta crack, green not crack."""
-    image = render_scan(inspection.result, inspection.photo, opacity)
+    """The scan overlay (render_scan, its heat map at `opacity`; a crack map's: the crack
+    line, render_map) with the marked patches outlined: magenta crack, green not crack."""
+    result = inspection.result
+    if result.crack_map is not None:
+        from crack_lightning.inference.crack_maps import render_map
+
+        scale = inspection.figure_scale
+        image = render_map(result.crack_map, result.threshold, inspection.photo, scale)
+    else:
+        image = render_scan(result, inspection.photo, opacity)
     if not inspection.marks:
         return image
     draw = ImageDraw.Draw(image)
