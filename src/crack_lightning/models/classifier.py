@@ -13,8 +13,13 @@ from torchmetrics import Metric
 from crack_lightning.errors import ModelConfigError
 from crack_lightning.evaluation.threshold import DEFAULT_THRESHOLD
 from crack_lightning.models.network import Activations, build_network
-from crack_lightning.models.training_module import EpochScores, TrainingModule
-from crack_lightning.settings import Rule, above
+from crack_lightning.models.training_module import (
+    LEARNING_RATE,
+    WEIGHT_DECAY,
+    EpochScores,
+    TrainingModule,
+)
+from crack_lightning.settings import Rule
 
 
 class CrackClassifier(TrainingModule):
@@ -40,8 +45,8 @@ class CrackClassifier(TrainingModule):
         freeze_backbone: bool,
         channels_last: bool,
         dropout: Annotated[float, Rule("in [0, 1)", lambda p: 0 <= p < 1)],
-        lr: Annotated[float, above(0, "a learning rate")],
-        weight_decay: Annotated[float, Rule(">= 0", lambda v: v >= 0)],
+        lr: Annotated[float, LEARNING_RATE],
+        weight_decay: Annotated[float, WEIGHT_DECAY],
         scheduler: Mapping | None,
         image_size: int,
         # `_target_` + `_partial_` configs (models/optimizers.py); optimizer is None only in

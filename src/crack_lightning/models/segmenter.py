@@ -14,11 +14,16 @@ from torchmetrics import Metric
 from crack_lightning.data.mask_targets import UNKNOWN
 from crack_lightning.data.masks import CRACK
 from crack_lightning.errors import ModelConfigError
-from crack_lightning.evaluation.crack_maps import pixels_needed
+from crack_lightning.evaluation.crack_maps import pixels_needed, tolerant_figures
 from crack_lightning.evaluation.threshold import DEFAULT_THRESHOLD
 from crack_lightning.models.crack_map import build_map_network
-from crack_lightning.models.training_module import EpochScores, TrainingModule
-from crack_lightning.settings import Rule, above, within
+from crack_lightning.models.training_module import (
+    LEARNING_RATE,
+    WEIGHT_DECAY,
+    EpochScores,
+    TrainingModule,
+)
+from crack_lightning.settings import Rule, within
 
 DECODER_CHANNELS = Rule(
     "five channel counts >= 1, one per decoder stage",
@@ -74,15 +79,19 @@ class PixelCounts(Metric):
         self.true_found += (true & near(predicted, self.kernel)).sum()
 
     def compute(self) -> dict[str, float]:
-        scores = {}
-        if self.predicted > 0:
-            scores["pixel_precision"] = float(self.predicted_near / self.predicted)
-        if self.true > 0:
-            scores["pixel_recall"] = float(self.true_found / self.true)
-        if len(scores) == 2:
-            p, r = scores["pixel_precision"], scores["pixel_recall"]
-            scores["pixel_f1"] = 2 * p * r / (p + r) if p + r > 0 else 0.0
-        return scores
+        """Pixel precision, recall and F1 by the one rule of crack-scan-eval's pixel scores
+        (evaluation/crack_maps.py tolerant_figures); undefined ones are not logged."""
+        figures = tolerant_figures(
+            predicted=int(self.predicted),
+            matched=int(self.predicted_near),
+            crack=int(self.true),
+            found=int(self.true_found),
+        )
+        return {
+            f"pixel_{name}": float(figures[name])
+            for name in ("precision", "recall", "f1")
+            if figures[name] is not None
+        }
 
 
 def map_loss(logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -120,8 +129,8 @@ class CrackSegmenter(TrainingModule):
         freeze_backbone: bool,
         channels_last: bool,
         decoder_channels: Annotated[list[int], DECODER_CHANNELS],
-        lr: Annotated[float, above(0, "a learning rate")],
-        weight_decay: Annotated[float, Rule(">= 0", lambda v: v >= 0)],
+        lr: Annotated[float, LEARNING_RATE],
+        weight_decay: Annotated[float, WEIGHT_DECAY],
         scheduler: Mapping | None,
         image_size: int,
         optimizer: Mapping | None,

@@ -13,6 +13,11 @@ from torchmetrics.utilities import dim_zero_cat
 
 from crack_lightning.evaluation.metrics import binary_scores, defined
 from crack_lightning.models.optimizers import build_optimizer, build_scheduler
+from crack_lightning.settings import Rule, above
+
+# model.lr and model.weight_decay, whichever model takes them
+LEARNING_RATE = above(0, "a learning rate")
+WEIGHT_DECAY = Rule(">= 0", lambda v: v >= 0)
 
 
 class EpochScores(Metric):
