@@ -19,14 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from crack_lightning.data.decode import DecodedImages, OnBadImage, oriented_size, split_tile
-from crack_lightning.data.masks import (
-    CRACK,
-    NOT_CRACK,
-    find_mask,
-    fit_to_photo,
-    mask_classes,
-    read_mask,
-)
+from crack_lightning.data.masks import CRACK, NOT_CRACK, mask_levels, source_mask_file
 from crack_lightning.data.sources import SourceSpec
 from crack_lightning.data.transforms import UNKNOWN_PIXEL as UNKNOWN
 from crack_lightning.errors import UnreadableImage
@@ -38,12 +31,11 @@ def _photo_mask(
 ) -> np.ndarray:
     """A photo's mask as uint8 CRACK / NOT_CRACK / UNKNOWN at the photo's size: the last
     one read is kept, as consecutive tiles of one photo share it (decode.py's _photo)."""
-    path = Path(mask)
-    grey = fit_to_photo(read_mask(path, Path(photo)), path, Path(photo), oriented_size(photo))
-    crack, ignore = mask_classes(grey, dict(values))
-    values = np.where(crack, CRACK, NOT_CRACK).astype(np.uint8)
-    values[ignore] = UNKNOWN
-    return values
+    size = oriented_size(photo)
+    crack, ignore = mask_levels(Path(mask), Path(photo), size, dict(values))
+    levels = np.where(crack, CRACK, NOT_CRACK).astype(np.uint8)
+    levels[ignore] = UNKNOWN
+    return levels
 
 
 def sample_mask(sample: str, label: int, spec: SourceSpec | None, image_size: int) -> torch.Tensor:
@@ -52,10 +44,8 @@ def sample_mask(sample: str, label: int, spec: SourceSpec | None, image_size: in
         fill = NOT_CRACK if label == 0 else UNKNOWN
         return torch.full((1, image_size, image_size), fill, dtype=torch.uint8)
     photo, tile = split_tile(sample)
-    settings = spec.tiles
-    folder = Path(settings.mask_dir) if settings.mask_dir else None
-    mask = find_mask(Path(photo), settings.mask_suffix, folder, spec.root)
-    levels = tuple(sorted((settings.mask_values or {}).items()))
+    mask = source_mask_file(spec, photo)
+    levels = tuple(sorted((spec.tiles.mask_values or {}).items()))
     try:
         values = _photo_mask(photo, str(mask), levels, os.stat(mask).st_mtime_ns)
     except OSError as err:

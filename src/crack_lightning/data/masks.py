@@ -244,27 +244,41 @@ def find_photos(files: SourceFiles) -> list[str]:
     return photos
 
 
+def source_mask_file(spec: SourceSpec, photo: str | Path) -> Path:
+    """A masks source's mask of a photo (its mask_dir and mask_suffix), found (find_mask)."""
+    settings = spec.tiles
+    folder = Path(settings.mask_dir) if settings.mask_dir else None
+    return find_mask(Path(photo), settings.mask_suffix, folder, spec.root)
+
+
+def mask_levels(
+    path: Path, photo: Path, size: tuple[int, int], values: Mapping[int, str] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(crack, ignore) of a mask file, read, checked and fitted to its photo's size, its
+    grey levels meaning what a masks source's mask_values say."""
+    grey = fit_to_photo(read_mask(path, photo), path, photo, size)
+    return mask_classes(grey, values or {})
+
+
 def photo_tiles(spec: SourceSpec, photo: str) -> PhotoTiles:
     """A photo's tiles and their labels from its mask; DataError naming the photo, its mask
     and the setting when the photo is too small or the mask is missing or unusable."""
     settings = spec.tiles
     where = spec.where
     path = Path(photo)
-    folder = Path(settings.mask_dir) if settings.mask_dir else None
     try:
-        mask_file = find_mask(path, settings.mask_suffix, folder, spec.root)
+        mask_file = source_mask_file(spec, path)
         width, height = oriented_size(path)
         if min(width, height) < settings.tile_size:
             raise DataError(
                 f"Photo {photo} is {width}x{height}, smaller than "
                 f"{where}.tile_size={settings.tile_size}: lower it, or remove the photo."
             )
-        grey = fit_to_photo(read_mask(mask_file, path), mask_file, path, (width, height))
+        crack, ignore = mask_levels(mask_file, path, (width, height), settings.mask_values)
     except UnreadableImage as err:
         raise DataError(f"{where}: photo {photo}: {err}.") from None
     except DataError as err:
         raise DataError(f"{where}: {err}") from None
-    crack, ignore = mask_classes(grey, settings.mask_values or {})
     boxes = tile_boxes(width, height, settings.tile_size, settings.stride)
     band = tuple(settings.ambiguous) if settings.ambiguous is not None else None
     labels = tile_is_crack(

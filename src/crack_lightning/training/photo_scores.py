@@ -13,7 +13,7 @@ import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from crack_lightning.data.decode import sample_file
-from crack_lightning.data.masks import find_mask, fit_to_photo, mask_classes, read_mask
+from crack_lightning.data.masks import mask_levels, source_mask_file
 from crack_lightning.data.sources import SourceSpec
 from crack_lightning.evaluation.scan_masks import score_groups, write_scan_summary
 from crack_lightning.evaluation.threshold import decision_threshold
@@ -44,13 +44,10 @@ def validation_photos(
 
 def source_mask(spec: SourceSpec):
     """The mask reader of a masks source: its mask folder, suffix and grey levels."""
-    settings = spec.tiles
-    folder = Path(settings.mask_dir) if settings.mask_dir else None
 
     def read(photo: Path, size: tuple[int, int]) -> np.ndarray:
-        path = find_mask(photo, settings.mask_suffix, folder, spec.root)
-        grey = fit_to_photo(read_mask(path, photo), path, photo, size)
-        return mask_classes(grey, settings.mask_values or {})[0]
+        path = source_mask_file(spec, photo)
+        return mask_levels(path, photo, size, spec.tiles.mask_values)[0]
 
     return read
 
