@@ -399,8 +399,8 @@ def test_a_crack_map_adaptation_watches_pixel_f1_unless_told_to_watch_nothing(
 
 def test_the_page_draws_a_crack_maps_line_not_a_heat_map(map_run, tmp_path):
     from crack_lightning.inference.classifiers import load_classifier
-    from crack_lightning.inference.inspection import Inspector, overlay
-    from crack_lightning.inference.scan import ScanSettings
+    from crack_lightning.inference.inspection import Inspector, overlay, rethreshold
+    from crack_lightning.inference.scan import ScanSettings, scan_figure
 
     photo = write_masked_photo(tmp_path / "photos", "wall", 120, seed=5)
     model = load_classifier(map_run / "checkpoints" / "best.ckpt", "cpu")
@@ -410,3 +410,8 @@ def test_the_page_draws_a_crack_maps_line_not_a_heat_map(map_run, tmp_path):
     changed = (drawn != np.asarray(Image.open(photo).convert("RGB"))).any(axis=2)
     assert np.array_equal(changed, (drawn == LINE_COLOUR).all(axis=2))
     assert inspector.window.patch_size == 48  # the map's own window
+    # a new threshold rewrites the downloadable figure as a crack line too
+    rethreshold([inspection], 0.01, tmp_path / "out")
+    written = np.asarray(Image.open(scan_figure(tmp_path / "out", inspection.name)).convert("RGB"))
+    changed = (written != np.asarray(Image.open(photo).convert("RGB"))).any(axis=2)
+    assert changed.any() and np.array_equal(changed, (written == LINE_COLOUR).all(axis=2))

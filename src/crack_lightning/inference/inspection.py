@@ -22,10 +22,10 @@ from crack_lightning.data.decode import load_rgb
 from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.inference.scan import (
     HEAT_OPACITY,
-    MAX_FIGURE_SIDE,
     ScanResult,
     ScanSettings,
-    render_scan,
+    figure_scale,
+    render_figure,
     save_png,
     scan_figure,
     scan_files,
@@ -74,8 +74,8 @@ class Inspection:
 
     @property
     def figure_scale(self) -> float:
-        """Overlay pixels per photo pixel (render_scan shrinks large photos)."""
-        return min(1.0, MAX_FIGURE_SIDE / max(self.result.width, self.result.height))
+        """Overlay pixels per photo pixel (scan figures shrink large photos)."""
+        return figure_scale(self.result)
 
 
 def photo_name(path: Path) -> str:
@@ -228,7 +228,7 @@ def rethreshold(inspections: Sequence[Inspection], threshold: float, out: Path) 
         if np.array_equal(before, inspection.result.cracked):
             continue
         save_png(
-            render_scan(inspection.result, inspection.photo), scan_figure(out, inspection.name)
+            render_figure(inspection.result, inspection.photo), scan_figure(out, inspection.name)
         )
         write_scan_csv(inspection.result, scan_table(out, inspection.name))
     return downloads(inspections, out)
@@ -349,16 +349,9 @@ def patch_at(inspection: Inspection, x: float, y: float) -> int | None:
 
 
 def overlay(inspection: Inspection, opacity: float = HEAT_OPACITY) -> Image.Image:
-    """The scan overlay (render_scan, its heat map at `opacity`; a crack map's: the crack
-    line, render_map) with the marked patches outlined: magenta crack, green not crack."""
-    result = inspection.result
-    if result.crack_map is not None:
-        from crack_lightning.inference.crack_maps import render_map
-
-        scale = inspection.figure_scale
-        image = render_map(result.crack_map, result.threshold, inspection.photo, scale)
-    else:
-        image = render_scan(result, inspection.photo, opacity)
+    """The scan's figure (render_figure: the heat map at `opacity`, or a crack map's crack
+    line) with the marked patches outlined: magenta crack, green not crack."""
+    image = render_figure(inspection.result, inspection.photo, opacity)
     if not inspection.marks:
         return image
     draw = ImageDraw.Draw(image)

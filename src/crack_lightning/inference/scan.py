@@ -317,7 +317,6 @@ def scan_files(
         if classifier.maps:
             result = map_photo(classifier, photo, path, window.patch_size, window.stride, threshold)
             save_png(map_png(result.crack_map), cracks_file(out, name))
-            figure = render_map(result.crack_map, threshold, photo, figure_scale(result))
         else:
             result = scan_photo(
                 classifier,
@@ -330,9 +329,8 @@ def scan_files(
                 window.unfamiliar_limit,
                 num_workers,
             )
-            figure = render_scan(result, photo)
         result.name = name
-        save_png(figure, scan_figure(out, name))
+        save_png(render_figure(result, photo), scan_figure(out, name))
         yield result
 
 
@@ -384,6 +382,16 @@ def _outline(mask: np.ndarray, width: int) -> np.ndarray:
 def figure_scale(result: ScanResult) -> float:
     """A scan figure's scale: the photo's own size up to MAX_FIGURE_SIDE."""
     return min(1.0, MAX_FIGURE_SIDE / max(result.width, result.height))
+
+
+def render_figure(
+    result: ScanResult, photo: Image.Image, opacity: float = HEAT_OPACITY
+) -> Image.Image:
+    """A scan's figure: a crack map's crack line (render_map), else the windows' heat map
+    at `opacity` (render_scan)."""
+    if result.crack_map is not None:
+        return render_map(result.crack_map, result.threshold, photo, figure_scale(result))
+    return render_scan(result, photo, opacity)
 
 
 def render_scan(
