@@ -185,6 +185,7 @@ def scan(cfg: PredictSettings, classifier, files: list[Path], window: ScanSettin
     """scan mode: per photo a figure (PNG) and a CSV of patches, and with a crack-map model
     the map (PHOTO_cracks.png) and its cracks (PHOTO_cracks.csv); for all the photos the
     site report (site_summary.csv, site_report.html); returns a summary."""
+    from crack_lightning.evaluation.crack_maps import describe_cracks, measure_cracks
     from crack_lightning.evaluation.site_report import ScanContext, site_photo, write_site_report
     from crack_lightning.inference.scan import scan_figure, scan_files, write_scan_csv
 
@@ -231,48 +232,6 @@ def scan(cfg: PredictSettings, classifier, files: list[Path], window: ScanSettin
     report = write_site_report(report_dir, site, skipped, context)
     print(f"Site report (photos ranked): {', '.join(map(str, report))}")
     return {"photos": photos, "skipped": len(skipped), "site_report": [str(p) for p in report]}
-
-
-def measure_cracks(result: Any, report_dir: Path, mm_per_px: float | None) -> dict[str, Any]:
-    """The cracks of a crack map at the decision threshold: their count, total length and
-    widths (in mm too with scan.mm_per_px), and one row per crack in PHOTO_cracks.csv."""
-    from crack_lightning.evaluation.crack_maps import crack_measures
-    from crack_lightning.io import write_csv
-
-    measures = crack_measures(result.crack_map >= result.threshold, mm_per_px)
-    header = ["crack", "x", "y", "width", "height", "length_px", "mean_width_px"]
-    header += ["max_width_px", "length_mm", "mean_width_mm", "max_width_mm"]
-    rows = [
-        [i + 1, *crack.box, f"{crack.length:.1f}", f"{crack.mean_width:.2f}"]
-        + [f"{crack.max_width:.2f}"]
-        + ["" if v is None else f"{v:.2f}" for v in (crack.length_mm, crack.mean_width_mm)]
-        + ["" if crack.max_width_mm is None else f"{crack.max_width_mm:.2f}"]
-        for i, crack in enumerate(measures.cracks)
-    ]
-    write_csv(report_dir / f"{result.name}_cracks.csv", header, rows)
-    return {
-        "cracks": measures.count,
-        "crack_length_px": measures.length,
-        "mean_width_px": measures.mean_width,
-        "max_width_px": measures.max_width,
-        "crack_length_mm": measures.length_mm,
-        "max_width_mm": measures.max_width_mm,
-    }
-
-
-def describe_cracks(measures: dict[str, Any]) -> str:
-    """ "2 cracks, 350 px long (35.0 mm), widest 5.0 px (0.50 mm)" for a scan's line."""
-    if not measures["cracks"]:
-        return "no crack"
-    mm = measures["crack_length_mm"] is not None
-    length = f"{measures['crack_length_px']:.0f} px" + (
-        f" ({measures['crack_length_mm']:.1f} mm)" if mm else ""
-    )
-    widest = f"{measures['max_width_px']:.1f} px" + (
-        f" ({measures['max_width_mm']:.2f} mm)" if mm else ""
-    )
-    count = measures["cracks"]
-    return f"{count} crack{'s' if count > 1 else ''}, {length} long, widest {widest}"
 
 
 def predict() -> Any:

@@ -1,6 +1,7 @@
 """Figures of a crack map (a photo's per-pixel P(crack), or that map thresholded): a
-tile's P(crack) that agrees with the tile rule, the cracks' count, length and width, and
-pixel precision and recall with a distance tolerance against a crack mask.
+tile's P(crack) that agrees with the tile rule, the cracks' count, length and width (and a
+scan's cracks listed per photo), and pixel precision and recall with a distance tolerance
+against a crack mask.
 
 numpy alone at import: scipy.ndimage and scikit-image are imported by the functions that
 use them, so a command that never sees a map does not pay for them.
@@ -10,11 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from crack_lightning.errors import ConfigError
 from crack_lightning.settings import above, require
+
+if TYPE_CHECKING:
+    from crack_lightning.inference.scan import ScanResult
 
 # scan.mm_per_px: the size of a photo's pixel on the surface
 MM_PER_PX = above(0, "a pixel's size in mm")
@@ -269,3 +275,47 @@ def tolerant_scores(
         crack=int(truth.sum()),
         found=_near(truth, pred, tolerance),
     )
+
+
+# --- a scan's cracks, for its files and its line -----------------------------------------
+
+
+def measure_cracks(result: ScanResult, report_dir: Path, mm_per_px: float | None) -> dict[str, Any]:
+    """The cracks of a crack map at the decision threshold: their count, total length and
+    widths (in mm too with scan.mm_per_px), and one row per crack in PHOTO_cracks.csv."""
+    from crack_lightning.io import write_csv  # torch behind it: only where a map is written
+
+    measures = crack_measures(result.crack_map >= result.threshold, mm_per_px)
+    header = ["crack", "x", "y", "width", "height", "length_px", "mean_width_px"]
+    header += ["max_width_px", "length_mm", "mean_width_mm", "max_width_mm"]
+    rows = [
+        [i + 1, *crack.box, f"{crack.length:.1f}", f"{crack.mean_width:.2f}"]
+        + [f"{crack.max_width:.2f}"]
+        + ["" if v is None else f"{v:.2f}" for v in (crack.length_mm, crack.mean_width_mm)]
+        + ["" if crack.max_width_mm is None else f"{crack.max_width_mm:.2f}"]
+        for i, crack in enumerate(measures.cracks)
+    ]
+    write_csv(report_dir / f"{result.name}_cracks.csv", header, rows)
+    return {
+        "cracks": measures.count,
+        "crack_length_px": measures.length,
+        "mean_width_px": measures.mean_width,
+        "max_width_px": measures.max_width,
+        "crack_length_mm": measures.length_mm,
+        "max_width_mm": measures.max_width_mm,
+    }
+
+
+def describe_cracks(measures: dict[str, Any]) -> str:
+    """ "2 cracks, 350 px long (35.0 mm), widest 5.0 px (0.50 mm)" for a scan's line."""
+    if not measures["cracks"]:
+        return "no crack"
+    mm = measures["crack_length_mm"] is not None
+    length = f"{measures['crack_length_px']:.0f} px" + (
+        f" ({measures['crack_length_mm']:.1f} mm)" if mm else ""
+    )
+    widest = f"{measures['max_width_px']:.1f} px" + (
+        f" ({measures['max_width_mm']:.2f} mm)" if mm else ""
+    )
+    count = measures["cracks"]
+    return f"{count} crack{'s' if count > 1 else ''}, {length} long, widest {widest}"

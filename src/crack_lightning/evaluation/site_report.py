@@ -53,7 +53,7 @@ COLUMNS = (
     "figure",
     "score_rule",
 )
-# a crack-map scan's figures (predict.py measure_cracks) that the report carries
+# a crack-map scan's figures (crack_maps.measure_cracks) that the report carries
 MEASURES = ("cracks", "crack_length_px", "max_width_px", "crack_length_mm", "max_width_mm")
 # EXIF tags (PIL's getexif()): the Exif and GPS sub-IFDs and what is read from them
 EXIF_IFD, GPS_IFD = 0x8769, 0x8825
@@ -103,7 +103,7 @@ class SitePhoto:
     cracked_prob_sum: float  # P(crack) summed over the cracked windows
     max_prob: float
     unfamiliar_share: float
-    measures: Mapping[str, Any] | None  # a crack-map scan's cracks (predict.measure_cracks)
+    measures: Mapping[str, Any] | None  # a crack-map scan's cracks (crack_maps.measure_cracks)
 
     @property
     def verdict(self) -> str:
