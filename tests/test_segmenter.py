@@ -17,7 +17,8 @@ from crack_lightning.data.mask_targets import UNKNOWN, MaskedImages
 from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import ModelConfigError
 from crack_lightning.inference.crack_maps import LINE_COLOUR
-from crack_lightning.models.segmenter import PixelCounts, map_loss, tile_scores
+from crack_lightning.models.crack_map import tile_scores
+from crack_lightning.models.segmenter import PixelCounts, map_loss
 
 from .conftest import QUIET, compose_config
 from .test_masks_source import spec
@@ -415,3 +416,21 @@ def test_the_page_draws_a_crack_maps_line_not_a_heat_map(map_run, tmp_path):
     written = np.asarray(Image.open(scan_figure(tmp_path / "out", inspection.name)).convert("RGB"))
     changed = (written != np.asarray(Image.open(photo).convert("RGB"))).any(axis=2)
     assert changed.any() and np.array_equal(changed, (written == LINE_COLOUR).all(axis=2))
+
+
+def test_predicting_with_a_crack_map_imports_no_lightning(map_run):
+    """As for the classifier: prediction builds the plain-torch network from the checkpoint."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from crack_lightning.inference.classifiers import load_classifier\n"
+        f"model = load_classifier({str(map_run / 'checkpoints' / 'best.ckpt')!r}, 'cpu')\n"
+        "probs = model.predict(torch.zeros(2, 3, 48, 48, dtype=torch.uint8))\n"
+        "assert probs.shape == (2,), probs.shape\n"
+        "heavy = ('lightning', 'torchmetrics')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from crack_lightning.models.crack_map import CrackMapNet
+from crack_lightning.models.crack_map import CrackMapNet, tile_scores
 
 # a photo with more pixels than this is mapped in overlapping pieces of PIECE px (the
 # activations of one 12 Mpx pass take several GB)
@@ -37,9 +37,7 @@ class MapNetwork:
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        """P(crack) of each crop: the tile rule on its map (models/segmenter.py)."""
-        from crack_lightning.models.segmenter import tile_scores
-
+        """P(crack) of each crop: the tile rule on its map, as training scores crops."""
         probs = torch.sigmoid(self.net(images.to(self.device)))
         return tile_scores(probs, self.min_share).float().cpu().numpy()
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from crack_lightning.data.transforms import to_unit_float
 from crack_lightning.errors import ModelConfigError
+from crack_lightning.evaluation.crack_maps import pixels_needed
 from crack_lightning.models.backbones import build_feature_extractor, normalization
 
 # the backbones whose torchvision layout smp's encoders share (state dicts load as they are)
@@ -96,3 +97,13 @@ def build_map_network(
     mean, std = normalization(backbone, extractor)
     hparams = SimpleNamespace(backbone=backbone, image_size=image_size, kind="crack_map")
     return CrackMapNet(unet, mean, std, freeze_backbone, channels_last, hparams)
+
+
+def tile_scores(probs: torch.Tensor, min_share: float) -> torch.Tensor:
+    """Each map's P(crack) as a tile under the tile rule (data/masks.py tile_is_crack): the
+    k-th largest pixel probability, k = pixels_needed (evaluation/crack_maps.py's
+    tile_probs_from_map, the same rule on a whole photo's map), so that a tile scores
+    >= t exactly when at least min_share of its pixels do."""
+    flat = probs.flatten(1)
+    k = pixels_needed(flat.shape[1], min_share)
+    return flat.topk(k, dim=1).values[:, -1]

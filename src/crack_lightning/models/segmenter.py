@@ -14,9 +14,9 @@ from torchmetrics import Metric
 from crack_lightning.data.mask_targets import UNKNOWN
 from crack_lightning.data.masks import CRACK
 from crack_lightning.errors import ModelConfigError
-from crack_lightning.evaluation.crack_maps import pixels_needed, tolerant_figures
+from crack_lightning.evaluation.crack_maps import tolerant_figures
 from crack_lightning.evaluation.threshold import DEFAULT_THRESHOLD
-from crack_lightning.models.crack_map import build_map_network
+from crack_lightning.models.crack_map import build_map_network, tile_scores
 from crack_lightning.models.training_module import (
     LEARNING_RATE,
     WEIGHT_DECAY,
@@ -43,16 +43,6 @@ def near(pixels: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Pixels within the kernel's disc of a True pixel of `pixels` (N, 1, H, W)."""
     pad = kernel.shape[-1] // 2
     return F.conv2d(pixels.float(), kernel.to(pixels.device), padding=pad) > 0
-
-
-def tile_scores(probs: torch.Tensor, min_share: float) -> torch.Tensor:
-    """Each map's P(crack) as a tile under the tile rule (data/masks.py tile_is_crack): the
-    k-th largest pixel probability, k = pixels_needed (evaluation/crack_maps.py's
-    tile_probs_from_map, the same rule on a whole photo's map), so that a tile scores
-    >= t exactly when at least min_share of its pixels do."""
-    flat = probs.flatten(1)
-    k = pixels_needed(flat.shape[1], min_share)
-    return flat.topk(k, dim=1).values[:, -1]
 
 
 class PixelCounts(Metric):
