@@ -9,9 +9,11 @@ import html
 import re
 from io import BytesIO
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, TiffImagePlugin
 
 from crack_lightning.commands.predict import run
@@ -24,6 +26,7 @@ from crack_lightning.evaluation.site_report import (
     read_exif,
     write_site_report,
 )
+from crack_lightning.inference.crack_maps import MapNetwork
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -238,3 +241,83 @@ def test_a_crack_map_scan_ranks_by_crack_length_then_by_the_highest_probability(
     assert "last.ckpt (run adapted)" in page and "128 px, stride 64 px" in page
     assert "<td>0.1 mm per px</td>" in page
     assert "2, 350.0 px (35.00 mm) long, widest 4.00 px (0.400 mm)" in page
+
+
+# --- the page's report of a crack-map model's photos -----------------------------------------
+
+
+class BrightnessMap(MapNetwork):
+    """A stand-in crack-map network: each pixel's P(crack) is its brightness / 255, so a
+    white band on black is a crack of known length and width."""
+
+    def crack_map(self, pixels: torch.Tensor) -> np.ndarray:
+        return pixels.float().mean(dim=0).numpy() / 255
+
+
+def banded_photo(path: Path, band: tuple[slice, slice] | None) -> Path:
+    """A 160 x 120 black PNG, with a white band (rows, columns) where given."""
+    pixels = np.zeros((120, 160, 3), dtype=np.uint8)
+    if band is not None:
+        pixels[band] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_the_pages_report_measures_a_crack_maps_cracks_as_a_folder_scan_does(tmp_path):
+    from crack_lightning.commands.predict import scan
+    from crack_lightning.inference.classifiers import LoadedModel
+    from crack_lightning.inference.inspection import Inspector
+    from crack_lightning.inference.scan import ScanSettings
+
+    network = BrightnessMap(torch.nn.Identity(), torch.device("cpu"), 0.01)
+    model = LoadedModel(str(tmp_path / "run" / "checkpoints" / "best.ckpt"), network, 40, 0.5, None)
+    window = ScanSettings(patch_size=40, stride=40, unfamiliar_limit=None, mm_per_px=0.5)
+    photos = [
+        banded_photo(tmp_path / "site" / "blank.png", None),
+        banded_photo(tmp_path / "site" / "short.png", (slice(80, 83), slice(30, 80))),
+        banded_photo(tmp_path / "site" / "long.png", (slice(40, 43), slice(30, 130))),
+    ]
+    inspector = Inspector(model, window, 8, 10**6, tmp_path / "labels")
+    session = tmp_path / "session"
+    inspections, refused = inspector.scan(photos, 0.5, session)
+    assert refused == []
+    written = inspector.site_report(inspections, 0.5, session)
+    names = [inspection.name for inspection in inspections]
+    assert written == [
+        session / "site_summary.csv",
+        session / "site_report.html",
+        *(session / f"{name}_cracks.csv" for name in names),
+    ]
+    rows = read_csv(written[0])
+    # a band 100 (50) px long and 3 wide: its centre line 99 (49) steps of 1 px, 3 px
+    # across; at 0.5 mm per px half that in mm. Ranked by length: the longest first.
+    assert [r["file"] for r in rows] == ["long.png", "short.png", "blank.png"]
+    assert [r["cracks"] for r in rows] == ["1", "1", "0"]
+    assert [r["crack_length_px"] for r in rows] == ["99.0", "49.0", "0.0"]
+    assert [r["crack_length_mm"] for r in rows] == ["49.50", "24.50", "0.00"]
+    assert [r["max_width_px"] for r in rows] == ["3.00", "3.00", ""]
+    assert [r["max_width_mm"] for r in rows] == ["1.500", "1.500", ""]
+    assert [r["score"] for r in rows] == ["99.0000", "49.0000", "0.0000"]
+    assert [r["verdict"] for r in rows] == ["Crack", "Crack", "No crack"]
+    # 40 px windows cracked where the band covers at least 1% (16) of their pixels:
+    # rows 40-42 reach 4 windows, rows 80-82 from column 30 to 79 reach 2
+    assert [r["cracked_windows"] for r in rows] == ["4", "2", "0"]
+    assert all(r["score_rule"] == MAP_SCORE for r in rows)
+    page = written[1].read_text()
+    assert "1, 99.0 px (49.50 mm) long, widest 3.00 px (1.500 mm)" in page
+    assert "<td>none</td>" in page and "best.ckpt (run run)" in page
+    with written[2 + names.index(inspections[2].name)].open() as handle:
+        (crack,) = csv.DictReader(handle)
+    assert (crack["length_px"], crack["max_width_px"]) == ("99.0", "3.00")
+
+    # predict mode=scan on the same photos with the same model: the same report rows
+    folder = tmp_path / "scan"
+    cfg = SimpleNamespace(
+        report_dir=folder, batch_size=8, threshold=0.5, num_workers=0, ckpt_path=model.source
+    )
+    scan(cfg, model, photos, window)
+    scanned = read_csv(folder / "site_summary.csv")
+    assert [{k: v for k, v in r.items() if k != "figure"} for r in scanned] == [
+        {k: v for k, v in r.items() if k != "figure"} for r in rows
+    ]

@@ -214,12 +214,9 @@ def scan(cfg: PredictSettings, classifier, files: list[Path], window: ScanSettin
             "cracked_area_share": share,
         }
         said = f"{int(result.cracked.sum())}/{len(result.probs)} patches cracked"
-        if result.crack_map is not None:
-            measures = measure_cracks(result, report_dir, window.mm_per_px)
-            entry |= measures
-            said += ", " + describe_cracks(measures)
-        else:
-            said += f", {share:.1%} of the area"
+        measures = measure_cracks(result, report_dir, window.mm_per_px)  # {}: no map
+        entry |= measures
+        said += ", " + (describe_cracks(measures) if measures else f"{share:.1%} of the area")
         print(f"{result.path}: {said} -> {figure}, {table}")
         photos.append(entry)
         site.append(site_photo(result, entry))

@@ -281,10 +281,14 @@ def tolerant_scores(
 
 
 def measure_cracks(result: ScanResult, report_dir: Path, mm_per_px: float | None) -> dict[str, Any]:
-    """The cracks of a crack map at the decision threshold: their count, total length and
-    widths (in mm too with scan.mm_per_px), and one row per crack in PHOTO_cracks.csv."""
+    """The cracks of a scan's crack map at its decision threshold: their count, total
+    length and widths (in mm too with scan.mm_per_px), and one row per crack in
+    PHOTO_cracks.csv (crack_table). A window classifier's scan has no map: {} and no file.
+    The one measuring of a scan's cracks, for predict mode=scan and the page's report."""
     from crack_lightning.io import write_csv  # torch behind it: only where a map is written
 
+    if result.crack_map is None:
+        return {}
     measures = crack_measures(result.crack_map >= result.threshold, mm_per_px)
     header = ["crack", "x", "y", "width", "height", "length_px", "mean_width_px"]
     header += ["max_width_px", "length_mm", "mean_width_mm", "max_width_mm"]
@@ -295,7 +299,7 @@ def measure_cracks(result: ScanResult, report_dir: Path, mm_per_px: float | None
         + ["" if crack.max_width_mm is None else f"{crack.max_width_mm:.2f}"]
         for i, crack in enumerate(measures.cracks)
     ]
-    write_csv(report_dir / f"{result.name}_cracks.csv", header, rows)
+    write_csv(crack_table(report_dir, result.name), header, rows)
     return {
         "cracks": measures.count,
         "crack_length_px": measures.length,
@@ -304,6 +308,11 @@ def measure_cracks(result: ScanResult, report_dir: Path, mm_per_px: float | None
         "crack_length_mm": measures.length_mm,
         "max_width_mm": measures.max_width_mm,
     }
+
+
+def crack_table(report_dir: Path, name: str) -> Path:
+    """Where measure_cracks lists the cracks of the photo whose output name is `name`."""
+    return report_dir / f"{name}_cracks.csv"
 
 
 def describe_cracks(measures: dict[str, Any]) -> str:

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from crack_lightning.data.decode import load_rgb
+from crack_lightning.evaluation.crack_maps import crack_table, measure_cracks
+from crack_lightning.evaluation.site_report import ScanContext, site_photo, write_site_report
 from crack_lightning.inference.classifiers import LoadedModel
 from crack_lightning.inference.scan import (
     HEAT_OPACITY,
@@ -181,6 +183,27 @@ class Inspector:
         if same_windows:
             new.marks = dict(inspection.marks)
         return new, ""
+
+    def site_report(
+        self, inspections: Sequence[Inspection], threshold: float, out: Path
+    ) -> list[Path]:
+        """predict mode=scan's site report (site_summary.csv, site_report.html) of the
+        page's photos, written in `out` beside their files: each photo's overlay and,
+        from a crack-map model, its cracks at the threshold, measured as mode=scan
+        measures them (measure_cracks, which lists them in PHOTO_cracks.csv too). Returns
+        the report's two files, then the crack tables."""
+        window = self.window
+        photos, tables = [], []
+        for inspection in inspections:
+            result = inspection.result
+            measures = measure_cracks(result, out, window.mm_per_px)
+            if measures:
+                tables.append(crack_table(out, result.name))
+            photos.append(site_photo(result, {"figure": scan_figure(out, result.name)} | measures))
+        context = ScanContext(
+            self.classifier.source, threshold, window.patch_size, window.stride, window.mm_per_px
+        )
+        return [*write_site_report(out, photos, [], context), *tables]
 
     def marks_folder(self, size: int) -> Path:
         """Where marks of size px windows go: one labelled folder per window size, so

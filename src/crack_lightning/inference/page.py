@@ -41,7 +41,6 @@ from crack_lightning.inference.inspection import (
     summary_rows,
     verdict,
 )
-from crack_lightning.inference.scan import scan_figure
 
 INSTALL = (
     "crack-app needs the `app` extra (Gradio): pip install -e '.[app]' "
@@ -306,37 +305,21 @@ def build_page(
 
     @page_errors
     def site_report(level: float, session: Session | None) -> tuple:
-        """site_summary.csv and site_report.html (predict mode=scan's) for the photos on
-        the page, beside their downloads."""
-        from crack_lightning.evaluation.site_report import (
-            ScanContext,
-            site_photo,
-            write_site_report,
-        )
-
+        """site_summary.csv and site_report.html (predict mode=scan's, with a crack-map
+        model's cracks) for the photos on the page, beside their downloads."""
         if session is None or not session.inspections:
             return session, gr.update(), "Drop a photo first."
-        window = inspector.window
         with session.lock:
-            photos = [
-                site_photo(i.result, {"figure": str(scan_figure(session.out, i.name))})
-                for i in session.inspections.values()
-            ]
-            context = ScanContext(
-                inspector.classifier.source,
-                level,
-                window.patch_size,
-                window.stride,
-                window.mm_per_px,
-            )
-            report = write_site_report(session.out, photos, [], context)
-            files_out = downloads(list(session.inspections.values()), session.out)
+            inspections = list(session.inspections.values())
+            report = inspector.site_report(inspections, level, session.out)
+            files_out = downloads(inspections, session.out)
+        summary_file, page_file, *tables = report
+        cracks = f", the cracks of each photo in {len(tables)} _cracks.csv" if tables else ""
         return (
             session,
             [str(p) for p in [*report, *files_out]],
-            f"Site report of {len(photos)} photo(s), ranked: "
-            + ", ".join(p.name for p in report)
-            + " (in Downloads).",
+            f"Site report of {len(inspections)} photo(s), ranked: {summary_file.name}, "
+            f"{page_file.name}{cracks} (in Downloads).",
         )
 
     @page_errors
