@@ -314,7 +314,7 @@ def build_page(
             report = inspector.site_report(inspections, level, session.out)
             files_out = downloads(inspections, session.out)
         summary_file, page_file, *tables = report
-        cracks = f", the cracks of each photo in {len(tables)} _cracks.csv" if tables else ""
+        cracks = f" and {len(tables)} crack table(s), PHOTO_cracks.csv" if tables else ""
         return (
             session,
             [str(p) for p in [*report, *files_out]],
