@@ -285,6 +285,7 @@ def test_adapting_a_crack_map_to_a_site_improves_its_unseen_photos(map_run, tmp_
             *QUIET,
             "logger=none",
             "adapt.replay=0.5",
+            "adapt.map_epochs=0",  # the site split as its sources: val chooses
             "trainer.max_epochs=10",
             "callbacks.early_stopping=null",
         ],
@@ -307,6 +308,48 @@ def test_adapting_a_crack_map_to_a_site_improves_its_unseen_photos(map_run, tmp_
     from crack_lightning.inference.classifiers import load_classifier
 
     assert load_classifier(run / "checkpoints" / "best.ckpt", "cpu").window == (48, 24)
+
+
+def test_adapting_a_crack_map_trains_on_every_photo_and_improves_the_left_out_ones(
+    map_run, tmp_path, caplog
+):
+    """experiment=adapt from a crack-map checkpoint with 5 site photos: all 5 train; each
+    photo left out scores higher with a model trained without it than with init_from; the
+    chosen epochs are trained and the chosen threshold is stored in the checkpoint."""
+    from crack_lightning.inference.classifiers import load_classifier
+    from crack_lightning.training.run import train
+
+    site = tmp_path / "site"
+    for i in range(5):
+        write_masked_photo(site, f"s{i}", 96, seed=100 + i, joint=True)
+    run = tmp_path / "adapted"
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=adapt",
+            f"init_from={map_run / 'checkpoints' / 'best.ckpt'}",
+            f"data.sources.site.root={site}",
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"paths.output_dir={run}",
+            *QUIET,
+            "logger=none",
+            "adapt.replay=0.5",
+            "adapt.map_epochs=8",
+        ],
+    )
+    with caplog.at_level("INFO"):
+        train(cfg)
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "The site's photos: 5 train, 0 val, 0 test (every photo trains" in said
+    chosen = re.search(r"chose (\d) of 8 epochs and threshold (0\.\d)", said)
+    assert chosen, said
+    table = said[said.index("trained without it:") :]
+    site_row = next(line for line in table.splitlines() if line.startswith("site |"))
+    before, after = (float(v) for v in site_row.split(" | ")[-1].split(" -> "))
+    assert after > before + 0.05, table
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert checkpoint["epoch"] + 1 == int(chosen[1])  # the chosen epochs, the last kept
+    assert load_classifier(run / "checkpoints" / "best.ckpt", "cpu").threshold == float(chosen[2])
 
 
 def test_a_scan_uses_the_models_window_unless_told(map_run, tmp_path, capsys):

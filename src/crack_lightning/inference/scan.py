@@ -20,7 +20,7 @@ from crack_lightning.data.workers import run_batches
 from crack_lightning.errors import PredictionError, UnreadableImage
 from crack_lightning.evaluation.crack_maps import MM_PER_PX, tile_probs_from_map
 from crack_lightning.inference.classifiers import LoadedModel
-from crack_lightning.inference.crack_maps import map_png, render_map
+from crack_lightning.inference.crack_maps import MapNetwork, map_png, render_map
 from crack_lightning.io import write_atomically, write_csv
 from crack_lightning.progress import track
 from crack_lightning.settings import CLASS_NAMES, Rule, at_least, at_most
@@ -193,7 +193,7 @@ def scan_photo(
 
 
 def map_photo(
-    model: LoadedModel,
+    network: MapNetwork,
     photo: Image.Image,
     path: Path,
     patch_size: int,
@@ -203,10 +203,10 @@ def map_photo(
     """A crack-map model's scan: the photo's map in one pass (or a few pieces), and each
     window's P(crack) from the map by the tile rule at the model's min_share, so that a
     window scores >= t exactly when at least min_share of its pixels do."""
-    crack_map = model.network.crack_map(v2.functional.pil_to_tensor(photo))
+    crack_map = network.crack_map(v2.functional.pil_to_tensor(photo))
     width, height = photo.size
     boxes = tile_boxes(width, height, patch_size, stride)
-    probs = tile_probs_from_map(crack_map, boxes, patch_size, model.network.min_share)
+    probs = tile_probs_from_map(crack_map, boxes, patch_size, network.min_share)
     return ScanResult(path, width, height, patch_size, boxes, probs, threshold, crack_map=crack_map)
 
 
@@ -315,7 +315,9 @@ def scan_files(
             skipped.append((path, str(err)))
             continue
         if classifier.maps:
-            result = map_photo(classifier, photo, path, window.patch_size, window.stride, threshold)
+            result = map_photo(
+                classifier.network, photo, path, window.patch_size, window.stride, threshold
+            )
             save_png(map_png(result.crack_map), cracks_file(out, name))
         else:
             result = scan_photo(

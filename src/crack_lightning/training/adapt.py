@@ -29,9 +29,10 @@ from torch.utils.data import DataLoader
 from crack_lightning.data.decode import DecodedImages
 from crack_lightning.data.sources import MASKS_KIND, ROOT_SOURCE
 from crack_lightning.errors import ConfigError, DataError
+from crack_lightning.evaluation.threshold import decision_threshold, stored_threshold
 from crack_lightning.inference.classifiers import DATA_HPARAMS_KEY
 from crack_lightning.models.crack_map import MAP_HPARAM
-from crack_lightning.settings import CLASS_NAMES, Rule, settings_of
+from crack_lightning.settings import CLASS_NAMES, Rule, at_least, settings_of
 
 if TYPE_CHECKING:
     from crack_lightning.models.classifier import CrackClassifier
@@ -67,6 +68,7 @@ class AdaptSettings:
         ),
     ]
     bn_stats: bool
+    map_epochs: Annotated[int, at_least(0)]
     folder_site: dict[str, Any] | None = None  # the site as class folders, when it is
 
 
@@ -80,6 +82,12 @@ class Start:
     settings: AdaptSettings
     site: str | None = None  # the site source's name; None: weights only
     replayed: list[str] = field(default_factory=list)
+    threshold: float | None = None  # the checkpoint's stored decision threshold
+
+    @property
+    def leaves_photos_out(self) -> bool:
+        """A crack map adapting to a masks site chooses by leaving each photo out."""
+        return self.site is not None and MAP_HPARAM in self.hparams and self.settings.map_epochs > 0
 
 
 def prepare_start(cfg: DictConfig) -> Start:
@@ -92,6 +100,7 @@ def prepare_start(cfg: DictConfig) -> Start:
     path = Path(cfg.init_from)
     checkpoint, hparams = read_training_checkpoint(path, "init_from", ConfigError, INIT_FILES)
     start = Start(path, checkpoint["state_dict"], hparams, settings)
+    start.threshold = stored_threshold(checkpoint)
     if MAP_HPARAM in hparams:
         use_map_recipe(cfg, hparams, settings)
     check_backbone(start, cfg.model)
@@ -144,10 +153,15 @@ def use_map_recipe(cfg: DictConfig, hparams: Mapping[str, Any], settings: AdaptS
         for name in MAP_UNUSED_CALLBACKS:
             if name in cfg.callbacks:
                 cfg.callbacks[name] = None
+        cfg.optimized_metric = "val/pixel_f1"
+        if settings.map_epochs > 0 and sources.get(site) is not None:
+            # leave_one_out chooses the epochs: the last is kept
+            cfg.callbacks.early_stopping = None
+            if cfg.callbacks.get("model_checkpoint") is not None:
+                cfg.callbacks.model_checkpoint.monitor = None
         for name in ("model_checkpoint", "early_stopping"):  # unless told to watch nothing
             if cfg.callbacks.get(name) is not None and cfg.callbacks[name].monitor is not None:
                 cfg.callbacks[name].monitor, cfg.callbacks[name].mode = "val/pixel_f1", "max"
-        cfg.optimized_metric = "val/pixel_f1"
     log.info("init_from holds a crack-map model: adapting it as one (mask targets, %d px).", size)
 
 
@@ -267,19 +281,22 @@ def begin_from(start: Start, datamodule: Any, model: CrackClassifier, data: Dict
     init_from's weights, and (adapt.bn_stats) BatchNorm statistics of the site."""
     if start.site is not None:
         keep_replay_share(datamodule, start, int(data.seed))
-        log.info("The site's photos: %s.", site_split(datamodule, start.site))
+        if start.leaves_photos_out:
+            from crack_lightning.training.leave_one_out import train_on_every_photo
+
+            train_on_every_photo(datamodule, start.site)
+        log.info("The site's photos: %s.", site_split(datamodule, start))
     load_start_weights(model, start)
     if start.site is not None and start.settings.bn_stats:
         samples = site_samples(datamodule, start.site)
         reestimate_batchnorm(model, samples, int(data.batch_size), str(data.on_bad_image))
 
 
-def site_split(datamodule: Any, site: str) -> str:
-    """How the site's photos were split, e.g. "3 train, 1 val, 1 test (by photo; val
-    chooses the checkpoint, val and test are scored before and after)"."""
+def site_split(datamodule: Any, start: Start) -> str:
+    """How the site's photos were split, e.g. "3 train, 1 val, 1 test (by photo: ...)"."""
     from crack_lightning.data.decode import sample_file
 
-    index = datamodule.sources.names.index(site)
+    index = datamodule.sources.names.index(start.site)
     counts = []
     for name in ("train", "val", "test"):
         photos = {
@@ -288,7 +305,63 @@ def site_split(datamodule: Any, site: str) -> str:
             if datamodule.sources.source[i] == index
         }
         counts.append(f"{len(photos)} {name}")
-    return ", ".join(counts) + " (by photo: the site's split in split_manifest.csv)"
+    if start.leaves_photos_out:
+        how = "every photo trains; each is left out in turn to choose the epochs and threshold"
+    else:
+        how = "by photo: the site's split in split_manifest.csv"
+    return f"{', '.join(counts)} ({how})"
+
+
+def choose_by_leaving_out(start: Start, datamodule: Any, cfg: DictConfig) -> None:
+    """A crack map's site: leave each photo out in turn (training/leave_one_out.py), then
+    set cfg to train on every photo for the chosen epochs and store the chosen threshold."""
+    from crack_lightning.training.check import resolve_precision
+    from crack_lightning.training.leave_one_out import leave_one_photo_out
+    from crack_lightning.training.run import build
+
+    def new_model() -> CrackClassifier:
+        model = build(cfg.model)
+        load_start_weights(model, start)
+        return model
+
+    trainer_settings = {
+        "accelerator": cfg.trainer.accelerator,
+        "devices": 1,
+        "precision": resolve_precision(cfg.trainer.precision),
+    }
+    start_threshold = decision_threshold(None, start.threshold)
+    epochs = start.settings.map_epochs
+    choice = leave_one_photo_out(
+        datamodule, start.site, new_model, epochs, start_threshold, trainer_settings
+    )
+    log.info(
+        "Leaving each site photo out chose %d of %d epochs and threshold %.1f (pooled pixel "
+        "F1 %s). The site's photos, each scored by init_from (threshold %.2f) and by a model "
+        "trained without it:\n%s",
+        choice.epochs,
+        epochs,
+        choice.threshold,
+        "n/a" if choice.pixel_f1 is None else f"{choice.pixel_f1:.3f}",
+        start_threshold,
+        choice.table,
+    )
+    if (choice.pixel_f1 or 0.0) <= (choice.before_f1 or 0.0):
+        log.warning(
+            "Training without a photo did not map it better than init_from (pooled pixel F1 "
+            "%s -> %s): the adapted model may be worse on the site than init_from.",
+            *("n/a" if v is None else f"{v:.3f}" for v in (choice.before_f1, choice.pixel_f1)),
+        )
+    with open_dict(cfg):
+        cfg.trainer.max_epochs = choice.epochs
+        if datamodule.split["val"]:  # the replayed sources' figures, once at the end
+            cfg.trainer.check_val_every_n_epoch = choice.epochs
+        else:  # nothing replayed: no validation images
+            cfg.trainer.limit_val_batches = 0
+        cfg.callbacks.stored_threshold = {
+            "_target_": "crack_lightning.training.callbacks.StoredThreshold",
+            "threshold": choice.threshold,
+            "rule": "leave_one_photo_out",
+        }
 
 
 def site_samples(datamodule: Any, site: str) -> list[str]:

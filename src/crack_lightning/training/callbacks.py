@@ -18,6 +18,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from crack_lightning.errors import CrackLightningError, RunDirError
 from crack_lightning.evaluation.metrics import confusion_matrix
+from crack_lightning.evaluation.threshold import METADATA_KEY as THRESHOLD_KEY
 from crack_lightning.io import load_safely, save_torch
 from crack_lightning.progress import interactive
 from crack_lightning.settings import OPEN_UNIT, Rule, above, at_least
@@ -261,3 +262,17 @@ def progress_bar(
     if refresh_rate == 0:
         bar.disable()
     return bar
+
+
+class StoredThreshold(L.Callback):
+    """Stores a decision threshold chosen before training in every checkpoint, where
+    predict and the page read it (evaluation/threshold.py stored_threshold): a crack map's
+    adaptation chooses one by leaving each site photo out (training/leave_one_out.py)."""
+
+    def __init__(self, threshold: Annotated[float, OPEN_UNIT], rule: str) -> None:
+        self.threshold, self.rule = threshold, rule
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict
+    ) -> None:
+        checkpoint[THRESHOLD_KEY] = {"threshold": self.threshold, "rule": self.rule}

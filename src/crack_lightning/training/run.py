@@ -100,6 +100,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model: CrackClassifier = build(cfg.model)
     if start is not None:
         begin_from(start, datamodule, model, cfg.data)
+        if start.leaves_photos_out:  # chooses the epochs and threshold: sets them in cfg
+            from crack_lightning.training.adapt import choose_by_leaving_out
+
+            choose_by_leaving_out(start, datamodule, cfg)
     callbacks, finetune = build_callbacks(cfg.get("callbacks"), output_dir, model)
     counts = model.parameter_counts()
     later = finetune.parameters_to_unfreeze(model) if finetune is not None else 0

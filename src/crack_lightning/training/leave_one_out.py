@@ -1,0 +1,205 @@
+"""A crack map's adaptation to a site of a few masked photos (experiment=adapt with a
+crack-map init_from and adapt.map_epochs > 0): every site photo trains, and how many
+epochs and which decision threshold are chosen by leaving each photo out in turn.
+
+Holding one of 5 photos back for validation would spend a fifth of what the inspector
+masked, and one photo's score chooses badly. Instead each photo is left out once: a copy
+of init_from trains on the others (and the replayed sources) for up to map_epochs epochs,
+and the left-out photo is mapped after each epoch, as crack-scan-eval maps it. The epochs
+and threshold with the best pixel F1 pooled over the left-out photos are then used to
+train on every photo. The same left-out maps give the before -> after table: each photo
+scored by init_from and by a model that never saw it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+
+from crack_lightning.data.decode import load_rgb, sample_file
+from crack_lightning.evaluation.scan_masks import score_groups
+from crack_lightning.inference.crack_maps import MapNetwork
+from crack_lightning.inference.scan import map_photo
+from crack_lightning.training.photo_scores import before_after, source_mask
+
+log = logging.getLogger(__name__)
+
+# the decision thresholds the left-out photos choose among
+THRESHOLDS = tuple(round(0.1 * step, 1) for step in range(1, 10))
+
+
+@dataclass
+class LeftOut:
+    """What leaving each site photo out chose, and the figures it chose by."""
+
+    epochs: int
+    threshold: float
+    pixel_f1: float | None  # pooled over the left-out photos at the choice
+    before_f1: float | None  # init_from's on the same photos, at its own threshold
+    table: str  # before (init_from) -> after (the chosen epochs and threshold)
+
+
+def site_photos(datamodule: Any, site: str) -> dict[Path, list[int]]:
+    """The site's photos and the indices of their tiles, in every split."""
+    index = datamodule.sources.names.index(site)
+    photos: dict[Path, list[int]] = defaultdict(list)
+    for name in ("train", "val", "test"):
+        for i in datamodule.split[name]:
+            if datamodule.sources.source[i] == index:
+                photos[Path(sample_file(datamodule.samples[i][0]))].append(i)
+    return dict(sorted(photos.items()))
+
+
+def train_on_every_photo(datamodule: Any, site: str) -> None:
+    """Move the site's validation and test tiles into training (in place)."""
+    tiles = {i for indices in site_photos(datamodule, site).values() for i in indices}
+    for name in ("val", "test"):
+        datamodule.split[name][:] = [i for i in datamodule.split[name] if i not in tiles]
+    datamodule.split["train"][:] = sorted({*datamodule.split["train"], *tiles})
+
+
+class MapEachEpoch(L.Callback):
+    """Maps the left-out photo after every training epoch, as 8-bit P(crack) (what a scan
+    writes as PHOTO_cracks.png)."""
+
+    def __init__(self, photo: Path, min_share: float) -> None:
+        self.pixels = torch.from_numpy(np.array(load_rgb(photo))).permute(2, 0, 1)
+        self.min_share = min_share
+        self.maps: list[np.ndarray] = []
+
+    def record(self, net: torch.nn.Module) -> None:
+        network = MapNetwork(net, next(net.parameters()).device, self.min_share)
+        crack_map = network.crack_map(self.pixels)
+        self.maps.append(np.round(crack_map * 255).astype(np.uint8))
+        net.train()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.record(pl_module.net)
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Without Lightning's start-up lines (accelerator found, fit stopped) once per photo."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def leave_one_photo_out(
+    datamodule: Any,
+    site: str,
+    new_model: Callable[[], L.LightningModule],
+    epochs: int,
+    start_threshold: float,
+    trainer_settings: dict[str, Any],
+) -> LeftOut:
+    """Train a fresh copy of init_from (new_model) without each site photo in turn and map
+    that photo after every epoch; choose the epochs (1..epochs) and threshold (THRESHOLDS)
+    with the best pooled pixel F1. The datamodule's split is left with every site photo in
+    training."""
+    train_on_every_photo(datamodule, site)
+    photos = site_photos(datamodule, site)
+    spec = datamodule.sources.specs[datamodule.sources.names.index(site)]
+    everything = list(datamodule.split["train"])
+    maps: dict[Path, list[np.ndarray]] = {}
+    began = time.monotonic()
+    for done, (photo, tiles) in enumerate(photos.items()):
+        left_out = set(tiles)
+        datamodule.split["train"][:] = [i for i in everything if i not in left_out]
+        model = new_model()
+        recorder = MapEachEpoch(photo, float(model.hparams.min_share))
+        recorder.record(model.net)  # epoch 0: init_from itself
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
+            callbacks=[recorder],
+            **trainer_settings,
+        )
+        with quiet_lightning():
+            trainer.fit(model, datamodule=datamodule)
+        maps[photo] = recorder.maps
+        spent = time.monotonic() - began
+        log.info(
+            "Left out %s (%d of %d): trained on the others for %d epochs; about %.0f s to go.",
+            photo.name,
+            done + 1,
+            len(photos),
+            epochs,
+            spent / (done + 1) * (len(photos) - done),  # the last fold is the final training
+        )
+    datamodule.split["train"][:] = everything
+    return choose(maps, spec, epochs, start_threshold)
+
+
+@dataclass
+class FixedMap:
+    """A map already made, standing where map_photo expects a network."""
+
+    probs: np.ndarray
+    min_share: float
+
+    def crack_map(self, pixels: torch.Tensor) -> np.ndarray:
+        return self.probs
+
+
+def scored(
+    maps: dict[Path, np.ndarray], photos: dict[Path, Image.Image], spec: Any, threshold: float
+) -> dict[str, Any]:
+    """The photos' pooled scores at this threshold (tiles of the site's size and stride,
+    pixels within the usual tolerance): crack-scan-eval's figures of these maps."""
+    tiles = spec.tiles
+    results = [
+        map_photo(
+            FixedMap(crack_map.astype(np.float32) / 255, tiles.min_share),
+            photos[photo],
+            photo,
+            tiles.tile_size,
+            tiles.stride,
+            threshold,
+        )
+        for photo, crack_map in maps.items()
+    ]
+    groups = [(spec.name, list(maps))]
+    return score_groups(groups, results, tiles.min_share, source_mask(spec))[1][0]
+
+
+def choose(
+    maps: dict[Path, list[np.ndarray]], spec: Any, epochs: int, start_threshold: float
+) -> LeftOut:
+    """The epochs and threshold with the best pooled pixel F1 (ties: fewer epochs, then the
+    threshold nearest 0.5), and the before -> after table at that choice."""
+    photos = {photo: load_rgb(photo) for photo in maps}
+    best: tuple[float, int, float] | None = None
+    for epoch in range(1, epochs + 1):
+        at_epoch = {photo: found[epoch] for photo, found in maps.items()}
+        for threshold in THRESHOLDS:
+            f1 = scored(at_epoch, photos, spec, threshold)["pixel_f1"] or 0.0
+            key = (f1, -epoch, -abs(threshold - 0.5))
+            if best is None or key > (best[0], -best[1], -abs(best[2] - 0.5)):
+                best = (f1, epoch, threshold)
+    assert best is not None
+    f1, epoch, threshold = best
+    before = scored({p: found[0] for p, found in maps.items()}, photos, spec, start_threshold)
+    after = scored({p: found[epoch] for p, found in maps.items()}, photos, spec, threshold)
+    return LeftOut(epoch, threshold, f1, before["pixel_f1"], before_after([before], [after]))
