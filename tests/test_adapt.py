@@ -1,13 +1,16 @@
 """Adapting a trained model to a site (experiment=adapt, training/adapt.py): a model
 trained on real METU images calls a tiled wall's joints cracks; adapted with 6 labelled
 photos of that wall it scores 3 held-out photos of it better, replays a share of METU,
-stores a threshold and scans the site's validation photos at the end. Bad init_from and
-site folders are one line naming the setting."""
+stores a threshold, scans the site's validation photos at the end with the start and the
+adapted checkpoints (before_after.html, figures equal to crack-scan-eval's). Bad init_from
+and site folders are one line naming the setting."""
 
 from __future__ import annotations
 
 import csv
+import html
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +20,13 @@ from PIL import Image, ImageDraw
 
 from crack_lightning.data.masks import load_mask
 from crack_lightning.errors import ConfigError, DataError
+from crack_lightning.evaluation.before_after import PAGE_NAME
 from crack_lightning.evaluation.scan_masks import patch_truth, score_groups
 from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.inference.scan import ScanSettings, scan_files
 
 from .conftest import QUIET, compose_config, run_train_py
+from .test_before_after import page_rows
 
 TILE = 64
 WINDOW = ScanSettings(TILE, TILE, None)
@@ -162,6 +167,63 @@ def test_adapt_improves_held_out_photos_of_the_site(tmp_path, base_ckpt, walls, 
     assert {name.split("/")[-1] for name in report} == val_photos
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"val/site/bal_acc", "val/metu/bal_acc"} <= set(metrics)
+    before_and_after_page_is_crack_scan_evals(run, site, sorted(val_photos), base_ckpt, tmp_path)
+
+
+def before_and_after_page_is_crack_scan_evals(
+    run: Path, site: Path, photos: list[str], start: Path, tmp_path: Path
+) -> None:
+    """RUN/before_after.html: offline, one row per validation photo of the site with its
+    overlay before and after inlined, and each photo's figures crack-scan-eval's for
+    init_from (before) and the adapted checkpoint (after) on the same photos."""
+    from crack_lightning.commands import scan_eval
+
+    page = (run / PAGE_NAME).read_text()
+    assert "<script" not in page.lower() and not re.search(r"https?://", page)
+    rows = page_rows(page, "photo")
+    assert [re.search(r"<b>site/(.*?)</b>", cells[0])[1] for _, cells in rows] == photos
+    figures: dict[str, list[dict]] = {}
+    for ckpt, out in ((start, tmp_path / "before"), (run / "checkpoints" / "best.ckpt", tmp_path)):
+        items = ",".join(str(site / photo) for photo in photos)
+        args = [f"ckpt_path={ckpt}", f"photos=[{items}]", f"out={out / 'eval'}", "device=cpu"]
+        assert scan_eval.main([*args, f"scan.patch_size={TILE}", f"scan.stride={TILE}"]) == 0
+        report = json.loads((out / "eval" / "scan_eval.json").read_text())
+        for photo in photos:
+            figures.setdefault(photo, []).append(report[photo])
+    for (warned, cells), photo in zip(rows, photos, strict=True):
+        assert len(re.findall(r'<img [^>]*src="data:image/jpeg;base64,', "".join(cells))) == 2
+        old, new = figures[photo]
+        assert cells[3:] == [html.escape(c) for c in photo_cells_by_hand(old, new)], (
+            f"{photo}: the page's figures are not crack-scan-eval's"
+        )
+        assert warned == (new["found_patches"] < old["found_patches"])
+    # the folder's line: the photos' patches pooled (micro figures), as in the log
+    pooled = [
+        {k: sum(figures[photo][side][k] for photo in photos) for k in POOLED} for side in (0, 1)
+    ]
+    for counts in pooled:
+        found, alarms, cracked = (counts[k] for k in POOLED)
+        p = found / (found + alarms) if found + alarms else None
+        r = found / cracked if cracked else None
+        counts |= {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p and r else 0.0}
+    ((warned, cells),) = page_rows(page, "folder")
+    assert cells == ["site", str(len(photos)), *map(html.escape, photo_cells_by_hand(*pooled)[2:])]
+    assert warned == (pooled[1]["found_patches"] < pooled[0]["found_patches"])
+
+
+POOLED = ("found_patches", "false_alarms", "cracked_patches")
+
+
+def photo_cells_by_hand(old: dict, new: dict) -> list[str]:
+    def three(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    return [
+        f"{old['found_patches']} -> {new['found_patches']} of {new['cracked_patches']}",
+        f"{old['false_alarms']} -> {new['false_alarms']}",
+        *(f"{three(old.get(k))} -> {three(new.get(k))}" for k in ("precision", "recall", "f1")),
+        f"{three(old.get('pixel_f1'))} -> {three(new.get('pixel_f1'))}",
+    ]
 
 
 def test_a_site_of_labelled_tiles_and_the_checkpoints_split(tmp_path, base_ckpt, backbone_weights):

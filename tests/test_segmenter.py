@@ -16,11 +16,13 @@ from PIL import Image
 from crack_lightning.data.mask_targets import UNKNOWN, MaskedImages
 from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import ModelConfigError
+from crack_lightning.evaluation.before_after import PAGE_NAME
 from crack_lightning.inference.crack_maps import LINE_COLOUR
 from crack_lightning.models.crack_map import tile_scores
 from crack_lightning.models.segmenter import PixelCounts, map_loss
 
 from .conftest import QUIET, compose_config
+from .test_before_after import page_rows
 from .test_masks_source import spec
 
 
@@ -304,6 +306,10 @@ def test_adapting_a_crack_map_to_a_site_improves_its_unseen_photos(map_run, tmp_
     before, after = (float(v) for v in pixel_f1.split(" -> "))
     assert after > before + 0.05, table
     assert (run / "scan_eval" / "before").is_dir()
+    # the page of overlays, named under the table: a row per validation photo, pixel F1 each
+    assert f"per photo: {run / PAGE_NAME}" in table
+    rows = page_rows((run / PAGE_NAME).read_text(), "photo")
+    assert len(rows) == int(split[2]) and all(c[-1] != "n/a -&gt; n/a" for _, c in rows)
     # the adapted model scans with the site's window: crops of its input size, half overlapping
     from crack_lightning.inference.classifiers import load_classifier
 

@@ -1,12 +1,14 @@
 """The offline HTML pages' one way of being written (mode=eval's report.html, mode=scan's
-site_report.html): one file, images inlined as data: URIs, no script and no external
-address, so the page opens anywhere without a network and can be mailed as it is."""
+site_report.html, an adaptation's before_after.html): one file, images inlined as data:
+URIs, no script and no external address, so the page opens anywhere without a network and
+can be mailed as it is."""
 
 from __future__ import annotations
 
 import base64
 import html
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -18,6 +20,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th:first-child, td:first-child, td.path { text-align: left; }
 .note { color: #555; }
 """
+THUMBNAIL_SIDE = 320  # px, a scan figure's longest side: a 100-photo page stays a few MB
 
 
 def inline_image(data: bytes, alt: str, mime: str = "image/png") -> str:
@@ -29,6 +32,20 @@ def inline_image(data: bytes, alt: str, mime: str = "image/png") -> str:
 def image_png(image: np.ndarray) -> bytes:
     buffer = BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def thumbnail_jpeg(figure: Path) -> bytes | None:
+    """The scan figure at THUMBNAIL_SIDE px on its longest side, as JPEG; None when it
+    cannot be read."""
+    try:
+        with Image.open(figure) as image:
+            image = image.convert("RGB")
+            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+            buffer = BytesIO()
+            image.save(buffer, format="JPEG", quality=85)
+    except OSError:
+        return None
     return buffer.getvalue()
 
 

@@ -51,6 +51,12 @@ def patch_truth(result: ScanResult, mask: np.ndarray, min_share: float) -> np.nd
     return tile_is_crack(mask, result.boxes, result.patch_size, min_share) == CRACK
 
 
+def photo_name(result: ScanResult) -> str:
+    """A scanned photo's name in the per-photo report (scan_eval.json): its output name
+    (scan.output_names: distinct among the scan's photos) and its extension."""
+    return result.name + result.path.suffix
+
+
 def patch_scores(result: ScanResult, truth: np.ndarray) -> dict[str, float | int | None]:
     """Precision, recall and F1 of the scan's cracked patches (unfamiliar ones count as
     not cracked) with their counts, the same for P(crack) alone, and ROC-AUC of P(crack)
@@ -245,7 +251,7 @@ def score_groups(
         mask = mask_of(result.path, (result.width, result.height))
         truth = patch_truth(result, mask, min_share)
         pixels = pixel_scores(result, mask, pixel_tolerance)
-        report[result.name + result.path.suffix] = patch_scores(result, truth) | (pixels or {})
+        report[photo_name(result)] = patch_scores(result, truth) | (pixels or {})
         for index in owners[result.path]:
             pooled[index].add(result, truth, pixels)
         everything.add(result, truth, pixels)

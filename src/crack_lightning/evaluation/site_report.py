@@ -15,17 +15,15 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from crack_lightning.evaluation.html_page import html_page, inline_image
+from crack_lightning.evaluation.html_page import html_page, inline_image, thumbnail_jpeg
 from crack_lightning.io import write_csv, write_text
 
 SUMMARY_NAME, REPORT_NAME = "site_summary.csv", "site_report.html"
-THUMBNAIL_SIDE = 320  # px, the longest side: a 100-photo page stays a few MB
 # the triage score of each kind of scan, as the page and the CSV state it
 WINDOW_SCORE = (
     "sum of P(crack) over the cracked windows (P(crack) at or above the threshold, not "
@@ -194,20 +192,6 @@ def gps_degrees(value: Any, ref: Any, negative: str, limit: float) -> float | No
     if ref not in ("N", "S", "E", "W"):
         return None
     return -decimal if ref == negative else decimal
-
-
-def thumbnail_jpeg(figure: Path) -> bytes | None:
-    """The scan figure at THUMBNAIL_SIDE px on its longest side, as JPEG; None when it
-    cannot be read."""
-    try:
-        with Image.open(figure) as image:
-            image = image.convert("RGB")
-            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-            buffer = BytesIO()
-            image.save(buffer, format="JPEG", quality=85)
-    except OSError:
-        return None
-    return buffer.getvalue()
 
 
 def number(value: float | None, digits: int) -> str:

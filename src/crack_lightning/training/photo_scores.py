@@ -1,11 +1,13 @@
 """Whole-photo scores at the end of training (scan_eval_at_end: true): the validation
 photos of every masks source scanned with the best checkpoint, scored against their masks
 as crack-scan-eval scores them (evaluation/scan_masks.py), into RUN/scan_eval/ and
-TensorBoard (scan_eval/SOURCE/f1, ...)."""
+TensorBoard (scan_eval/SOURCE/f1, ...). An adaptation scans its site's photos with
+init_from too, for the before/after table and page (evaluation/before_after.py)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -15,10 +17,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from crack_lightning.data.decode import sample_file
 from crack_lightning.data.masks import mask_levels, source_mask_file
 from crack_lightning.data.sources import SourceSpec
-from crack_lightning.evaluation.scan_masks import score_groups, write_scan_summary
+from crack_lightning.evaluation.before_after import PhotoScans
+from crack_lightning.evaluation.scan_masks import photo_name, score_groups, write_scan_summary
 from crack_lightning.evaluation.threshold import decision_threshold
 from crack_lightning.inference.classifiers import load_classifier
-from crack_lightning.inference.scan import ScanSettings, scan_files
+from crack_lightning.inference.scan import ScanResult, ScanSettings, scan_figure, scan_files
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +62,21 @@ def scan_validation_photos(
     out: Path,
     to_tensorboard: bool = True,
     only: str | None = None,
-) -> list[dict]:
+) -> PhotoScans | None:
     """Scan each masks source's validation photos (with `only`, that source's) with the
     checkpoint (windows of the source's tile_size and stride, its min_share); write the
-    summary (and, to_tensorboard, its scalars); its rows."""
+    summary (and, to_tensorboard, its scalars); the scores per folder and per photo and
+    each photo's overlay; None when there is no photo to scan."""
     photos = validation_photos(datamodule, only)
     if not photos:
         log.info("scan_eval_at_end: no masks source has validation photos; nothing scanned.")
-        return []
+        return None
     classifier = load_classifier(ckpt_path)
     threshold = decision_threshold(None, classifier.threshold)
     report: dict[str, dict] = {}
     rows: list[dict] = []
+    figures: dict[str, Path] = {}
+    windows: dict[str, str] = {}
     skipped: list[tuple[Path, str]] = []
     for source, files in photos.items():
         spec = datamodule.sources.specs[source]
@@ -85,43 +91,26 @@ def scan_validation_photos(
             skipped,
         )
         groups = [(spec.name, files)]
-        scored, source_rows = score_groups(groups, scans, spec.tiles.min_share, source_mask(spec))
+        noted = noting_figures(scans, out / spec.name, f"{spec.name}/", figures)
+        scored, source_rows = score_groups(groups, noted, spec.tiles.min_share, source_mask(spec))
         report |= {f"{spec.name}/{name}": scores for name, scores in scored.items()}
         rows += source_rows
+        share = spec.tiles.min_share
+        windows[spec.name] = f"{window.describe()}, cracked from {share:g} of a tile's pixels"
     for path, reason in skipped:
         log.warning("scan_eval_at_end skipped %s: %s", path, reason)
     loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
     add_scalar = loggers[0].experiment.add_scalar if loggers and to_tensorboard else None
     table = write_scan_summary(out, report, rows, threshold, add_scalar, trainer.global_step)
     log.info("Whole-photo scores of the validation photos (%s):\n%s", out, table)
-    return rows
+    return PhotoScans(ckpt_path, threshold, rows, report, figures, windows)
 
 
-# the figures of before_after's table: (row key, heading)
-COMPARED = (
-    ("precision", "tile P"),
-    ("recall", "tile R"),
-    ("f1", "tile F1"),
-    ("pixel_f1", "pixel F1"),
-)
-
-
-def before_after(before: list[dict], after: list[dict]) -> str:
-    """A short table of the same photos scanned before and after adapting, one line per
-    folder, and a warning where fewer cracked tiles are found than before."""
-
-    def shown(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
-
-    lines = [" | ".join(["folder", "photos", *(f"{name} before -> after" for _, name in COMPARED)])]
-    warnings = []
-    for old, new in zip(before, after, strict=True):
-        cells = [f"{shown(old.get(k))} -> {shown(new.get(k))}" for k, _ in COMPARED]
-        lines.append(" | ".join([str(new["folder"]), str(new["photos"]), *cells]))
-        if new["found_patches"] < old["found_patches"]:
-            warnings.append(
-                f"{new['folder']}: {old['found_patches'] - new['found_patches']} cracked "
-                f"tile(s) found before adapting are missed after (see the overlays in "
-                f"scan_eval/before/ and scan_eval/)."
-            )
-    return "\n".join(lines + [f"WARNING {text}" for text in warnings])
+def noting_figures(
+    scans: Iterable[ScanResult], folder: Path, prefix: str, figures: dict[str, Path]
+) -> Iterator[ScanResult]:
+    """The scans, each photo's overlay (where scan_files saved it in `folder`) noted in
+    `figures` under its report name, as the scans go by (no map is kept)."""
+    for result in scans:
+        figures[prefix + photo_name(result)] = scan_figure(folder, result.name)
+        yield result

@@ -27,6 +27,7 @@ from crack_lightning.data.datamodule import CrackDataModule
 from crack_lightning.data.feature_cache import cache_wanted
 from crack_lightning.data.splits import manifest_rows
 from crack_lightning.errors import ConfigError, CrackLightningError
+from crack_lightning.evaluation.before_after import PAGE_NAME
 from crack_lightning.io import write_text
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.training.callbacks import (
@@ -143,23 +144,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
     best = metrics.get("best_checkpoint")
     if cfg.scan_eval_at_end and trainer.is_global_zero and best:
         # the scan code (inference, masks scoring) is loaded only when asked for
-        from crack_lightning.training.photo_scores import (
-            SCAN_DIR,
-            before_after,
-            scan_validation_photos,
-        )
+        from crack_lightning.evaluation.before_after import before_after, write_before_after
+        from crack_lightning.training.photo_scores import SCAN_DIR, scan_validation_photos
 
         # an adaptation checks its site only: the replayed sources have their tile figures
         site = start.site if start is not None else None
         out = output_dir / SCAN_DIR
         after = scan_validation_photos(datamodule, trainer, best, out, only=site)
-        if site is not None and after:
+        if site is not None and after is not None:
             before = scan_validation_photos(
                 datamodule, trainer, str(start.path), out / "before", False, only=site
             )
+            page = write_before_after(
+                output_dir / PAGE_NAME,
+                before,
+                after,
+                f"the site's validation photos ({MANIFEST_NAME}): not trained on, but they "
+                "chose the checkpoint and its threshold",
+            )
             log.info(
-                "The validation photos, scanned with init_from and with the adapted model:\n%s",
-                before_after(before, after),
+                "The validation photos, scanned with init_from and with the adapted model:\n%s"
+                "\nOverlays before and after, per photo: %s",
+                before_after(before.rows, after.rows),
+                page,
             )
     log_run_files(
         trainer,
@@ -167,6 +174,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             (Path(best) if best else None, "checkpoints"),
             (output_dir / METRICS_NAME, "run"),
             (output_dir / MANIFEST_NAME, "run"),
+            (output_dir / PAGE_NAME, "run"),
             (output_dir / ".hydra" / "config.yaml", "run"),
         ],
     )
