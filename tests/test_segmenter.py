@@ -353,6 +353,9 @@ def test_adapting_a_crack_map_trains_on_every_photo_and_improves_the_left_out_on
     site_row = next(line for line in table.splitlines() if line.startswith("site |"))
     before, after = (float(v) for v in site_row.split(" | ")[-1].split(" -> "))
     assert after > before + 0.05, table
+    page = (run / "before_after.html").read_text()  # each photo's overlays, before and after
+    assert all(page.count(f"s{i}.png") >= 1 for i in range(5)) and "<script" not in page
+    assert page.count("data:image/jpeg") == 10
     checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
     assert checkpoint["epoch"] + 1 == int(chosen[1])  # the chosen epochs, the last kept
     assert load_classifier(run / "checkpoints" / "best.ckpt", "cpu").threshold == float(chosen[2])

@@ -315,8 +315,10 @@ def site_split(datamodule: Any, start: Start) -> str:
 def choose_by_leaving_out(start: Start, datamodule: Any, cfg: DictConfig) -> None:
     """A crack map's site: leave each photo out in turn (training/leave_one_out.py), then
     set cfg to train on every photo for the chosen epochs and store the chosen threshold."""
+    from crack_lightning.evaluation.before_after import PAGE_NAME
     from crack_lightning.training.check import resolve_precision
-    from crack_lightning.training.leave_one_out import leave_one_photo_out
+    from crack_lightning.training.leave_one_out import leave_one_photo_out, write_page
+    from crack_lightning.training.photo_scores import SCAN_DIR
     from crack_lightning.training.run import build
 
     def new_model() -> CrackClassifier:
@@ -345,6 +347,9 @@ def choose_by_leaving_out(start: Start, datamodule: Any, cfg: DictConfig) -> Non
         start_threshold,
         choice.table,
     )
+    output_dir = Path(cfg.paths.output_dir)
+    page = write_page(choice, str(start.path), output_dir / SCAN_DIR, output_dir / PAGE_NAME)
+    log.info("Overlays before and after, per photo: %s", page)
     if (choice.pixel_f1 or 0.0) <= (choice.before_f1 or 0.0):
         log.warning(
             "Training without a photo did not map it better than init_from (pooled pixel F1 "

@@ -28,10 +28,19 @@ import torch
 from PIL import Image
 
 from crack_lightning.data.decode import load_rgb, sample_file
-from crack_lightning.evaluation.scan_masks import score_groups
+from crack_lightning.evaluation.before_after import PhotoScans, before_after, write_before_after
+from crack_lightning.evaluation.scan_masks import photo_name, score_groups
 from crack_lightning.inference.crack_maps import MapNetwork
-from crack_lightning.inference.scan import map_photo
-from crack_lightning.training.photo_scores import before_after, source_mask
+from crack_lightning.inference.scan import (
+    ScanResult,
+    ScanSettings,
+    map_photo,
+    output_names,
+    render_figure,
+    save_png,
+    scan_figure,
+)
+from crack_lightning.training.photo_scores import source_mask
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,10 @@ class LeftOut:
     pixel_f1: float | None  # pooled over the left-out photos at the choice
     before_f1: float | None  # init_from's on the same photos, at its own threshold
     table: str  # before (init_from) -> after (the chosen epochs and threshold)
+    # per photo: init_from's map and the chosen epoch's map of a model trained without it
+    maps: dict[Path, tuple[np.ndarray, np.ndarray]]
+    start_threshold: float
+    spec: Any
 
 
 def site_photos(datamodule: Any, site: str) -> dict[Path, list[int]]:
@@ -163,25 +176,58 @@ class FixedMap:
         return self.probs
 
 
+def scanned(
+    maps: dict[Path, np.ndarray], photos: dict[Path, Image.Image], spec: Any, threshold: float
+) -> list[ScanResult]:
+    """The maps as the scan loop's results at this threshold (tiles of the site's size and
+    stride, each P(crack) from its map by the tile rule), named as a scan names them."""
+    tiles = spec.tiles
+    results = []
+    for (photo, crack_map), name in zip(maps.items(), output_names(list(maps)), strict=True):
+        probs = FixedMap(crack_map.astype(np.float32) / 255, tiles.min_share)
+        result = map_photo(probs, photos[photo], photo, tiles.tile_size, tiles.stride, threshold)
+        result.name = name
+        results.append(result)
+    return results
+
+
 def scored(
     maps: dict[Path, np.ndarray], photos: dict[Path, Image.Image], spec: Any, threshold: float
 ) -> dict[str, Any]:
-    """The photos' pooled scores at this threshold (tiles of the site's size and stride,
-    pixels within the usual tolerance): crack-scan-eval's figures of these maps."""
-    tiles = spec.tiles
-    results = [
-        map_photo(
-            FixedMap(crack_map.astype(np.float32) / 255, tiles.min_share),
-            photos[photo],
-            photo,
-            tiles.tile_size,
-            tiles.stride,
-            threshold,
-        )
-        for photo, crack_map in maps.items()
-    ]
+    """The photos' pooled scores at this threshold (pixels within the usual tolerance):
+    crack-scan-eval's figures of these maps."""
+    results = scanned(maps, photos, spec, threshold)
     groups = [(spec.name, list(maps))]
-    return score_groups(groups, results, tiles.min_share, source_mask(spec))[1][0]
+    return score_groups(groups, results, spec.tiles.min_share, source_mask(spec))[1][0]
+
+
+def photo_scans(
+    maps: dict[Path, np.ndarray],
+    photos: dict[Path, Image.Image],
+    spec: Any,
+    threshold: float,
+    model: str,
+    out: Path,
+) -> PhotoScans:
+    """The maps scored per photo and pooled, each photo's figure saved in `out` as the
+    scan loop saves it: one side of the before/after page."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    results = scanned(maps, photos, spec, threshold)
+    for result in results:
+        figures[f"{spec.name}/{photo_name(result)}"] = figure = scan_figure(out, result.name)
+        save_png(render_figure(result, photos[result.path]), figure)
+    groups = [(spec.name, list(maps))]
+    report, rows = score_groups(groups, results, spec.tiles.min_share, source_mask(spec))
+    window = ScanSettings(spec.tiles.tile_size, spec.tiles.stride, None).describe()
+    return PhotoScans(
+        model,
+        threshold,
+        rows,
+        {f"{spec.name}/{name}": scores for name, scores in report.items()},
+        figures,
+        {spec.name: f"{window}, cracked from {spec.tiles.min_share:g} of a tile's pixels"},
+    )
 
 
 def choose(
@@ -202,4 +248,29 @@ def choose(
     f1, epoch, threshold = best
     before = scored({p: found[0] for p, found in maps.items()}, photos, spec, start_threshold)
     after = scored({p: found[epoch] for p, found in maps.items()}, photos, spec, threshold)
-    return LeftOut(epoch, threshold, f1, before["pixel_f1"], before_after([before], [after]))
+    return LeftOut(
+        epoch,
+        threshold,
+        f1,
+        before["pixel_f1"],
+        before_after([before], [after]),
+        {p: (found[0], found[epoch]) for p, found in maps.items()},
+        start_threshold,
+        spec,
+    )
+
+
+def write_page(choice: LeftOut, start: str, out: Path, page: Path) -> Path:
+    """The before/after page of the left-out photos: init_from's overlays beside those of
+    the models trained without each photo (figures in out/before and out/after)."""
+    photos = {photo: load_rgb(photo) for photo in choice.maps}
+    sides = []
+    for side, model, threshold in (
+        (0, start, choice.start_threshold),
+        (1, f"a model trained {choice.epochs} epoch(s) without the photo", choice.threshold),
+    ):
+        maps = {photo: pair[side] for photo, pair in choice.maps.items()}
+        folder = out / ("before", "after")[side]
+        sides.append(photo_scans(maps, photos, choice.spec, threshold, model, folder))
+    note = "the site's photos, each left out in turn: every one trains the adapted model"
+    return write_before_after(page, sides[0], sides[1], note)
