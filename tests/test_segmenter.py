@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from crack_lightning.data.mask_targets import UNKNOWN, MaskedImages
@@ -427,7 +428,12 @@ def test_a_site_of_crack_tiles_only_splits_by_photo_and_one_without_cracks_is_re
 
 
 @pytest.mark.parametrize(
-    ("told", "watched"), [([], "val/pixel_f1"), (["callbacks.model_checkpoint.monitor=null"], None)]
+    ("told", "watched"),
+    [
+        (["adapt.map_epochs=0"], "val/pixel_f1"),
+        (["adapt.map_epochs=0", "callbacks.model_checkpoint.monitor=null"], None),
+        ([], None),  # leaving each photo out chooses the epochs: the last is kept
+    ],
 )
 def test_a_crack_map_adaptation_watches_pixel_f1_unless_told_to_watch_nothing(
     map_run, tmp_path, told, watched
@@ -448,6 +454,33 @@ def test_a_crack_map_adaptation_watches_pixel_f1_unless_told_to_watch_nothing(
     assert cfg.callbacks.model_checkpoint.monitor == watched
     assert cfg.model._target_.endswith("CrackSegmenter") and cfg.data.targets == "masks"
     assert cfg.callbacks.finetune is None and cfg.data.sources.site.tile_size == 48
+    assert (cfg.callbacks.early_stopping is None) == (told == [])
+    assert cfg.model.train_encoder_blocks == cfg.adapt.map_encoder_blocks
+
+
+def test_the_encoders_last_blocks_train_slower_and_keep_their_statistics(backbone_weights):
+    """train_encoder_blocks=2: the encoder's last 2 blocks train, at a tenth of lr, in a
+    group of their own; every other encoder weight stays frozen; BatchNorm stays in eval."""
+    from crack_lightning.models.segmenter import CrackSegmenter
+
+    cfg = compose_config(
+        "train",
+        ["model=segmenter", f"model.weights_path={backbone_weights}", "data.targets=masks"],
+    ).model
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    settings = {k: v for k, v in settings.items() if k not in ("_target_", "_recursive_")}
+    settings["optimizer"]["lr"] = 0.01
+    model = CrackSegmenter(**(settings | {"train_encoder_blocks": 2}))
+    features = model.net.unet.encoder.features
+    trained = {id(p) for p in features[-2:].parameters()}
+    assert all(p.requires_grad for p in features[-2:].parameters())
+    assert not any(p.requires_grad for p in features[:-2].parameters())
+    groups = model.configure_optimizers()["optimizer"].param_groups
+    assert [g["lr"] for g in groups] == [0.01, pytest.approx(0.001)]
+    assert {id(p) for p in groups[1]["params"]} == trained
+    assert not trained & {id(p) for p in groups[0]["params"]}
+    model.train()
+    assert not any(m.training for m in features.modules())  # BatchNorm statistics kept
 
 
 def test_the_page_draws_a_crack_maps_line_not_a_heat_map(map_run, tmp_path):

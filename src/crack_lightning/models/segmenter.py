@@ -16,7 +16,8 @@ from crack_lightning.data.masks import CRACK
 from crack_lightning.errors import ModelConfigError
 from crack_lightning.evaluation.crack_maps import tolerant_figures
 from crack_lightning.evaluation.threshold import DEFAULT_THRESHOLD
-from crack_lightning.models.crack_map import build_map_network, tile_scores
+from crack_lightning.models.crack_map import CrackMapNet, build_map_network, tile_scores
+from crack_lightning.models.optimizers import build_optimizer, build_scheduler
 from crack_lightning.models.training_module import (
     LEARNING_RATE,
     WEIGHT_DECAY,
@@ -25,6 +26,8 @@ from crack_lightning.models.training_module import (
 )
 from crack_lightning.settings import Rule, within
 
+# the encoder's trained blocks learn this much slower than the decoder
+ENCODER_LR_FACTOR = 0.1
 DECODER_CHANNELS = Rule(
     "five channel counts >= 1, one per decoder stage",
     lambda v: len(v) == 5 and all(isinstance(c, int) and c >= 1 for c in v),
@@ -84,6 +87,17 @@ class PixelCounts(Metric):
         }
 
 
+def trained_blocks(net: CrackMapNet, count: int) -> list[torch.nn.Parameter]:
+    """Let the frozen encoder's last `count` blocks train (their BatchNorm statistics stay,
+    as the frozen encoder keeps eval mode): a site's surface can reshape the deepest
+    features without the few photos rewriting ImageNet's. Their parameters."""
+    if count == 0 or not net.frozen:
+        return []
+    blocks = net.unet.encoder.features[-count:]
+    blocks.requires_grad_(True)
+    return list(blocks.parameters())
+
+
 def map_loss(logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """BCE + soft Dice over the known pixels (Dice: thin, rare cracks weigh as much as the
     surface around them), plus, for crops known only to hold a crack somewhere, BCE of
@@ -128,6 +142,8 @@ class CrackSegmenter(TrainingModule):
         tolerance: Annotated[float, within(0, 10)],
         # a crop is crack when at least this share of its pixels is (the tile rule)
         min_share: Annotated[float, Rule("in (0, 1]", lambda v: 0 < v <= 1)],
+        # the frozen encoder's last blocks that train anyway, at ENCODER_LR_FACTOR x lr
+        train_encoder_blocks: Annotated[int, within(0, 19, "of MobileNetV2's 19 blocks")],
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -140,6 +156,7 @@ class CrackSegmenter(TrainingModule):
             decoder_channels,
             image_size,
         )
+        self.encoder_blocks = trained_blocks(self.net, train_encoder_blocks)
         self.tile_metrics = {
             stage: EpochScores(DEFAULT_THRESHOLD) for stage in ("train", "val", "test")
         }
@@ -161,6 +178,20 @@ class CrackSegmenter(TrainingModule):
             self.pixel_metrics[stage].update(probs, masks)
         self.log_loss(stage, loss, len(labels))
         return {"loss": loss, "probs": tiles}
+
+    def configure_optimizers(self) -> dict:
+        """model.optimizer over the decoder at its lr and the encoder's trained blocks
+        (train_encoder_blocks) at ENCODER_LR_FACTOR x that lr."""
+        slow = {id(p) for p in self.encoder_blocks}
+        fast = [p for p in self.parameters() if p.requires_grad and id(p) not in slow]
+        groups = [{"params": fast}]
+        if self.encoder_blocks:
+            groups.append({"params": self.encoder_blocks})
+        optimizer = build_optimizer(self.hparams.optimizer or {}, groups)
+        if self.encoder_blocks:
+            optimizer.param_groups[1]["lr"] = ENCODER_LR_FACTOR * optimizer.defaults["lr"]
+        scheduler = build_scheduler(self.hparams.scheduler, optimizer)
+        return {"optimizer": optimizer} | ({"lr_scheduler": scheduler} if scheduler else {})
 
     def epoch_metrics(self, stage: str) -> list[Metric]:
         """Tile scores of the stage's crops and, for val and test, pixel scores."""

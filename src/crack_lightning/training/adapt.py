@@ -32,7 +32,7 @@ from crack_lightning.errors import ConfigError, DataError
 from crack_lightning.evaluation.threshold import decision_threshold, stored_threshold
 from crack_lightning.inference.classifiers import DATA_HPARAMS_KEY
 from crack_lightning.models.crack_map import MAP_HPARAM
-from crack_lightning.settings import CLASS_NAMES, Rule, at_least, settings_of
+from crack_lightning.settings import CLASS_NAMES, Rule, at_least, settings_of, within
 
 if TYPE_CHECKING:
     from crack_lightning.models.classifier import CrackClassifier
@@ -69,6 +69,7 @@ class AdaptSettings:
     ]
     bn_stats: bool
     map_epochs: Annotated[int, at_least(0)]
+    map_encoder_blocks: Annotated[int, within(0, 19, "of MobileNetV2's 19 blocks")]
     folder_site: dict[str, Any] | None = None  # the site as class folders, when it is
 
 
@@ -143,6 +144,7 @@ def use_map_recipe(cfg: DictConfig, hparams: Mapping[str, Any], settings: AdaptS
     site, size = settings.site, int(hparams["image_size"])
     with open_dict(cfg):
         cfg.model = OmegaConf.merge({"_target_": SEGMENTER_TARGET, "_recursive_": False}, hparams)
+        cfg.model.train_encoder_blocks = settings.map_encoder_blocks
         cfg.data.targets = "masks"
         cfg.data.cache_features = False
         sources = cfg.data.get("sources") or {}
