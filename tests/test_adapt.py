@@ -2,8 +2,9 @@
 trained on real METU images calls a tiled wall's joints cracks; adapted with 6 labelled
 photos of that wall it scores 3 held-out photos of it better, replays a share of METU,
 stores a threshold, scans the site's validation photos at the end with the start and the
-adapted checkpoints (before_after.html, figures equal to crack-scan-eval's). Bad init_from
-and site folders are one line naming the setting."""
+adapted checkpoints (before_after.html, figures equal to crack-scan-eval's). A site that
+mixes masked photos and marked crops is two sources. Bad init_from and site folders are one
+line naming the setting, a site too small its minimum of each kind."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from crack_lightning.data.masks import load_mask
+from crack_lightning.data.synthetic import concrete_texture, draw_crack
 from crack_lightning.errors import ConfigError, DataError
 from crack_lightning.evaluation.before_after import PAGE_NAME
 from crack_lightning.evaluation.scan_masks import patch_truth, score_groups
@@ -30,6 +32,7 @@ from .test_before_after import page_rows
 
 TILE = 64
 WINDOW = ScanSettings(TILE, TILE, None)
+CROP = 100  # an inspector's marks (the page's window) and the mixed site's tiles
 
 
 def tiled_wall(folder: Path, name: str, seed: int, size: int = 192) -> Path:
@@ -234,7 +237,8 @@ def test_a_site_of_labelled_tiles_and_the_checkpoints_split(tmp_path, base_ckpt,
     site = tmp_path / "marks"
     for label in ("Positive", "Negative"):
         (site / label).mkdir(parents=True)
-        Image.new("RGB", (64, 64), (90, 90, 90)).save(site / label / "tile.png")
+        for index in range(2):  # the fewest the checkpoint's fractions split (0.3, 0.0)
+            Image.new("RGB", (64, 64), (90, 90, index)).save(site / label / f"tile{index}.png")
     run = tmp_path / "run"
     cfg = compose_config(
         "train",
@@ -246,6 +250,99 @@ def test_a_site_of_labelled_tiles_and_the_checkpoints_split(tmp_path, base_ckpt,
     assert "kind" not in sources.site and sources.site.root == str(site)
     assert sources.site.classes.Positive == ["Positive"]
     assert (cfg.data.seed, cfg.data.val_fraction, cfg.data.image_size) == (42, 0.3, 64)
+
+
+# --- a site of masked photos and marked crops ----------------------------------------
+
+
+def crops(folder: Path, negative: int, positive: int, seed: int = 0) -> None:
+    """Marked crops as the page saves them: folder/Negative/ and folder/Positive/."""
+    rng = np.random.default_rng(seed)
+    for label, count in (("Negative", negative), ("Positive", positive)):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            image = Image.fromarray(concrete_texture(rng, CROP))
+            if label == "Positive":
+                image = draw_crack(image, rng)
+            image.save(folder / label / f"wall_0123456789ab_x{index * 100:04d}_y0000_s100.png")
+
+
+def masked_photos(folder: Path, count: int) -> None:
+    """count 200 x 200 photos with PHOTO_mask.png: of their four CROP px tiles, the top
+    left and bottom right are cracked (a 3 px line, about 3% of the tile), the others
+    clean."""
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        photo = Image.fromarray(concrete_texture(rng, 2 * CROP))
+        mask = Image.new("L", photo.size)
+        for left, top in ((0, 0), (CROP, CROP)):
+            line = [
+                (left + 10, top + 20 + 10 * index),
+                (left + 50, top + 50),
+                (left + 90, top + 70),
+            ]
+            ImageDraw.Draw(photo).line(line, fill=(30, 30, 30), width=3)
+            ImageDraw.Draw(mask).line(line, fill=255, width=3)
+        photo.save(folder / f"masked_{index}.png")
+        mask.save(folder / f"masked_{index}_mask.png")
+
+
+def mixed_site_cfg(ckpt: Path, site: Path, run: Path, weights: Path):
+    """experiment=adapt on a site of masked photos tiled at CROP px."""
+    overrides = adapt_overrides(ckpt, site, run, weights)
+    return compose_config(
+        "train",
+        [*overrides, f"data.sources.site.tile_size={CROP}", f"data.sources.site.stride={CROP}"],
+    )
+
+
+def test_a_site_of_masked_photos_and_crops_is_two_sources(tmp_path, base_ckpt, backbone_weights):
+    from crack_lightning.data.sources import parse_sources
+    from crack_lightning.data.splits import load_sources
+    from crack_lightning.training.adapt import prepare_start
+
+    site = tmp_path / "site"
+    masked_photos(site, 3)
+    crops(site, 3, 4)
+    cfg = mixed_site_cfg(base_ckpt, site, tmp_path / "run", backbone_weights)
+    start = prepare_start(cfg)
+    sources = cfg.data.sources
+    # the checkpoint's own source replayed, the photos and the crops
+    assert list(sources) == ["metu", "site", "site_crops"] and start.site == "site"
+    assert sources.site.kind == "masks" and sources.site.exclude == ["Negative", "Positive"]
+    assert "kind" not in sources.site_crops and sources.site_crops.root == str(site)
+    del sources.metu  # the site's sources alone
+    loaded = load_sources(parse_sources(sources), 0.3, 0.0, 0, check=False)
+    names = [loaded.names[i] for i in loaded.source]
+    # 3 photos x 4 tiles, all clearly cracked or clean; 3 + 4 crops
+    assert names.count("site") == 12 and names.count("site_crops") == 7
+    tiles = [sample for sample, name in zip(loaded.samples, names, strict=True) if name == "site"]
+    assert {Path(path.split("#")[0]).parent for path, _ in tiles} == {site}
+    assert sum(label for _, label in tiles) == 6  # two cracked tiles per photo
+    # read without exclude, the photos' source would read the crops' folders too
+    sources.site.exclude = None
+    with pytest.raises(DataError, match="data.sources.site and data.sources.site_crops both"):
+        load_sources(parse_sources(sources), 0.3, 0.0, 0, check=False)
+
+
+def test_a_site_too_small_states_the_minimum_of_each_kind(tmp_path, base_ckpt, backbone_weights):
+    from crack_lightning.training.adapt import prepare_start
+
+    site = tmp_path / "site"
+    masked_photos(site, 1)
+    crops(site, 1, 2)
+    # the checkpoint's fractions, 0.3 and 0: 2 crops of each class (one to validate, one
+    # to train on), 2 photos (one for each split)
+    with pytest.raises(DataError) as error:
+        prepare_start(mixed_site_cfg(base_ckpt, site, tmp_path / "run", backbone_weights))
+    assert str(error.value) == (
+        f"data.sources.site.root={site} holds too few labelled images to adapt from: each "
+        "kind is split on its own (data.val_fraction=0.3, data.test_fraction=0.0), so it "
+        "needs at least 2 crops of each class in Positive/ and Negative/ (1 Negative, 2 "
+        "Positive) and at least 2 masked photos, one for each split (1). Add images, or "
+        "lower the fractions."
+    )
 
 
 @pytest.fixture

@@ -25,6 +25,15 @@ T = TypeVar("T")
 LINE_EVERY_S = 30.0
 
 
+def duration(seconds: float) -> str:
+    """ "40 s", "3 min", "1.5 h": a time estimate as a person reads it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def interactive() -> bool:
     """Whether output goes to a terminal: Lightning's bars write to stdout, tqdm's to
     stderr, so both must be (`train.py | tee log` pipes stdout only)."""

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from crack_lightning.cli import STOPPED, run_tool
 from crack_lightning.errors import PredictionError
+from crack_lightning.inference.adaptation import Adapter
 from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.inference.inspection import Inspector
 from crack_lightning.inference.scan import ScanSettings
@@ -45,14 +46,26 @@ class AppSettings:
     host: str
     port: Annotated[int | None, Rule("in [1, 65535] or null", lambda v: 1 <= v <= 65535)]
     open_browser: bool
+    adapt_settings: list[str]  # train.py settings the page's adaptation adds
 
 
-def adapt_minimum() -> int:
-    """The fewest marks of each class experiment=adapt splits (its fractions)."""
+def adapt_minimum(settings: Sequence[str]) -> int:
+    """The fewest marks of each class experiment=adapt splits (its fractions), composed
+    with adapt_settings: a setting train.py does not take is named now, not when the
+    page's adaptation starts."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from crack_lightning.cli import compose_command
     from crack_lightning.data.splits import min_class_images
 
-    data = compose_command("train", ["experiment=adapt"]).data
+    try:
+        data = compose_command("train", ["experiment=adapt", *settings]).data
+    except (HydraException, OmegaConfBaseException) as err:
+        first = str(err).strip().splitlines()[0].rstrip(".")
+        raise PredictionError(
+            f"adapt_settings={list(settings)} are not train.py settings ({first})."
+        ) from None
     return min_class_images(float(data.val_fraction), float(data.test_fraction))
 
 
@@ -74,15 +87,17 @@ def start(cfg: DictConfig) -> tuple[Any, Path | None]:
     try:
         page.use_files_dir(files_dir)
         page.gradio()  # the install line, before the model is read
+        needed = adapt_minimum(settings.adapt_settings)
         classifier = load_classifier(settings.ckpt_path, settings.device)
         inspector = Inspector(
             classifier, window, settings.batch_size, settings.max_pixels, labels_dir
         )
-        inspector.marks_needed = adapt_minimum()
+        inspector.marks_needed = needed
         built = page.build_page(
             inspector,
             settings.threshold,
             files_dir,
+            Adapter(labels_dir, Path(cfg.paths.data_dir), settings.adapt_settings),
             settings.device,
             settings.session_photos,
             settings.session_minutes,

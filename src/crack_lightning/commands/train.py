@@ -43,3 +43,7 @@ def train_task(cfg: DictConfig) -> float | None:
     if name and name not in metrics:
         log.warning("optimized_metric=%s is not among the metrics %s", name, sorted(metrics))
     return metrics.get(name) if name else None
+
+
+if __name__ == "__main__":  # python -m crack_lightning.commands.train (the page's adaptation)
+    train()

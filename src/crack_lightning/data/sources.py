@@ -22,7 +22,7 @@ import fnmatch
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -176,6 +176,15 @@ class MasksSourceSettings:
             lambda split: split == "photo",
         ),
     ]
+    # folders under root that are not read (conf/data/sources/masks.yaml); the default
+    # for the masks sources stored in checkpoints written before the setting
+    exclude: Annotated[
+        list[str] | None,
+        Rule(
+            "null or a list of folders under root (relative paths, e.g. [Positive, Negative])",
+            lambda names: all(name and not Path(name).is_absolute() for name in names),
+        ),
+    ] = None
 
 
 def source_settings(name: str, config: Any) -> SourceSettings | MasksSourceSettings:
@@ -262,6 +271,12 @@ class SourceSpec:
     def where(self) -> str:
         """The setting that names this source, for messages."""
         return "data" if self.shorthand else f"data.sources.{self.name}"
+
+    def excluded(self) -> set[str]:
+        """The real paths of the folders under root this source does not read (a masks
+        source's `exclude`)."""
+        names = self.tiles.exclude if self.tiles is not None else None
+        return {os.path.realpath(self.root / name) for name in names or ()}
 
     def patterns(self, label: str) -> list[str]:
         """The class's folder patterns; with subsets, nested ones only under those."""
@@ -389,8 +404,12 @@ def refuse_shared_folders(sources: Sequence[SourceFiles]) -> None:
         folders = {os.path.realpath(folder) for folder in files.walks}
         for folder in sorted(folders):
             for other_folder, other in seen.items():
-                inner, outer = sorted((folder, other_folder), key=len)[::-1]
-                if os.path.join(inner, "").startswith(os.path.join(outer, "")):
+                (inner, _), (outer, outer_spec) = sorted(
+                    ((folder, spec), (other_folder, other)), key=lambda item: -len(item[0])
+                )
+                if inside(inner, outer) and not any(
+                    inside(inner, skipped) for skipped in outer_spec.excluded()
+                ):
                     raise DataError(
                         f"{other.where} and {spec.where} both read {inner} (roots "
                         f"{other.root} and {spec.root}): its images would count twice. "
@@ -398,6 +417,11 @@ def refuse_shared_folders(sources: Sequence[SourceFiles]) -> None:
                         f"({spec.where}.classes or .subsets)."
                     )
         seen.update(dict.fromkeys(folders, spec))
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether the path is the folder or lies under it (both real paths)."""
+    return os.path.join(path, "").startswith(os.path.join(folder, ""))
 
 
 def is_image_name(name: str | Path) -> bool:
@@ -434,9 +458,12 @@ class Walk:
         return [path for path in self.files if is_image_name(os.path.basename(path))]
 
 
-def walk_files(folder: str | Path, listings: Listings | None = None) -> Walk:
-    """The regular files under folder, sub-folders and links included, each with its
-    state from the walk's own stat, and the other entries with why they are not read.
+def walk_files(
+    folder: str | Path, listings: Listings | None = None, skip: Collection[str] = ()
+) -> Walk:
+    """The regular files under folder, sub-folders and links included (less the folders
+    whose real paths are in `skip`), each with its state from the walk's own stat, and
+    the other entries with why they are not read.
 
     Only regular files and links to them are worth reading: a FIFO or device named
     `*.jpg` would block whoever opens it. A link to a folder that holds the one walked
@@ -466,6 +493,8 @@ def walk_files(folder: str | Path, listings: Listings | None = None) -> Walk:
             try:
                 link = entry.is_symlink()
                 if entry.is_dir():  # follows links
+                    if skip and os.path.realpath(entry.path) in skip:
+                        continue
                     if not link:
                         plain.append(entry.path)
                     elif os.path.join(start, "").startswith(
@@ -517,7 +546,8 @@ def list_source(spec: SourceSpec, listings: Listings | None = None) -> SourceFil
     if spec.tiles is not None:
         if not spec.root.is_dir():
             raise _missing_root(spec)
-        return SourceFiles(spec, {}, {spec.root: walk_files(spec.root, listings)})
+        walk = walk_files(spec.root, listings, spec.excluded())
+        return SourceFiles(spec, {}, {spec.root: walk})
     classes = class_folders(spec, listings)
     folders = [folder for group in classes.values() for folder in group]
     return SourceFiles(spec, classes, {f: walk_files(f, listings) for f in folders})

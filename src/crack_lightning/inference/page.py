@@ -25,6 +25,7 @@ from typing import Any
 
 from crack_lightning.errors import CrackLightningError, PredictionError
 from crack_lightning.evaluation.threshold import decision_threshold
+from crack_lightning.inference.adaptation import Adapter
 from crack_lightning.inference.classifiers import load_classifier
 from crack_lightning.inference.inspection import (
     HEAT_OPACITY,
@@ -49,6 +50,8 @@ INSTALL = (
 # the page's fonts: the system's, not Google Fonts (the page works offline)
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "monospace"]
+# seconds between updates of the adaptation's line while it runs
+ADAPT_POLL_S = 2.0
 
 
 def gradio() -> Any:
@@ -135,19 +138,44 @@ def model_line(inspector: Inspector) -> str:
     )
 
 
-def marks_line(inspector: Inspector, size: int) -> str:
-    """How many marks the window size's folder holds, and how many more adapting needs."""
+def mark_count(inspector: Inspector, size: int) -> tuple[str, str | None]:
+    """The marks the window size's folder holds ("2 Negative, 4 Positive") and, where
+    adapting needs more, how many ("adapting needs at least 6 of each: 4 more Negative,
+    2 more Positive"; None: enough)."""
     counts = inspector.mark_counts(size)
-    folder = inspector.marks_folder(size)
     have = ", ".join(f"{n} {label}" for label, n in counts.items())
     short = {label: inspector.marks_needed - n for label, n in counts.items()}
     if all(n <= 0 for n in short.values()):
-        return f"Marks in `{folder}`: {have}, enough to adapt (data.sources.site.root={folder})."
+        return have, None
     more = ", ".join(f"{n} more {label}" for label, n in short.items() if n > 0)
-    return (
-        f"Marks in `{folder}`: {have}; adapting needs at least {inspector.marks_needed} of "
-        f"each: {more}."
-    )
+    return have, f"adapting needs at least {inspector.marks_needed} of each: {more}"
+
+
+def marks_line(inspector: Inspector, size: int) -> str:
+    """How many marks the window size's folder holds, and how many more adapting needs."""
+    folder = inspector.marks_folder(size)
+    have, short = mark_count(inspector, size)
+    if short is None:
+        return f"Marks in `{folder}`: {have}, enough to adapt (data.sources.site.root={folder})."
+    return f"Marks in `{folder}`: {have}; {short}."
+
+
+def adapt_refusal(inspector: Inspector, adapter: Adapter, size: int) -> str | None:
+    """Why the page cannot start adapting from the marks of size px windows now, in one
+    line; None: it can."""
+    if (running := adapter.running()) is not None:
+        return f"Not started: an adaptation is running already ({running.out})."
+    model = Path(inspector.classifier.source)
+    if model.suffix.lower() != ".ckpt":
+        return (
+            f"Not started: adapting starts from a training checkpoint (.ckpt), and the "
+            f"page's model is {model.name}: load the checkpoint it was exported from as "
+            f"Another model first."
+        )
+    have, short = mark_count(inspector, size)
+    if short is not None:
+        return f"Not started: {inspector.marks_folder(size)} holds {have}; {short}."
+    return None
 
 
 def page_errors(function: Callable) -> Callable:
@@ -168,14 +196,16 @@ def build_page(
     inspector: Inspector,
     threshold: float | None,
     files_dir: Path,
+    adapter: Adapter,
     device: str = "auto",
     session_photos: int = 20,
     session_minutes: float = 60,
 ) -> Any:
     """The page as gr.Blocks: drop photos, see each overlay, verdict and patch table,
-    move the threshold, mark patches, download the CSV and PNG files. Each tab's session
-    keeps at most `session_photos` photos and is freed when the tab closes (unload) or
-    after `session_minutes` without use (gr.State's time_to_live)."""
+    move the threshold, mark patches, download the CSV and PNG files, adapt the model
+    from the marks in the background (`adapter`). Each tab's session keeps at most
+    `session_photos` photos and is freed when the tab closes (unload) or after
+    `session_minutes` without use (gr.State's time_to_live)."""
     gr = gradio()
     downloads_root = Path(files_dir) / "downloads"
     start = decision_threshold(threshold, inspector.classifier.threshold)
@@ -404,6 +434,48 @@ def build_page(
             said,
         )
 
+    @page_errors
+    def start_adapting(patch: float | None, stride: float | None) -> tuple:
+        """Adapt the page's model from the marks of the Window box's size (and the masked
+        photos beside them) in the background; or one line saying why not."""
+        window = inspector.window
+        size = int(patch) if patch else window.patch_size
+        step = int(stride) if stride else window.stride
+        refusal = adapt_refusal(inspector, adapter, size)
+        if refusal is not None:
+            running = adapter.running() is not None
+            return refusal, gr.update(), gr.Timer(active=running)
+        run = adapter.start(
+            Path(inspector.classifier.source), inspector.marks_folder(size), (size, step)
+        )
+        return run.describe(), gr.update(interactive=False), gr.Timer(active=True)
+
+    def adapt_progress() -> tuple:
+        """The adaptation's line; Load the adapted model once it succeeded; the timer
+        stopped once it ended."""
+        run = adapter.run
+        if run is None:
+            return gr.update(), gr.update(), gr.Timer(active=False)
+        return (
+            run.describe(),
+            gr.update(interactive=run.succeeded()),
+            gr.Timer(active=not run.finished()),
+        )
+
+    @page_errors
+    def load_adapted(session: Session | None) -> tuple:
+        """The adapted checkpoint as the page's model (as Another model would be)."""
+        run = adapter.run
+        if run is None or not run.succeeded():
+            return (
+                gr.update(),
+                model_line(inspector),
+                gr.update(),
+                gr.update(),
+                "No adapted model yet.",
+            )
+        return load_model(str(run.checkpoint), session)
+
     with gr.Blocks(title="Crack inspector", analytics_enabled=False) as page:
         session = gr.State(None, time_to_live=session_minutes * 60, delete_callback=close_session)
         gr.Markdown("# Crack inspector")
@@ -468,6 +540,19 @@ def build_page(
             )
             rescan_button = gr.Button("Rescan with this model", elem_id="rescan")
             report_button = gr.Button("Site report", elem_id="site-report")
+        with gr.Row():
+            adapt_button = gr.Button("Adapt from marks", elem_id="adapt")
+            adapt_line = gr.Textbox(
+                label="Adaptation (from the marks of the window size above, and masked "
+                "photos beside them)",
+                interactive=False,
+                scale=4,
+                elem_id="adapt-status",
+            )
+            load_button = gr.Button(
+                "Load the adapted model", interactive=False, elem_id="load-adapted"
+            )
+            adapt_timer = gr.Timer(ADAPT_POLL_S, active=False)
         # the page's width, and most of the window's height
         shown_figure = gr.Image(
             type="pil",
@@ -544,6 +629,26 @@ def build_page(
             api_name="model",
         ).then(
             change_threshold,  # the photos on the page relabelled at the new model's threshold
+            [level, shown, session],
+            [session, *view, summary, files_out],
+            api_visibility="private",
+        )
+        adapt_button.click(
+            start_adapting,
+            [patch, stride],
+            [adapt_line, load_button, adapt_timer],
+            api_name="adapt",
+        )
+        adapt_timer.tick(
+            adapt_progress, None, [adapt_line, load_button, adapt_timer], api_name="adapt_progress"
+        )
+        load_button.click(
+            load_adapted,
+            [session],
+            [level, model_info, patch, stride, status],
+            api_name="load_adapted",
+        ).then(
+            change_threshold,
             [level, shown, session],
             [session, *view, summary, files_out],
             api_visibility="private",

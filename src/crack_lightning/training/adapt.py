@@ -3,10 +3,11 @@
 
 `init_from=CKPT` starts training from a checkpoint's weights instead of ImageNet's. With
 the site source (`data.sources.<adapt.site>`) the run also: labels the site as a masks
-source (photos with PHOTO_mask.png) or, when it holds Positive/ and Negative/ folders of
-tiles, as a folder source; replays `adapt.replay` of the training images of the sources
-the checkpoint was trained on, with their own split (the checkpoint's seed and
-fractions), so they do not regress; and with `adapt.bn_stats` re-estimates the
+source (photos with PHOTO_mask.png), as a folder source when it holds Positive/ and
+Negative/ folders of tiles, or as both (the crops as the source SITE_crops) when it holds
+masked photos beside those folders; replays `adapt.replay` of the training images of
+the sources the checkpoint was trained on, with their own split (the checkpoint's seed
+and fractions), so they do not regress; and with `adapt.bn_stats` re-estimates the
 backbone's BatchNorm statistics on the site's tiles (unlabelled adaptation) before
 fine-tuning. Fine-tuning, checkpoint choice and the new threshold are the ordinary
 training's (experiment=adapt takes experiment=generalize's recipe).
@@ -15,7 +16,8 @@ training's (experiment=adapt takes experiment=generalize's recipe).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -27,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from crack_lightning.data.decode import DecodedImages
-from crack_lightning.data.sources import MASKS_KIND, ROOT_SOURCE
+from crack_lightning.data.sources import MASKS_KIND, ROOT_SOURCE, inside
 from crack_lightning.errors import ConfigError, DataError
 from crack_lightning.evaluation.threshold import decision_threshold, stored_threshold
 from crack_lightning.inference.classifiers import DATA_HPARAMS_KEY
@@ -51,6 +53,10 @@ MAP_UNUSED_CALLBACKS = (
 )
 # the data settings of the checkpoint's run that fix its sources' split
 SPLIT_SETTINGS = ("seed", "val_fraction", "test_fraction")
+# a site of Positive/ and Negative/ folders of labelled crops (a folder source)
+FOLDER_KIND = "folder"
+# a site that also holds masked photos: its crops are the source SITE_crops
+CROPS_SUFFIX = "_crops"
 
 
 @dataclass(frozen=True)
@@ -113,18 +119,20 @@ def prepare_start(cfg: DictConfig) -> Start:
         return start
     start.site = settings.site
     data = checkpoint.get(DATA_HPARAMS_KEY) or {}
-    replayed = replay_sources(data, sources, cfg, settings) if settings.replay > 0 else {}
     with open_dict(cfg):
-        cfg.data.sources = {**replayed, settings.site: site_source(cfg, settings)}
-        for name in SPLIT_SETTINGS:
+        for name in SPLIT_SETTINGS:  # before the site is checked against the fractions
             if data.get(name) is not None:
                 cfg.data[name] = data[name]
+        site = site_sources(cfg, settings)
+        replayed = replay_sources(data, sources, cfg, settings, site) if settings.replay > 0 else {}
+        cfg.data.sources = {**replayed, **site}
     start.replayed = list(replayed)
     log.info(
-        "Adapting %s to the site %s, replaying %.0f%% of the training images of %s "
+        "Adapting %s to the site %s (%s), replaying %.0f%% of the training images of %s "
         "(split with the checkpoint's seed and fractions).",
         path,
         cfg.data.sources[settings.site].root,
+        " and ".join(site),
         100 * settings.replay,
         ", ".join(replayed) or "no source",
     )
@@ -179,10 +187,11 @@ def check_backbone(start: Start, model: DictConfig) -> None:
         )
 
 
-def site_kind(root: Path, where: str) -> str:
-    """`folder` when root holds Positive/ and Negative/ folders (labelled tiles, e.g. an
-    inspector's marks), else `masks` (photos with masks); a DataError naming the setting
-    when it is not a folder or holds no images."""
+def site_kind(root: Path, where: str) -> tuple[str, ...]:
+    """What the site holds: (MASKS_KIND,) photos with masks; (FOLDER_KIND,) Positive/ and
+    Negative/ folders of labelled crops (e.g. an inspector's marks); both where masked
+    photos lie beside those folders. A DataError naming the setting when root is not a
+    folder or holds no images."""
     if not root.is_dir():
         raise DataError(
             f"{where}.root={root} is not a folder: point it at the site's photos (each "
@@ -196,33 +205,108 @@ def site_kind(root: Path, where: str) -> str:
             f"PHOTO_mask.png beside each (white = crack), or Positive/ and Negative/ "
             f"folders of labelled tiles."
         )
-    names = {child.name.lower() for child in root.iterdir() if child.is_dir()}
-    return "folder" if {name.lower() for name in CLASS_NAMES} <= names else MASKS_KIND
+    classes = class_folders_of(root)
+    if len(classes) < len(CLASS_NAMES):
+        return (MASKS_KIND,)
+    return (MASKS_KIND, FOLDER_KIND) if masked_photos(root) else (FOLDER_KIND,)
 
 
-def site_source(cfg: DictConfig, settings: AdaptSettings) -> dict[str, Any]:
-    """The site's data.sources entry: as configured (a masks source) or, for folders of
-    tiles, adapt.folder_site (conf/data/sources/folder.yaml) at the site's root."""
+def class_folders_of(root: Path) -> list[str]:
+    """The names of root's Positive/ and Negative/ folders (any letter case)."""
+    wanted = {name.lower() for name in CLASS_NAMES}
+    return sorted(c.name for c in root.iterdir() if c.is_dir() and c.name.lower() in wanted)
+
+
+def masked_photos(root: Path) -> list[str]:
+    """The site's photos outside its Positive/ and Negative/ folders (data/masks.py's
+    finder: masks are not photos)."""
+    from crack_lightning.data.masks import photos_in
+
+    classes = [os.path.realpath(root / name) for name in class_folders_of(root)]
+    return [
+        photo
+        for photo in photos_in(root)
+        if not any(inside(os.path.realpath(photo), folder) for folder in classes)
+    ]
+
+
+def site_sources(cfg: DictConfig, settings: AdaptSettings) -> dict[str, dict[str, Any]]:
+    """The site's data.sources entries: the masks source as configured, the folder
+    source adapt.folder_site (conf/data/sources/folder.yaml) at the site's root, or both
+    (the crops as `SITE_crops`, which the masks source then does not read), each checked
+    against the fewest images its split needs."""
     where = f"data.sources.{settings.site}"
     entry = OmegaConf.to_container(cfg.data.sources[settings.site], resolve=True)
-    if site_kind(Path(entry["root"]), where) == MASKS_KIND:
-        return entry
+    root = Path(entry["root"])
+    kinds = site_kind(root, where)
+    check_site_size(root, kinds, cfg.data, where)
+    if kinds == (MASKS_KIND,):
+        return {settings.site: entry}
     folder = cfg.adapt.get("folder_site")
     if folder is None:
         raise ConfigError(
             f"{where}.root holds Positive/ and Negative/ folders but adapt.folder_site is "
             f"not set: use experiment=adapt (it sets it from conf/data/sources/folder.yaml)."
         )
-    log.info("%s.root holds Positive/ and Negative/: read as labelled tiles.", where)
-    return {**OmegaConf.to_container(folder, resolve=True), "root": entry["root"]}
+    crops = {**OmegaConf.to_container(folder, resolve=True), "root": entry["root"]}
+    if kinds == (FOLDER_KIND,):
+        log.info("%s.root holds Positive/ and Negative/: read as labelled tiles.", where)
+        return {settings.site: crops}
+    log.info(
+        "%s.root holds masked photos and Positive/ and Negative/ folders of crops: the "
+        "photos are the source %s, the crops %s%s.",
+        where,
+        settings.site,
+        settings.site,
+        CROPS_SUFFIX,
+    )
+    masks = {**entry, "exclude": class_folders_of(root)}
+    return {settings.site: masks, f"{settings.site}{CROPS_SUFFIX}": crops}
+
+
+def check_site_size(root: Path, kinds: Sequence[str], data: DictConfig, where: str) -> None:
+    """Each kind of labelled image in the site is split on its own: its crops need
+    min_class_images of each class, its masked photos one for each split in use. One
+    DataError stating the minimum of each kind the site holds, when one falls short."""
+    from crack_lightning.data.sources import image_files
+    from crack_lightning.data.splits import min_class_images
+
+    val, test = float(data.val_fraction), float(data.test_fraction)
+    needs, short = [], False
+    if FOLDER_KIND in kinds:
+        need = min_class_images(val, test)
+        have = dict.fromkeys(CLASS_NAMES, 0)
+        for name in class_folders_of(root):
+            label = next(label for label in CLASS_NAMES if label.lower() == name.lower())
+            have[label] += len(image_files(root / name))
+        short |= min(have.values()) < need
+        counts = ", ".join(f"{n} {label}" for label, n in have.items())
+        needs.append(f"at least {need} crops of each class in Positive/ and Negative/ ({counts})")
+    if MASKS_KIND in kinds:
+        splits = 3 if test > 0 else 2
+        photos = len(masked_photos(root))
+        short |= photos < splits
+        needs.append(f"at least {splits} masked photos, one for each split ({photos})")
+    if short:
+        raise DataError(
+            f"{where}.root={root} holds too few labelled images to adapt from: each kind is "
+            f"split on its own (data.val_fraction={val}, data.test_fraction={test}), so it "
+            f"needs {' and '.join(needs)}. Add images, or lower the fractions."
+        )
 
 
 def replay_sources(
-    data: Mapping[str, Any], configured: Mapping, cfg: DictConfig, settings: AdaptSettings
+    data: Mapping[str, Any],
+    configured: Mapping,
+    cfg: DictConfig,
+    settings: AdaptSettings,
+    site: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, dict[str, Any]]:
-    """The checkpoint's training sources as data.sources entries. A stored root that is
-    gone (the checkpoint came from another machine) is taken from the configured source of
-    that name (experiment=adapt: generalize's, under paths.data_dir)."""
+    """The checkpoint's training sources as data.sources entries, less those at the
+    site's folder (an adapted model adapted again: the site is trained on as it is now).
+    A stored root that is gone (the checkpoint came from another machine) is taken from
+    the configured source of that name (experiment=adapt: generalize's, under
+    paths.data_dir)."""
     if data.get("sources"):
         stored = {str(name): dict(entry) for name, entry in data["sources"].items() if entry}
     elif data.get("root") is not None and data.get("synthetic") is None:
@@ -233,7 +317,11 @@ def replay_sources(
     if not stored:
         log.warning("init_from holds no training sources to replay (data=synthetic?).")
     replayed = {}
+    site_roots = {os.path.realpath(entry["root"]) for entry in site.values()}
     for name, entry in stored.items():
+        if os.path.realpath(entry["root"]) in site_roots:
+            log.info("adapt.replay: %s read the site's folder, which is not replayed.", name)
+            continue
         if not Path(entry["root"]).is_dir():
             fallback = configured.get(name)
             if fallback is None or not Path(fallback.root).is_dir():
@@ -243,7 +331,7 @@ def replay_sources(
                     f"paths.data_dir) to where it is now, or adapt.replay=0 to replay nothing."
                 )
             entry = {**entry, "root": str(fallback.root)}
-        key = name if name != settings.site else f"{name}_before"
+        key = name if name not in site else f"{name}_before"
         replayed[key] = entry
     return replayed
 

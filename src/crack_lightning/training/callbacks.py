@@ -20,7 +20,7 @@ from crack_lightning.errors import CrackLightningError, RunDirError
 from crack_lightning.evaluation.metrics import confusion_matrix
 from crack_lightning.evaluation.threshold import METADATA_KEY as THRESHOLD_KEY
 from crack_lightning.io import load_safely, save_torch
-from crack_lightning.progress import interactive
+from crack_lightning.progress import duration, interactive
 from crack_lightning.settings import OPEN_UNIT, Rule, above, at_least
 from crack_lightning.training.loggers import log_figures, mlflow_loggers
 from crack_lightning.training.resume import LAST_CKPT, read_training_checkpoint
@@ -235,15 +235,6 @@ class LogProgress(ProgressBar):
                 f"{duration(took * epochs_left)}"
             )
         log.info("%s: %s, %.0f s%s", where, _format(metrics), took, later)
-
-
-def duration(seconds: float) -> str:
-    """ "40 s", "3 min", "1.5 h": a time estimate as a person reads it."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _format(metrics: dict[str, float]) -> str:
