@@ -90,6 +90,7 @@ class Start:
     site: str | None = None  # the site source's name; None: weights only
     replayed: list[str] = field(default_factory=list)
     threshold: float | None = None  # the checkpoint's stored decision threshold
+    masked_site: bool = False  # the site holds photos with masks (a masks source)
 
     @property
     def leaves_photos_out(self) -> bool:
@@ -124,6 +125,7 @@ def prepare_start(cfg: DictConfig) -> Start:
             if data.get(name) is not None:
                 cfg.data[name] = data[name]
         site = site_sources(cfg, settings)
+        start.masked_site = site[settings.site].get("kind") == MASKS_KIND
         replayed = replay_sources(data, sources, cfg, settings, site) if settings.replay > 0 else {}
         cfg.data.sources = {**replayed, **site}
     start.replayed = list(replayed)
@@ -164,11 +166,6 @@ def use_map_recipe(cfg: DictConfig, hparams: Mapping[str, Any], settings: AdaptS
             if name in cfg.callbacks:
                 cfg.callbacks[name] = None
         cfg.optimized_metric = "val/pixel_f1"
-        if settings.map_epochs > 0 and sources.get(site) is not None:
-            # leave_one_out chooses the epochs: the last is kept
-            cfg.callbacks.early_stopping = None
-            if cfg.callbacks.get("model_checkpoint") is not None:
-                cfg.callbacks.model_checkpoint.monitor = None
         for name in ("model_checkpoint", "early_stopping"):  # unless told to watch nothing
             if cfg.callbacks.get(name) is not None and cfg.callbacks[name].monitor is not None:
                 cfg.callbacks[name].monitor, cfg.callbacks[name].mode = "val/pixel_f1", "max"
@@ -447,7 +444,10 @@ def choose_by_leaving_out(start: Start, datamodule: Any, cfg: DictConfig) -> Non
             *("n/a" if v is None else f"{v:.3f}" for v in (choice.before_f1, choice.pixel_f1)),
         )
     with open_dict(cfg):
-        cfg.trainer.max_epochs = choice.epochs
+        cfg.trainer.max_epochs = choice.epochs  # chosen: the last epoch is kept
+        cfg.callbacks.early_stopping = None
+        if cfg.callbacks.get("model_checkpoint") is not None:
+            cfg.callbacks.model_checkpoint.monitor = None
         if datamodule.split["val"]:  # the replayed sources' figures, once at the end
             cfg.trainer.check_val_every_n_epoch = choice.epochs
         else:  # nothing replayed: no validation images
