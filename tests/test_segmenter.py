@@ -268,30 +268,41 @@ def test_a_crack_map_checkpoint_cannot_be_exported(map_run, tmp_path):
         model.checkpoint_module  # noqa: B018
 
 
-def test_adapting_a_crack_map_to_a_site_improves_its_unseen_photos(map_run, tmp_path, caplog):
-    """experiment=adapt from a crack-map checkpoint adapts it as a crack map; the site's
-    validation photos, scanned before and after, score higher after."""
-    from crack_lightning.training.run import train
-
+def map_adaptation(map_run: Path, tmp_path: Path, photos: int, *overrides: str):
+    """experiment=adapt of map_run's checkpoint to a site of `photos` masked photos with a
+    board joint beside a fainter crack (tmp_path/site), into tmp_path/adapted."""
     site = tmp_path / "site"
-    for i in range(10):
+    for i in range(photos):
         write_masked_photo(site, f"s{i}", 96, seed=100 + i, joint=True)
-    run = tmp_path / "adapted"
-    cfg = compose_config(
+    return compose_config(
         "train",
         [
             "experiment=adapt",
             f"init_from={map_run / 'checkpoints' / 'best.ckpt'}",
             f"data.sources.site.root={site}",
             f"paths.data_dir={tmp_path / 'data'}",
-            f"paths.output_dir={run}",
+            f"paths.output_dir={tmp_path / 'adapted'}",
             *QUIET,
             "logger=none",
             "adapt.replay=0.5",
-            "adapt.map_epochs=0",  # the site split as its sources: val chooses
-            "trainer.max_epochs=10",
-            "callbacks.early_stopping=null",
+            *overrides,
         ],
+    )
+
+
+def test_adapting_a_crack_map_to_a_site_improves_its_unseen_photos(map_run, tmp_path, caplog):
+    """experiment=adapt from a crack-map checkpoint adapts it as a crack map; the site's
+    validation photos, scanned before and after, score higher after."""
+    from crack_lightning.training.run import train
+
+    run = tmp_path / "adapted"
+    cfg = map_adaptation(
+        map_run,
+        tmp_path,
+        10,
+        "adapt.map_epochs=0",  # the site split as its sources: val chooses
+        "trainer.max_epochs=10",
+        "callbacks.early_stopping=null",
     )
     with caplog.at_level("INFO"):
         train(cfg)
@@ -326,24 +337,8 @@ def test_adapting_a_crack_map_trains_on_every_photo_and_improves_the_left_out_on
     from crack_lightning.inference.classifiers import load_classifier
     from crack_lightning.training.run import train
 
-    site = tmp_path / "site"
-    for i in range(5):
-        write_masked_photo(site, f"s{i}", 96, seed=100 + i, joint=True)
     run = tmp_path / "adapted"
-    cfg = compose_config(
-        "train",
-        [
-            "experiment=adapt",
-            f"init_from={map_run / 'checkpoints' / 'best.ckpt'}",
-            f"data.sources.site.root={site}",
-            f"paths.data_dir={tmp_path / 'data'}",
-            f"paths.output_dir={run}",
-            *QUIET,
-            "logger=none",
-            "adapt.replay=0.5",
-            "adapt.map_epochs=8",
-        ],
-    )
+    cfg = map_adaptation(map_run, tmp_path, 5, "adapt.map_epochs=8")
     with caplog.at_level("INFO"):
         train(cfg)
     said = "\n".join(r.getMessage() for r in caplog.records)
