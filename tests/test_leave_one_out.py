@@ -48,3 +48,15 @@ def test_the_left_out_photos_choose_the_fewest_epochs_and_the_threshold_nearest_
     row = next(line for line in choice.table.splitlines() if line.startswith("tiles |"))
     # tile P, R, F1, pixel F1: before (init_from at 0.5) -> after (epoch 1 at 0.3)
     assert row == "tiles | 2 | 0.500 -> 1.000 | 1.000 -> 1.000 | 0.667 -> 1.000 | 0.667 -> 1.000"
+
+
+def test_init_from_itself_is_chosen_where_no_epoch_maps_the_left_out_photos_better(tmp_path):
+    """Epoch 0 is init_from: its crack at 0.8 and joint at 0.3 give F1 1 from 0.4 to 0.8,
+    while training blurred them both to 0.4 (F1 2/3 at best): no epoch is trained, and
+    of init_from's thresholds the one nearest 0.5 is kept."""
+    root = tmp_path / "site"
+    photos = [write_site_photo(root, name) for name in ("a", "b")]
+    maps = {photo: [lines(0.8, 0.3), lines(0.4, 0.4)] for photo in photos}
+    choice = choose(maps, spec(root, "tile_size=32", "stride=32"), 1, start_threshold=0.9)
+    assert (choice.epochs, choice.threshold, choice.pixel_f1) == (0, 0.5, 1.0)
+    assert choice.before_f1 == 0.0  # init_from at its own 0.9 finds nothing

@@ -358,6 +358,33 @@ def test_adapting_a_crack_map_trains_on_every_photo_and_improves_the_left_out_on
     assert load_classifier(run / "checkpoints" / "best.ckpt", "cpu").threshold == float(chosen[2])
 
 
+def test_a_site_that_no_training_helps_keeps_init_froms_weights_with_its_threshold(
+    map_run, tmp_path, caplog, monkeypatch
+):
+    """Where the left-out photos choose no epoch, the adapted checkpoint is init_from's
+    weights with the chosen threshold: an adaptation always leaves best.ckpt."""
+    from crack_lightning.inference.classifiers import load_classifier
+    from crack_lightning.training import leave_one_out
+    from crack_lightning.training.run import train
+
+    real = leave_one_out.choose
+    monkeypatch.setattr(
+        leave_one_out, "choose", lambda maps, spec, epochs, start: real(maps, spec, 0, start)
+    )
+    cfg = map_adaptation(map_run, tmp_path, 3, "adapt.map_epochs=1")
+    with caplog.at_level("INFO"):
+        train(cfg)
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    chosen = re.search(r"chose 0 of 1 epochs and threshold (0\.\d)", said)
+    assert chosen and "keeps init_from's weights" in said, said
+    best = tmp_path / "adapted" / "checkpoints" / "best.ckpt"
+    adapted = torch.load(best, weights_only=True)["state_dict"]
+    start = torch.load(map_run / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    assert adapted.keys() == start.keys()
+    assert all(torch.equal(adapted[k], start[k]) for k in start)
+    assert load_classifier(best, "cpu").threshold == float(chosen[1])
+
+
 def test_a_scan_uses_the_models_window_unless_told(map_run, tmp_path, capsys):
     from crack_lightning.commands.predict import run as predict_run
     from crack_lightning.inference.scan import DEFAULT_PATCH, ScanSettings

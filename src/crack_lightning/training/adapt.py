@@ -437,11 +437,11 @@ def choose_by_leaving_out(start: Start, datamodule: Any, cfg: DictConfig) -> Non
     output_dir = Path(cfg.paths.output_dir)
     page = write_page(choice, str(start.path), output_dir / SCAN_DIR, output_dir / PAGE_NAME)
     log.info("Overlays before and after, per photo: %s", page)
-    if (choice.pixel_f1 or 0.0) <= (choice.before_f1 or 0.0):
+    if choice.epochs == 0:
         log.warning(
-            "Training without a photo did not map it better than init_from (pooled pixel F1 "
-            "%s -> %s): the adapted model may be worse on the site than init_from.",
-            *("n/a" if v is None else f"{v:.3f}" for v in (choice.before_f1, choice.pixel_f1)),
+            "No epoch of training without a photo mapped it better than init_from: the adapted "
+            "checkpoint keeps init_from's weights, with the threshold %.1f the photos chose.",
+            choice.threshold,
         )
     with open_dict(cfg):
         cfg.trainer.max_epochs = choice.epochs  # chosen: the last epoch is kept
@@ -449,13 +449,14 @@ def choose_by_leaving_out(start: Start, datamodule: Any, cfg: DictConfig) -> Non
         if cfg.callbacks.get("model_checkpoint") is not None:
             cfg.callbacks.model_checkpoint.monitor = None
         if datamodule.split["val"]:  # the replayed sources' figures, once at the end
-            cfg.trainer.check_val_every_n_epoch = choice.epochs
+            cfg.trainer.check_val_every_n_epoch = max(1, choice.epochs)
         else:  # nothing replayed: no validation images
             cfg.trainer.limit_val_batches = 0
         cfg.callbacks.stored_threshold = {
             "_target_": "crack_lightning.training.callbacks.StoredThreshold",
             "threshold": choice.threshold,
             "rule": "leave_one_photo_out",
+            "save_untrained": choice.epochs == 0,
         }
 
 

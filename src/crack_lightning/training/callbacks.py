@@ -258,12 +258,23 @@ def progress_bar(
 class StoredThreshold(L.Callback):
     """Stores a decision threshold chosen before training in every checkpoint, where
     predict and the page read it (evaluation/threshold.py stored_threshold): a crack map's
-    adaptation chooses one by leaving each site photo out (training/leave_one_out.py)."""
+    adaptation chooses one by leaving each site photo out (training/leave_one_out.py).
+    With `save_untrained` (no epoch was chosen: trainer.max_epochs=0), the weights as they
+    are become the best checkpoint, so an adaptation always leaves one."""
 
-    def __init__(self, threshold: Annotated[float, OPEN_UNIT], rule: str) -> None:
-        self.threshold, self.rule = threshold, rule
+    def __init__(
+        self, threshold: Annotated[float, OPEN_UNIT], rule: str, save_untrained: bool
+    ) -> None:
+        self.threshold, self.rule, self.save_untrained = threshold, rule, save_untrained
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict
     ) -> None:
         checkpoint[THRESHOLD_KEY] = {"threshold": self.threshold, "rule": self.rule}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        saver = trainer.checkpoint_callback
+        if self.save_untrained and saver is not None and not saver.best_model_path:
+            path = saver.format_checkpoint_name({})
+            trainer.save_checkpoint(path)
+            saver.best_model_path = path

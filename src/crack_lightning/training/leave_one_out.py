@@ -122,7 +122,7 @@ def leave_one_photo_out(
     trainer_settings: dict[str, Any],
 ) -> LeftOut:
     """Train a fresh copy of init_from (new_model) without each site photo in turn and map
-    that photo after every epoch; choose the epochs (1..epochs) and threshold (THRESHOLDS)
+    that photo after every epoch; choose the epochs (0..epochs) and threshold (THRESHOLDS)
     with the best pooled pixel F1. The datamodule's split is left with every site photo in
     training."""
     train_on_every_photo(datamodule, site)
@@ -234,10 +234,11 @@ def choose(
     maps: dict[Path, list[np.ndarray]], spec: Any, epochs: int, start_threshold: float
 ) -> LeftOut:
     """The epochs and threshold with the best pooled pixel F1 (ties: fewer epochs, then the
-    threshold nearest 0.5), and the before -> after table at that choice."""
+    threshold nearest 0.5), and the before -> after table at that choice. Epoch 0 is
+    init_from itself: where no training beats it, the site keeps its weights."""
     photos = {photo: load_rgb(photo) for photo in maps}
     best: tuple[float, int, float] | None = None
-    for epoch in range(1, epochs + 1):
+    for epoch in range(epochs + 1):
         at_epoch = {photo: found[epoch] for photo, found in maps.items()}
         for threshold in THRESHOLDS:
             f1 = scored(at_epoch, photos, spec, threshold)["pixel_f1"] or 0.0
