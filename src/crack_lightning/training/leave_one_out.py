@@ -137,19 +137,19 @@ def leave_one_photo_out(
         model = new_model()
         recorder = MapEachEpoch(photo, float(model.hparams.min_share))
         recorder.record(model.net)  # epoch 0: init_from itself
-        trainer = L.Trainer(
-            max_epochs=epochs,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            log_every_n_steps=1,
-            callbacks=[recorder],
-            **trainer_settings,
-        )
         with quiet_lightning():
+            trainer = L.Trainer(
+                max_epochs=epochs,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                limit_val_batches=0,
+                num_sanity_val_steps=0,
+                log_every_n_steps=1,
+                callbacks=[recorder],
+                **trainer_settings,
+            )
             trainer.fit(model, datamodule=datamodule)
         maps[photo] = recorder.maps
         spent = time.monotonic() - began
