@@ -358,6 +358,28 @@ def test_adapting_a_crack_map_trains_on_every_photo_and_improves_the_left_out_on
     assert load_classifier(run / "checkpoints" / "best.ckpt", "cpu").threshold == float(chosen[2])
 
 
+@pytest.mark.parametrize("kind", ["masked photos", "marked crops"])
+def test_only_a_site_of_masked_photos_is_left_out_photo_by_photo(map_run, tmp_path, kind):
+    """A crack map adapting to masked photos leaves each photo out; to a site of marked
+    crops (Positive/ and Negative/, one image each) it adapts as a classifier's site."""
+    from crack_lightning.training.adapt import prepare_start
+
+    if kind == "masked photos":
+        cfg = map_adaptation(map_run, tmp_path, 5)
+    else:
+        site = tmp_path / "site"
+        for label, grey in (("Positive", 60), ("Negative", 200)):
+            (site / label).mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(np.full((48, 48, 3), grey + i, np.uint8)).save(
+                    site / label / f"c{i}.png"
+                )
+        cfg = map_adaptation(map_run, tmp_path, 0)
+    start = prepare_start(cfg)
+    assert start.site == "site"
+    assert start.leaves_photos_out == (kind == "masked photos")
+
+
 def test_a_site_that_no_training_helps_keeps_init_froms_weights_with_its_threshold(
     map_run, tmp_path, caplog, monkeypatch
 ):

@@ -95,7 +95,7 @@ class Start:
     @property
     def leaves_photos_out(self) -> bool:
         """A crack map adapting to a masks site chooses by leaving each photo out."""
-        return self.site is not None and MAP_HPARAM in self.hparams and self.settings.map_epochs > 0
+        return self.masked_site and MAP_HPARAM in self.hparams and self.settings.map_epochs > 0
 
 
 def prepare_start(cfg: DictConfig) -> Start:
