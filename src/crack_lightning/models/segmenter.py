@@ -17,7 +17,6 @@ from crack_lightning.errors import ModelConfigError
 from crack_lightning.evaluation.crack_maps import tolerant_figures
 from crack_lightning.evaluation.threshold import DEFAULT_THRESHOLD
 from crack_lightning.models.crack_map import CrackMapNet, build_map_network, tile_scores
-from crack_lightning.models.optimizers import build_optimizer, build_scheduler
 from crack_lightning.models.training_module import (
     LEARNING_RATE,
     WEIGHT_DECAY,
@@ -179,19 +178,12 @@ class CrackSegmenter(TrainingModule):
         self.log_loss(stage, loss, len(labels))
         return {"loss": loss, "probs": tiles}
 
-    def configure_optimizers(self) -> dict:
-        """model.optimizer over the decoder at its lr and the encoder's trained blocks
-        (train_encoder_blocks) at ENCODER_LR_FACTOR x that lr."""
+    def parameter_groups(self) -> list[tuple[list[torch.nn.Parameter], float]]:
+        """The decoder at the optimizer's lr, the encoder's trained blocks
+        (train_encoder_blocks) at ENCODER_LR_FACTOR of it."""
         slow = {id(p) for p in self.encoder_blocks}
         fast = [p for p in self.parameters() if p.requires_grad and id(p) not in slow]
-        groups = [{"params": fast}]
-        if self.encoder_blocks:
-            groups.append({"params": self.encoder_blocks})
-        optimizer = build_optimizer(self.hparams.optimizer or {}, groups)
-        if self.encoder_blocks:
-            optimizer.param_groups[1]["lr"] = ENCODER_LR_FACTOR * optimizer.defaults["lr"]
-        scheduler = build_scheduler(self.hparams.scheduler, optimizer)
-        return {"optimizer": optimizer} | ({"lr_scheduler": scheduler} if scheduler else {})
+        return [(fast, 1.0)] + ([(self.encoder_blocks, ENCODER_LR_FACTOR)] if slow else [])
 
     def epoch_metrics(self, stage: str) -> list[Metric]:
         """Tile scores of the stage's crops and, for val and test, pixel scores."""

@@ -107,9 +107,20 @@ class TrainingModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> dict:
         return self._step(batch, "test")
 
+    def parameter_groups(self) -> list[tuple[list[torch.nn.Parameter], float]]:
+        """The trainable parameters in groups, each with its factor of the optimizer's lr:
+        one group at the optimizer's lr."""
+        return [([p for p in self.parameters() if p.requires_grad], 1.0)]
+
     def configure_optimizers(self) -> dict:
-        """model.optimizer over the trainable parameters, and model.scheduler if set."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = build_optimizer(self.hparams.optimizer or {}, params)
+        """model.optimizer over the trainable parameters (parameter_groups), and
+        model.scheduler if set."""
+        groups = self.parameter_groups()
+        optimizer = build_optimizer(
+            self.hparams.optimizer or {}, [{"params": p} for p, _ in groups]
+        )
+        for group, (_, factor) in zip(optimizer.param_groups, groups, strict=True):
+            if factor != 1.0:
+                group["lr"] = factor * optimizer.defaults["lr"]
         scheduler = build_scheduler(self.hparams.scheduler, optimizer)
         return {"optimizer": optimizer} | ({"lr_scheduler": scheduler} if scheduler else {})
