@@ -33,14 +33,13 @@ from crack_lightning.evaluation.scan_masks import photo_name, score_groups
 from crack_lightning.inference.crack_maps import MapNetwork
 from crack_lightning.inference.scan import (
     ScanResult,
-    ScanSettings,
     map_photo,
     output_names,
     render_figure,
     save_png,
     scan_figure,
 )
-from crack_lightning.training.photo_scores import source_mask
+from crack_lightning.training.photo_scores import source_mask, window_note
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,7 @@ class LeftOut:
     table: str  # before (init_from) -> after (the chosen epochs and threshold)
     # per photo: init_from's map and the chosen epoch's map of a model trained without it
     maps: dict[Path, tuple[np.ndarray, np.ndarray]]
+    photos: dict[Path, Image.Image]  # the site's photos, read once
     start_threshold: float
     spec: Any
 
@@ -219,14 +219,13 @@ def photo_scans(
         save_png(render_figure(result, photos[result.path]), figure)
     groups = [(spec.name, list(maps))]
     report, rows = score_groups(groups, results, spec.tiles.min_share, source_mask(spec))
-    window = ScanSettings(spec.tiles.tile_size, spec.tiles.stride, None).describe()
     return PhotoScans(
         model,
         threshold,
         rows,
         {f"{spec.name}/{name}": scores for name, scores in report.items()},
         figures,
-        {spec.name: f"{window}, cracked from {spec.tiles.min_share:g} of a tile's pixels"},
+        {spec.name: window_note(spec)},
     )
 
 
@@ -237,25 +236,21 @@ def choose(
     threshold nearest 0.5), and the before -> after table at that choice. Epoch 0 is
     init_from itself: where no training beats it, the site keeps its weights."""
     photos = {photo: load_rgb(photo) for photo in maps}
-    best: tuple[float, int, float] | None = None
-    for epoch in range(epochs + 1):
-        at_epoch = {photo: found[epoch] for photo, found in maps.items()}
-        for threshold in THRESHOLDS:
-            f1 = scored(at_epoch, photos, spec, threshold)["pixel_f1"] or 0.0
-            key = (f1, -epoch, -abs(threshold - 0.5))
-            if best is None or key > (best[0], -best[1], -abs(best[2] - 0.5)):
-                best = (f1, epoch, threshold)
-    assert best is not None
-    f1, epoch, threshold = best
-    before = scored({p: found[0] for p, found in maps.items()}, photos, spec, start_threshold)
-    after = scored({p: found[epoch] for p, found in maps.items()}, photos, spec, threshold)
+
+    def at(epoch: int, threshold: float) -> dict[str, Any]:
+        return scored({p: found[epoch] for p, found in maps.items()}, photos, spec, threshold)
+
+    f1 = {(e, t): at(e, t)["pixel_f1"] or 0.0 for e in range(epochs + 1) for t in THRESHOLDS}
+    epoch, threshold = max(f1, key=lambda c: (f1[c], -c[0], -abs(c[1] - 0.5)))
+    before, after = at(0, start_threshold), at(epoch, threshold)
     return LeftOut(
         epoch,
         threshold,
-        f1,
+        f1[epoch, threshold],
         before["pixel_f1"],
         before_after([before], [after]),
         {p: (found[0], found[epoch]) for p, found in maps.items()},
+        photos,
         start_threshold,
         spec,
     )
@@ -264,7 +259,6 @@ def choose(
 def write_page(choice: LeftOut, start: str, out: Path, page: Path) -> Path:
     """The before/after page of the left-out photos: init_from's overlays beside those of
     the models trained without each photo (figures in out/before and out/after)."""
-    photos = {photo: load_rgb(photo) for photo in choice.maps}
     sides = []
     for side, model, threshold in (
         (0, start, choice.start_threshold),
@@ -272,6 +266,6 @@ def write_page(choice: LeftOut, start: str, out: Path, page: Path) -> Path:
     ):
         maps = {photo: pair[side] for photo, pair in choice.maps.items()}
         folder = out / ("before", "after")[side]
-        sides.append(photo_scans(maps, photos, choice.spec, threshold, model, folder))
+        sides.append(photo_scans(maps, choice.photos, choice.spec, threshold, model, folder))
     note = "the site's photos, each left out in turn: every one trains the adapted model"
     return write_before_after(page, sides[0], sides[1], note)

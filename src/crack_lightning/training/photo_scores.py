@@ -55,6 +55,12 @@ def source_mask(spec: SourceSpec):
     return read
 
 
+def window_note(spec: SourceSpec) -> str:
+    """How a masks source's photos are scanned and scored, as the before/after page says."""
+    window = ScanSettings(spec.tiles.tile_size, spec.tiles.stride, None)
+    return f"{window.describe()}, cracked from {spec.tiles.min_share:g} of a tile's pixels"
+
+
 def scan_validation_photos(
     datamodule: L.LightningDataModule,
     trainer: L.Trainer,
@@ -95,8 +101,7 @@ def scan_validation_photos(
         scored, source_rows = score_groups(groups, noted, spec.tiles.min_share, source_mask(spec))
         report |= {f"{spec.name}/{name}": scores for name, scores in scored.items()}
         rows += source_rows
-        share = spec.tiles.min_share
-        windows[spec.name] = f"{window.describe()}, cracked from {share:g} of a tile's pixels"
+        windows[spec.name] = window_note(spec)
     for path, reason in skipped:
         log.warning("scan_eval_at_end skipped %s: %s", path, reason)
     loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
