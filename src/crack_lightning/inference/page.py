@@ -406,17 +406,22 @@ def build_page(
 
     end_session.__annotations__["request"] = gr.Request
 
+    def model_kept(status: Any) -> tuple:
+        """What a model switch updates (threshold, model line, window, stride, status)
+        when the page keeps its model: the model line alone, and `status`."""
+        return gr.update(), model_line(inspector), gr.update(), gr.update(), status
+
     @page_errors
     def load_model(path: str | None, session: Session | None) -> tuple:
         """Scan the next photos with another model; the photos on the page keep their
         figures until rescanned."""
         if not path:
-            return gr.update(), model_line(inspector), gr.update(), gr.update(), gr.update()
+            return model_kept(gr.update())
         try:
             inspector.use(load_classifier(path, device))
         except CrackLightningError as err:
             gr.Warning(f"{Path(path).name}: {err} The page keeps the model it had.")
-            return gr.update(), model_line(inspector), gr.update(), gr.update(), gr.update()
+            return model_kept(gr.update())
         new = decision_threshold(threshold, inspector.classifier.threshold)
         window = inspector.window
         kept = len(session.inspections) if session else 0
@@ -467,13 +472,7 @@ def build_page(
         """The adapted checkpoint as the page's model (as Another model would be)."""
         run = adapter.run
         if run is None or not run.succeeded():
-            return (
-                gr.update(),
-                model_line(inspector),
-                gr.update(),
-                gr.update(),
-                "No adapted model yet.",
-            )
+            return model_kept("No adapted model yet.")
         return load_model(str(run.checkpoint), session)
 
     with gr.Blocks(title="Crack inspector", analytics_enabled=False) as page:
@@ -622,16 +621,11 @@ def build_page(
             api_name="opacity",
             trigger_mode="always_last",
         )
-        model_file.upload(
-            load_model,
-            [model_file, session],
-            [level, model_info, patch, stride, status],
-            api_name="model",
-        ).then(
-            change_threshold,  # the photos on the page relabelled at the new model's threshold
-            [level, shown, session],
-            [session, *view, summary, files_out],
-            api_visibility="private",
+        relabel = (change_threshold, [level, shown, session], [session, *view, summary, files_out])
+        switched = [level, model_info, patch, stride, status]  # what a new model changes
+        # after a new model, the photos on the page relabelled at its threshold
+        model_file.upload(load_model, [model_file, session], switched, api_name="model").then(
+            *relabel, api_visibility="private"
         )
         adapt_button.click(
             start_adapting,
@@ -642,16 +636,8 @@ def build_page(
         adapt_timer.tick(
             adapt_progress, None, [adapt_line, load_button, adapt_timer], api_name="adapt_progress"
         )
-        load_button.click(
-            load_adapted,
-            [session],
-            [level, model_info, patch, stride, status],
-            api_name="load_adapted",
-        ).then(
-            change_threshold,
-            [level, shown, session],
-            [session, *view, summary, files_out],
-            api_visibility="private",
+        load_button.click(load_adapted, [session], switched, api_name="load_adapted").then(
+            *relabel, api_visibility="private"
         )
         page.unload(end_session)
     return page
