@@ -27,7 +27,6 @@ from crack_lightning.data.datamodule import CrackDataModule
 from crack_lightning.data.feature_cache import cache_wanted
 from crack_lightning.data.splits import manifest_rows
 from crack_lightning.errors import ConfigError, CrackLightningError
-from crack_lightning.evaluation.before_after import PAGE_NAME
 from crack_lightning.io import write_text
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.training.callbacks import (
@@ -144,7 +143,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     best = metrics.get("best_checkpoint")
     if cfg.scan_eval_at_end and trainer.is_global_zero and best:
         # the scan code (inference, masks scoring) is loaded only when asked for
-        from crack_lightning.evaluation.before_after import before_after, write_before_after
+        from crack_lightning.evaluation.before_after import (
+            PAGE_NAME,
+            before_after,
+            write_before_after,
+        )
         from crack_lightning.training.photo_scores import SCAN_DIR, scan_validation_photos
 
         # an adaptation checks its site only: the replayed sources have their tile figures
@@ -168,13 +171,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 before_after(before.rows, after.rows),
                 page,
             )
+    page = None
+    if start is not None:  # only an adaptation writes its before/after page
+        from crack_lightning.evaluation.before_after import PAGE_NAME
+
+        page = output_dir / PAGE_NAME
     log_run_files(
         trainer,
         [
             (Path(best) if best else None, "checkpoints"),
             (output_dir / METRICS_NAME, "run"),
             (output_dir / MANIFEST_NAME, "run"),
-            (output_dir / PAGE_NAME, "run"),
+            (page, "run"),
             (output_dir / ".hydra" / "config.yaml", "run"),
         ],
     )
