@@ -44,7 +44,7 @@ from crack_lightning.data.sources import scan_samples
 from crack_lightning.errors import ConfigError
 from crack_lightning.inference.classifiers import LoadedModel, classify_files, load_classifier
 from crack_lightning.inference.export import CalibrationSettings, export_int8, export_model
-from crack_lightning.models.optimizers import build_optimizer
+from crack_lightning.models.training_module import build_optimizer
 from crack_lightning.settings import CLASS_NAMES, Rule, at_least, settings_of
 from crack_lightning.training.run import build, train
 

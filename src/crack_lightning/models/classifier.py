@@ -49,7 +49,7 @@ class CrackClassifier(TrainingModule):
         weight_decay: Annotated[float, WEIGHT_DECAY],
         scheduler: Mapping | None,
         image_size: int,
-        # `_target_` + `_partial_` configs (models/optimizers.py); optimizer is None only in
+        # `_target_` + `_partial_` configs (models/training_module.py); optimizer is None only in
         # checkpoints saved before it was configurable (they predict, but do not train)
         optimizer: Mapping | None = None,
         # the timm model when backbone is "timm" (conf/model/timm.yaml)

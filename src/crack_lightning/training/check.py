@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from crack_lightning.errors import ConfigError, DataError, ModelConfigError
-from crack_lightning.models.optimizers import LIGHTNING_KEYS
+from crack_lightning.models.training_module import LIGHTNING_KEYS
 from crack_lightning.settings import Rule, at_least, check_settings
 
 log = logging.getLogger(__name__)
