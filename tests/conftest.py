@@ -15,9 +15,8 @@ from types import ModuleType
 import pytest
 from omegaconf import DictConfig
 
-from crack_lightning.cli import compose_command
+from crack_lightning.cli import compose_command, quiet_logs, tune_malloc
 from crack_lightning.data.synthetic import generate_dataset
-from crack_lightning.runtime import quiet_logs, tune_malloc
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"

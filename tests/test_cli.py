@@ -302,12 +302,12 @@ def test_no_import_runs_back_up_the_layers():
         if where != "cli.py":
             assert "crack_lightning.cli" not in imported, where
     wrapper = package_imports(PACKAGE / "cli.py")
-    assert wrapper <= {f"crack_lightning.{m}" for m in ("errors", "runtime", "job_names")}
+    assert wrapper <= {"crack_lightning.errors"}
     assert package_imports(PACKAGE / "settings.py") == {"crack_lightning.errors"}
 
 
 def test_lightnings_adverts_are_not_shown(caplog):
-    from crack_lightning.runtime import quiet_logs
+    from crack_lightning.cli import quiet_logs
 
     quiet_logs()
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
+from crack_lightning.cli import job_dir_name
 from crack_lightning.commands.summarize import main as summarize_main
 from crack_lightning.errors import RunDirError
-from crack_lightning.job_names import job_dir_name
 from crack_lightning.training.sweep_summary import write_summary
 
 from .conftest import ROOT, run_train_py

@@ -17,11 +17,15 @@ line with exit code 2 (no traceback); SIGTERM stops with 143.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import logging
 import os
+import re
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +34,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from crack_lightning.errors import CrackLightningError
-from crack_lightning.runtime import quiet_logs, tune_malloc
 
 USER_ERROR = 2  # a setting or input the message explains
 STOPPED = 128 + signal.SIGTERM  # stopped by SIGTERM, as a shell reports it
@@ -48,8 +51,6 @@ def conf_dir() -> Path:
 
 def prepare_process() -> None:
     """What every command needs before its config is composed."""
-    from crack_lightning.job_names import register_resolvers
-
     os.environ.setdefault("PROJECT_ROOT", str(project_root()))
     register_resolvers()
     tune_malloc()
@@ -177,3 +178,103 @@ def run_tool(
             return task(compose_tool(config_name, argv, actions)) or 0
     except SystemExit as stop:
         return int(stop.code or 0)
+
+
+# --- the process: allocator and quiet logs -------------------------------------------------
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_MAX = -4
+
+
+def tune_malloc() -> bool:
+    """Stop glibc from handing activation buffers back to the kernel after every step.
+
+    By default glibc serves large blocks with mmap and unmaps them on free, so each
+    forward pass page-faults its activations back in (docs/speed.md). Keeping
+    freed memory in the heap avoids that. Called before DataLoader workers fork, so
+    they inherit it. Returns whether the setting was applied (glibc only);
+    CRACK_LIGHTNING_MALLOC=default leaves the allocator alone.
+    """
+    if os.environ.get("CRACK_LIGHTNING_MALLOC") == "default" or not sys.platform.startswith(
+        "linux"
+    ):
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    ok = mallopt(_M_MMAP_MAX, 0) == 1
+    ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1  # an int: the largest we can pass
+    ok &= mallopt(_M_TOP_PAD, 1 << 30) == 1
+    return bool(ok)
+
+
+# Warnings that are expected with a frozen backbone or this library stack and that
+# would otherwise bury the messages users need to read.
+_EXPECTED_WARNINGS = (
+    r".*module\(s\) in eval mode at the start of training.*",  # the frozen backbone
+    r".*isinstance\(treespec, LeafSpec\).*",  # Lightning 2.6 on torch 2.14
+    r".*callbacks used to create the checkpoint need to be provided.*",  # final evaluation
+    # conf/hydra/launcher/submitit_*.yaml replace the plugin's configs of the same names
+    r"\s*'hydra/launcher/submitit_(local|slurm)' is validated against ConfigStore schema",
+)
+
+
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    """Lightning's tips to install its cloud-logging products are not messages of a run."""
+    return not str(record.msg).startswith(_ADVERT)
+
+
+# how Lightning's adverts begin ("💡 Tip: For seamless cloud logging ... litlogger")
+_ADVERT = "\N{ELECTRIC LIGHT BULB} Tip:"
+
+
+def quiet_logs() -> None:
+    """Show each log line once and hide warnings and adverts that need no action."""
+    for pattern in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_an_advert not in rank_zero.filters:
+        rank_zero.addFilter(_not_an_advert)
+    if logging.getLogger().hasHandlers():  # Hydra's handlers print and write train.log
+        logging.getLogger("lightning").handlers.clear()
+    for chatty in ("onnx_ir", "onnxscript"):  # ONNX export logs every graph rewrite
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+# --- sweep jobs' folder names ---------------------------------------------------------------
+# Readable names for sweep jobs' directories, so TensorBoard shows what each run changed.
+#
+# TensorBoard names a run by its folder under --logdir; for a sweep that folder is the job
+# directory, so `3_model=resnet18,model.lr=0.0003/tensorboard` says what `3/tensorboard`
+# does not. conf/train.yaml sets `hydra.sweep.subdir` to use the resolver below.
+
+# folder names stay well under the 255-byte limit of common file systems
+MAX_NAME_CHARS = 150
+RESOLVER = "job_dir"
+# numbers with many digits (Optuna's samples) are shortened to 4 significant digits
+_LONG_NUMBER = re.compile(r"(?<![\w.])\d*\.\d{5,}(?:[eE][-+]?\d+)?(?![\w.])")
+
+
+def job_dir_name(num: int | str, override_dirname: str) -> str:
+    """`<job number>_<overrides>`; the number alone keeps names unique, the rest is for people.
+
+    Hydra's override_dirname is `key=value` pairs joined by commas. A "/" in a key (a
+    group such as data/augmentation) or a value would nest folders, so it becomes ".".
+    Long decimals are rounded (model.lr=0.0003575); the exact values are in the job's
+    .hydra/overrides.yaml and in the sweep summary.
+    """
+    text = re.sub(r"\s+", "", str(override_dirname)).replace("/", ".").replace("\\", ".")
+    text = _LONG_NUMBER.sub(lambda m: f"{float(m.group()):.4g}", text)
+    text = text[:MAX_NAME_CHARS].rstrip(",")
+    return f"{num}_{text}" if text else str(num)
+
+
+def register_resolvers() -> None:
+    """Make ${job_dir:NUM,OVERRIDES} available to Hydra (call before it composes)."""
+    if not OmegaConf.has_resolver(RESOLVER):
+        OmegaConf.register_new_resolver(RESOLVER, job_dir_name)

@@ -142,7 +142,7 @@ if plugin is not None:
             singleton_state: dict,
         ) -> JobReturn:
             """Run one job, in the job's process (in each of its SLURM tasks)."""
-            from crack_lightning.runtime import quiet_logs
+            from crack_lightning.cli import quiet_logs
             from crack_lightning.training.distributed import process_rank, rank_overrides
 
             quiet_logs()  # as train.py does before Hydra composes the job's config
