@@ -295,7 +295,7 @@ class FakeData:
 def test_the_grid_of_each_source_shows_its_most_confident_mistakes(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from crack_lightning.training import mistakes
+    from crack_lightning.training import validation as mistakes
 
     shown = []
 
@@ -325,7 +325,7 @@ def test_the_grid_of_each_source_shows_its_most_confident_mistakes(tmp_path, mon
 
 
 def test_suspects_come_from_the_best_checkpoints_epoch():
-    from crack_lightning.training.mistakes import ValidationMistakes
+    from crack_lightning.training.validation import ValidationMistakes
 
     callback = ValidationMistakes(0, True, 0, 0.5, "unused")
     callback.epochs = {0: (np.zeros(1), 0.7), 1: (np.zeros(1), 0.5), 2: (np.zeros(1), 0.6)}
@@ -341,7 +341,7 @@ def test_predictions_are_matched_to_the_images_the_sampler_gave():
     follow its sampler, not the split's first images."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from crack_lightning.training.source_metrics import loader_positions
+    from crack_lightning.training.validation import loader_positions
 
     images = list(range(10))
     shared = DistributedSampler(images, num_replicas=2, rank=0, shuffle=False)

@@ -11,7 +11,7 @@ estimated noise rates predict; `cleanlab.filter.find_label_issues` with
 model never trained on these images: a validation split, a held-out folder),
 or the model has learnt the wrong labels and agrees with them.
 
-predict.py mode=eval (the HTML report) and training (training/mistakes.py, on the
+predict.py mode=eval (the HTML report) and training (training/validation.py, on the
 validation split) both call this module.
 """
 

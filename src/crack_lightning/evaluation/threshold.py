@@ -17,7 +17,8 @@ from crack_lightning.evaluation.metrics import balanced_accuracy, counts_at, rec
 # without a threshold rule (or before thresholds were stored) decides by
 DEFAULT_THRESHOLD = 0.5
 METADATA_KEY = "decision_threshold"
-# how callbacks.source_metrics.threshold_rule chooses the threshold on validation
+# how callbacks.source_metrics.threshold_rule (training/validation.py) chooses the
+# threshold on validation
 ThresholdRule = Literal["balanced_accuracy", "recall"]
 THRESHOLD_RULES = typing.get_args(ThresholdRule)
 

@@ -1,78 +1,33 @@
-"""Callbacks: what the model gets wrong while it trains; how to go on when a run stops;
-training's progress lines; and the checkpoint plugin that saves through io.py."""
+"""Callbacks: each epoch's validation metrics kept in checkpoints, how to go on when a run stops,
+training's progress lines, the stored threshold, and the checkpoint plugin that saves
+through io.py; and what MLflow gets beyond params and metrics. What validation reports
+(per source, figures, mistakes) is validation.py's."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import lightning as L
-import numpy as np
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
 from crack_lightning.errors import CrackLightningError, RunDirError
-from crack_lightning.evaluation.metrics import confusion_matrix
 from crack_lightning.evaluation.threshold import METADATA_KEY as THRESHOLD_KEY
 from crack_lightning.io import load_safely, save_torch
 from crack_lightning.progress import duration, interactive
-from crack_lightning.settings import OPEN_UNIT, Rule, above, at_least
-from crack_lightning.training.loggers import log_figures, mlflow_loggers
+from crack_lightning.settings import OPEN_UNIT, Rule, above
 from crack_lightning.training.resume import LAST_CKPT, read_training_checkpoint
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 log = logging.getLogger(__name__)
-
-
-class ValidationFigures(L.Callback):
-    """After each validation epoch, log the confusion matrix to TensorBoard (Images tab) and
-    MLflow (artifacts, figures/). The worst images per source are training/mistakes.py's."""
-
-    def __init__(
-        self, threshold: Annotated[float, OPEN_UNIT], every_n_epochs: Annotated[int, at_least(1)]
-    ) -> None:
-        self.threshold = threshold
-        self.every_n_epochs = every_n_epochs
-        self.matrix = np.zeros((2, 2), dtype=np.int64)
-
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.matrix[:] = 0
-
-    def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        probs = outputs["probs"].float().cpu().numpy()
-        self.matrix += confusion_matrix(batch[1].cpu().numpy(), probs >= self.threshold)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size > 1 and not trainer.sanity_checking:
-            # under DDP each process saw its share of the images: add the matrices up
-            total = trainer.strategy.reduce(torch.as_tensor(self.matrix), reduce_op="sum")
-            self.matrix = total.cpu().numpy().astype(np.int64)
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        artifacts = mlflow_loggers(trainer)  # MLflow keeps them as files
-        epoch = trainer.current_epoch
-        skipped = trainer.sanity_checking or epoch % self.every_n_epochs
-        if skipped or not (loggers or artifacts) or not trainer.is_global_zero:
-            return
-        from crack_lightning.evaluation.plots import confusion_matrix_figure  # matplotlib
-
-        figure = confusion_matrix_figure(self.matrix, title=f"Validation, epoch {epoch}")
-        for logger in loggers:
-            logger.experiment.add_figure(
-                "val/confusion_matrix", figure, trainer.global_step, close=False
-            )
-        log_figures(trainer, {"val/confusion_matrix": figure}, epoch)
 
 
 class ValidationMetricsInCheckpoints(L.Callback):
@@ -278,3 +233,32 @@ class StoredThreshold(L.Callback):
             path = saver.format_checkpoint_name({})
             trainer.save_checkpoint(path)
             saver.best_model_path = path
+
+
+# --- what MLflow gets beyond params and metrics ---------------------------------------------
+
+
+def mlflow_loggers(trainer: L.Trainer) -> list[MLFlowLogger]:
+    """The trainer's MLflow loggers, on the process that writes (rank 0)."""
+    if not trainer.is_global_zero:
+        return []
+    return [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
+
+
+def log_figures(trainer: L.Trainer, figures: Mapping[str, Figure], epoch: int) -> None:
+    """A validation epoch's figures as MLflow artifacts: figures/epoch_003/val_<name>.png."""
+    for logger in mlflow_loggers(trainer):
+        for tag, figure in figures.items():
+            name = f"figures/epoch_{epoch:03d}/{tag.replace('/', '_')}.png"
+            logger.experiment.log_figure(logger.run_id, figure, name)
+
+
+def log_run_files(trainer: L.Trainer, files: Sequence[tuple[Path | None, str]]) -> None:
+    """The run's files (the best checkpoint, metrics.json, ...) as MLflow artifacts, each
+    into its folder (checkpoints/, run/); those that do not exist are left out."""
+    for logger in mlflow_loggers(trainer):
+        for path, folder in files:
+            if path is not None and path.is_file():
+                logger.experiment.log_artifact(logger.run_id, str(path), folder)
+        run = logger.experiment.get_run(logger.run_id)
+        log.info("MLflow run %s: artifacts in %s", run.info.run_name, run.info.artifact_uri)

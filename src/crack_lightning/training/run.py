@@ -32,12 +32,12 @@ from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.training.callbacks import (
     ResumeHint,
     ValidationMetricsInCheckpoints,
+    log_run_files,
     saved_checkpoint,
     stored_val_metrics,
 )
 from crack_lightning.training.check import check_train_settings, resolve_precision
 from crack_lightning.training.distributed import ddp_job, start_processes
-from crack_lightning.training.loggers import log_run_files
 from crack_lightning.training.resume import (
     changed_data_settings,
     keep_old_manifest,
