@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from crack_lightning.data.mask_targets import UNKNOWN, MaskedImages
+from crack_lightning.data.masks import UNKNOWN, MaskedImages
 from crack_lightning.data.transforms import Augmentation, augment_batch
 from crack_lightning.errors import ModelConfigError
 from crack_lightning.evaluation.before_after import PAGE_NAME

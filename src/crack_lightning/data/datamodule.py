@@ -286,7 +286,7 @@ class CrackDataModule(L.LightningDataModule):
         samples = self.split_samples(name)
         workers = self.hparams.num_workers
         if self.hparams.targets == "masks":
-            from crack_lightning.data.mask_targets import MaskedImages
+            from crack_lightning.data.masks import MaskedImages
 
             specs = [self.specs[self.sources.source[i]] for i in self.split[name]]
             images = MaskedImages(

@@ -18,7 +18,7 @@ from crack_lightning.errors import DataError
 from crack_lightning.settings import settings_of, within
 
 SHARE = within(0, 1)
-# a crack mask's pixel of unknown class (data/mask_targets.py)
+# a crack mask's pixel of unknown class (data/masks.py)
 UNKNOWN_PIXEL = 255
 
 

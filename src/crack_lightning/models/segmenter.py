@@ -1,6 +1,6 @@
 """LightningModule: training of the crack-map network (models/crack_map.py) on photos with
 crack masks, and on labelled crops that say less: a not-crack crop is a photo whose mask is
-empty, a crack crop says that its strongest pixel is crack (data/mask_targets.py)."""
+empty, a crack crop says that its strongest pixel is crack (data/masks.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from crack_lightning.data.mask_targets import UNKNOWN
-from crack_lightning.data.masks import CRACK
+from crack_lightning.data.masks import CRACK, UNKNOWN
 from crack_lightning.errors import ModelConfigError
 from crack_lightning.evaluation.crack_maps import tolerant_figures
 from crack_lightning.evaluation.threshold import DEFAULT_THRESHOLD
