@@ -150,9 +150,9 @@ class CrackDataModule(L.LightningDataModule):
                 self.specs,
                 hp.archive,
                 hp.download,
-                hp.unpack_limit_gib,
-                hp.unpack_ratio_limit,
-                hp.unpack_image_limit_mib,
+                unpack_limit_gib=hp.unpack_limit_gib,
+                unpack_ratio_limit=hp.unpack_ratio_limit,
+                unpack_image_limit_mib=hp.unpack_image_limit_mib,
             )
 
     def setup(self, stage: str | None = None) -> None:

@@ -1,20 +1,14 @@
 """Getting a source's archive onto disk: download (resumable), verify, unpack, place.
 
 One path (`ensure_source`) for data.root's METU RAR and any data.sources.NAME.download
-archive: a local file, or one downloaded beside the root (resumed with HTTP Range, retried,
-checked against its size and sha256), is unpacked into a scratch folder beside the root and
-only then placed (`extract_images`). Archive rules (docs/data.md): no entry lands outside
-the scratch folder; links, hard links and special files are dropped before anything is
-read; unpacking stops at a size bound (data.unpack_limit_gib) and cleans up; a ZIP entry
-packed beyond a ratio (data.unpack_ratio_limit) is refused before anything is written, and
-an image beyond a size (data.unpack_image_limit_mib) before anything is placed. ZIP is read by
-zipfile; RAR by `unar` (it checks every checksum and reads all RAR 4, solid included) or
-else `bsdtar` (libarchive, macOS's and Windows' tar: the RAR 5 variants unar 1.10 cannot).
+archive: a local file, or one downloaded beside the root, is verified, unpacked into a
+scratch folder beside the root under the rules of docs/data.md ("Archive rules"), and only
+then placed. ZIP is read by zipfile; RAR by `unar` (it checks every checksum and reads all
+RAR 4, solid included) or else `bsdtar` (macOS's and Windows' tar: the RAR 5 unar cannot).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import http.client
 import logging
@@ -30,9 +24,10 @@ import urllib.request
 import zipfile
 from collections.abc import Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from crack_lightning.data import sources
 from crack_lightning.data.sources import SourceSpec, class_folders, is_image_name, scan_source
 from crack_lightning.errors import DataError
 from crack_lightning.io import move_into_place, write_json
@@ -44,15 +39,6 @@ log = logging.getLogger(__name__)
 
 MARKER_NAME = ".download.json"
 MIB, GIB = 1 << 20, 1 << 30
-# the bounds on unpacking when the caller names none: conf/ sets the same (data.KEY,
-# data.sources.NAME.download.KEY); photos pack about 1:1, and METU's largest is 20 KiB
-UNPACK_LIMIT_GIB = 4.0
-UNPACK_RATIO_LIMIT = 100.0
-UNPACK_IMAGE_LIMIT_MIB = 256.0
-# an entry that unpacks to less is not judged by its ratio (a small text or flat file
-# may pack far; the total bound holds them)
-RATIO_GRACE = MIB
-WATCH_SECONDS = 0.5  # how often the size of what a RAR tool wrote is measured
 RAR_TOOLS = ("unar", "bsdtar")
 # what unar and bsdtar print when they cannot read a RAR variant (not: a damaged file)
 UNSUPPORTED = ("Archive parsing failed", "Couldn't recognize the archive format")
@@ -91,65 +77,43 @@ METU = Source(
 
 @dataclass(frozen=True)
 class UnpackLimit:
-    """What unpacking one archive may write: GiB in all, bytes per packed byte of one entry
-    (ZIP), MiB per image; `where` is the settings' prefix (data. or a source's download.)."""
+    """The settings of these names (conf/'s defaults); `where`: data. or a source's download."""
 
-    gib: float = UNPACK_LIMIT_GIB
-    ratio: float = UNPACK_RATIO_LIMIT
-    image_mib: float = UNPACK_IMAGE_LIMIT_MIB
+    unpack_limit_gib: float = 4.0  # what unpacking one archive may write in all
+    unpack_ratio_limit: float = 100.0  # per packed byte of a ZIP entry (photos: about 1)
+    unpack_image_limit_mib: float = 256.0  # per image
     where: str = "data."
 
     def refuse(self, archive: Path, what: str, key: str = "unpack_limit_gib") -> DataError:
-        """The error for an archive beyond the bound of setting `key`, naming it."""
+        unit = {"unpack_limit_gib": " GiB", "unpack_ratio_limit": ":1"}.get(key, " MiB")
         setting = f"{self.where}{key}"
-        bound = {
-            "unpack_limit_gib": f"{self.gib:g} GiB",
-            "unpack_ratio_limit": f"{self.ratio:g}:1",
-            "unpack_image_limit_mib": f"{self.image_mib:g} MiB",
-        }[key]
         return DataError(
-            f"archive={archive} {what}, more than {setting}={bound} allows: it is not the "
-            f"data set's archive, or a bomb. Nothing was kept; raise {setting} if the "
-            f"archive really holds that."
+            f"archive={archive} {what}, more than {setting}={getattr(self, key):g}{unit} "
+            f"allows: it is not the data set's archive, or a bomb. Nothing was kept; raise "
+            f"{setting} if the archive really holds that."
         )
-
-    def check_entry(self, archive: Path, name: str, size: int, packed: int) -> None:
-        """Refuse a ZIP entry packed beyond the ratio bound (once past RATIO_GRACE)."""
-        if size > RATIO_GRACE and size > self.ratio * max(packed, 1):
-            raise self.refuse(
-                archive,
-                f"holds {name}, {amount(size)} packed {size / max(packed, 1):,.0f}:1",
-                "unpack_ratio_limit",
-            )
-
-    def check_image(self, archive: Path, name: str, size: int) -> None:
-        """Refuse an image entry beyond the image bound."""
-        if size > self.image_mib * MIB:
-            raise self.refuse(
-                archive, f"holds the image {name}, {amount(size)}", "unpack_image_limit_mib"
-            )
 
 
 def amount(size: int) -> str:
     """Bytes for a message: in GiB, or MiB below a tenth of one."""
-    return f"{size / GIB:.2f} GiB" if size >= GIB / 10 else f"{size / (1 << 20):.1f} MiB"
+    return f"{size / GIB:.2f} GiB" if size >= GIB / 10 else f"{size / MIB:.1f} MiB"
 
 
-def verify_archive(path: Path, size: int | None, sha256: str | None, label: str = "") -> str:
+def verify_archive(path: Path, size: int | None, sha256: str | None, label: str, fix: str) -> str:
     """Check size (cheap) then sha256, naming the file as `label`; return the sha256."""
-    label, actual, digest = label or str(path), path.stat().st_size, hashlib.sha256()
+    actual, digest = path.stat().st_size, hashlib.sha256()
     if size is not None and actual != size:
         raise DataError(
             f"{label} has {actual:,} bytes, the data set's archive has {size:,}: it is "
-            f"incomplete or another file."
+            f"incomplete or another file. {fix}"
         )
     with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
+        while block := handle.read(MIB):
             digest.update(block)
     if sha256 is not None and digest.hexdigest() != sha256.lower():
         raise DataError(
             f"{label} has sha256 {digest.hexdigest()}, expected {sha256}: the file is "
-            f"corrupted or another one."
+            f"corrupted or another one. {fix}"
         )
     return digest.hexdigest()
 
@@ -165,18 +129,16 @@ def fetch(
     sha256: str | None = None,
     retries: int = 5,
     retry_wait: float = 2.0,
-    timeout: float = 60.0,
     progress: bool = True,
     offline_hint: str = OFFLINE_HINT,
 ) -> str:
-    """Download url to dest through dest.part (resumed with HTTP Range, retried); return its
-    sha256. The file must have `size` bytes and `sha256`, else it is deleted.
-    `offline_hint`: how to pass a copy instead, in the settings of the source fetched."""
+    """Download url to dest through dest.part, resumed and retried; deleted unless it has
+    `size` bytes and `sha256`. Returns its sha256."""
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(retries + 1):
         try:
-            _fetch_once(url, part, size, timeout, progress, offline_hint)
+            _fetch_once(url, part, size, progress, offline_hint)
             break
         except _Retry as err:
             have = part.stat().st_size if part.exists() else 0
@@ -190,20 +152,17 @@ def fetch(
                 "Download interrupted at %s bytes (%s); resuming in %.0f s", have, err, wait
             )
             time.sleep(wait)
+    fix = "It was deleted; run the command again to download it afresh."
     try:
-        digest = verify_archive(part, size, sha256)
-    except DataError as err:
+        digest = verify_archive(part, size, sha256, str(part), fix)
+    except DataError:
         part.unlink()
-        raise DataError(
-            f"{err} It was deleted; run the command again to download it afresh."
-        ) from None
+        raise
     move_into_place(part, dest)
     return digest
 
 
-def _fetch_once(
-    url: str, part: Path, size: int | None, timeout: float, progress: bool, offline_hint: str
-) -> None:
+def _fetch_once(url: str, part: Path, size: int | None, progress: bool, hint: str) -> None:
     """One HTTP request: append to part from its current length (or restart at 0)."""
     offset = part.stat().st_size if part.exists() else 0
     if size is not None and offset >= size:
@@ -213,24 +172,20 @@ def _fetch_once(
         offset = 0
     headers = {"User-Agent": "crack-lightning"} | ({"Range": f"bytes={offset}-"} if offset else {})
     try:
-        response = urllib.request.urlopen(
-            urllib.request.Request(url, headers=headers), timeout=timeout
-        )
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
     except urllib.error.HTTPError as err:
         if err.code == 416 and offset:  # nothing after offset: the server's file is shorter
             part.unlink()
             raise _Retry("the partial file did not match the server's; starting afresh") from None
         if err.code >= 500 or err.code == 429:
             raise _Retry(f"HTTP {err.code} {err.reason}") from None
-        raise DataError(
-            f"Downloading {url} failed: HTTP {err.code} {err.reason}. {offline_hint}"
-        ) from None
+        raise DataError(f"Downloading {url} failed: HTTP {err.code} {err.reason}. {hint}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
         if isinstance(reason, socket.gaierror):  # no DNS: offline, retrying will not help
             raise DataError(
                 f"Cannot download {url}: the host name does not resolve ({reason}); this "
-                f"machine looks offline. {offline_hint}"
+                f"machine looks offline. {hint}"
             ) from None
         raise _Retry(f"cannot connect: {reason}") from None
     with response:
@@ -242,12 +197,11 @@ def _fetch_once(
             part.unlink()
             raise _Retry("the server sent another part of the file than asked for")
         length = response.headers.get("Content-Length")
-        received = offset
-        total = offset + int(length) if length is not None else None
+        received, total = offset, offset + int(length) if length is not None else None
         if size is not None and total is not None and total != size:
             raise DataError(
                 f"{url} serves {total:,} bytes, the data set's archive has {size:,}: the "
-                f"address no longer points at the archive. {offline_hint}"
+                f"address no longer points at the archive. {hint}"
             )
         with (
             part.open("r+b" if offset else "wb") as out,
@@ -265,27 +219,6 @@ def _fetch_once(
             raise _Retry(f"connection closed after {received:,} of {total:,} bytes")
 
 
-def find_rar_tools(preferred: str | None = None) -> list[tuple[str, str]]:
-    """(name, executable) of each RAR tool on PATH, in the order to try them; a `tar` that
-    says it is bsdtar (macOS, Windows) counts as bsdtar."""
-    names, found = (preferred,) if preferred else RAR_TOOLS, []
-    for name in names:
-        exe = shutil.which(name)
-        if not exe and name == "bsdtar" and (tar := shutil.which("tar")):
-            with suppress(OSError, subprocess.SubprocessError):
-                said = subprocess.run(
-                    [tar, "--version"], capture_output=True, text=True, timeout=10
-                )
-                exe = tar if "bsdtar" in said.stdout else None
-        found += [(name, exe)] if exe else []
-    if not found:
-        raise DataError(
-            f"Extracting a RAR archive needs the `{'` or `'.join(names)}` program, and none "
-            f"is on PATH. {INSTALL_HINT}"
-        )
-    return found
-
-
 def unpack_rar(
     archive: Path,
     dest: Path,
@@ -293,11 +226,25 @@ def unpack_rar(
     progress: bool = True,
     limit: UnpackLimit | None = None,
 ) -> str:
-    """Unpack a RAR archive into dest with the first tool that parses its variant (unar 1.10
-    fails on some RAR5, bsdtar 3.6 on solid RAR4); return the tool's name. Both refuse to
-    write through a link or outside dest."""
-    limit, failures = limit or UnpackLimit(), []
-    for name, exe in find_rar_tools(tool):
+    """Unpack with the first tool that parses the RAR's variant (unar 1.10 fails on some RAR5,
+    bsdtar 3.6 on solid RAR4), stopped at the bound; neither writes through a link or
+    outside dest. Returns the tool's name."""
+    limit, failures, tools = limit or UnpackLimit(), [], []
+    for name in (names := (tool,) if tool else RAR_TOOLS):
+        exe = shutil.which(name)
+        if not exe and name == "bsdtar" and (tar := shutil.which("tar")):
+            with suppress(OSError, subprocess.SubprocessError):  # macOS's, Windows' tar
+                said = subprocess.run(
+                    [tar, "--version"], capture_output=True, text=True, timeout=10
+                )
+                exe = tar if "bsdtar" in said.stdout else None
+        tools += [(name, exe)] if exe else []
+    if not tools:
+        raise DataError(
+            f"Extracting a RAR archive needs the `{'` or `'.join(names)}` program, and none "
+            f"is on PATH. {INSTALL_HINT}"
+        )
+    for name, exe in tools:
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
         command = (  # unar -D: no extra containing folder; -f: overwrite
@@ -305,14 +252,31 @@ def unpack_rar(
             if name == "unar"
             else [exe, "-x", "-v", "-f", str(archive), "-C", str(dest)]
         )
-        code, tail = _run_watched(command, name, progress, dest, int(limit.gib * GIB))
-        if (written := tree_size(dest)) > limit.gib * GIB:
+        with (
+            tempfile.TemporaryFile("w+", errors="replace") as out,
+            progress_of(None, f"Unpacking ({name})", "B", progress) as bar,
+        ):
+            try:
+                proc = subprocess.Popen(command, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+            except OSError as err:
+                raise DataError(f"Could not run {exe}: {err}. {INSTALL_HINT}") from None
+            with proc:  # what it wrote is measured every half second
+                shown = 0
+                while proc.poll() is None:
+                    with suppress(subprocess.TimeoutExpired):
+                        proc.wait(0.5)
+                    bar.update((size := tree_size(dest)) - shown)
+                    if (shown := size) > limit.unpack_limit_gib * GIB:
+                        proc.kill()
+            out.seek(0)
+            tail = [line.strip() for line in out.read().splitlines()[-3:]]
+        if (written := tree_size(dest)) > limit.unpack_limit_gib * GIB:
             shutil.rmtree(dest, ignore_errors=True)
             raise limit.refuse(archive, f"unpacks to more than {amount(written)}")
-        if code == 0:
+        if proc.returncode == 0:
             return name
         said = " / ".join(line.rstrip(".") for line in tail) or "no message"
-        failures.append(message := f"{name} exit code {code}: {said}")
+        failures.append(message := f"{name} exit code {proc.returncode}: {said}")
         if not any(marker in " ".join(tail) for marker in UNSUPPORTED):
             raise DataError(
                 f"archive={archive} is damaged or incomplete ({message}). Delete it and "
@@ -324,30 +288,6 @@ def unpack_rar(
         f"(WinRAR, 7-Zip, unrar) and point data.root at the folder that holds Negative/ and "
         f"Positive/."
     )
-
-
-def _run_watched(
-    command: list[str], name: str, progress: bool, dest: Path, limit: int
-) -> tuple[int, list[str]]:
-    """Run command, killing it once dest holds more than `limit` bytes; exit code, last lines."""
-    with (
-        tempfile.TemporaryFile("w+", errors="replace") as out,
-        progress_of(None, f"Unpacking ({name})", "B", progress) as bar,
-    ):
-        try:
-            proc = subprocess.Popen(command, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
-        except OSError as err:
-            raise DataError(f"Could not run {command[0]}: {err}. {INSTALL_HINT}") from None
-        with proc:
-            shown = 0
-            while proc.poll() is None:
-                with suppress(subprocess.TimeoutExpired):
-                    proc.wait(WATCH_SECONDS)
-                bar.update((size := tree_size(dest)) - shown)
-                if (shown := size) > limit:
-                    proc.kill()
-        out.seek(0)
-        return proc.returncode, [line.strip() for line in out.read().splitlines()[-3:]]
 
 
 def tree_size(folder: Path) -> int:
@@ -363,19 +303,24 @@ def tree_size(folder: Path) -> int:
 def unpack_zip(
     archive: Path, dest: Path, progress: bool = True, limit: UnpackLimit | None = None
 ) -> None:
-    """Unpack a ZIP with zipfile: it checks CRCs, keeps every entry inside dest, writes a
-    link as a file and no member past its declared size, so the declared sizes are bound:
-    their total, and each entry's ratio to its packed size."""
+    """zipfile checks CRCs, keeps every entry inside dest, writes a link as a file and no
+    member past its declared size: so the declared sizes are bound, in all and per entry."""
     limit = limit or UnpackLimit()
     try:
         with zipfile.ZipFile(archive) as zf:
             members = zf.infolist()
-            if (declared := sum(m.file_size for m in members)) > limit.gib * GIB:
+            if (declared := sum(m.file_size for m in members)) > limit.unpack_limit_gib * GIB:
                 big = max(members, key=lambda m: m.file_size)
                 unpacked = f"{amount(declared)} unpacked ({big.filename}: {amount(big.file_size)})"
                 raise limit.refuse(archive, f"declares {unpacked}")
-            for member in members:
-                limit.check_entry(archive, member.filename, member.file_size, member.compress_size)
+            for m in members:  # an entry under 1 MiB is not judged by its ratio
+                if m.file_size > max(
+                    MIB, limit.unpack_ratio_limit * (packed := m.compress_size or 1)
+                ):
+                    what = (
+                        f"{m.filename}, {amount(m.file_size)} packed {m.file_size / packed:,.0f}:1"
+                    )
+                    raise limit.refuse(archive, f"holds {what}", "unpack_ratio_limit")
             for member in track(members, "Unpacking", "file", progress):
                 zf.extract(member, dest)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as err:
@@ -385,16 +330,16 @@ def unpack_zip(
         ) from None
 
 
-def drop_links(folder: Path) -> None:
-    """Remove from an unpacked folder whatever is not a plain folder or a regular file of
-    its own (links, hard links, FIFOs, devices), so nothing read later leads outside."""
-    removed = []
+def drop_links(folder: Path, archive: Path, limit: UnpackLimit) -> None:
+    """Leave only folders and regular files of their own (no links, hard links, FIFOs,
+    devices), so nothing read later leads outside; then bound each image's size."""
+    removed, images = [], []
     for dirpath, dirnames, names in os.walk(folder):  # links to folders are listed, not walked
         for path in (Path(dirpath) / name for name in dirnames + names):
             info = path.lstat()
-            if not stat.S_ISDIR(info.st_mode) and not (
-                stat.S_ISREG(info.st_mode) and info.st_nlink == 1
-            ):
+            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+                images += [(path, info.st_size)] if is_image_name(path.name) else []
+            elif not stat.S_ISDIR(info.st_mode):
                 path.unlink()
                 removed.append(path.relative_to(folder).as_posix())
     if removed:
@@ -402,32 +347,10 @@ def drop_links(folder: Path) -> None:
         log.warning(
             "The archive held %d links or special files, not unpacked: %s", len(removed), shown
         )
-
-
-def check_images(scratch: Path, archive: Path, limit: UnpackLimit) -> None:
-    """Refuse an unpacked archive holding an image file beyond the image bound, before
-    any is placed (a RAR's entries are measured here; a ZIP's sizes are as declared)."""
-    for dirpath, _, names in os.walk(scratch):
-        for name in filter(is_image_name, names):
-            path = Path(dirpath) / name
-            limit.check_image(archive, path.relative_to(scratch).as_posix(), path.stat().st_size)
-
-
-def metu_classes(scratch: Path) -> dict[str, Path]:
-    """The one Negative/ and one Positive/ folder (any case, any depth) of METU's archive."""
-    found: dict[str, list[Path]] = {name: [] for name in CLASS_NAMES}
-    for dirpath, dirnames, _ in os.walk(scratch):
-        for dirname, name in ((d, n) for d in dirnames for n in CLASS_NAMES):
-            if dirname.lower() == name.lower():
-                found[name].append(Path(dirpath) / dirname)
-    if any(len(paths) != 1 for paths in found.values()):
-        listing = {n: [str(p.relative_to(scratch)) for p in paths] for n, paths in found.items()}
-        raise DataError(
-            f"The archive must hold exactly one Negative/ and one Positive/ folder of images; "
-            f"found {listing}. Is it the METU 'Concrete Crack Images for Classification' "
-            f"archive (doi:10.17632/5y9wdsg2zt.2)?"
-        )
-    return {name: paths[0] for name, paths in found.items()}
+    for path, size in images:
+        if size > limit.unpack_image_limit_mib * MIB:
+            what = f"holds the image {path.relative_to(folder).as_posix()}, {amount(size)}"
+            raise limit.refuse(archive, what, "unpack_image_limit_mib")
 
 
 def extract_images(
@@ -437,9 +360,9 @@ def extract_images(
     rar_tool: str | None = None,
     limit: UnpackLimit | None = None,
 ) -> dict[str, int]:
-    """Unpack archive into scratch, drop its links, move its class folders' images into
-    spec.root: METU's flat into ROOT/Negative and ROOT/Positive, another source's with the
-    layout under the shallowest folder where its mapping finds images. Images per class."""
+    """Unpack into scratch, drop links, move the class folders' images into spec.root:
+    METU's flat into ROOT/Negative and ROOT/Positive, another source's with the layout
+    under the shallowest folder where its mapping finds images. Images per class."""
     root = spec.root
     with archive.open("rb") as handle:
         head = handle.read(8)
@@ -456,29 +379,33 @@ def extract_images(
             unpack_zip(archive, scratch, progress, limit)
         else:
             unpack_rar(archive, scratch, rar_tool, progress, limit)
-        drop_links(scratch)  # only folders and regular files are left to walk
-        check_images(scratch, archive, limit or UnpackLimit())
-        moves: dict[str, dict[Path, Path]] = {}  # class -> {unpacked image: its place}
-        if spec.shorthand:
-            for name, folder in metu_classes(scratch).items():
+        drop_links(scratch, archive, limit or UnpackLimit())
+        folders = [Path(dirpath) / d for dirpath, dirs, _ in os.walk(scratch) for d in dirs]
+        moves: dict[str, dict[Path, Path]] = {n: {} for n in CLASS_NAMES}  # image: its place
+        if spec.shorthand:  # the one Negative/ and one Positive/ folder, any case, any depth
+            found = {n: [f for f in folders if f.name.lower() == n.lower()] for n in CLASS_NAMES}
+            if any(len(paths) != 1 for paths in found.values()):
+                listing = {n: [str(p.relative_to(scratch)) for p in ps] for n, ps in found.items()}
+                raise DataError(
+                    f"The archive must hold exactly one Negative/ and one Positive/ folder of "
+                    f"images; found {listing}. Is it the METU 'Concrete Crack Images for "
+                    f"Classification' archive (doi:10.17632/5y9wdsg2zt.2)?"
+                )
+            for name, (folder,) in found.items():
                 (root / name).mkdir(parents=True, exist_ok=True)
-                images = [p for p in folder.iterdir() if p.is_file() and is_image_name(p.name)]
-                moves[name] = {path: root / name / path.name for path in images}
+                for p in folder.iterdir():
+                    if p.is_file() and is_image_name(p.name):
+                        moves[name][p] = root / name / p.name
         else:
-            folders = sorted(
-                (Path(d) for d, _, _ in os.walk(scratch)), key=lambda p: (len(p.parts), str(p))
-            )
+            folders = sorted([scratch, *folders], key=lambda p: (len(p.parts), str(p)))
             top = next((f for f in folders if all(count_images(f, spec).values())), None)
             if top is None:
                 raise DataError(
                     f"The archive {archive} holds no folders matching {spec.where}.classes "
                     f"({spec.classes}); is it the right archive?"
                 )
-            for label, found in class_folders(dataclasses.replace(spec, root=top)).items():
-                images = [
-                    p for f in found for p in f.rglob("*") if p.is_file() and is_image_name(p.name)
-                ]
-                moves[CLASS_NAMES[label]] = {p: root / p.relative_to(top) for p in images}
+            for path, label in scan_source(replace(spec, root=top)):
+                moves[CLASS_NAMES[label]][Path(path)] = root / Path(path).relative_to(top)
         for path, target in sorted({k: v for m in moves.values() for k, v in m.items()}.items()):
             target.parent.mkdir(parents=True, exist_ok=True)
             move_into_place(path, target)
@@ -491,8 +418,7 @@ def remove(path: Path) -> None:
     """Remove a folder (or a link or file in its place) without following links."""
     if path.is_symlink() or path.is_file():
         path.unlink()
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def root_spec(root: str | Path) -> SourceSpec:
@@ -503,37 +429,10 @@ def root_spec(root: str | Path) -> SourceSpec:
 def count_images(root: Path, spec: SourceSpec | None = None) -> dict[str, int]:
     """Images per class under root by spec's mapping (default data.root's); 0s if lacking."""
     try:
-        samples = scan_source(dataclasses.replace(spec, root=root) if spec else root_spec(root))
+        samples = scan_source(replace(spec or root_spec(root), root=root))
     except DataError:
         return dict.fromkeys(CLASS_NAMES, 0)
     return {name: sum(lab == label for _, lab in samples) for label, name in enumerate(CLASS_NAMES)}
-
-
-def get_archive(
-    where: str, archive: str | Path | None, source: Source, dest: Path, size: int | None, **fetching
-) -> tuple[Path, str]:
-    """A local archive or one downloaded to dest (or left there), verified; its sha256."""
-    if archive is not None:
-        if not (path := Path(archive)).is_file():
-            hint = "" if where else f" {OFFLINE_HINT}"  # where: a source's setting
-            raise DataError(f"{where}archive={path} does not exist.{hint}")
-        try:
-            digest = verify_archive(path, size, source.sha256, f"{where}archive={path}")
-        except DataError as err:
-            fix = f"Check {where}sha256 and {where}size, or pass the right archive."
-            raise DataError(f"{err} {fix}") from None
-    elif not source.url:
-        raise DataError(f"{where}url is not set; set it or {where}archive.")
-    elif (path := dest).exists():
-        try:
-            digest = verify_archive(dest, size, source.sha256)
-        except DataError as err:
-            raise DataError(f"{err} Delete it and run the download again.") from None
-    else:
-        log.info("Downloading %s to %s", source.url, dest)
-        digest = fetch(source.url, dest, size, source.sha256, **fetching)
-    log.info("Archive %s: sha256 %s", path, digest)
-    return path, digest
 
 
 def ensure_source(
@@ -544,16 +443,11 @@ def ensure_source(
     progress: bool = True,
     retries: int = 5,
     retry_wait: float = 2.0,
-    unpack_limit_gib: float = UNPACK_LIMIT_GIB,
-    unpack_ratio_limit: float = UNPACK_RATIO_LIMIT,
-    unpack_image_limit_mib: float = UNPACK_IMAGE_LIMIT_MIB,
+    **bounds: float,
 ) -> Path:
     """Make spec.root hold the source unless it does: get the archive, verify, extract, mark.
-
-    data.root's archive is `source` (default METU: its exact count per class is checked; a
-    local copy may be a repack, so its size is not); a data.sources entry's download
-    settings give url, size, sha256, and archive, keep_archive and the unpack bounds if
-    unset."""
+    A data.sources entry's download settings give url, size, sha256, and archive and
+    keep_archive unless passed, and its own unpack bounds over those passed."""
     root, settings = spec.root, spec.download or {}
     where = "" if spec.shorthand else f"{spec.where}.download."
     if not spec.shorthand:
@@ -562,10 +456,7 @@ def ensure_source(
         )
         archive = archive or settings.get("archive")
         keep_archive = keep_archive or bool(settings.get("keep_archive"))
-        unpack_limit_gib = settings.get("unpack_limit_gib", unpack_limit_gib)
-        unpack_ratio_limit = settings.get("unpack_ratio_limit", unpack_ratio_limit)
-        unpack_image_limit_mib = settings.get("unpack_image_limit_mib", unpack_image_limit_mib)
-    source = source or METU
+    source = source or METU  # its count per class is exact; a local copy may be a repack
     expected, counts = source.images_per_class, count_images(root, spec)
     if all(n == expected if expected else n for n in counts.values()):
         log.info("%s already holds %s: nothing to do", root, counts)
@@ -580,30 +471,35 @@ def ensure_source(
             f"({spec.classes}). Move or delete it, or choose another root, then run again."
         )
     size = None if archive and spec.shorthand else source.size
-    dest = root.with_name(root.name + source.suffix)
-    offline_hint = (
-        OFFLINE_HINT
-        if spec.shorthand
-        else f"On a machine without internet, download it elsewhere and pass {where}archive=PATH."
+    if archive is not None:
+        if not (path := Path(archive)).is_file():
+            raise DataError(
+                f"{where}archive={path} does not exist." + ("" if where else f" {OFFLINE_HINT}")
+            )
+        fix = f"Check {where}sha256 and {where}size, or pass the right archive."
+        digest = verify_archive(path, size, source.sha256, f"{where}archive={path}", fix)
+    elif not source.url:
+        raise DataError(f"{where}url is not set; set it or {where}archive.")
+    elif (path := root.with_name(root.name + source.suffix)).exists():
+        fix = "Delete it and run the download again."
+        digest = verify_archive(path, size, source.sha256, str(path), fix)
+    else:
+        hint = f"On a machine without internet, download it elsewhere and pass {where}archive=PATH."
+        log.info("Downloading %s to %s", source.url, path)
+        fetched = (retries, retry_wait, progress, hint if where else OFFLINE_HINT)
+        digest = fetch(source.url, path, size, source.sha256, *fetched)
+    log.info("Archive %s: sha256 %s", path, digest)
+    bounds |= {k: settings[k] for k in sources.UNPACK_BOUNDS if k in settings}
+    counts = extract_images(
+        path, spec, progress, None, UnpackLimit(**bounds, where=where or "data.")
     )
-    fetching = {
-        "retries": retries,
-        "retry_wait": retry_wait,
-        "progress": progress,
-        "offline_hint": offline_hint,
-    }
-    path, digest = get_archive(where, archive, source, dest, size, **fetching)
-    limit = UnpackLimit(
-        unpack_limit_gib, unpack_ratio_limit, unpack_image_limit_mib, where or "data."
-    )
-    counts = extract_images(path, spec, progress, limit=limit)
     if expected and any(n != expected for n in counts.values()):
         raise DataError(
             f"The archive {path} held {counts} images, not {expected:,} per class: it is not "
             f"the complete data set. {root} was left as unpacked, for a look; delete it "
             f"before trying again."
         )
-    folders = {"folders": {label: len(f) for label, f in class_folders(spec).items()}}
+    folders = {"folders": {k: len(f) for k, f in class_folders(spec).items()}}
     marker = {"source": str(archive or source.url), "sha256": digest}
     write_json(root / MARKER_NAME, marker | (counts if spec.shorthand else folders))
     if archive is None and not keep_archive:
@@ -613,7 +509,7 @@ def ensure_source(
 
 
 def download_wanted(root: Path, download: bool | str) -> bool:
-    """data.download: auto fetches only into a missing or empty root or to finish a download
+    """data.download=auto fetches only into a missing or empty root or to finish a download
     left beside it, so a folder of the user's own images is never touched."""
     if download != "auto":
         return bool(download)
@@ -634,17 +530,10 @@ def ensure_sources(
     specs: Sequence[SourceSpec],
     archive: str | Path | None = None,
     download: bool | str = False,
-    unpack_limit_gib: float = UNPACK_LIMIT_GIB,
-    unpack_ratio_limit: float = UNPACK_RATIO_LIMIT,
-    unpack_image_limit_mib: float = UNPACK_IMAGE_LIMIT_MIB,
+    **bounds: float,
 ) -> None:
     """Fetch data.root's archive if data.archive or data.download asks, and each source's
-    whose download.enabled is; the unpack bounds are data's, unless a source sets its own."""
-    bounds = {
-        "unpack_limit_gib": unpack_limit_gib,
-        "unpack_ratio_limit": unpack_ratio_limit,
-        "unpack_image_limit_mib": unpack_image_limit_mib,
-    }
+    whose download.enabled is, under data's unpack bounds unless a source sets its own."""
     for spec in specs:
         if spec.shorthand and (archive is not None or download_wanted(spec.root, download)):
             ensure_source(spec, archive=archive, **bounds)
