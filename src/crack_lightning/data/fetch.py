@@ -1,10 +1,9 @@
 """Getting a source's archive onto disk: download (resumable), verify, unpack, place.
 
-One path (`ensure_source`) for data.root's METU RAR and any data.sources.NAME.download
-archive: a local file, or one downloaded beside the root, is verified, unpacked into a
-scratch folder beside the root under the rules of docs/data.md ("Archive rules"), and only
-then placed. ZIP is read by zipfile; RAR by `unar` (it checks every checksum and reads all
-RAR 4, solid included) or else `bsdtar` (macOS's and Windows' tar: the RAR 5 unar cannot).
+`ensure_source` does it alike for data.root's METU RAR and any data.sources.NAME.download
+archive, unpacking into a scratch folder beside the root under the rules of docs/data.md
+("Archive rules"). RAR needs `unar` (it checks every checksum and reads all RAR 4, solid
+included) or else `bsdtar` (macOS's and Windows' tar: the RAR 5 variants unar cannot).
 """
 
 from __future__ import annotations
@@ -118,10 +117,6 @@ def verify_archive(path: Path, size: int | None, sha256: str | None, label: str,
     return digest.hexdigest()
 
 
-class _Retry(Exception):
-    """The connection broke or the server failed; worth another attempt."""
-
-
 def fetch(
     url: str,
     dest: Path,
@@ -137,21 +132,17 @@ def fetch(
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(retries + 1):
-        try:
-            _fetch_once(url, part, size, progress, offline_hint)
+        if (err := _fetch_once(url, part, size, progress, offline_hint)) is None:
             break
-        except _Retry as err:
-            have = part.stat().st_size if part.exists() else 0
-            if attempt == retries:
-                raise DataError(
-                    f"Downloading {url} failed {retries + 1} times ({err}); {have:,} bytes "
-                    f"are kept in {part}. Run the same command again to resume. {offline_hint}"
-                ) from None
-            wait = retry_wait * 2**attempt
-            log.warning(
-                "Download interrupted at %s bytes (%s); resuming in %.0f s", have, err, wait
+        have = part.stat().st_size if part.exists() else 0
+        if attempt == retries:
+            raise DataError(
+                f"Downloading {url} failed {retries + 1} times ({err}); {have:,} bytes "
+                f"are kept in {part}. Run the same command again to resume. {offline_hint}"
             )
-            time.sleep(wait)
+        wait = retry_wait * 2**attempt
+        log.warning("Download interrupted at %s bytes (%s); resuming in %.0f s", have, err, wait)
+        time.sleep(wait)
     fix = "It was deleted; run the command again to download it afresh."
     try:
         digest = verify_archive(part, size, sha256, str(part), fix)
@@ -162,12 +153,12 @@ def fetch(
     return digest
 
 
-def _fetch_once(url: str, part: Path, size: int | None, progress: bool, hint: str) -> None:
-    """One HTTP request: append to part from its current length (or restart at 0)."""
+def _fetch_once(url: str, part: Path, size: int | None, progress: bool, hint: str) -> str | None:
+    """One HTTP request, appending to part from its length (or from 0): why to retry, or None."""
     offset = part.stat().st_size if part.exists() else 0
     if size is not None and offset >= size:
         if offset == size:
-            return
+            return None
         part.unlink()  # longer than the archive: not ours to resume
         offset = 0
     headers = {"User-Agent": "crack-lightning"} | ({"Range": f"bytes={offset}-"} if offset else {})
@@ -176,9 +167,9 @@ def _fetch_once(url: str, part: Path, size: int | None, progress: bool, hint: st
     except urllib.error.HTTPError as err:
         if err.code == 416 and offset:  # nothing after offset: the server's file is shorter
             part.unlink()
-            raise _Retry("the partial file did not match the server's; starting afresh") from None
+            return "the partial file did not match the server's; starting afresh"
         if err.code >= 500 or err.code == 429:
-            raise _Retry(f"HTTP {err.code} {err.reason}") from None
+            return f"HTTP {err.code} {err.reason}"
         raise DataError(f"Downloading {url} failed: HTTP {err.code} {err.reason}. {hint}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
@@ -187,15 +178,14 @@ def _fetch_once(url: str, part: Path, size: int | None, progress: bool, hint: st
                 f"Cannot download {url}: the host name does not resolve ({reason}); this "
                 f"machine looks offline. {hint}"
             ) from None
-        raise _Retry(f"cannot connect: {reason}") from None
+        return f"cannot connect: {reason}"
     with response:
+        ranged = response.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
         if offset and response.status != 206:  # the server ignored Range: start again
             offset = 0
-        elif offset and not response.headers.get("Content-Range", "").startswith(
-            f"bytes {offset}-"
-        ):
+        elif offset and not ranged:
             part.unlink()
-            raise _Retry("the server sent another part of the file than asked for")
+            return "the server sent another part of the file than asked for"
         length = response.headers.get("Content-Length")
         received, total = offset, offset + int(length) if length is not None else None
         if size is not None and total is not None and total != size:
@@ -214,9 +204,10 @@ def _fetch_once(url: str, part: Path, size: int | None, progress: bool, hint: st
                     received += out.write(block)
                     bar.update(len(block))
             except (OSError, http.client.HTTPException) as err:
-                raise _Retry(f"connection lost: {err!r}") from None
+                return f"connection lost: {err!r}"
         if total is not None and received < total:
-            raise _Retry(f"connection closed after {received:,} of {total:,} bytes")
+            return f"connection closed after {received:,} of {total:,} bytes"
+    return None
 
 
 def unpack_rar(
@@ -314,13 +305,12 @@ def unpack_zip(
                 unpacked = f"{amount(declared)} unpacked ({big.filename}: {amount(big.file_size)})"
                 raise limit.refuse(archive, f"declares {unpacked}")
             for m in members:  # an entry under 1 MiB is not judged by its ratio
-                if m.file_size > max(
-                    MIB, limit.unpack_ratio_limit * (packed := m.compress_size or 1)
-                ):
-                    what = (
-                        f"{m.filename}, {amount(m.file_size)} packed {m.file_size / packed:,.0f}:1"
+                packed = max(m.compress_size, 1)
+                if m.file_size > max(MIB, limit.unpack_ratio_limit * packed):
+                    ratio = f"{amount(m.file_size)} packed {m.file_size / packed:,.0f}:1"
+                    raise limit.refuse(
+                        archive, f"holds {m.filename}, {ratio}", "unpack_ratio_limit"
                     )
-                    raise limit.refuse(archive, f"holds {what}", "unpack_ratio_limit")
             for member in track(members, "Unpacking", "file", progress):
                 zf.extract(member, dest)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as err:
@@ -393,9 +383,8 @@ def extract_images(
                 )
             for name, (folder,) in found.items():
                 (root / name).mkdir(parents=True, exist_ok=True)
-                for p in folder.iterdir():
-                    if p.is_file() and is_image_name(p.name):
-                        moves[name][p] = root / name / p.name
+                images = [p for p in folder.iterdir() if p.is_file() and is_image_name(p.name)]
+                moves[name] = {path: root / name / path.name for path in images}
         else:
             folders = sorted([scratch, *folders], key=lambda p: (len(p.parts), str(p)))
             top = next((f for f in folders if all(count_images(f, spec).values())), None)
