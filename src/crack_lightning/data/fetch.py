@@ -440,9 +440,7 @@ def ensure_source(
     root, settings = spec.root, spec.download or {}
     where = "" if spec.shorthand else f"{spec.where}.download."
     if not spec.shorthand:
-        source = source or Source(
-            *(settings.get(k) for k in ("url", "size", "sha256")), None, ".zip"
-        )
+        source = source or Source(*map(settings.get, ("url", "size", "sha256")), None, ".zip")
         archive = archive or settings.get("archive")
         keep_archive = keep_archive or bool(settings.get("keep_archive"))
     source = source or METU  # its count per class is exact; a local copy may be a repack
@@ -462,9 +460,8 @@ def ensure_source(
     size = None if archive and spec.shorthand else source.size
     if archive is not None:
         if not (path := Path(archive)).is_file():
-            raise DataError(
-                f"{where}archive={path} does not exist." + ("" if where else f" {OFFLINE_HINT}")
-            )
+            hint = "" if where else f" {OFFLINE_HINT}"  # where: a source's setting
+            raise DataError(f"{where}archive={path} does not exist.{hint}")
         fix = f"Check {where}sha256 and {where}size, or pass the right archive."
         digest = verify_archive(path, size, source.sha256, f"{where}archive={path}", fix)
     elif not source.url:
@@ -479,9 +476,8 @@ def ensure_source(
         digest = fetch(source.url, path, size, source.sha256, *fetched)
     log.info("Archive %s: sha256 %s", path, digest)
     bounds |= {k: settings[k] for k in sources.UNPACK_BOUNDS if k in settings}
-    counts = extract_images(
-        path, spec, progress, None, UnpackLimit(**bounds, where=where or "data.")
-    )
+    limit = UnpackLimit(**bounds, where=where or "data.")
+    counts = extract_images(path, spec, progress, limit=limit)
     if expected and any(n != expected for n in counts.values()):
         raise DataError(
             f"The archive {path} held {counts} images, not {expected:,} per class: it is not "
