@@ -15,10 +15,10 @@ import pytest
 
 from crack_lightning.commands.data import main as cli
 from crack_lightning.data import fetch as fetch_module
+from crack_lightning.data.datamodule import ensure_sources
 from crack_lightning.data.fetch import (
     MARKER_NAME,
     ensure_source,
-    ensure_sources,
     extract_images,
     root_spec,
 )

@@ -143,8 +143,6 @@ class CrackDataModule(L.LightningDataModule):
 
             generate_dataset(Path(self.hparams.root), **self.hparams.synthetic)
         else:
-            from crack_lightning.data.fetch import ensure_sources
-
             hp = self.hparams
             ensure_sources(
                 self.specs,
@@ -348,3 +346,43 @@ def balanced_sampler(
     )
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(weights, len(cells), replacement=True, generator=generator)
+
+
+def download_wanted(root: Path, download: bool | str) -> bool:
+    """data.download=auto fetches only into a missing or empty root or to finish a download
+    left beside it, so a folder of the user's own images is never touched."""
+    if download != "auto":
+        return bool(download)
+    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
+        log.info(
+            "data.root=%s holds no data set: downloading the METU data set (241 MB) into "
+            "it (data.download=auto; data.download=false never downloads)",
+            root,
+        )
+        return True
+    from crack_lightning.data.fetch import METU  # the name of its archive; no fetch code runs
+
+    archive = root.with_name(root.name + METU.suffix)
+    if unfinished := archive.exists() or archive.with_name(archive.name + ".part").exists():
+        log.info("Finishing the download of the data set into data.root=%s", root)
+    return unfinished
+
+
+def ensure_sources(
+    specs: Sequence[SourceSpec],
+    archive: str | Path | None = None,
+    download: bool | str = False,
+    **bounds: float,
+) -> None:
+    """Fetch data.root's archive if data.archive or data.download asks, and each source's
+    whose download.enabled is, under data's unpack bounds unless a source sets its own:
+    the only time a training run runs data/fetch.py."""
+    for spec in specs:
+        if spec.shorthand:
+            wanted = archive is not None or download_wanted(spec.root, download)
+        else:
+            wanted = bool(spec.download and spec.download.get("enabled"))
+        if wanted:
+            from crack_lightning.data.fetch import ensure_source
+
+            ensure_source(spec, archive=archive if spec.shorthand else None, **bounds)

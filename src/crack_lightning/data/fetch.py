@@ -21,7 +21,6 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -491,36 +490,3 @@ def ensure_source(
         path.unlink()
     log.info("%s is ready", root)
     return root
-
-
-def download_wanted(root: Path, download: bool | str) -> bool:
-    """data.download=auto fetches only into a missing or empty root or to finish a download
-    left beside it, so a folder of the user's own images is never touched."""
-    if download != "auto":
-        return bool(download)
-    archive = root.with_name(root.name + METU.suffix)
-    unfinished = archive.exists() or archive.with_name(archive.name + ".part").exists()
-    if empty := not root.exists() or (root.is_dir() and not any(root.iterdir())):
-        log.info(
-            "data.root=%s holds no data set: downloading the METU data set (241 MB) into "
-            "it (data.download=auto; data.download=false never downloads)",
-            root,
-        )
-    elif unfinished:
-        log.info("Finishing the download of the data set into data.root=%s", root)
-    return empty or unfinished
-
-
-def ensure_sources(
-    specs: Sequence[SourceSpec],
-    archive: str | Path | None = None,
-    download: bool | str = False,
-    **bounds: float,
-) -> None:
-    """Fetch data.root's archive if data.archive or data.download asks, and each source's
-    whose download.enabled is, under data's unpack bounds unless a source sets its own."""
-    for spec in specs:
-        if spec.shorthand and (archive is not None or download_wanted(spec.root, download)):
-            ensure_source(spec, archive=archive, **bounds)
-        elif spec.download and spec.download.get("enabled"):
-            ensure_source(spec, **bounds)
