@@ -64,7 +64,9 @@ def main() -> None:
         for part in lists.glob("*.json"):
             files |= set(json.loads(part.read_text()))
         names = sorted(str(Path(f).relative_to(PROJECT)) for f in files)
-        print(f"{len(names)} project files ran a function", file=sys.stderr)
+        print(
+            f"{len(names)} project files ran {'code' if bodies else 'a function'}", file=sys.stderr
+        )
         print("\n".join(names), file=sys.stderr)
 
     main_pid = os.getpid()
