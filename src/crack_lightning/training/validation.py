@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import lightning as L
 import numpy as np
@@ -55,9 +55,6 @@ from crack_lightning.evaluation.threshold import (
 from crack_lightning.evaluation.threshold import METADATA_KEY as CHECKPOINT_KEY
 from crack_lightning.settings import CLASS_NAMES, NONE_IS_OFF, OPEN_UNIT, Rule, at_least
 from crack_lightning.training.callbacks import log_figures, mlflow_loggers
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
