@@ -95,7 +95,7 @@ class CrackDataModule(L.LightningDataModule):
         holdout_source: str | None,
         negative_weights: dict[str, float] | None,
         # labels: each sample's class (the classifier); masks: each sample's crack mask
-        # as well (the crack-map model, data/mask_targets.py)
+        # as well (the crack-map model, data/masks.py)
         targets: Literal["labels", "masks"],
     ) -> None:
         super().__init__()
