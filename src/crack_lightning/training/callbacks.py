@@ -1,7 +1,7 @@
-"""Callbacks: each epoch's validation metrics kept in checkpoints, how to go on when a run stops,
-training's progress lines, the stored threshold, and the checkpoint plugin that saves
-through io.py; and what MLflow gets beyond params and metrics. What validation reports
-(per source, figures, mistakes) is validation.py's."""
+"""Callbacks: each epoch's validation metrics kept in checkpoints, how to go on when a run
+stops, training's progress lines, the stored threshold, and the checkpoint plugin that
+saves through io.py; and what MLflow gets beyond params and metrics. What validation
+reports (per source, figures, mistakes) is validation.py's."""
 
 from __future__ import annotations
 

@@ -141,13 +141,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         write_text(output_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
         log.info("%s: %s", best_summary(trainer, best_epoch), json.dumps(metrics))
     best = metrics.get("best_checkpoint")
+    page = None
+    if start is not None:  # only an adaptation writes its before/after page
+        from crack_lightning.evaluation.before_after import PAGE_NAME
+
+        page = output_dir / PAGE_NAME
     if cfg.scan_eval_at_end and trainer.is_global_zero and best:
         # the scan code (inference, masks scoring) is loaded only when asked for
-        from crack_lightning.evaluation.before_after import (
-            PAGE_NAME,
-            before_after,
-            write_before_after,
-        )
+        from crack_lightning.evaluation.before_after import before_after, write_before_after
         from crack_lightning.training.photo_scores import SCAN_DIR, scan_validation_photos
 
         # an adaptation checks its site only: the replayed sources have their tile figures
@@ -158,8 +159,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             before = scan_validation_photos(
                 datamodule, trainer, str(start.path), out / "before", False, only=site
             )
-            page = write_before_after(
-                output_dir / PAGE_NAME,
+            write_before_after(
+                page,
                 before,
                 after,
                 f"the site's validation photos ({MANIFEST_NAME}): not trained on, but they "
@@ -171,11 +172,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 before_after(before.rows, after.rows),
                 page,
             )
-    page = None
-    if start is not None:  # only an adaptation writes its before/after page
-        from crack_lightning.evaluation.before_after import PAGE_NAME
-
-        page = output_dir / PAGE_NAME
     log_run_files(
         trainer,
         [
