@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -184,11 +184,28 @@ def check_backbone(start: Start, model: DictConfig) -> None:
         )
 
 
-def site_kind(root: Path, where: str) -> tuple[str, ...]:
-    """What the site holds: (MASKS_KIND,) photos with masks; (FOLDER_KIND,) Positive/ and
-    Negative/ folders of labelled crops (e.g. an inspector's marks); both where masked
-    photos lie beside those folders. A DataError naming the setting when root is not a
-    folder or holds no images."""
+@dataclass(frozen=True)
+class SiteContents:
+    """A site folder as one listing shows it: its Positive/ and Negative/ folders (names as
+    on disk, any letter case) and its photos outside them, the masked photos (data/masks.py's
+    finder: masks are not photos)."""
+
+    class_folders: list[str]
+    photos: list[str]
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """(MASKS_KIND,) photos with masks; (FOLDER_KIND,) Positive/ and Negative/ folders
+        of labelled crops (e.g. an inspector's marks); both where masked photos lie beside
+        those folders."""
+        if len(self.class_folders) < len(CLASS_NAMES):
+            return (MASKS_KIND,)
+        return (MASKS_KIND, FOLDER_KIND) if self.photos else (FOLDER_KIND,)
+
+
+def site_contents(root: Path, where: str) -> SiteContents:
+    """What the site holds; a DataError naming the setting when root is not a folder or
+    holds no images."""
     if not root.is_dir():
         raise DataError(
             f"{where}.root={root} is not a folder: point it at the site's photos (each "
@@ -196,35 +213,17 @@ def site_kind(root: Path, where: str) -> tuple[str, ...]:
         )
     from crack_lightning.data.masks import photos_in
 
-    if not photos_in(root):
+    if not (photos := photos_in(root)):
         raise DataError(
             f"{where}.root={root} holds no photos: put the site's photos there with "
             f"PHOTO_mask.png beside each (white = crack), or Positive/ and Negative/ "
             f"folders of labelled tiles."
         )
-    classes = class_folders_of(root)
-    if len(classes) < len(CLASS_NAMES):
-        return (MASKS_KIND,)
-    return (MASKS_KIND, FOLDER_KIND) if masked_photos(root) else (FOLDER_KIND,)
-
-
-def class_folders_of(root: Path) -> list[str]:
-    """The names of root's Positive/ and Negative/ folders (any letter case)."""
     wanted = {name.lower() for name in CLASS_NAMES}
-    return sorted(c.name for c in root.iterdir() if c.is_dir() and c.name.lower() in wanted)
-
-
-def masked_photos(root: Path) -> list[str]:
-    """The site's photos outside its Positive/ and Negative/ folders (data/masks.py's
-    finder: masks are not photos)."""
-    from crack_lightning.data.masks import photos_in
-
-    classes = [os.path.realpath(root / name) for name in class_folders_of(root)]
-    return [
-        photo
-        for photo in photos_in(root)
-        if not any(inside(os.path.realpath(photo), folder) for folder in classes)
-    ]
+    names = sorted(c.name for c in root.iterdir() if c.is_dir() and c.name.lower() in wanted)
+    folders = [os.path.realpath(root / name) for name in names]
+    outside = [p for p in photos if not any(inside(os.path.realpath(p), f) for f in folders)]
+    return SiteContents(names, outside)
 
 
 def site_sources(cfg: DictConfig, settings: AdaptSettings) -> dict[str, dict[str, Any]]:
@@ -235,8 +234,9 @@ def site_sources(cfg: DictConfig, settings: AdaptSettings) -> dict[str, dict[str
     where = f"data.sources.{settings.site}"
     entry = OmegaConf.to_container(cfg.data.sources[settings.site], resolve=True)
     root = Path(entry["root"])
-    kinds = site_kind(root, where)
-    check_site_size(root, kinds, cfg.data, where)
+    contents = site_contents(root, where)
+    kinds = contents.kinds
+    check_site_size(root, contents, cfg.data, where)
     if kinds == (MASKS_KIND,):
         return {settings.site: entry}
     folder = cfg.adapt.get("folder_site")
@@ -257,11 +257,11 @@ def site_sources(cfg: DictConfig, settings: AdaptSettings) -> dict[str, dict[str
         settings.site,
         CROPS_SUFFIX,
     )
-    masks = {**entry, "exclude": class_folders_of(root)}
+    masks = {**entry, "exclude": contents.class_folders}
     return {settings.site: masks, f"{settings.site}{CROPS_SUFFIX}": crops}
 
 
-def check_site_size(root: Path, kinds: Sequence[str], data: DictConfig, where: str) -> None:
+def check_site_size(root: Path, contents: SiteContents, data: DictConfig, where: str) -> None:
     """Each kind of labelled image in the site is split on its own: its crops need
     min_class_images of each class, its masked photos one for each split in use. One
     DataError stating the minimum of each kind the site holds, when one falls short."""
@@ -270,18 +270,18 @@ def check_site_size(root: Path, kinds: Sequence[str], data: DictConfig, where: s
 
     val, test = float(data.val_fraction), float(data.test_fraction)
     needs, short = [], False
-    if FOLDER_KIND in kinds:
+    if FOLDER_KIND in contents.kinds:
         need = min_class_images(val, test)
         have = dict.fromkeys(CLASS_NAMES, 0)
-        for name in class_folders_of(root):
+        for name in contents.class_folders:
             label = next(label for label in CLASS_NAMES if label.lower() == name.lower())
             have[label] += len(image_files(root / name))
         short |= min(have.values()) < need
         counts = ", ".join(f"{n} {label}" for label, n in have.items())
         needs.append(f"at least {need} crops of each class in Positive/ and Negative/ ({counts})")
-    if MASKS_KIND in kinds:
+    if MASKS_KIND in contents.kinds:
         splits = 3 if test > 0 else 2
-        photos = len(masked_photos(root))
+        photos = len(contents.photos)
         short |= photos < splits
         needs.append(f"at least {splits} masked photos, one for each split ({photos})")
     if short:
