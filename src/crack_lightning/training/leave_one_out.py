@@ -13,6 +13,7 @@ scored by init_from and by a model that never saw it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -29,7 +30,7 @@ from PIL import Image
 
 from crack_lightning.data.decode import load_rgb, sample_file
 from crack_lightning.evaluation.before_after import PhotoScans, before_after, write_before_after
-from crack_lightning.evaluation.scan_masks import photo_name, score_groups
+from crack_lightning.evaluation.scan_masks import MaskReader, photo_name, score_groups
 from crack_lightning.inference.crack_maps import MapNetwork
 from crack_lightning.inference.scan import (
     ScanResult,
@@ -192,13 +193,17 @@ def scanned(
 
 
 def scored(
-    maps: dict[Path, np.ndarray], photos: dict[Path, Image.Image], spec: Any, threshold: float
+    maps: dict[Path, np.ndarray],
+    photos: dict[Path, Image.Image],
+    spec: Any,
+    threshold: float,
+    mask_of: MaskReader,
 ) -> dict[str, Any]:
     """The photos' pooled scores at this threshold (pixels within the usual tolerance):
     crack-scan-eval's figures of these maps."""
     results = scanned(maps, photos, spec, threshold)
     groups = [(spec.name, list(maps))]
-    return score_groups(groups, results, spec.tiles.min_share, source_mask(spec))[1][0]
+    return score_groups(groups, results, spec.tiles.min_share, mask_of)[1][0]
 
 
 def photo_scans(
@@ -236,9 +241,11 @@ def choose(
     threshold nearest 0.5), and the before -> after table at that choice. Epoch 0 is
     init_from itself: where no training beats it, the site keeps its weights."""
     photos = {photo: load_rgb(photo) for photo in maps}
+    mask_of = functools.cache(source_mask(spec))  # each mask read once for every choice
 
     def at(epoch: int, threshold: float) -> dict[str, Any]:
-        return scored({p: found[epoch] for p, found in maps.items()}, photos, spec, threshold)
+        found = {p: epoch_maps[epoch] for p, epoch_maps in maps.items()}
+        return scored(found, photos, spec, threshold, mask_of)
 
     f1 = {(e, t): at(e, t)["pixel_f1"] or 0.0 for e in range(epochs + 1) for t in THRESHOLDS}
     epoch, threshold = max(f1, key=lambda c: (f1[c], -c[0], -abs(c[1] - 0.5)))
