@@ -90,12 +90,16 @@ def test_data_root_defaults_to_conf_data(capsys):
     assert f"data.root={ROOT / 'data' / 'concrete_crack'}" in capsys.readouterr().err
 
 
-def test_train_py_help_lists_settings():
-    result = run_python(str(ROOT / "train.py"), "--help", timeout=120)
+def test_train_py_help_lists_settings_without_importing_torch():
+    """--help answers in about a second: torch (and Lightning behind it) load for training only."""
+    result = run_python("-X", "importtime", str(ROOT / "train.py"), "--help", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "model/scheduler: cosine, plateau, step" in result.stdout
     assert "_target_: torch.optim.Adam" in result.stdout
     assert "max_epochs: 10" in result.stdout
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()]
+    assert "hydra" in imported  # the import log was read
+    assert "torch" not in imported
 
 
 @pytest.mark.parametrize(

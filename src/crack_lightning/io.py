@@ -2,7 +2,7 @@
 
 - Writes are atomic: the file is written beside its final name, synced to disk and renamed
   over the old one, so a kill (or a full disk) leaves the previous file whole. Training's
-  checkpoints are saved through here too (training/checkpoint_io.py).
+  checkpoints are saved through here too (training/callbacks.py, AtomicCheckpointIO).
 - Moves into place (downloads, unpacked folders, staged data sets) are one rename.
 - PyTorch files are read with `weights_only=True`: tensors and plain containers only,
   never pickled code.
@@ -24,8 +24,6 @@ from contextlib import contextmanager, suppress
 from io import StringIO
 from pathlib import Path
 from typing import IO, Any
-
-import torch
 
 from crack_lightning.errors import CrackLightningError, WriteError
 
@@ -190,6 +188,8 @@ def write_json(path: Path, value: Any) -> None:
 
 def save_torch(value: Any, path: Path, clean_leftovers: bool = True) -> None:
     """torch.save, atomically."""
+    import torch  # here, so that a command's --help and its checks start without torch
+
     write_atomically(Path(path), lambda handle: torch.save(value, handle), clean_leftovers)
 
 
@@ -223,6 +223,8 @@ def load_safely(
         raise error(f"{setting}={path} does not exist. {missing_hint}")
     if path.stat().st_size == 0:
         raise error(f"{setting}={path} is empty (0 bytes): not a PyTorch file. {missing_hint}")
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or unsafe files

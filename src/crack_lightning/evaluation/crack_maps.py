@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from crack_lightning.errors import ConfigError
+from crack_lightning.io import write_csv
 from crack_lightning.settings import above, require
 
 if TYPE_CHECKING:
@@ -285,8 +286,6 @@ def measure_cracks(result: ScanResult, report_dir: Path, mm_per_px: float | None
     length and widths (in mm too with scan.mm_per_px), and one row per crack in
     PHOTO_cracks.csv (crack_table). A window classifier's scan has no map: {} and no file.
     The one measuring of a scan's cracks, for predict mode=scan and the page's report."""
-    from crack_lightning.io import write_csv  # torch behind it: only where a map is written
-
     if result.crack_map is None:
         return {}
     measures = crack_measures(result.crack_map >= result.threshold, mm_per_px)
