@@ -55,10 +55,15 @@ def source_mask(spec: SourceSpec):
     return read
 
 
+def source_window(spec: SourceSpec) -> ScanSettings:
+    """The scan windows of a masks source's photos: its tiles' size and stride."""
+    return ScanSettings(spec.tiles.tile_size, spec.tiles.stride, None)
+
+
 def window_note(spec: SourceSpec) -> str:
     """How a masks source's photos are scanned and scored, as the before/after page says."""
-    window = ScanSettings(spec.tiles.tile_size, spec.tiles.stride, None)
-    return f"{window.describe()}, cracked from {spec.tiles.min_share:g} of a tile's pixels"
+    window = source_window(spec).describe()
+    return f"{window}, cracked from {spec.tiles.min_share:g} of a tile's pixels"
 
 
 def scan_validation_photos(
@@ -86,11 +91,10 @@ def scan_validation_photos(
     skipped: list[tuple[Path, str]] = []
     for source, files in photos.items():
         spec = datamodule.sources.specs[source]
-        window = ScanSettings(spec.tiles.tile_size, spec.tiles.stride, None)
         scans = scan_files(
             classifier,
             files,
-            window,
+            source_window(spec),
             datamodule.hparams.batch_size,
             threshold,
             out / spec.name,
