@@ -295,7 +295,7 @@ class FakeData:
 def test_the_grid_of_each_source_shows_its_most_confident_mistakes(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from crack_lightning.training import validation as mistakes
+    from crack_lightning.training import validation
 
     shown = []
 
@@ -303,8 +303,8 @@ def test_the_grid_of_each_source_shows_its_most_confident_mistakes(tmp_path, mon
         shown.append([row["path"] for row in rows])
         return Figure(figsize=(1, 1))
 
-    monkeypatch.setattr(mistakes, "mistake_grid", grid)
-    callback = mistakes.ValidationMistakes(2, True, 4, 0.5, str(tmp_path))
+    monkeypatch.setattr(validation, "mistake_grid", grid)
+    callback = validation.ValidationMistakes(2, True, 4, 0.5, str(tmp_path))
     callback.labels = np.array([0, 0, 1, 1, 0, 1])
     callback.positions = np.array([5, 4, 3, 2, 1, 0])  # a sampler's order: image i is 5 - i
     trainer = SimpleNamespace(

@@ -8,8 +8,8 @@
   titled with label and P(crack) (TensorBoard `val/worst/SOURCE`, MLflow); at the end of
   fitting, the suspect labels of the validation split (evaluation/suspects.py: cleanlab's
   confident learning) as suspect_labels.csv and .png in the run directory.
-- MLflow gets the figures and, at the end of the run, the best checkpoint and the run's
-  records as artifacts: what `mlflow ui` lists beside a run's params and metrics. CSV and
+- MLflow gets these figures as artifacts (training/callbacks.py log_figures; the best
+  checkpoint and the run's records follow at the end of the run, log_run_files). CSV and
   W&B get the config and the metrics.
 
 Validation and test loaders are not shuffled, so the n-th prediction of an epoch is the
